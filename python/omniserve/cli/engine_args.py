@@ -1,0 +1,72 @@
+"""Command-line options for every engine setting, derived from `EngineConfig` so the two never drift.
+
+Each field becomes `--field-name`; the field's docstring is not reachable at run time, so the help
+text names the default and the accepted values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any
+
+import msgspec
+
+from omniserve.config import EngineConfig
+
+_SKIP = frozenset({"model"})
+
+
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse `type`/`choices` for a field annotation of EngineConfig."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return str, {"choices": list(args)}
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float, str):
+        return annotation, {}
+    non_none = [a for a in args if a is not type(None)]
+    if len(non_none) == 1 and non_none[0] is int:
+        return _parse_optional_int, {}
+    if len(non_none) == 1:
+        return non_none[0], {}
+    raise TypeError(f"EngineConfig field of unsupported type {annotation!r}")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add `--model` and one option per EngineConfig field."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (HF config.json + safetensors + tokenizer); "
+        "default: the bundled small model",
+    )
+    group = parser.add_argument_group("engine options")
+    hints = typing.get_type_hints(EngineConfig)
+    for field in msgspec.structs.fields(EngineConfig):
+        if field.name in _SKIP:
+            continue
+        kind, extra = _option_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": None, "help": f"default: {field.default!r}", **extra}
+        if kind is not None:
+            kwargs["type"] = kind
+        group.add_argument(flag, dest=field.name, **kwargs)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options the user actually set (unset ones keep EngineConfig's defaults)."""
+    out: dict[str, Any] = {}
+    for field in msgspec.structs.fields(EngineConfig):
+        if field.name in _SKIP:
+            continue
+        value = getattr(args, field.name, None)
+        if value is not None:
+            out[field.name] = value
+    return out

@@ -1,0 +1,107 @@
+"""Engine configuration: one validated, frozen msgspec Struct per concern.
+
+`EngineConfig.from_kwargs(**kw)` is what `Engine.from_pretrained(path, **kw)` and the CLI use: it
+accepts the flat option names users type and reports unknown or invalid ones by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from omniserve.errors import ConfigError
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+Policy = Literal["fcfs", "priority"]
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the engine needs besides the checkpoint's own config.json."""
+
+    model: str
+    """Directory with config.json, safetensors weights and tokenizer files."""
+    tokenizer: str | None = None
+    """Tokenizer directory when it differs from `model`."""
+    skip_tokenizer_init: bool = False
+    """Run on token ids only (outputs carry no text); for checkpoints without tokenizer files."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """"dummy" builds the model from config.json with random weights (benchmarks, tests)."""
+    dtype: DType = "auto"
+    """Activation/weight dtype; "auto" is bfloat16 on GPU and float32 on CPU."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
+    seed: int = 0
+    """Seed for requests without their own seed and for random-weight models."""
+
+    # KV cache
+    page_size: int = 64
+    """Tokens per physical KV page."""
+    num_kv_pages: int | None = None
+    """Dense KV pages (including the null page 0). None: profile memory on GPU; on CPU size the
+    cache from `cpu_kv_cache_gib`."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of total GPU memory the engine may hold (weights + activations + KV cache)."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV cache size on CPU when `num_kv_pages` is None."""
+
+    # scheduling
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); None: the checkpoint's max_position_embeddings."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_partial_prefills: int = 4
+    long_prefill_token_threshold: int = 0
+    """Per-request token cap for one prefill chunk; 0: only the step budget limits it."""
+    watermark: float = 0.01
+    """Fraction of the dense pool kept free at admission so running requests can grow."""
+    scheduling_policy: Policy = "fcfs"
+    skip_limit: int = 8
+    """How many later waiting requests may be admitted past a head that does not fit."""
+    hol_age_steps: int = 64
+    """Steps after which the head of the queue stops being skipped."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "page_size": self.page_size,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_partial_prefills": self.max_partial_prefills,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running request decodes one token per step; the budget must cover them all.
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if self.page_size % 16:
+            raise ConfigError(f"page_size must be a multiple of 16, got {self.page_size}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 2:
+            raise ConfigError(f"num_kv_pages must be >= 2 (page 0 is reserved), got {self.num_kv_pages}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cpu_kv_cache_gib <= 0:
+            raise ConfigError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError("long_prefill_token_threshold must be >= 0")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.skip_limit < 0 or self.hol_age_steps < 0:
+            raise ConfigError("skip_limit and hol_age_steps must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword options, turning msgspec's errors into ConfigError."""
+        try:
+            return msgspec.convert({"model": model, **kwargs}, cls)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid engine option: {exc}") from None

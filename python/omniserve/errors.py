@@ -1,0 +1,31 @@
+"""The project's one exception hierarchy, rooted in the Rust core's `OmniserveError`."""
+
+from omniserve._scheduler import (
+    InvalidRequestError,
+    OmniserveError,
+    RequestRejectedError,
+    SchedulerInternalError,
+)
+
+
+class ConfigError(OmniserveError, ValueError):
+    """An engine, model or CLI option is invalid; the message names the option."""
+
+
+class CheckpointError(OmniserveError):
+    """A checkpoint directory is missing files or holds tensors of the wrong name, dtype or shape."""
+
+
+class EngineDeadError(OmniserveError):
+    """The engine failed and can no longer serve; every pending request receives this."""
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "EngineDeadError",
+    "InvalidRequestError",
+    "OmniserveError",
+    "RequestRejectedError",
+    "SchedulerInternalError",
+]

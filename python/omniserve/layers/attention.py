@@ -1,0 +1,136 @@
+"""Attention over the paged KV cache: the torch reference (CPU and GPU).
+
+Each step first writes the step's keys/values (after RoPE) into their cache slots, then computes:
+- prefill chunks (requests with more than one new token), one SDPA call per request: a first chunk
+  attends causally to its own keys; a later chunk reads all earlier keys of its request from the
+  cache, so chunked prefill is exact;
+- decode tokens (one new token), batched: their keys are gathered from the cache into a padded
+  [g, L] block with a validity mask, one batched attention per group of requests. Padding plus one
+  gather is the simplest exact batched form that runs on CPU and GPU with no compilation
+  (FlexAttention needs torch.compile to be fast and is GPU-only in practice); groups bound the
+  padded block's memory. A paged decode kernel replaces this in `kernels/`.
+
+The runner builds the per-step `AttentionMetadata` (cache rows, masks, groups) once for all layers.
+Cache rows are indexed [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Queries [start, end) of the step's tokens, all of one request."""
+
+    start: int
+    end: int
+    kv_index: torch.Tensor | None
+    """long [kv_heads, L]: cache rows of the keys the chunk sees, oldest first; None when the chunk
+    starts the request (its keys are exactly its own tokens, no cache read needed)."""
+    mask: torch.Tensor | None
+    """bool [end - start, L]: key visible to query; None means plain causal, aligned so that the
+    last query sees the last key (the sliding window cuts nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Requests with one new token each, attended together."""
+
+    token_idx: torch.Tensor
+    """long [g]: index of each request's token in the step."""
+    kv_index: torch.Tensor
+    """long [kv_heads, g, L]: cache rows of each request's visible keys, padded with a valid row."""
+    mask: torch.Tensor
+    """bool [g, L]: False on padding."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBatches:
+    prefills: list[PrefillChunk]
+    decodes: list[DecodeGroup]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    write_index: torch.Tensor
+    """long [kv_heads, T]: cache rows each token's key/value heads are written to."""
+    by_window: dict[int | None, AttentionBatches]
+    """The attention work for each sliding window size used by the model (None: full attention)."""
+
+
+class PagedAttention(nn.Module):
+    """Multi-head attention (MHA or GQA) of one layer reading and writing that layer's pages.
+
+    `k_cache`/`v_cache` are the layer's [num_kv_heads * num_slots, head_dim] cache rows, bound by
+    the runner's KV cache after allocation.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]."""
+        self.k_cache[meta.write_index] = k.transpose(0, 1)
+        self.v_cache[meta.write_index] = v.transpose(0, 1)
+        batches = meta.by_window[self.sliding_window]
+        out = torch.empty_like(q)
+        for chunk in batches.prefills:
+            out[chunk.start : chunk.end] = self._prefill(q, k, v, chunk)
+        for group in batches.decodes:
+            out[group.token_idx] = self._decode(q, group)
+        return out
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk
+    ) -> torch.Tensor:
+        # SDPA wants [batch, heads, seq, dim]; the batch is this one request.
+        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        if chunk.kv_index is None:
+            kc = k[chunk.start : chunk.end].transpose(0, 1)
+            vc = v[chunk.start : chunk.end].transpose(0, 1)
+        else:
+            kc, vc = self.k_cache[chunk.kv_index], self.v_cache[chunk.kv_index]
+        kc, vc = kc.unsqueeze(0), vc.unsqueeze(0)
+        if chunk.mask is not None:
+            mask: torch.Tensor | None = chunk.mask
+        elif chunk.kv_index is None:
+            mask = None  # is_causal: flash-attention eligible
+        else:
+            # Causal with the queries at the end of the keys; kernels take it without a dense mask.
+            mask = causal_lower_right(qc.shape[2], kc.shape[2])
+        o = F.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return o[0].transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+        # One query per request: two batched matmuls, KV-head-major. The query heads that share a
+        # KV head are stacked against it, so each gathered key/value is read once (SDPA's masked
+        # paths would copy K/V per query head); the gather lands directly in contiguous
+        # [kv_heads, g, L, dim] batches.
+        g, group_size = group.token_idx.shape[0], self.num_heads // self.num_kv_heads
+        qg = q[group.token_idx].view(g, self.num_kv_heads, group_size, self.head_dim)
+        kg = self.k_cache[group.kv_index]  # [kv_heads, g, L, dim]
+        vg = self.v_cache[group.kv_index]
+        scores = (qg.transpose(0, 1) @ kg.transpose(2, 3)).float() * self.scale
+        scores.masked_fill_(~group.mask[None, :, None, :], float("-inf"))  # [kv_heads, g, group, L]
+        out = scores.softmax(-1).to(vg.dtype) @ vg  # [kv_heads, g, group, dim]
+        return out.transpose(0, 1).reshape(g, self.num_heads, self.head_dim)

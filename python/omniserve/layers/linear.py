@@ -1,0 +1,76 @@
+"""The dense linear layer, and how its parameters map onto checkpoint tensors.
+
+Every projection of a model goes through `Linear`, so a quantized linear (W8A8, W4A8) replaces it
+by providing the same two things: `forward(x)` and `checkpoint_slots(prefix)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSlot:
+    """Where one checkpoint tensor lands: rows [start, start + shape[0]) of `param`."""
+
+    param: torch.Tensor
+    start: int
+    shape: tuple[int, ...]
+
+    def load(self, tensor: torch.Tensor) -> None:
+        self.param.data[self.start : self.start + self.shape[0]].copy_(tensor)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ (+ b), with W of shape [sum(out_sizes), in_features].
+
+    A fused projection (q/k/v, gate/up) is one matmul over concatenated outputs; `shard_names`
+    names the sibling checkpoint modules whose weights fill each slice, in order, so checkpoints keep
+    HF's unfused names. Parameters are created uninitialised: the loader fills every one of them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: Sequence[int],
+        bias: bool = False,
+        shard_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if shard_names is not None and len(shard_names) != len(out_sizes):
+            raise ValueError("shard_names must name every output slice")
+        self.in_features = in_features
+        self.out_sizes = tuple(out_sizes)
+        self.shard_names = tuple(shard_names) if shard_names is not None else None
+        self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
+        """Checkpoint tensor names this layer reads, for a module registered at `prefix`."""
+        params = {"weight": self.weight, "bias": self.bias}
+        if self.shard_names is None:
+            return {
+                f"{prefix}.{name}": TensorSlot(p, 0, tuple(p.shape))
+                for name, p in params.items()
+                if p is not None
+            }
+        parent = prefix.rpartition(".")[0]
+        base = f"{parent}." if parent else ""
+        slots: dict[str, TensorSlot] = {}
+        start = 0
+        for shard, size in zip(self.shard_names, self.out_sizes):
+            for name, p in params.items():
+                if p is not None:
+                    slots[f"{base}{shard}.{name}"] = TensorSlot(p, start, (size, *p.shape[1:]))
+            start += size
+        return slots

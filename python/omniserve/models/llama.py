@@ -1,0 +1,179 @@
+"""One decoder for the Llama family: Llama-2/3/3.1, Mistral, Qwen2 and Yi.
+
+The members differ only in what config.json says: RoPE scaling, biases, tied embeddings, sliding
+windows and head_dim. Module and parameter names follow HF's `*ForCausalLM`, so checkpoints load by
+name; q/k/v and gate/up are fused into one matmul each, filled slice by slice at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from omniserve.layers.activation import SiluAndMul
+from omniserve.layers.attention import AttentionMetadata, PagedAttention
+from omniserve.layers.linear import Linear
+from omniserve.layers.norm import RMSNorm
+from omniserve.layers.rotary import RotaryEmbedding, apply_rotary
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Yi checkpoints are `llama` with LlamaForCausalLM."""
+
+
+def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
+    """RoPE settings as one flat dict (rope_type, rope_theta, the type's keys).
+
+    transformers 5 stores them in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`, whose
+    type key was once `type`.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = {
+            **(getattr(config, "rope_scaling", None) or {}),
+            "rope_theta": getattr(config, "rope_theta", 10000.0),
+        }
+    params = dict(params)
+    params.setdefault("rope_type", params.pop("type", "default"))
+    return params
+
+
+def sliding_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per-layer sliding window (None: full attention), as HF's modeling code of each type applies it."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral":
+        return [window] * n  # every layer; HF's Mistral ignores layer_types
+    if config.model_type == "qwen2":
+        types = getattr(config, "layer_types", None)
+        if types is None:  # transformers 4.x: the rule Qwen2Config now turns into layer_types
+            sliding = getattr(config, "use_sliding_window", False) and window is not None
+            first = getattr(config, "max_window_layers", n)
+            types = ["sliding_attention" if sliding and i >= first else "full" for i in range(n)]
+        return [window if t == "sliding_attention" else None for t in types]
+    return [None] * n
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
+        if config.model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = Linear(
+            hidden, [q_size, kv_size, kv_size], qkv_bias, shard_names=("q_proj", "k_proj", "v_proj")
+        )
+        self.o_proj = Linear(q_size, [hidden], o_bias)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
+        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+        return self.o_proj(o.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
+        hidden, inter = config.hidden_size, config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = Linear(hidden, [inter, inter], bias, shard_names=("gate_proj", "up_proj"))
+        self.act = SiluAndMul()
+        self.down_proj = Linear(inter, [hidden], bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, sliding_window)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
+        super().__init__()
+        # `_weight` skips nn.Embedding's random init: the loader fills the table.
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
+        # A window no shorter than the longest sequence cuts nothing: treat it as full attention.
+        windows = [w if w is not None and w < max_positions else None for w in sliding_windows(config)]
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in windows)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        head_dim = self.layers[0].self_attn.head_dim
+        self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config))
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        rope = self.rotary(positions)  # once per step, shared by every layer
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Built under the loader's default device and dtype, with uninitialised parameters."""
+
+    def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = (
+            None if self.tie_word_embeddings else Linear(config.hidden_size, [config.vocab_size])
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the step's tokens."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [k, vocab] of the given final hidden states (computed in the model dtype,
+        as HF does)."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    @property
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def skips_checkpoint_tensor(self, name: str) -> bool:
+        """Checkpoint tensors that may be present but are not read: RoPE tables some old
+        checkpoints store, and lm_head.weight when it is tied to the embeddings."""
+        return name.endswith("rotary_emb.inv_freq") or (
+            self.tie_word_embeddings and name == "lm_head.weight"
+        )

@@ -1,0 +1,207 @@
+"""The model runner: owns the model, the KV cache and the sampler, and executes step plans."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import transformers
+
+from omniserve.config import EngineConfig
+from omniserve.errors import ConfigError
+from omniserve.layers.sampler import SampleResult, Sampler
+from omniserve.models.loader import load_hf_config, load_model
+from omniserve.runner.kv_cache import KVCache, KVCacheSpec
+from omniserve.runner.memory import cuda_memory_for_kv_cache
+from omniserve.runner.step_inputs import StepInputBuilder
+from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
+from omniserve.sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_GIB = 1 << 30
+
+
+class ModelRunner:
+    hf_config: transformers.PretrainedConfig
+    device: torch.device
+    dtype: torch.dtype
+    num_kv_pages: int
+    """Dense KV pages, including the null page 0."""
+    max_model_len: int
+    vocab_size: int
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.dtype = _DTYPES.get(
+            config.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        )
+        self.hf_config = load_hf_config(config.model)
+        model_limit = self.hf_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or model_limit, model_limit)
+        self.vocab_size = self.hf_config.vocab_size
+        self.model = load_model(
+            config.model,
+            self.hf_config,
+            device=self.device,
+            dtype=self.dtype,
+            max_positions=self.max_model_len,
+            dummy_seed=config.seed if config.load_format == "dummy" else None,
+        )
+        attn = self.model.attention_layers
+        self._kv_spec = KVCacheSpec(
+            num_layers=len(attn),
+            page_size=config.page_size,
+            num_kv_heads=attn[0].num_kv_heads,
+            head_dim=attn[0].head_dim,
+            dtype=self.dtype,
+        )
+        self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
+        # Most cache slots one batched-decode SDPA call gathers (its padded [g, L] block): a few
+        # times the step's token budget keeps the per-layer transient within what the memory
+        # profile measures, while a batch of short contexts still runs as one group.
+        self._gather_budget = max(self.max_model_len, 8 * config.max_num_batched_tokens)
+        self.sampler = Sampler(config.max_num_seqs, self.vocab_size, self.device, config.seed)
+        self._peak_activation_bytes = 0
+        self.num_kv_pages = self._count_kv_pages()
+        self.kv_cache, self._inputs = self._make_cache(self.num_kv_pages)
+
+    def bind_row(
+        self,
+        row: int,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        stop_ids: Sequence[int],
+    ) -> None:
+        self.sampler.bind_row(row, params, prompt_ids, output_ids, stop_ids)
+
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, SampleResult]:
+        """Run one step; returns the plan indices of the requests that got a token (int64 CPU [k])
+        and their sampled tokens."""
+        sampled_idx, logits = self.compute_logits(plan)
+        return sampled_idx, self.sampler.sample(logits, plan.rows[sampled_idx].long())
+
+    @torch.inference_mode()
+    def compute_logits(
+        self, plan: StepPlan, inputs: StepInputBuilder | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model over the plan's tokens (writing their KV); returns the plan indices of the
+        requests flagged FLAG_NEEDS_LOGITS (int64 CPU [k]) and the fp32 logits [k, vocab] of
+        their last scheduled token."""
+        step = (inputs or self._inputs).build(plan)
+        hidden = self.model(step.input_ids, step.positions, step.attn)
+        return step.sampled_idx, self.model.compute_logits(hidden[step.logits_idx])
+
+    def memory_report(self) -> dict[str, float]:
+        """GiB held by the weights and the KV cache, and the activation peak measured at start-up
+        (0 on CPU, where nothing is profiled)."""
+        weights = sum(p.nbytes for p in self.model.parameters())
+        return {
+            "weights": weights / _GIB,
+            "kv_cache": self.kv_cache.nbytes / _GIB,
+            "peak_activations": self._peak_activation_bytes / _GIB,
+        }
+
+    def _make_cache(self, num_pages: int) -> tuple[KVCache, StepInputBuilder]:
+        cache = KVCache(
+            self._kv_spec, num_pages, self.config.max_num_seqs, self._max_pages_per_seq, self.device
+        )
+        cache.bind(self.model.attention_layers)
+        inputs = StepInputBuilder(
+            cache,
+            frozenset(layer.sliding_window for layer in self.model.attention_layers),
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+            self._gather_budget,
+            self.device,
+        )
+        return cache, inputs
+
+    def _count_kv_pages(self) -> int:
+        config = self.config
+        if config.num_kv_pages is not None:
+            return config.num_kv_pages
+        if self.device.type == "cuda":
+            self._peak_activation_bytes = self._profile_activations()
+            available = cuda_memory_for_kv_cache(
+                self.device, config.gpu_memory_utilization, self._peak_activation_bytes
+            )
+            source = f"gpu_memory_utilization={config.gpu_memory_utilization}"
+        else:
+            available = int(config.cpu_kv_cache_gib * _GIB)
+            source = f"cpu_kv_cache_gib={config.cpu_kv_cache_gib}"
+        num_pages = max(available, 0) // self._kv_spec.bytes_per_page
+        if num_pages - 1 < self._max_pages_per_seq:  # page 0 holds no tokens
+            raise ConfigError(
+                f"the KV cache fits {max(num_pages - 1, 0)} pages of {config.page_size} tokens "
+                f"({source}), but one sequence of max_model_len={self.max_model_len} needs "
+                f"{self._max_pages_per_seq}; raise the memory, lower max_model_len, "
+                "max_num_batched_tokens or max_num_seqs, or set num_kv_pages"
+            )
+        return num_pages
+
+    def _profile_activations(self) -> int:
+        """Peak bytes above the weights of the most demanding steps the scheduler can plan, run
+        against a cache holding only the null page (every slot maps there; values don't matter)."""
+        config, max_len = self.config, self.max_model_len
+        cache, inputs = self._make_cache(1)
+        # A throwaway sampler, so that the real one's random stream does not depend on profiling.
+        sampler = Sampler(config.max_num_seqs, self.vocab_size, self.device, config.seed)
+        # Every filter and penalty on: the sampler's largest temporaries and tables.
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=5, repetition_penalty=1.1)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        # (1) The longest prefill chunk at the end of the longest context: the largest
+        # activations and the largest prefill gather. (2) The largest decode batch, sampling every
+        # request (the largest logits and sampler temporaries), with as many requests at the
+        # longest context as fill one decode group (the largest decode gather; groups run one
+        # after the other, so one full group is the peak).
+        chunk = min(config.max_num_batched_tokens, max_len)
+        num_decodes = min(config.max_num_seqs, config.max_num_batched_tokens)
+        num_long = min(num_decodes, max(1, self._gather_budget // max_len))
+        decode_pos0 = [max_len - 1] * num_long + [0] * (num_decodes - num_long)
+        worst_steps = (([max_len - chunk], [chunk]), (decode_pos0, [1] * num_decodes))
+        for pos0, num_new in worst_steps:
+            for row in range(len(pos0)):
+                sampler.bind_row(row, params, [0], [], [])
+            plan = _synthetic_plan(pos0, num_new)
+            sampled_idx, logits = self.compute_logits(plan, inputs)
+            sampler.sample(logits, plan.rows[sampled_idx].long())
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del cache, inputs, sampler
+        torch.cuda.empty_cache()
+        return peak
+
+
+def _synthetic_plan(pos0: list[int], num_new: list[int]) -> StepPlan:
+    """A plan of requests in rows 0..n-1 that all sample, with token id 0 everywhere."""
+    n = len(pos0)
+    counts = torch.tensor(num_new, dtype=torch.int32)
+    qstart = torch.zeros(n + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=qstart[1:])
+    return StepPlan(
+        rows=torch.arange(n, dtype=torch.int32),
+        pos0=torch.tensor(pos0, dtype=torch.int32),
+        num_new=counts,
+        qstart=qstart,
+        flags=torch.full((n,), FLAG_NEEDS_LOGITS, dtype=torch.int32),
+        input_ids=torch.zeros(int(qstart[-1]), dtype=torch.int32),
+        page_updates=torch.zeros((0, 3), dtype=torch.int32),
+    )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available")
+    device = torch.device(name)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+    return torch.device("cuda", index)

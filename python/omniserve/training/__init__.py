@@ -1,0 +1,11 @@
+"""Training of omniserve's own small Llama-architecture model (the embedded default model).
+
+Self-contained on purpose: nothing here imports the rest of omniserve (engine, Rust extension,
+msgspec), so the training script runs on a bare machine as a file path:
+`python python/omniserve/training/train_small_model.py --output DIR`.
+
+Modules, one job each: `corpus` (stdlib source files, held-out split, token streams),
+`tokenizer` (byte-level BPE and its HF files), `needles` (passkey documents and prompts),
+`model` (the plain-torch Llama and its HF tensor names), `evaluate` (held-out loss, passkey
+retrieval, code samples), `export` (the shipped model directory), `train_small_model` (the CLI).
+"""

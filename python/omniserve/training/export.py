@@ -1,0 +1,155 @@
+"""The shipped model directory: HF `config.json`, fp16 safetensors, tokenizer files, model card.
+
+The layout is what `LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` read, so
+the engine loads it like any downloaded Llama checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from .model import LlamaLM, ModelConfig
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
+
+WEIGHTS = "model.safetensors"
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 5 reads this legacy key into rope_parameters
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "torch_dtype": "float16",
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+
+
+def model_config_from_hf(config: dict) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config["num_key_value_heads"],
+        head_dim=config["head_dim"],
+        max_position_embeddings=config["max_position_embeddings"],
+        rope_theta=config["rope_theta"],
+        rms_norm_eps=config["rms_norm_eps"],
+    )
+
+
+def export_model(model: LlamaLM, tok: Tokenizer, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu", torch.float16).contiguous() for name, p in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_tokenizer(tok, directory, model.cfg.max_position_embeddings)
+
+
+def load_exported(directory: Path, device: torch.device, dtype: torch.dtype) -> LlamaLM:
+    """The shipped checkpoint as our module, so evaluation measures exactly the fp16 weights shipped."""
+    cfg = model_config_from_hf(json.loads((directory / "config.json").read_text()))
+    model = LlamaLM(cfg)
+    model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def write_model_card(directory: Path, log: dict) -> None:
+    m, d, t, h = log["model"], log["data"], log["training"], log["held_out"]
+    niah_rows = []
+    for filler, res in log["niah"].items():
+        cells = " | ".join(f"{acc:.0%}" for acc in res["by_length"].values())
+        niah_rows.append(f"| {filler} | {cells} | {res['overall']:.1%} |")
+    lengths = list(next(iter(log["niah"].values()))["by_length"])
+    samples = "\n\n".join(f"Prompt:\n```python\n{s['prompt']}```\nGreedy completion:\n```python\n{s['prompt']}{s['completion']}\n```"
+                          for s in log["samples"])
+    card = f"""# omniserve-small-code-{m['parameters'] / 1e6:.1f}M
+
+A small Llama-architecture model trained by omniserve's own script, shipped inside the package as
+the default model of `omniserve generate` and as the accuracy yardstick for quantization and sparse
+attention. It writes Python and retrieves a passkey hidden in long filler text; it is not a chat or
+general-purpose model.
+
+## Model
+
+Llama decoder ({m['num_layers']} layers, hidden {m['hidden_size']}, SwiGLU intermediate {m['intermediate_size']},
+{m['num_heads']} query heads / {m['num_kv_heads']} KV heads of dim {m['head_dim']} (GQA), RMSNorm, RoPE theta
+{m['rope_theta']:g}, tied embeddings), {m['parameters']:,} parameters, fp16 safetensors, context
+{m['max_position_embeddings']} tokens. Byte-level BPE tokenizer of {m['vocab_size']} tokens trained with `tokenizers` on
+the training split; digits are single tokens; `<s>` (added when encoding), `</s>`, `<pad>`.
+
+## Data
+
+- Source of the Python {d['python_version']} standard library (`.py` files outside site-packages,
+  PSF licence): {d['train_files']} files ({d['train_bytes'] / 1e6:.1f} MB, {d['train_tokens']:,} tokens) for training,
+  {d['held_out_files']} files ({d['held_out_bytes'] / 1e6:.2f} MB, {d['held_out_tokens']:,} tokens) held out, chosen by
+  SHA-1 of the path relative to the stdlib directory ({d['held_out_percent']}%).
+- Synthetic passkey documents in {d['passkey_fraction']:.0%} of rows: the standard passkey layout
+  (task line, filler, "The pass key is N. Remember it. N is the pass key.", filler, "What is the pass
+  key? The pass key is N."), filler `classic` (grass/sky/sun sentences), `sentences` (random plain
+  sentences) or `code` (stdlib source), needle at a uniform depth, 3 to 7 digits, documents of 1/2 to
+  1 times a row length of {', '.join(map(str, t['sequence_lengths']))} tokens (short rows first). The
+  prompt builder is `omniserve.training.needles.PasskeyBuilder`.
+
+## Training
+
+{t['steps']} steps, {t['tokens'] / 1e6:.0f}M tokens ({t['tokens_per_step']:,} per step), {t['wall_s']:.0f} s on
+{log['device']} (torch {log['torch_version']}, seed {log['seed']}); AdamW (peak lr {t['lr']:g}, warmup
+{t['warmup_steps']} steps, cosine to {t['min_lr_ratio']:g}x over the time budget, weight decay {t['weight_decay']:g}),
+bf16 autocast, loss on every token with the passkey answer weighted x{t['answer_weight']:g}.
+
+Final train loss on code rows {t['final_code_loss']:.3f}; passkey answer token accuracy
+{t['final_answer_token_accuracy']:.1%}. Held-out stdlib loss {h['loss']:.3f} (perplexity {h['perplexity']:.2f}, per
+token of this tokenizer, {h['tokens']:,} tokens in {h['window']}-token windows, fp16 weights).
+
+## Passkey retrieval
+
+Greedy decoding of fresh 5-digit keys (seed {log['niah_seed']}, distinct from training), prompt plus
+answer within each context length, depths {', '.join(map(str, log['niah_depths']))}, {log['niah_samples']} keys per cell:
+
+| filler | {' | '.join(lengths)} | all |
+| --- | {' | '.join('---' for _ in lengths)} | --- |
+{chr(10).join(niah_rows)}
+
+## Samples
+
+{samples}
+
+## Reproduce
+
+```
+python python/omniserve/training/train_small_model.py --output python/omniserve/assets/model --time-budget-s {t['time_budget_s']:g} --seed {log['seed']}
+```
+(or `python -m omniserve.training.train_small_model ...`). One H100, under 10 minutes including data
+preparation. The run is seeded, but it stops on a wall-clock budget and GPU kernels are not bitwise
+deterministic, so another run gives a model of the same quality, not the same bits; `--max-steps`
+fixes the step count. The corpus is the stdlib of the interpreter that runs the script.
+All numbers here come from `training_log.json` next to this card.
+"""
+    (directory / "MODEL_CARD.md").write_text(card)

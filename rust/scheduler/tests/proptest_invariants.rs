@@ -1,0 +1,450 @@
+//! Random operation sequences against a reference model of what the scheduler must emit.
+//!
+//! After every operation the scheduler's own `check_invariants` must pass, and every step is
+//! checked against the model: budget and seat limits, positions, flags, input ids, and a model
+//! of the runner's device page tables fed only by the emitted updates (so a missing or stale
+//! update that would make two rows share a page is caught). At the end, a fair runner must
+//! finish every accepted request within a bound, leaving both pools empty.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use _scheduler::{
+    NewRequest, Policy, RequestId, Scheduler, SchedulerConfig, SchedulerError, FINISH_LENGTH,
+    FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, FLAG_RESELECT,
+};
+use proptest::prelude::*;
+
+/// Sampled tokens are drawn from 0..VOCAB; requests that stop at all stop on token 0.
+const VOCAB: u64 = 16;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Add {
+        prompt_len: usize,
+        max_tokens: u32,
+        min_tokens: u32,
+        priority: i64,
+        stops: bool,
+    },
+    Step {
+        seed: u64,
+    },
+    Abort(usize),
+    Finish(usize),
+}
+
+fn config() -> impl Strategy<Value = SchedulerConfig> {
+    let pages = (
+        prop::sample::select(vec![4u32, 8, 16]),
+        prop::sample::select(vec![1u32, 2, 4]),
+        3u32..24,
+    );
+    let seats = (1u32..8, 0u32..40, 1u32..4, 0u32..12);
+    let queue = (
+        0u32..4,
+        0u32..6,
+        any::<bool>(),
+        prop::sample::select(vec![0.0, 0.05, 0.2]),
+    );
+    let misc = (
+        8u32..200,
+        1u32..4,
+        prop::option::of((2u32..20, 0u32..3, 0u32..3)),
+    );
+    (pages, seats, queue, misc).prop_map(
+        |(
+            (page_size, logical, num_dense_pages),
+            (max_num_seqs, extra_budget, max_partial_prefills, threshold),
+            (skip_limit, hol_age_steps, priority, watermark),
+            (max_model_len, select_interval, stream),
+        )| {
+            let (num_stream_pages, stream_sink_pages, stream_local_pages) =
+                stream.unwrap_or((0, 0, 0));
+            SchedulerConfig {
+                page_size,
+                logical_pages_per_page: logical,
+                max_num_seqs,
+                max_num_batched_tokens: max_num_seqs + extra_budget,
+                max_partial_prefills,
+                long_prefill_token_threshold: threshold,
+                watermark,
+                skip_limit,
+                hol_age_steps,
+                policy: if priority {
+                    Policy::Priority
+                } else {
+                    Policy::Fcfs
+                },
+                num_stream_pages,
+                stream_sink_pages,
+                stream_local_pages,
+                select_interval,
+                ..SchedulerConfig::new(num_dense_pages, max_model_len)
+            }
+        },
+    )
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let add = (1usize..40, 1u32..40, 0u32..5, -2i64..3, any::<bool>()).prop_map(
+        |(prompt_len, max_tokens, min_tokens, priority, stops)| Op::Add {
+            prompt_len,
+            max_tokens,
+            min_tokens: min_tokens.min(max_tokens),
+            priority,
+            stops,
+        },
+    );
+    prop_oneof![
+        3 => add,
+        6 => any::<u64>().prop_map(|seed| Op::Step { seed }),
+        1 => any::<usize>().prop_map(Op::Abort),
+        1 => any::<usize>().prop_map(Op::Finish),
+    ]
+}
+
+/// What the scheduler must know about one live request.
+#[derive(Debug)]
+struct ModelReq {
+    tokens: Vec<i32>,
+    num_prompt: usize,
+    prefill_len: usize,
+    computed: usize,
+    max_tokens: u32,
+    min_tokens: u32,
+    stops: bool,
+}
+
+struct Harness {
+    sched: Scheduler,
+    cfg: SchedulerConfig,
+    live: HashMap<RequestId, ModelReq>,
+    ids: Vec<RequestId>,
+    pending_aborts: VecDeque<RequestId>,
+    /// The runner's device page tables, row -> column -> page, fed by the emitted updates.
+    dense_table: Vec<Vec<i32>>,
+    stream_table: Vec<Vec<i32>>,
+}
+
+impl Harness {
+    fn new(cfg: SchedulerConfig) -> Self {
+        let rows = cfg.max_num_seqs as usize;
+        Self {
+            sched: Scheduler::new(cfg.clone()).unwrap(),
+            live: HashMap::new(),
+            ids: Vec::new(),
+            pending_aborts: VecDeque::new(),
+            dense_table: vec![Vec::new(); rows],
+            stream_table: vec![Vec::new(); rows],
+            cfg,
+        }
+    }
+
+    fn check(&self) {
+        if let Err(e) = self.sched.check_invariants() {
+            panic!("{e}");
+        }
+    }
+
+    fn add(
+        &mut self,
+        prompt_len: usize,
+        max_tokens: u32,
+        min_tokens: u32,
+        priority: i64,
+        stops: bool,
+    ) {
+        let id = self.ids.len() as RequestId;
+        self.ids.push(id);
+        let prompt: Vec<i32> = (0..prompt_len)
+            .map(|i| 1 + ((id as usize * 7 + i) % 100) as i32)
+            .collect();
+        let req = NewRequest {
+            id,
+            prompt: prompt.clone(),
+            max_tokens,
+            min_tokens,
+            stop_token_ids: if stops { vec![0] } else { vec![] },
+            priority,
+        };
+        let cfg = &self.cfg;
+        let never_fits = prompt_len as u32 >= cfg.max_seq_len()
+            || cfg.stream_table_len() > cfg.num_stream_pages.saturating_sub(1);
+        match self.sched.add_request(req) {
+            Ok(()) => {
+                assert!(!never_fits, "request {id} should have been rejected");
+                let model = ModelReq {
+                    tokens: prompt,
+                    num_prompt: prompt_len,
+                    prefill_len: prompt_len,
+                    computed: 0,
+                    max_tokens,
+                    min_tokens,
+                    stops,
+                };
+                self.live.insert(id, model);
+            }
+            Err(SchedulerError::Rejected { .. }) => {
+                assert!(never_fits, "request {id} was rejected")
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    fn step(&mut self, seed: u64) {
+        let counts = self.sched.schedule().unwrap();
+        self.check();
+        let cfg = &self.cfg;
+        let io = self.sched.io();
+        assert!(
+            counts.num_tokens <= cfg.max_num_batched_tokens as usize,
+            "budget exceeded"
+        );
+        assert!(counts.num_reqs <= cfg.max_num_seqs as usize);
+
+        // Aborts: queue order, at most max_num_seqs applied, unknown ids dropped.
+        let mut expected_aborts = Vec::new();
+        while expected_aborts.len() < cfg.max_num_seqs as usize {
+            let Some(id) = self.pending_aborts.pop_front() else {
+                break;
+            };
+            if self.live.remove(&id).is_some() {
+                expected_aborts.push(id);
+            }
+        }
+        assert_eq!(io.aborted_ids(), expected_aborts);
+        for id in io.preempted_ids() {
+            let req = self.live.get_mut(id).expect("preempted a live request");
+            req.prefill_len = req.tokens.len();
+            req.computed = 0;
+        }
+
+        // The runner applies page updates after resetting new rows.
+        for (i, &flags) in io.flags().iter().enumerate() {
+            if flags & FLAG_NEW_ROW != 0 {
+                let row = io.rows()[i] as usize;
+                self.dense_table[row].clear();
+                self.stream_table[row].clear();
+            }
+        }
+        for (table, updates) in [
+            (&mut self.dense_table, io.page_updates()),
+            (&mut self.stream_table, io.stream_updates()),
+        ] {
+            for u in updates.chunks_exact(3) {
+                let row = &mut table[u[0] as usize];
+                let col = u[1] as usize;
+                if row.len() <= col {
+                    row.resize(col + 1, 0);
+                }
+                row[col] = u[2];
+            }
+        }
+
+        let mut dense_in_use = HashSet::new();
+        let mut stream_in_use = HashSet::new();
+        for i in 0..counts.num_reqs {
+            let id = io.req_ids()[i];
+            let (pos0, num_new, flags) = (
+                io.pos0()[i] as usize,
+                io.num_new()[i] as usize,
+                io.flags()[i],
+            );
+            let req = self.live.get_mut(&id).expect("scheduled a live request");
+            let end = pos0 + num_new;
+            assert_eq!(pos0, req.computed, "request {id}: pos0");
+            assert!(num_new >= 1 && end <= req.tokens.len());
+            assert_eq!(
+                flags & FLAG_NEW_ROW != 0,
+                pos0 == 0,
+                "request {id}: NEW_ROW"
+            );
+            assert_eq!(
+                flags & FLAG_PREFILL != 0,
+                pos0 < req.prefill_len,
+                "request {id}: PREFILL"
+            );
+            assert_eq!(flags & FLAG_NEEDS_LOGITS != 0, end == req.tokens.len());
+            if flags & FLAG_PREFILL != 0 {
+                assert_ne!(flags & FLAG_RESELECT, 0, "prefill chunks reselect");
+            }
+            let q = io.qstart()[i] as usize;
+            assert_eq!(
+                io.input_ids()[q..q + num_new],
+                req.tokens[pos0..end],
+                "request {id}: input ids"
+            );
+            assert_eq!(
+                io.n_sel_pages()[i] as u32,
+                end as u32 / cfg.logical_page_tokens()
+            );
+            req.computed = end;
+
+            let row = io.rows()[i] as usize;
+            let pages = cfg.pages_for(end as u32) as usize;
+            let dense = &self.dense_table[row];
+            assert!(dense.len() >= pages, "request {id}: page table too short");
+            for &page in &dense[..pages] {
+                assert!(
+                    page > 0 && dense_in_use.insert(page),
+                    "request {id}: dense page {page} shared or null"
+                );
+            }
+            let stream = &self.stream_table[row];
+            assert_eq!(stream.len(), cfg.stream_table_len() as usize);
+            for &page in stream {
+                assert!(
+                    page > 0 && stream_in_use.insert(page),
+                    "request {id}: stream page {page} shared"
+                );
+            }
+        }
+
+        // The fake runner samples; a stop token (0) comes up about once in VOCAB samples.
+        let mut rng = seed;
+        for i in 0..counts.num_reqs {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.sched.sampled_mut()[i] = ((rng >> 33) % VOCAB) as i32;
+        }
+        let scheduled: Vec<(RequestId, i32)> = (0..counts.num_reqs)
+            .map(|i| (self.sched.io().req_ids()[i], self.sched.io().flags()[i]))
+            .collect();
+        let n_out = self.sched.update().unwrap();
+        self.check();
+        let io = self.sched.io();
+        let sampling: Vec<usize> = (0..scheduled.len())
+            .filter(|&i| scheduled[i].1 & FLAG_NEEDS_LOGITS != 0)
+            .collect();
+        assert_eq!(n_out, sampling.len());
+        for (k, &i) in sampling.iter().enumerate() {
+            let id = scheduled[i].0;
+            assert_eq!(
+                (io.out_req_ids()[k], io.out_sched_idx()[k] as usize),
+                (id, i)
+            );
+            let token = io.out_tokens()[k];
+            let req = self.live.get_mut(&id).unwrap();
+            req.tokens.push(token);
+            let outputs = (req.tokens.len() - req.num_prompt) as u32;
+            let expected = if req.stops && token == 0 && outputs >= req.min_tokens {
+                FINISH_STOP
+            } else if outputs >= req.max_tokens || req.tokens.len() as u32 >= cfg.max_seq_len() {
+                FINISH_LENGTH
+            } else {
+                FINISH_NONE
+            };
+            assert_eq!(io.out_finish()[k], expected, "request {id}: finish");
+            if expected != FINISH_NONE {
+                self.live.remove(&id);
+            }
+        }
+        assert_eq!(self.sched.num_unfinished(), self.live.len());
+    }
+
+    fn pick(&self, index: usize) -> Option<RequestId> {
+        (!self.ids.is_empty()).then(|| self.ids[index % self.ids.len()])
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Add {
+                prompt_len,
+                max_tokens,
+                min_tokens,
+                priority,
+                stops,
+            } => self.add(prompt_len, max_tokens, min_tokens, priority, stops),
+            Op::Step { seed } => self.step(seed),
+            Op::Abort(index) => {
+                if let Some(id) = self.pick(index) {
+                    self.sched.abort_handle().abort(id);
+                    self.pending_aborts.push_back(id);
+                }
+            }
+            Op::Finish(index) => {
+                if let Some(id) = self.pick(index) {
+                    assert_eq!(self.sched.finish(id), self.live.remove(&id).is_some());
+                }
+            }
+        }
+        self.check();
+    }
+
+    /// Steps a fair runner until everything has finished; panics if that takes too long.
+    fn drain(&mut self) {
+        let work: usize = self
+            .live
+            .values()
+            .map(|r| r.tokens.len() + r.max_tokens as usize)
+            .sum();
+        let bound = 20 * work + 10 * (self.cfg.hol_age_steps as usize + 2) + 100;
+        let mut steps = 0;
+        while self.sched.has_unfinished() || !self.pending_aborts.is_empty() {
+            assert!(
+                steps < bound,
+                "{} requests still unfinished after {bound} steps",
+                self.live.len()
+            );
+            self.step(steps as u64);
+            steps += 1;
+        }
+        assert!(self.live.is_empty());
+        let stats = self.sched.stats();
+        assert_eq!((stats.running, stats.waiting), (0, 0));
+        assert_eq!(
+            (stats.dense_pages_used, stats.stream_pages_used),
+            (0, 0),
+            "pages leaked"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_invariants_and_finish(
+        cfg in config(),
+        ops in prop::collection::vec(op(), 1..150),
+    ) {
+        let mut h = Harness::new(cfg);
+        for op in &ops {
+            h.apply(op);
+        }
+        h.drain();
+    }
+}
+
+/// Many requests through a tight pool: exercises preemption storms and readmission.
+#[test]
+fn tight_pool_liveness() {
+    for policy in [Policy::Fcfs, Policy::Priority] {
+        let cfg = SchedulerConfig {
+            page_size: 4,
+            logical_pages_per_page: 2,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 16,
+            long_prefill_token_threshold: 6,
+            watermark: 0.1,
+            policy,
+            ..SchedulerConfig::new(12, 64)
+        };
+        let mut h = Harness::new(cfg);
+        for i in 0..40 {
+            h.add(
+                1 + (i * 7) % 30,
+                5 + (i as u32 * 3) % 30,
+                0,
+                (i % 3) as i64,
+                false,
+            );
+        }
+        h.drain();
+        assert!(
+            h.sched.stats().num_preemptions > 0,
+            "{policy:?}: the pool should have been tight"
+        );
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on a GPU host: install the offline bundle, run the GPU tests, then the throughput
+# benchmark against HF transformers. Results (logs, JSON, PNG) go to $OUT (default ./gpu-results).
+#
+#   scripts/offline_bundle.sh .bundle 3.12      # on a machine with network and Rust
+#   scripts/gpu_check.sh [BATCH ...]            # on the GPU host, from the repository root
+set -uo pipefail
+
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+site=/tmp/omniserve-site
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .bundle/wheels/*.whl || exit 1
+export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 25
+batches=("$@")
+[ ${#batches[@]} -gt 0 ] || batches=(64 256)
+python3 -m omniserve.cli.main bench throughput --model-config llama-3-8b --batch "${batches[@]}" \
+    --input-len 1024 --output-len 512 --dtype bfloat16 \
+    --output-json "$out/bench-throughput.json" --output-png "$out/bench-throughput.png" \
+    2>&1 | tee "$out/bench-throughput.log" | tail -n 12

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build an offline install bundle for an air-gapped GPU host that already has torch.
+#
+#   scripts/offline_bundle.sh [OUT_DIR] [PYTHON_VERSION] [EXTRA_PACKAGE ...]
+#
+# OUT_DIR (default .bundle) gets wheels/: the omniserve wheel (abi3: one build serves every
+# CPython >= 3.10) and binary wheels of the runtime dependencies that GPU images usually lack,
+# for the target's Python version (default 3.12) and manylinux x86_64. On the host:
+#
+#   pip install --no-index --no-deps --target /tmp/site OUT_DIR/wheels/*.whl
+#   PYTHONPATH=/tmp/site python -m omniserve.cli.main generate "def fib(n):"
+set -euo pipefail
+
+out=${1:-.bundle}
+pyver=${2:-3.12}
+shift $(( $# > 2 ? 2 : $# ))
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+mkdir -p "$out/wheels"
+rm -f "$out"/wheels/*.whl
+( cd "$root" && maturin build --release --quiet --out "$out/wheels" )
+
+platforms=()
+for tag in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_28_x86_64 manylinux_2_24_x86_64; do
+    platforms+=(--platform "$tag")
+done
+# Pure-Python or binary packages omniserve imports that GPU images often do not carry.
+python3 -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+    --python-version "$pyver" "${platforms[@]}" -d "$out/wheels" msgspec "$@"
+echo "bundle ready: $(ls "$out"/wheels | wc -l) wheels in $out/wheels"

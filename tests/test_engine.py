@@ -1,0 +1,258 @@
+"""The engine end to end on tiny random checkpoints: greedy ids equal HF transformers' (fp32) however
+the scheduler slices the work (batching, chunked prefill, preemption, late arrivals), and requests
+end cleanly (stop strings, aborts, bad input) without leaking pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omniserve import Engine, SamplingParams
+from omniserve.errors import ConfigError, InvalidRequestError, OmniserveError, RequestRejectedError
+from tiny_models import FAMILIES, hf_greedy, save_checkpoint
+from tiny_tokenizer import build_tokenizer
+
+PROMPT_LENGTHS = (5, 23, 40, 1)
+NEW_TOKENS = 12
+
+
+def _checkpoint(root: Path, family: str) -> tuple[Path, torch.nn.Module]:
+    path = root / family
+    hf = save_checkpoint(family, path)
+    build_tokenizer(path)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    return _checkpoint(tmp_path_factory.mktemp("ckpt"), "llama3")
+
+
+def _prompts(seed: int = 0, lengths: tuple[int, ...] = PROMPT_LENGTHS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 384, (n,), generator=g).tolist() for n in lengths]
+
+
+def _greedy(max_tokens: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def _engine(path: Path, **options: object) -> Engine:
+    return Engine.from_pretrained(path, **{"device": "cpu", "dtype": "float32", "page_size": 16, **options})
+
+
+def _assert_clean(engine: Engine) -> None:
+    stats = engine.stats()
+    assert stats.running == stats.waiting == 0
+    assert stats.dense_pages_used == 0
+    engine._io.scheduler.check_invariants()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_matches_transformers_batched(tmp_path: Path, family: str) -> None:
+    path, hf = _checkpoint(tmp_path, family)
+    prompts = _prompts()
+    expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    engine = _engine(path)
+    single = [engine.generate([p], _greedy(), use_tqdm=False)[0].token_ids for p in prompts]
+    batched = [o.token_ids for o in engine.generate(prompts, _greedy(), use_tqdm=False)]
+    assert single == expected
+    assert batched == expected
+    _assert_clean(engine)
+
+
+def test_chunked_prefill_gives_the_same_tokens(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, hf = llama
+    prompts = _prompts(1, (70, 33, 9))
+    expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    engine = _engine(
+        path, max_num_seqs=8, max_num_batched_tokens=24, long_prefill_token_threshold=7, max_partial_prefills=2
+    )
+    outs = engine.generate(prompts, _greedy(), use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    _assert_clean(engine)
+
+
+def test_preemption_under_a_small_page_pool_gives_the_same_tokens(
+    llama: tuple[Path, torch.nn.Module],
+) -> None:
+    path, hf = llama
+    prompts = _prompts(2, (30, 31, 17, 29, 25, 12))
+    expected = [hf_greedy(hf, p, 40) for p in prompts]
+    # 12 usable pages of 16 tokens: each request grows to 3-5 pages, so they cannot all run.
+    engine = _engine(path, num_kv_pages=13, watermark=0.0)
+    outs = engine.generate(prompts, _greedy(40), use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    assert engine.stats().num_preemptions > 0
+    _assert_clean(engine)
+
+
+def test_requests_arriving_mid_run(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, hf = llama
+    prompts = _prompts(3, (12, 40, 7, 19))
+    expected = {f"r{i}": hf_greedy(hf, p, NEW_TOKENS) for i, p in enumerate(prompts)}
+    engine = _engine(path, max_num_seqs=8, max_num_batched_tokens=32)
+    results = {}
+    pending = list(enumerate(prompts))
+    steps = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and steps % 3 == 0:
+            i, p = pending.pop(0)
+            engine.add_request(f"r{i}", p, _greedy())
+        results.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        steps += 1
+    assert results == expected
+    _assert_clean(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(
+    llama: tuple[Path, torch.nn.Module],
+) -> None:
+    path, _ = llama
+    prompts = _prompts(4, (10, 20, 5))
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    engine = _engine(path)
+    first = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    again = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    alone = engine.generate([prompts[1]], params, use_tqdm=False)[0].token_ids
+    assert first == again
+    assert alone == first[1]
+    other_seed = SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True)
+    assert engine.generate([prompts[1]], other_seed, use_tqdm=False)[0].token_ids != first[1]
+
+
+def test_abort_frees_pages_and_reports(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, hf = llama
+    engine = _engine(path)
+    prompts = _prompts(5, (30, 20))
+    engine.add_request("keep", prompts[0], _greedy(20))
+    engine.add_request("drop", prompts[1], _greedy(200))
+    engine.add_request("never-ran", prompts[1], _greedy(5))
+    engine.abort("never-ran")
+    finished = {}
+    for _ in range(3):
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.stats().dense_pages_used > 0
+    engine.abort("drop")
+    engine.abort("drop")  # idempotent
+    engine.abort("unknown")  # ignored
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finished["drop"].finish_reason == "abort"
+    assert finished["never-ran"].finish_reason == "abort"
+    assert finished["never-ran"].token_ids == []
+    assert finished["keep"].finish_reason == "length"
+    assert finished["keep"].token_ids == hf_greedy(hf, prompts[0], 20)
+    _assert_clean(engine)
+
+
+def test_stop_strings_never_leak(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = llama
+    engine = _engine(path)
+    prompt = "def add(a, b):"
+    full = engine.generate([prompt], _greedy(24), use_tqdm=False)[0]
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = engine.generate(
+        [prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]), use_tqdm=False
+    )[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+    kept = engine.generate(
+        [prompt],
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0]
+    assert kept.text == full.text[: full.text.index(stop) + len(stop)]
+    _assert_clean(engine)
+
+
+def test_stop_token_and_min_tokens(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = llama
+    engine = _engine(path)
+    prompt = _prompts(6, (15,))[0]
+    free = engine.generate([prompt], _greedy(16), use_tqdm=False)[0].token_ids
+    stop_id = free[4]
+    out = engine.generate(
+        [prompt], SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(stop_id,)), use_tqdm=False
+    )[0]
+    first = free.index(stop_id)
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    assert out.token_ids == free[: first + 1]
+    late = engine.generate(
+        [prompt],
+        SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(stop_id,), min_tokens=first + 2),
+        use_tqdm=False,
+    )[0]
+    assert len(late.token_ids) >= first + 2
+
+
+def test_delta_outputs_add_up(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = llama
+    engine = _engine(path)
+    final = engine.generate(["class Engine:"], _greedy(10), use_tqdm=False)[0]
+    engine.add_request("d", "class Engine:", _greedy(10), output_kind="delta")
+    tokens: list[int] = []
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.token_ids
+            text += out.text
+    assert tokens == final.token_ids and text == final.text
+
+
+def test_logprobs(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, hf = llama
+    prompt = _prompts(7, (9,))[0]
+    engine = _engine(path)
+    out = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2), use_tqdm=False)[0]
+    assert out.logprobs is not None and len(out.logprobs) == 3
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0]
+    assert first.logprob == pytest.approx(ref[first.token_id].item(), abs=1e-4)
+    assert [t for t, _ in first.top] == ref.topk(2).indices.tolist()
+
+
+def test_bad_input_is_rejected_and_the_engine_keeps_serving(
+    llama: tuple[Path, torch.nn.Module],
+) -> None:
+    path, hf = llama
+    engine = _engine(path, max_model_len=128)
+    with pytest.raises(RequestRejectedError):
+        engine.add_request("long", list(range(3, 200)), _greedy())
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        engine.add_request("oov", [5, 100000], _greedy())
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("empty", [], _greedy())
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(temperature=-1.0)
+    engine.add_request("ok", [5, 6, 7], _greedy())
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("ok", [5, 6, 7], _greedy())
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[-1].token_ids == hf_greedy(hf, [5, 6, 7], NEW_TOKENS)
+    _assert_clean(engine)
+
+
+def test_config_and_checkpoint_errors_are_clear(
+    llama: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, _ = llama
+    with pytest.raises(ConfigError, match="page_size"):
+        _engine(path, page_size=0)
+    with pytest.raises(ConfigError, match="not_an_option"):
+        Engine.from_pretrained(path, not_an_option=1)
+    with pytest.raises(OmniserveError, match="nowhere"):
+        Engine.from_pretrained(tmp_path / "nowhere", device="cpu")
+    save_checkpoint("llama3", tmp_path / "no-tokenizer")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        _engine(tmp_path / "no-tokenizer")
+    bare = _engine(tmp_path / "no-tokenizer", skip_tokenizer_init=True)
+    assert bare.generate([[5, 6, 7]], _greedy(3), use_tqdm=False)[0].text == ""

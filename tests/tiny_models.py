@@ -1,0 +1,176 @@
+"""Tiny random HF checkpoints of each supported family, and hand-made step plans.
+
+`save_checkpoint(family, directory)` writes a real HF checkpoint (config.json + safetensors, sharded
+on request) with transformers itself and returns the HF model, so tests can compare against it.
+Weights are re-drawn with a wide spread (and non-zero biases) so that logits have clear margins:
+greedy continuations then do not hinge on float rounding, and every tensor is exercised.
+
+`PagedRequests` plays the scheduler's part for runner tests: it gives requests rows and pages
+(deliberately out of order) and turns "these requests compute these tokens" into a `StepPlan`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, StepPlan
+
+VOCAB_SIZE = 384
+"""Matches tests/tiny_tokenizer.py; its special ids are pad 0, bos 1, eos 2."""
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _llama3(**kw: Any) -> PretrainedConfig:
+    # original_max_position_embeddings is small so that all three frequency bands of the Llama 3.1
+    # scaling (kept, interpolated, divided) occur at head_dim 16.
+    rope = {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+    }
+    return LlamaConfig(**{**_COMMON, "rope_parameters": rope, **kw})
+
+
+FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {
+    # Llama 3.1 style: GQA, llama3 RoPE scaling.
+    "llama3": _llama3,
+    # Llama 2 style MHA with linear RoPE scaling.
+    "llama_linear_mha": lambda **kw: LlamaConfig(
+        **{**_COMMON, "num_key_value_heads": 4,
+           "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, **kw}
+    ),
+    # head_dim 32 while hidden / heads = 16.
+    "llama_head_dim": lambda **kw: LlamaConfig(**{**_COMMON, "head_dim": 32, **kw}),
+    # Sliding window shorter than the test prompts.
+    "mistral": lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": 8, **kw}),
+    # q/k/v biases, tied embeddings, the second layer with a sliding window.
+    "qwen2": lambda **kw: Qwen2Config(
+        **{**_COMMON, "tie_word_embeddings": True, "use_sliding_window": True,
+           "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"], **kw}
+    ),
+}
+
+
+def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
+    return FAMILIES[family](**overrides)
+
+
+def save_checkpoint(
+    family: str | PretrainedConfig,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> PreTrainedModel:
+    """Write a random checkpoint of `family` (a FAMILIES key or a config) into `directory`; returns
+    the fp32 HF model in eval mode. `max_shard_size` (e.g. "20KB") writes sharded safetensors with
+    an index."""
+    config = tiny_config(family, **overrides) if isinstance(family, str) else family
+    model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.15 * torch.randn(param.shape, generator=generator))
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(directory), **kwargs)
+    return model.eval()
+
+
+def hf_logits(model: PreTrainedModel, ids: Sequence[int]) -> torch.Tensor:
+    """fp32 logits [len(ids), vocab] of HF's forward over the whole sequence."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)], device=device)).logits[0].float().cpu()
+
+
+def hf_greedy(model: PreTrainedModel, ids: Sequence[int], num_tokens: int) -> list[int]:
+    """HF `generate` greedy continuation of exactly `num_tokens` tokens (eos does not stop it)."""
+    device = next(model.parameters()).device
+    out = model.generate(
+        torch.tensor([list(ids)], device=device), do_sample=False, max_new_tokens=num_tokens,
+        eos_token_id=None, pad_token_id=0,
+    )
+    return out[0, len(ids):].tolist()
+
+
+class PagedRequests:
+    """Rows and pages for requests, as the scheduler would assign them, and StepPlans over them."""
+
+    def __init__(self, page_size: int, num_pages: int, seed: int = 0) -> None:
+        self.page_size = page_size
+        self._free = list(range(1, num_pages))  # page 0 is the null page
+        random.Random(seed).shuffle(self._free)  # so that a request's pages are not contiguous
+        self._pages: dict[int, list[int]] = {}
+        self.cached: dict[int, int] = {}
+        """Tokens of each row already in the KV cache."""
+
+    def step(
+        self, chunks: Sequence[tuple[int, Sequence[int]]], needs_logits: Sequence[bool] | None = None
+    ) -> StepPlan:
+        """A plan in which each (row, token ids) computes those tokens after the row's cached ones;
+        a row not seen before starts a new request. Every request samples unless told otherwise."""
+        rows, pos0, num_new, flags, ids, updates = [], [], [], [], [], []
+        for i, (row, tokens) in enumerate(chunks):
+            flag = FLAG_PREFILL if len(tokens) > 1 else 0
+            if row not in self._pages:
+                self._pages[row], self.cached[row] = [], 0
+                flag |= FLAG_NEW_ROW
+            pages = self._pages[row]
+            start = self.cached[row]
+            end = start + len(tokens)
+            while len(pages) * self.page_size < end:
+                pages.append(self._free.pop())
+                updates.append((row, len(pages) - 1, pages[-1]))
+            if needs_logits is None or needs_logits[i]:
+                flag |= FLAG_NEEDS_LOGITS
+            rows.append(row)
+            pos0.append(start)
+            num_new.append(len(tokens))
+            flags.append(flag)
+            ids.extend(tokens)
+            self.cached[row] = end
+        qstart = [0]
+        for count in num_new:
+            qstart.append(qstart[-1] + count)
+        i32 = torch.int32
+        return StepPlan(
+            rows=torch.tensor(rows, dtype=i32),
+            pos0=torch.tensor(pos0, dtype=i32),
+            num_new=torch.tensor(num_new, dtype=i32),
+            qstart=torch.tensor(qstart, dtype=i32),
+            flags=torch.tensor(flags, dtype=i32),
+            input_ids=torch.tensor(ids, dtype=i32),
+            page_updates=torch.tensor(updates, dtype=i32).reshape(-1, 3),
+        )
+
+    def release(self, row: int) -> None:
+        self._free.extend(self._pages.pop(row))
+        del self.cached[row]
