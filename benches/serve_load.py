@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,38 +73,61 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float |
     }
 
 
-async def one_request(
-    client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]
-) -> RequestResult:
+class _Target(msgspec.Struct):
+    host: str
+    port: int
+    headers: bytes
+    """Extra request header lines (the API key), each ending in CRLF."""
+
+
+async def one_request(target: _Target, body: bytes) -> RequestResult:
+    """One streaming completion over a raw HTTP/1.1 connection. A plain asyncio stream reader
+    instead of an HTTP client library keeps the client's cost per streamed token small: on a
+    small machine the load generator shares the cores with the server it measures."""
     start = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+    except OSError as exc:
+        return RequestResult(False, error=repr(exc))
     first = last = 0.0
     gaps: list[float] = []
     usage: dict[str, int] = {}
     try:
-        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return RequestResult(
-                    False, error=f"HTTP {response.status_code}: {response.text[:200]}"
-                )
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n%s\r\n"
+            % (target.host.encode(), len(body), target.headers)
+            + body
+        )
+        status = int((await reader.readline()).split()[1])
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass  # headers: the body is chunked (SSE) on success, read to EOF otherwise
+        if status != 200:
+            return RequestResult(False, error=f"HTTP {status}: {(await reader.read())[:200]!r}")
+        pending = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            pending += (await reader.readexactly(size + 2))[:-2]
+            now = time.perf_counter()
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if event == b"data: [DONE]":
                     continue
-                chunk = json.loads(line[6:])
+                chunk = msgspec.json.decode(event.removeprefix(b"data: "))
                 if "error" in chunk:
                     return RequestResult(False, error=chunk["error"]["message"])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 if not chunk["choices"] or chunk["choices"][0]["finish_reason"] is not None:
                     continue  # the finish and usage chunks carry no new token
-                now = time.perf_counter()
                 if first == 0.0:
                     first = now
                 else:
                     gaps.append(now - last)
                 last = now
-    except httpx.HTTPError as exc:
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
         return RequestResult(False, error=repr(exc))
+    finally:
+        writer.close()
     end = time.perf_counter()
     return RequestResult(
         True,
@@ -118,31 +142,31 @@ async def one_request(
 async def run_load(
     args: argparse.Namespace, url: str, model: str, prompts: list[list[int]]
 ) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    parts = urllib.parse.urlsplit(url)
+    auth = b"Authorization: Bearer %s\r\n" % args.api_key.encode() if args.api_key else b""
+    target = _Target(parts.hostname or "127.0.0.1", parts.port or 80, auth)
     rng = random.Random(args.prompt_seed)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
-        tasks = []
-        start = time.perf_counter()
-        arrival = 0.0
-        for prompt in prompts:
-            delay = start + arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = {
-                "model": model,
-                "prompt": prompt,
-                "max_tokens": args.output_len,
-                "temperature": args.temperature,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            tasks.append(asyncio.create_task(one_request(client, body, headers)))
-            gap = 1.0 / args.request_rate
-            arrival += rng.expovariate(args.request_rate) if args.poisson else gap
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+    tasks = []
+    start = time.perf_counter()
+    arrival = 0.0
+    for prompt in prompts:
+        delay = start + arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": args.output_len,
+            "temperature": args.temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        tasks.append(asyncio.create_task(one_request(target, msgspec.json.encode(body))))
+        rate = args.request_rate
+        arrival += rng.expovariate(rate) if args.poisson else 1.0 / rate
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
     done = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)

@@ -11,6 +11,7 @@ from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.step_inputs import StepInputBuilder
 
 PAGE_SIZE, NUM_PAGES, HEAD_DIM = 16, 40, 8
+CPU = torch.device("cpu")
 
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos0: int,
@@ -37,11 +38,11 @@ def test_paged_attention_matches_dense_reference(
 ) -> None:
     torch.manual_seed(0)
     spec = KVCacheSpec(1, PAGE_SIZE, num_kv_heads, HEAD_DIM, torch.float32)
-    cache = KVCache(spec, NUM_PAGES, max_num_seqs=6, max_pages_per_seq=8, device=torch.device("cpu"))
+    cache = KVCache(spec, NUM_PAGES, max_num_seqs=6, max_pages_per_seq=8, device=CPU)
     layer = PagedAttention(num_heads, num_kv_heads, HEAD_DIM, window)
     cache.bind([layer])
     # A budget of 24 slots splits the decode batch into several groups (one per long request).
-    inputs = StepInputBuilder(cache, frozenset({window}), 6, 128, gather_budget, torch.device("cpu"))
+    inputs = StepInputBuilder(cache, frozenset({window}), 6, 128, gather_budget, CPU)
     reqs = PagedRequests(PAGE_SIZE, NUM_PAGES)
     history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     # Rows and chunk sizes per step: prefills, chunked prefills, decodes, and mixes of them.
@@ -73,10 +74,11 @@ def test_paged_attention_matches_dense_reference(
 
 def test_cache_rows_follow_the_page_table() -> None:
     spec = KVCacheSpec(1, PAGE_SIZE, 2, HEAD_DIM, torch.float32)
-    cache = KVCache(spec, 8, max_num_seqs=2, max_pages_per_seq=4, device=torch.device("cpu"))
+    cache = KVCache(spec, 8, max_num_seqs=2, max_pages_per_seq=4, device=CPU)
     cache.apply_page_updates(torch.tensor([[1, 0, 5], [1, 1, 2]], dtype=torch.int32))
     positions = torch.tensor([0, 15, 16, 31])
     slots = [80, 95, 32, 47]  # page 5 then page 2, 16 slots each
     head_stride = 8 * PAGE_SIZE
-    assert cache.index(torch.tensor(1), positions).tolist() == [slots, [s + head_stride for s in slots]]
+    rows = [slots, [s + head_stride for s in slots]]
+    assert cache.index(torch.tensor(1), positions).tolist() == rows
     assert cache.page_table[0].tolist() == [0, 0, 0, 0]

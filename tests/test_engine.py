@@ -15,6 +15,7 @@ from tiny_models import FAMILIES, hf_greedy, save_checkpoint
 from tiny_tokenizer import build_tokenizer
 
 PROMPT_LENGTHS = (5, 23, 40, 1)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 NEW_TOKENS = 12
 
 
@@ -50,12 +51,13 @@ def _assert_clean(engine: Engine) -> None:
     engine._io.scheduler.check_invariants()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_matches_transformers_batched(tmp_path: Path, family: str) -> None:
+def test_greedy_matches_transformers_batched(tmp_path: Path, family: str, device: str) -> None:
     path, hf = _checkpoint(tmp_path, family)
     prompts = _prompts()
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
-    engine = _engine(path)
+    engine = _engine(path, device=device)
     single = [engine.generate([p], _greedy(), use_tqdm=False)[0].token_ids for p in prompts]
     batched = [o.token_ids for o in engine.generate(prompts, _greedy(), use_tqdm=False)]
     assert single == expected
@@ -63,26 +65,28 @@ def test_greedy_matches_transformers_batched(tmp_path: Path, family: str) -> Non
     _assert_clean(engine)
 
 
-def test_chunked_prefill_gives_the_same_tokens(llama: tuple[Path, torch.nn.Module]) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_gives_the_same_tokens(llama: tuple[Path, torch.nn.Module], device: str) -> None:
     path, hf = llama
     prompts = _prompts(1, (70, 33, 9))
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     engine = _engine(
-        path, max_num_seqs=8, max_num_batched_tokens=24, long_prefill_token_threshold=7, max_partial_prefills=2
+        path, device=device, max_num_seqs=8, max_num_batched_tokens=24, long_prefill_token_threshold=7, max_partial_prefills=2
     )
     outs = engine.generate(prompts, _greedy(), use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
     _assert_clean(engine)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_preemption_under_a_small_page_pool_gives_the_same_tokens(
-    llama: tuple[Path, torch.nn.Module],
+    llama: tuple[Path, torch.nn.Module], device: str
 ) -> None:
     path, hf = llama
     prompts = _prompts(2, (30, 31, 17, 29, 25, 12))
     expected = [hf_greedy(hf, p, 40) for p in prompts]
     # 12 usable pages of 16 tokens: each request grows to 3-5 pages, so they cannot all run.
-    engine = _engine(path, num_kv_pages=13, watermark=0.0)
+    engine = _engine(path, device=device, num_kv_pages=13, watermark=0.0)
     outs = engine.generate(prompts, _greedy(40), use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
     assert engine.stats().num_preemptions > 0
@@ -107,13 +111,14 @@ def test_requests_arriving_mid_run(llama: tuple[Path, torch.nn.Module]) -> None:
     _assert_clean(engine)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_seeded_sampling_is_reproducible_and_batch_independent(
-    llama: tuple[Path, torch.nn.Module],
+    llama: tuple[Path, torch.nn.Module], device: str
 ) -> None:
     path, _ = llama
     prompts = _prompts(4, (10, 20, 5))
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
-    engine = _engine(path)
+    engine = _engine(path, device=device)
     first = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
     again = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
     alone = engine.generate([prompts[1]], params, use_tqdm=False)[0].token_ids
@@ -256,3 +261,21 @@ def test_config_and_checkpoint_errors_are_clear(
         _engine(tmp_path / "no-tokenizer")
     bare = _engine(tmp_path / "no-tokenizer", skip_tokenizer_init=True)
     assert bare.generate([[5, 6, 7]], _greedy(3), use_tqdm=False)[0].text == ""
+
+
+def test_prompt_logprobs_match_transformers_across_chunks_and_preemption(
+    llama: tuple[Path, torch.nn.Module],
+) -> None:
+    path, hf = llama
+    prompts = _prompts(8, (50, 37, 21))
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, prompt_logprobs=True)
+    engine = _engine(path, max_num_seqs=4, max_num_batched_tokens=16, num_kv_pages=9, watermark=0.0)
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt])).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+        assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+        assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), ref, atol=1e-4)
+    assert engine.stats().num_preemptions > 0
+    _assert_clean(engine)

@@ -32,7 +32,9 @@ class Pair:
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+def pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
     directory = tmp_path_factory.mktemp(request.param)
     hf = save_checkpoint(request.param, directory)
     config = EngineConfig(
@@ -79,14 +81,15 @@ def test_mixed_prefill_and_decode_in_one_step(pair: Pair) -> None:
     reqs = pair.requests()
     pair.runner.compute_logits(reqs.step([(0, long_a[:44]), (1, long_b[:20])]))
     # Row 0 decodes, row 1 continues its prefill (and is not sampled), row 2 starts.
-    plan = reqs.step([(0, long_a[44:]), (1, long_b[20:]), (2, short)], needs_logits=[True, False, True])
+    plan = reqs.step([(0, long_a[44:]), (1, long_b[20:]), (2, short)], [True, False, True])
     idx, logits = pair.runner.compute_logits(plan)
     assert idx.tolist() == [0, 2]
     torch.testing.assert_close(logits[0], hf_logits(pair.hf, long_a)[-1], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(logits[1], hf_logits(pair.hf, short)[-1], atol=ATOL, rtol=RTOL)
     # The unsampled chunk still wrote its KV: the next token of row 1 sees the whole prompt.
     _, logits = pair.runner.compute_logits(reqs.step([(1, [7])]))
-    torch.testing.assert_close(logits[0], hf_logits(pair.hf, long_b + [7])[-1], atol=ATOL, rtol=RTOL)
+    expected = hf_logits(pair.hf, long_b + [7])[-1]
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=RTOL)
 
 
 def test_greedy_decode_matches_hf_generate(pair: Pair) -> None:
@@ -101,7 +104,7 @@ def test_greedy_decode_matches_hf_generate(pair: Pair) -> None:
     outputs: dict[int, list[int]] = {0: [], 1: [], 2: []}
 
     def run(plan: StepPlan) -> None:
-        idx, result = pair.runner.execute(plan)
+        idx, result, _ = pair.runner.execute(plan)
         assert result.token_ids.dtype == torch.int32
         for row, token in zip(plan.rows[idx].tolist(), result.token_ids.tolist()):
             outputs[row].append(token)

@@ -15,10 +15,7 @@ from omniserve.config import EngineConfig
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.sampling_params import SamplingParams
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 PAGE_SIZE, NUM_PAGES = 16, 128
 
@@ -86,7 +83,7 @@ def test_fp32_greedy_ids_equal_hf(checkpoint: tuple[Path, PreTrainedModel]) -> N
     outputs: dict[int, list[int]] = {row: [] for row in range(len(prompts))}
     plan = reqs.step(list(enumerate(prompts)))
     for _ in range(steps):
-        idx, result = runner.execute(plan)
+        idx, result, _ = runner.execute(plan)
         for row, token in zip(plan.rows[idx].tolist(), result.token_ids.tolist()):
             outputs[row].append(token)
         plan = reqs.step([(row, out[-1:]) for row, out in outputs.items()])
@@ -127,8 +124,9 @@ def test_llama3_8b_dummy(tmp_path: Path) -> None:
     for row in range(32):
         runner.bind_row(row, greedy, [1], [], [])
     prompt = list(range(1000, 5000))
-    _, logits = runner.compute_logits(reqs.step([(0, prompt)] + [(r, [r] * 50) for r in range(1, 32)]))
+    plan = reqs.step([(0, prompt)] + [(r, [r] * 50) for r in range(1, 32)])
+    _, logits = runner.compute_logits(plan)
     assert logits.isfinite().all()
     plan = reqs.step([(r, [7]) for r in range(32)])
-    idx, result = runner.execute(plan)
+    idx, result, _ = runner.execute(plan)
     assert idx.tolist() == list(range(32)) and result.token_ids.shape == (32,)

@@ -5,6 +5,7 @@ streams, overload and graceful shutdown."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import threading
@@ -22,6 +23,8 @@ from tiny_models import save_checkpoint
 from tiny_tokenizer import build_tokenizer
 from transformers import LlamaConfig
 
+from omniserve.cli import serve
+from omniserve.cli.engine_args import engine_kwargs
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.engine import EngineStats
 from omniserve.server.app import create_app
@@ -557,3 +560,16 @@ async def test_graceful_shutdown_drains_then_aborts(model_dir: Path) -> None:
     assert srv.engine._thread is not None and not srv.engine._thread.is_alive()
     stats = srv.engine.stats()
     assert stats.running == stats.waiting == stats.dense_pages_used == 0
+
+
+def test_serve_command_line() -> None:
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        "serve --model ckpt --api-key k --max-queued-requests 8 --port 0 --num-kv-pages 64 "
+        "--shutdown-timeout 5".split()
+    )
+    assert args.func is serve.run
+    assert (args.model, args.api_key, args.max_queued_requests, args.port) == ("ckpt", "k", 8, 0)
+    assert (args.host, args.shutdown_timeout) == ("127.0.0.1", 5.0)
+    assert engine_kwargs(args) == {"num_kv_pages": 64}

@@ -66,7 +66,9 @@ def test_passkey_documents(small_corpus, filler):
             assert text.endswith("What is the pass key? The pass key is")
             if filler != "code":  # sentence filler is assembled at tokenizer boundaries: exact text
                 assert tok.encode(text).ids == doc.prompt_ids.tolist()
-                assert len(doc.ids) >= length - 12  # filled up to within one sentence
+                # Filled to within a sentence (plus one dropped to fit a line's first sentence).
+                longest = max(builder.classic.cont_len.max(), builder.sentences.cont_len.max())
+                assert len(doc.ids) >= length - 2 * longest - 2
             if depth == 0.0:
                 assert text.split("\n")[1] == f"The pass key is {key}. Remember it. {key} is the pass key."
 

@@ -133,7 +133,9 @@ class PagedRequests:
         """Tokens of each row already in the KV cache."""
 
     def step(
-        self, chunks: Sequence[tuple[int, Sequence[int]]], needs_logits: Sequence[bool] | None = None
+        self,
+        chunks: Sequence[tuple[int, Sequence[int]]],
+        needs_logits: Sequence[bool] | None = None,
     ) -> StepPlan:
         """A plan in which each (row, token ids) computes those tokens after the row's cached ones;
         a row not seen before starts a new request. Every request samples unless told otherwise."""

@@ -31,6 +31,9 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    """Log-probability of each prompt token given the ones before it (None for the first); set
+    on the final output of requests that asked for it."""
     finished: bool = False
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None

@@ -66,6 +66,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     logprobs: int | None = None
     """Return the log-probability of each generated token and of this many most likely
     alternatives (0: only the chosen token's); None returns none."""
+    prompt_logprobs: bool = False
+    """Return the log-probability of every prompt token given the ones before it (scoring,
+    perplexity); the first token has none."""
 
     def __post_init__(self) -> None:
         # Python callers may pass a list (msgspec does not type-check __init__); store tuples so

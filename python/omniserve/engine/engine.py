@@ -75,6 +75,13 @@ class _Request:
     sent_tokens: int = 0
     sent_text: int = 0
     first_token_time: float | None = None
+    prompt_logprobs: list[float | None] | None = None
+
+    def record_prompt_logprobs(self, pos0: int, logprobs: list[float]) -> None:
+        """Scores of prompt tokens pos0+1.. ; written by position, since a recompute after
+        preemption scores the same tokens again."""
+        assert self.prompt_logprobs is not None
+        self.prompt_logprobs[pos0 + 1 : pos0 + 1 + len(logprobs)] = logprobs
 
 
 class Engine:
@@ -162,6 +169,7 @@ class Engine:
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
         self._requests[ext_id] = _Request(
             request_id=request_id,
@@ -173,6 +181,7 @@ class Engine:
             detok=detok,
             arrival_time=time.monotonic(),
             logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs else None,
         )
         self._ext_ids[request_id] = ext_id
         self._prompt_tokens += len(prompt_ids)
@@ -216,7 +225,9 @@ class Engine:
             self.runner.bind_row(
                 int(plan.rows[i]), req.params, req.prompt_ids, req.token_ids, req.stop_ids
             )
-        sampled_idx, result = self.runner.execute(plan)
+        sampled_idx, result, prompt_scores = self.runner.execute(plan)
+        for i, logprobs in prompt_scores:
+            self._requests[req_ids[i]].record_prompt_logprobs(int(plan.pos0[i]), logprobs.tolist())
         out_ids, out_tokens, out_sched, out_finish = self._io.update(sampled_idx, result.token_ids)
         k_of_sched = {s: k for k, s in enumerate(sampled_idx.tolist())}
         now = time.monotonic()
@@ -293,6 +304,7 @@ class Engine:
             token_ids=token_ids,
             text=text,
             logprobs=logprobs,
+            prompt_logprobs=req.prompt_logprobs if finished else None,
             finished=finished,
             finish_reason=reason,
             stop_reason=stop_reason,

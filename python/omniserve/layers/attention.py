@@ -86,7 +86,7 @@ class PagedAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]."""
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
         self.k_cache[meta.write_index] = k.transpose(0, 1)
         self.v_cache[meta.write_index] = v.transpose(0, 1)
         batches = meta.by_window[self.sliding_window]

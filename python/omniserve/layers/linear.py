@@ -30,8 +30,8 @@ class Linear(nn.Module):
     """y = x Wᵀ (+ b), with W of shape [sum(out_sizes), in_features].
 
     A fused projection (q/k/v, gate/up) is one matmul over concatenated outputs; `shard_names`
-    names the sibling checkpoint modules whose weights fill each slice, in order, so checkpoints keep
-    HF's unfused names. Parameters are created uninitialised: the loader fills every one of them.
+    names the sibling checkpoint modules whose weights fill each slice, in order, so checkpoints
+    keep HF's unfused names. Parameters are created uninitialised: the loader fills all of them.
     """
 
     def __init__(

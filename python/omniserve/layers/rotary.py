@@ -1,4 +1,4 @@
-"""Rotary position embedding (the "rotate half" convention of HF Llama) with its scaling variants."""
+"""Rotary position embedding ("rotate half" convention, as HF Llama) and its scaling variants."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ class RotaryEmbedding(nn.Module):
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial rotary embeddings are not supported")
         inv_freq = inverse_frequencies(head_dim, rope)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
+        positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        angles = torch.outer(positions, inv_freq)
         target = {"device": torch.get_default_device(), "dtype": torch.get_default_dtype()}
         # Non-persistent: derived from the config, never read from a checkpoint.
         self.register_buffer("cos", angles.cos().to(**target), persistent=False)

@@ -43,7 +43,7 @@ def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
 
 
 def sliding_windows(config: PretrainedConfig) -> list[int | None]:
-    """Per-layer sliding window (None: full attention), as HF's modeling code of each type applies it."""
+    """Per-layer sliding window (None: full attention), as HF's modeling code applies it."""
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     if config.model_type == "mistral":
@@ -53,7 +53,10 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
         if types is None:  # transformers 4.x: the rule Qwen2Config now turns into layer_types
             sliding = getattr(config, "use_sliding_window", False) and window is not None
             first = getattr(config, "max_window_layers", n)
-            types = ["sliding_attention" if sliding and i >= first else "full" for i in range(n)]
+            types = [
+                "sliding_attention" if sliding and i >= first else "full_attention"
+                for i in range(n)
+            ]
         return [window if t == "sliding_attention" else None for t in types]
     return [None] * n
 
@@ -66,13 +69,14 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
         # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
         if config.model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = Linear(
-            hidden, [q_size, kv_size, kv_size], qkv_bias, shard_names=("q_proj", "k_proj", "v_proj")
+            hidden, self.qkv_sizes, qkv_bias, shard_names=("q_proj", "k_proj", "v_proj")
         )
         self.o_proj = Linear(q_size, [hidden], o_bias)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window)
@@ -80,9 +84,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
         o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
@@ -96,7 +98,9 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
         hidden, inter = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = Linear(hidden, [inter, inter], bias, shard_names=("gate_proj", "up_proj"))
+        self.gate_up_proj = Linear(
+            hidden, [inter, inter], bias, shard_names=("gate_proj", "up_proj")
+        )
         self.act = SiluAndMul()
         self.down_proj = Linear(inter, [hidden], bias)
 
@@ -126,7 +130,9 @@ class LlamaModel(nn.Module):
         table = torch.empty(config.vocab_size, config.hidden_size)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         # A window no shorter than the longest sequence cuts nothing: treat it as full attention.
-        windows = [w if w is not None and w < max_positions else None for w in sliding_windows(config)]
+        windows = [
+            w if w is not None and w < max_positions else None for w in sliding_windows(config)
+        ]
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim

@@ -55,7 +55,9 @@ class KVCache:
             dtype=spec.dtype, device=device,
         )
         self._head_base = torch.arange(spec.num_kv_heads, device=device) * self.num_slots
-        self.page_table = torch.zeros(max_num_seqs, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.page_table = torch.zeros(
+            max_num_seqs, max_pages_per_seq, dtype=torch.int32, device=device
+        )
 
     @property
     def nbytes(self) -> int:

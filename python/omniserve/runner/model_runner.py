@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -14,9 +15,18 @@ from omniserve.layers.sampler import SampleResult, Sampler
 from omniserve.models.loader import load_hf_config, load_model
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.memory import cuda_memory_for_kv_cache
-from omniserve.runner.step_inputs import StepInputBuilder
+from omniserve.runner.step_inputs import StepInputBuilder, StepInputs
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
 from omniserve.sampling_params import SamplingParams
+
+class StepOutput(NamedTuple):
+    sampled_idx: torch.Tensor
+    """int64 CPU [k]: plan indices of the requests that got a token."""
+    sample: SampleResult
+    """Their sampled tokens (and logprobs when asked)."""
+    prompt_scores: list[tuple[int, torch.Tensor]]
+    """(plan index, logprobs of the prompt tokens from pos0 + 1) for prompt-logprob requests."""
+
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GIB = 1 << 30
@@ -58,12 +68,14 @@ class ModelRunner:
             dtype=self.dtype,
         )
         self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
-        # Most cache slots one batched-decode SDPA call gathers (its padded [g, L] block): a few
-        # times the step's token budget keeps the per-layer transient within what the memory
-        # profile measures, while a batch of short contexts still runs as one group.
+        # Most tokens one decode group gathers from the cache (its padded [g, L] block): a few
+        # times the step's token budget bounds the per-layer transient (the memory profile runs
+        # a full group), while a batch of short contexts still runs as one group.
         self._gather_budget = max(self.max_model_len, 8 * config.max_num_batched_tokens)
         self.sampler = Sampler(config.max_num_seqs, self.vocab_size, self.device, config.seed)
         self._peak_activation_bytes = 0
+        self._prompt_targets: dict[int, list[int]] = {}
+        """Prompt ids of the rows whose requests asked for prompt logprobs."""
         self.num_kv_pages = self._count_kv_pages()
         self.kv_cache, self._inputs = self._make_cache(self.num_kv_pages)
 
@@ -76,12 +88,20 @@ class ModelRunner:
         stop_ids: Sequence[int],
     ) -> None:
         self.sampler.bind_row(row, params, prompt_ids, output_ids, stop_ids)
+        if params.prompt_logprobs:
+            self._prompt_targets[row] = list(prompt_ids)
+        else:
+            self._prompt_targets.pop(row, None)
 
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, SampleResult]:
-        """Run one step; returns the plan indices of the requests that got a token (int64 CPU [k])
-        and their sampled tokens."""
-        sampled_idx, logits = self.compute_logits(plan)
-        return sampled_idx, self.sampler.sample(logits, plan.rows[sampled_idx].long())
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run one step: sample for the requests flagged FLAG_NEEDS_LOGITS and score the prompt
+        tokens of requests that asked for prompt logprobs."""
+        step, hidden = self._forward(plan, self._inputs)
+        logits = self.model.compute_logits(hidden[step.logits_idx])
+        sample = self.sampler.sample(logits, plan.rows[step.sampled_idx].long())
+        scores = self._score_prompt_tokens(plan, hidden) if self._prompt_targets else []
+        return StepOutput(step.sampled_idx, sample, scores)
 
     @torch.inference_mode()
     def compute_logits(
@@ -89,10 +109,37 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model over the plan's tokens (writing their KV); returns the plan indices of the
         requests flagged FLAG_NEEDS_LOGITS (int64 CPU [k]) and the fp32 logits [k, vocab] of
-        their last scheduled token."""
-        step = (inputs or self._inputs).build(plan)
-        hidden = self.model(step.input_ids, step.positions, step.attn)
+        their last scheduled token. `inputs` overrides the step-input builder (and so the cache)
+        the step runs against; the start-up memory profile uses it."""
+        step, hidden = self._forward(plan, inputs or self._inputs)
         return step.sampled_idx, self.model.compute_logits(hidden[step.logits_idx])
+
+    def _forward(self, plan: StepPlan, inputs: StepInputBuilder) -> tuple[StepInputs, torch.Tensor]:
+        step = inputs.build(plan)
+        return step, self.model(step.input_ids, step.positions, step.attn)
+
+    def _score_prompt_tokens(
+        self, plan: StepPlan, hidden: torch.Tensor
+    ) -> list[tuple[int, torch.Tensor]]:
+        """(plan index, fp32 CPU logprobs of prompt tokens pos0+1 .. ) for rows that asked.
+
+        The targets come from the prompt bound to the row, so a chunk boundary needs no state
+        from the previous step, and a recompute after preemption scores the same positions
+        again (the engine writes them by position)."""
+        scores = []
+        for i, row in enumerate(plan.rows.tolist()):
+            targets = self._prompt_targets.get(row)
+            if targets is None:
+                continue
+            pos0, start = int(plan.pos0[i]), int(plan.qstart[i])
+            end = min(pos0 + int(plan.num_new[i]), len(targets) - 1)
+            if end <= pos0:
+                continue
+            logits = self.model.compute_logits(hidden[start : start + end - pos0]).float()
+            want = torch.tensor(targets[pos0 + 1 : end + 1], device=logits.device)
+            logprobs = torch.log_softmax(logits, -1).gather(1, want[:, None]).squeeze(1)
+            scores.append((i, logprobs.cpu()))
+        return scores
 
     def memory_report(self) -> dict[str, float]:
         """GiB held by the weights and the KV cache, and the activation peak measured at start-up
@@ -203,5 +250,6 @@ def _resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={name!r} but only {count} CUDA devices exist")
     return torch.device("cuda", index)

@@ -121,7 +121,7 @@ class StepInputBuilder:
         chunks = []
         for i, p0, count, first in prefill_reqs:
             end = p0 + count
-            # Keys visible to the chunk's first query; later queries see a suffix of [kv_start, end).
+            # The first query sees the keys from kv_start on; later queries, suffixes of those.
             kv_start = 0 if window is None else max(0, p0 - window + 1)
             kv_index = None
             if p0 > 0:

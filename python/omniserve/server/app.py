@@ -275,7 +275,7 @@ async def _decode(request: Request, kind: type[T]) -> T:
 
 
 def _sampling_params(
-    req: p._GenerationRequest, *, max_tokens: int | None, logprobs: int | None
+    req: p.GenerationRequest, *, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
     if req.n != 1:
         raise APIError(
@@ -409,17 +409,15 @@ class OpenAIServer:
     async def _respond(
         self,
         request: Request,
+        req: p.GenerationRequest,
         prompt: str | Sequence[int],
         params: SamplingParams,
         renderer: _Renderer,
-        *,
-        stream: bool,
-        include_usage: bool,
     ) -> Response:
         """Run one request: a JSON body when done, or an event stream. The first output is awaited
         before any header goes out, so a refused request still gets a proper status code."""
         gen = self.engine.generate(
-            prompt, params, renderer.id, output_kind="delta" if stream else "final"
+            prompt, params, renderer.id, output_kind="delta" if req.stream else "final"
         )
         timer = RequestTimer(self.metrics)
         try:
@@ -428,7 +426,8 @@ class OpenAIServer:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         except OmniserveError as exc:
             raise _engine_error(exc) from None
-        if stream:
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
             return _EventStream(self._events(gen, first, renderer, timer, include_usage))
         await gen.aclose()
         timer.observe(first)
@@ -493,14 +492,8 @@ class OpenAIServer:
             raise APIError(400, "best_of must be 1", param="best_of")
         prompt = _completion_prompt(req.prompt)
         params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
-        return await self._respond(
-            request,
-            prompt,
-            params,
-            _CompletionRenderer(self.model_name, self._token_text),
-            stream=req.stream,
-            include_usage=req.stream_options is not None and req.stream_options.include_usage,
-        )
+        renderer = _CompletionRenderer(self.model_name, self._token_text)
+        return await self._respond(request, req, prompt, params, renderer)
 
     async def chat_completions(self, request: Request) -> Response:
         req = await _decode(request, p.ChatRequest)
@@ -519,14 +512,8 @@ class OpenAIServer:
             max_tokens = max(1, self.engine.max_model_len - len(prompt))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = _sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
-        return await self._respond(
-            request,
-            prompt,
-            params,
-            _ChatRenderer(self.model_name, self._token_text),
-            stream=req.stream,
-            include_usage=req.stream_options is not None and req.stream_options.include_usage,
-        )
+        renderer = _ChatRenderer(self.model_name, self._token_text)
+        return await self._respond(request, req, prompt, params, renderer)
 
     def _chat_prompt(self, messages: list[p.ChatMessage]) -> list[int]:
         """Render the tokenizer's chat template and tokenize it here, so the template's own special
@@ -576,8 +563,6 @@ def create_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = No
         await engine.shutdown()
 
     server = OpenAIServer(engine, model_name=model_name, api_key=api_key)
-    app = Starlette(
+    return Starlette(
         routes=server.routes(), lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )
-    app.state.server = server
-    return app

@@ -23,7 +23,7 @@ class StreamOptions(Struct):
     include_usage: bool = False
 
 
-class _GenerationRequest(Struct, kw_only=True):
+class GenerationRequest(Struct, kw_only=True):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
@@ -50,7 +50,7 @@ class _GenerationRequest(Struct, kw_only=True):
     include_stop_str_in_output: bool | None = None
 
 
-class CompletionRequest(_GenerationRequest, kw_only=True):
+class CompletionRequest(GenerationRequest, kw_only=True):
     prompt: str | list[Any]
     """A string or token ids; one-element lists of either are accepted too."""
     logprobs: NonNegInt | None = None
@@ -74,7 +74,7 @@ class ResponseFormat(Struct):
     type: str
 
 
-class ChatRequest(_GenerationRequest, kw_only=True):
+class ChatRequest(GenerationRequest, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False

@@ -33,7 +33,8 @@ def heldout_loss(model: LlamaLM, stream: TokenStream, window: int, max_windows: 
         pieces = np.linspace(0, n - 1, max_windows).round().astype(int)
     total, count = 0.0, 0
     for first in range(0, len(pieces), batch):
-        rows = [np.concatenate([[BOS_ID], stream.ids[i * window : (i + 1) * window]]) for i in pieces[first : first + batch]]
+        rows = [np.concatenate([[BOS_ID], stream.ids[i * window : (i + 1) * window]])
+                for i in pieces[first : first + batch]]
         ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         logits = model.logits(model(ids[:, :-1])).float()
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()

@@ -87,8 +87,10 @@ def write_model_card(directory: Path, log: dict) -> None:
         cells = " | ".join(f"{acc:.0%}" for acc in res["by_length"].values())
         niah_rows.append(f"| {filler} | {cells} | {res['overall']:.1%} |")
     lengths = list(next(iter(log["niah"].values()))["by_length"])
-    samples = "\n\n".join(f"Prompt:\n```python\n{s['prompt']}```\nGreedy completion:\n```python\n{s['prompt']}{s['completion']}\n```"
-                          for s in log["samples"])
+    samples = "\n\n".join(
+        f"Prompt:\n```python\n{s['prompt']}```\nGreedy completion:\n```python\n{s['prompt']}{s['completion']}\n```"
+        for s in log["samples"]
+    )
     card = f"""# omniserve-small-code-{m['parameters'] / 1e6:.1f}M
 
 A small Llama-architecture model trained by omniserve's own script, shipped inside the package as
@@ -122,7 +124,8 @@ the training split; digits are single tokens; `<s>` (added when encoding), `</s>
 {t['steps']} steps, {t['tokens'] / 1e6:.0f}M tokens ({t['tokens_per_step']:,} per step), {t['wall_s']:.0f} s on
 {log['device']} (torch {log['torch_version']}, seed {log['seed']}); AdamW (peak lr {t['lr']:g}, warmup
 {t['warmup_steps']} steps, cosine to {t['min_lr_ratio']:g}x over the time budget, weight decay {t['weight_decay']:g}),
-bf16 autocast, loss on every token with the passkey answer weighted x{t['answer_weight']:g}.
+bf16 autocast on GPU, loss on every token but the needle's random digits, the passkey answer
+weighted x{t['answer_weight']:g}.
 
 Final train loss on code rows {t['final_code_loss']:.3f}; passkey answer token accuracy
 {t['final_answer_token_accuracy']:.1%}. Held-out stdlib loss {h['loss']:.3f} (perplexity {h['perplexity']:.2f}, per

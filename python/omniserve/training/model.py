@@ -156,7 +156,9 @@ class LlamaLM(nn.Module):
         """
         s = ids.shape[1]
         if s > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {s} tokens exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
+            raise ValueError(
+                f"sequence of {s} tokens exceeds max_position_embeddings {self.cfg.max_position_embeddings}"
+            )
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:

@@ -31,7 +31,9 @@ TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
 )
-CLASSIC_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+CLASSIC_FILLER = (
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 FILLERS = ("classic", "sentences", "code")
@@ -155,7 +157,8 @@ class PasskeyBuilder:
         doc = self.build(length, depth, key, filler, rng)
         return self.tok.decode(doc.prompt_ids[1:].tolist(), skip_special_tokens=False)
 
-    def _filler(self, budget: int, depth: float, filler: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _filler(self, budget: int, depth: float, filler: str,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if filler == "code":
             if self.code is None:
                 raise ValueError("code filler needs a token stream")

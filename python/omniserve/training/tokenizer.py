@@ -45,8 +45,10 @@ def encode_plain(tok: Tokenizer, text: str) -> np.ndarray:
 
 def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
     """`<s> text </s>` for each text, concatenated (the batch encode runs on all cores)."""
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which we never use.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     parts = []
-    for enc in tok.encode_batch(list(texts), add_special_tokens=False):
+    for enc in encode(list(texts), add_special_tokens=False):
         parts.append(np.asarray([BOS_ID, *enc.ids, EOS_ID], dtype=np.int32))
     return np.concatenate(parts)
 

@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-        print(f"probe at {lengths[-1]} tokens/row: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"probe at {lengths[-1]} tokens/row: peak memory {peak:.1f} GiB", flush=True)
 
     history: list[dict] = []
     heldout_curve: list[dict] = []
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out loss {loss:.3f} (perplexity {math.exp(loss):.2f}) over {scored:,} tokens", flush=True)
     niah_lengths = [int(x) for x in args.niah_lengths.split(",")]
     niah_depths = [float(x) for x in args.niah_depths.split(",")]
-    niah = passkey_accuracy(model, tok, builder, niah_lengths, niah_depths, list(FILLERS), args.niah_samples, args.niah_seed)
+    niah = passkey_accuracy(model, tok, builder, niah_lengths, niah_depths, list(FILLERS),
+                            args.niah_samples, args.niah_seed)
     for filler, res in niah.items():
         cells = " ".join(f"{L}:{acc:.0%}" for L, acc in res["by_length"].items())
         print(f"passkey [{filler}] {cells} overall {res['overall']:.1%}", flush=True)
