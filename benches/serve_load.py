@@ -35,12 +35,12 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
@@ -224,9 +224,9 @@ def serve(args: argparse.Namespace, options: dict[str, Any]) -> Iterator[str]:
             if process.poll() is not None:
                 raise SystemExit(f"the server exited with code {process.returncode}")
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break  # 200: urlopen raises for error statuses
+            except OSError:  # not listening yet (URLError is an OSError)
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not become healthy within 300 s")
@@ -238,6 +238,13 @@ def serve(args: argparse.Namespace, options: dict[str, Any]) -> Iterator[str]:
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def served_model(url: str, api_key: str | None) -> str:
+    """The first model a running server lists."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=headers)) as r:
+        return msgspec.json.decode(r.read())["data"][0]["id"]
 
 
 def offline_peer(
@@ -315,13 +322,7 @@ def main() -> int:
     ]
 
     if args.url is not None:
-        model = (
-            args.served_model
-            or httpx.get(
-                args.url + "/v1/models",
-                headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {},
-            ).json()["data"][0]["id"]
-        )
+        model = args.served_model or served_model(args.url, args.api_key)
         result = asyncio.run(run_load(args, args.url, model, prompts))
     else:
         with serve(args, options) as url:

@@ -566,8 +566,8 @@ def test_serve_command_line() -> None:
     parser = argparse.ArgumentParser()
     serve.add_parser(parser.add_subparsers())
     args = parser.parse_args(
-        "serve --model ckpt --api-key k --max-queued-requests 8 --port 0 --num-kv-pages 64 "
-        "--shutdown-timeout 5".split()
+        ["serve", "--model", "ckpt", "--api-key", "k", "--max-queued-requests", "8"]
+        + ["--port", "0", "--num-kv-pages", "64", "--shutdown-timeout", "5"]
     )
     assert args.func is serve.run
     assert (args.model, args.api_key, args.max_queued_requests, args.port) == ("ckpt", "k", 8, 0)

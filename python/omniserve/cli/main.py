@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-_COMMANDS = ("generate", "serve", "bench")
+_COMMANDS = ("generate", "serve", "bench", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

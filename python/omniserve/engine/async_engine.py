@@ -38,7 +38,7 @@ import msgspec
 
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import Engine, EngineStats
-from omniserve.errors import EngineDeadError, InvalidRequestError, OmniserveError
+from omniserve.errors import ConfigError, EngineDeadError, InvalidRequestError, OmniserveError
 from omniserve.outputs import RequestOutput
 from omniserve.sampling_params import SamplingParams
 
@@ -83,9 +83,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine, *, max_queued_requests: int | None = None) -> None:
         if max_queued_requests is not None and max_queued_requests < 0:
-            raise InvalidRequestError(
-                f"max_queued_requests must be >= 0, got {max_queued_requests}"
-            )
+            raise ConfigError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         """Requests accepted but not yet running, beyond which `generate` raises

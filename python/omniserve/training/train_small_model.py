@@ -24,11 +24,14 @@ if __name__ == "__main__" and not __package__:
     # Run as a file path (the device command): register this directory as the package
     # `omniserve.training` without executing omniserve/__init__.py, which may import the engine
     # (Rust extension, msgspec) that a bare training machine does not have.
+    # Also drop this directory from sys.path, where Python put it: its modules (`tokenizer`,
+    # `model`, `evaluate`, ...) would otherwise shadow top-level packages of the same names.
     import importlib.util
 
+    _dir = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _dir]
     _spec = importlib.util.spec_from_file_location(
-        "omniserve.training", Path(__file__).resolve().parent / "__init__.py",
-        submodule_search_locations=[str(Path(__file__).resolve().parent)],
+        "omniserve.training", _dir / "__init__.py", submodule_search_locations=[str(_dir)]
     )
     _pkg = importlib.util.module_from_spec(_spec)
     sys.modules["omniserve.training"] = _pkg
