@@ -41,7 +41,9 @@ def _greedy(max_tokens: int = NEW_TOKENS) -> SamplingParams:
 
 
 def _engine(path: Path, **options: object) -> Engine:
-    return Engine.from_pretrained(path, **{"device": "cpu", "dtype": "float32", "page_size": 16, **options})
+    # An explicit pool: on CUDA the memory profile would otherwise claim most of the card.
+    defaults = {"device": "cpu", "dtype": "float32", "page_size": 16, "num_kv_pages": 256}
+    return Engine.from_pretrained(path, **{**defaults, **options})
 
 
 def _assert_clean(engine: Engine) -> None:
