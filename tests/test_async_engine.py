@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_models import save_checkpoint
-from tiny_tokenizer import build_tokenizer
-from transformers import LlamaConfig
+from tiny_models import save_servable
 
-from omniserve.engine.async_engine import AsyncEngine, EngineOverloadedError
-from omniserve.errors import EngineDeadError, InvalidRequestError, RequestRejectedError
+from omniserve.engine.async_engine import AsyncEngine
+from omniserve.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    RequestRejectedError,
+)
 from omniserve.outputs import RequestOutput
 from omniserve.sampling_params import SamplingParams
 
@@ -31,20 +34,7 @@ ENGINE_OPTIONS: dict[str, Any] = dict(dtype="float32", device="cpu", page_size=1
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=384,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    save_checkpoint(config, directory)
-    build_tokenizer(directory)
+    save_servable("llama3", directory, max_position_embeddings=512)
     return directory
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from omniserve.cli.main import build_parser, main
-from tiny_models import save_checkpoint
-from tiny_tokenizer import build_tokenizer
+from tiny_models import save_servable
 
 
 def _subcommands(parser: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -41,8 +40,7 @@ def test_console_script_entry_point() -> None:
 
 
 def test_generate_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    save_checkpoint("llama3", tmp_path)
-    build_tokenizer(tmp_path)
+    save_servable("llama3", tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n\nimport os\n")
     code = main([

@@ -11,8 +11,7 @@ import torch
 
 from omniserve import Engine, SamplingParams
 from omniserve.errors import ConfigError, InvalidRequestError, OmniserveError, RequestRejectedError
-from tiny_models import FAMILIES, hf_greedy, save_checkpoint
-from tiny_tokenizer import build_tokenizer
+from tiny_models import FAMILIES, hf_greedy, save_checkpoint, save_servable
 
 PROMPT_LENGTHS = (5, 23, 40, 1)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -21,9 +20,7 @@ NEW_TOKENS = 12
 
 def _checkpoint(root: Path, family: str) -> tuple[Path, torch.nn.Module]:
     path = root / family
-    hf = save_checkpoint(family, path)
-    build_tokenizer(path)
-    return path, hf
+    return path, save_servable(family, path)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, StepPlan
+from tiny_tokenizer import build_tokenizer
 
 VOCAB_SIZE = 384
 """Matches tests/tiny_tokenizer.py; its special ids are pad 0, bos 1, eos 2."""
@@ -102,6 +103,16 @@ def save_checkpoint(
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(directory), **kwargs)
     return model.eval()
+
+
+def save_servable(
+    family: str | PretrainedConfig, directory: str | Path, **kwargs: Any
+) -> PreTrainedModel:
+    """`save_checkpoint` plus the real tiny tokenizer: a directory `Engine.from_pretrained`
+    serves text with."""
+    model = save_checkpoint(family, directory, **kwargs)
+    build_tokenizer(directory)
+    return model
 
 
 def hf_logits(model: PreTrainedModel, ids: Sequence[int]) -> torch.Tensor:

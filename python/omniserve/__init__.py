@@ -35,4 +35,12 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AsyncEngine",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "RequestOutput",
+    "SamplingParams",
+    "TokenLogprob",
+]

@@ -20,10 +20,15 @@ class EngineDeadError(OmniserveError):
     """The engine failed and can no longer serve; every pending request receives this."""
 
 
+class EngineOverloadedError(OmniserveError):
+    """More requests wait for a slot than the queue limit allows; retry later."""
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "EngineDeadError",
+    "EngineOverloadedError",
     "InvalidRequestError",
     "OmniserveError",
     "RequestRejectedError",

@@ -112,12 +112,12 @@ def bench_transformers(
     results = []
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
     except torch.OutOfMemoryError as exc:
         return [RunResult("hf-transformers", b, input_len, output_len, None, None, f"OOM: {exc}") for b in batches]
     vocab = hf_config.vocab_size
 
-    def generate(ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with torch.inference_mode():
             return model.generate(
                 ids,
@@ -129,13 +129,13 @@ def bench_transformers(
             )
 
     warm = torch.tensor(_prompts(2, min(input_len, 64), vocab, seed), device=device)
-    generate(warm, 8)
+    generate(model, warm, 8)
     for batch in batches:
         ids = torch.tensor(_prompts(batch, input_len, vocab, seed + batch), device=device)
         try:
             _sync(device)
             start = time.perf_counter()
-            out = generate(ids, output_len)
+            out = generate(model, ids, output_len)
             _sync(device)
             wall = time.perf_counter() - start
             generated = (out.shape[1] - input_len) * batch

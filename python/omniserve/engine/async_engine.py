@@ -29,33 +29,31 @@ import os
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from omniserve.config import EngineConfig
-from omniserve.engine.engine import Engine, EngineStats
-from omniserve.errors import ConfigError, EngineDeadError, InvalidRequestError, OmniserveError
-from omniserve.outputs import RequestOutput
+from omniserve.engine.engine import Engine, EngineStats, Prompt
+from omniserve.errors import (
+    ConfigError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    OmniserveError,
+)
+from omniserve.outputs import OutputKind, RequestOutput
 from omniserve.sampling_params import SamplingParams
-
-Prompt = str | Sequence[int]
-StreamKind = Literal["delta", "cumulative", "final"]
-
-
-class EngineOverloadedError(OmniserveError):
-    """More requests wait for a slot than `max_queued_requests` allows; retry later."""
-
 
 @dataclass(slots=True)
 class _Add:
     engine_id: str
     prompt: Prompt
     params: SamplingParams | None
-    output_kind: StreamKind
+    output_kind: OutputKind
     priority: int
 
 
@@ -185,7 +183,7 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         *,
-        output_kind: StreamKind = "delta",
+        output_kind: OutputKind = "delta",
         priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream one request's outputs: "delta" (new tokens and text of each step), "cumulative"
@@ -243,7 +241,7 @@ class AsyncEngine:
         prompt: Prompt,
         params: SamplingParams | None,
         request_id: str | None,
-        output_kind: StreamKind,
+        output_kind: OutputKind,
         priority: int,
     ) -> _Stream:
         if output_kind not in ("delta", "cumulative", "final"):
@@ -375,7 +373,7 @@ class AsyncEngine:
         return True
 
 
-def _merge(a: RequestOutput, b: RequestOutput, kind: StreamKind) -> RequestOutput:
+def _merge(a: RequestOutput, b: RequestOutput, kind: OutputKind) -> RequestOutput:
     """Fold output `b` into the earlier `a` of the same request."""
     if kind != "delta":
         return b

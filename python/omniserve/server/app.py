@@ -41,8 +41,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from omniserve.engine.async_engine import AsyncEngine, EngineOverloadedError
-from omniserve.errors import InvalidRequestError, OmniserveError, RequestRejectedError
+from omniserve.engine.async_engine import AsyncEngine
+from omniserve.errors import (
+    EngineOverloadedError,
+    InvalidRequestError,
+    OmniserveError,
+    RequestRejectedError,
+)
 from omniserve.outputs import RequestOutput, TokenLogprob
 from omniserve.sampling_params import SamplingParams
 from omniserve.server import protocol as p
