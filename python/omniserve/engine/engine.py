@@ -25,6 +25,7 @@ from omniserve.config import EngineConfig
 from omniserve.engine.detokenizer import IncrementalDetokenizer
 from omniserve.engine.step_io import StepIO
 from omniserve.errors import ConfigError, EngineDeadError, InvalidRequestError
+from omniserve.layers.sampler import SampleResult
 from omniserve.outputs import FinishReason, OutputKind, RequestOutput, TokenLogprob
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_plan import FLAG_NEW_ROW
@@ -243,7 +244,7 @@ class Engine:
         return outputs
 
     def _append_token(
-        self, req: _Request, token: int, result: Any, k: int, code: int, now: float
+        self, req: _Request, token: int, result: SampleResult, k: int, code: int, now: float
     ) -> RequestOutput | None:
         """Record one token; returns the final output if the request ended with it."""
         if req.first_token_time is None:
@@ -419,7 +420,7 @@ def _eos_token_ids(
     return tuple(dict.fromkeys(found))
 
 
-def _token_logprob(result: Any, k: int, token: int, top_n: int) -> TokenLogprob:
+def _token_logprob(result: SampleResult, k: int, token: int, top_n: int) -> TokenLogprob:
     top = ()
     if top_n:
         top = tuple(

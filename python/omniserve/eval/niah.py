@@ -4,7 +4,6 @@ needle depths. Documents come from the same builder the bundled model was traine
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,11 +13,7 @@ import numpy as np
 from omniserve.engine.engine import Engine
 from omniserve.errors import ConfigError
 from omniserve.sampling_params import SamplingParams
-from omniserve.training.needles import FILLERS, PasskeyBuilder, random_key
-
-EVAL_SEED = 20_261_127
-"""Training draws its keys and filler from seeds below 2**20; this one is outside that range."""
-KEY_DIGITS = 5
+from omniserve.training.needles import EVAL_KEY_DIGITS, EVAL_SEED, FILLERS, PasskeyBuilder, eval_needles, retrieved
 
 
 class NiahResult(msgspec.Struct, frozen=True):
@@ -46,21 +41,12 @@ def run_niah(
     if max(lengths) > engine.max_model_len:
         raise ConfigError(f"context {max(lengths)} exceeds max_model_len {engine.max_model_len}")
     builder = PasskeyBuilder(engine.tokenizer.backend_tokenizer)
-    rng = np.random.default_rng(seed)
-    prompts, keys, cells = [], [], []
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            for _ in range(samples):
-                key = random_key(rng, KEY_DIGITS)
-                prompts.append(builder.prompt(length, depth, key, filler, rng))
-                keys.append(key)
-                cells.append((i, j))
-    params = SamplingParams(max_tokens=KEY_DIGITS + 2, temperature=0.0)
-    outs = engine.generate(prompts, params, use_tqdm=True)
+    needles = eval_needles(builder, list(lengths), list(depths), samples, filler, seed)
+    params = SamplingParams(max_tokens=EVAL_KEY_DIGITS + 2, temperature=0.0)
+    outs = engine.generate([n.prompt for n in needles], params, use_tqdm=True)
     hits = np.zeros((len(lengths), len(depths)))
-    for out, key, (i, j) in zip(outs, keys, cells):
-        found = re.match(r"\s*(\d+)", out.text)
-        hits[i, j] += bool(found and found.group(1) == key)
+    for out, needle in zip(outs, needles):
+        hits[needle.length_index, needle.depth_index] += retrieved(out.text, needle.key)
     accuracy = hits / samples
     return NiahResult(
         list(lengths), list(depths), samples, filler, accuracy.round(4).tolist(), float(accuracy.mean())

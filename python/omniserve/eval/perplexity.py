@@ -11,6 +11,7 @@ import msgspec
 from omniserve.engine.engine import Engine
 from omniserve.errors import ConfigError
 from omniserve.sampling_params import SamplingParams
+from omniserve.training.evaluate import text_windows
 
 
 class PerplexityResult(msgspec.Struct, frozen=True):
@@ -21,26 +22,16 @@ class PerplexityResult(msgspec.Struct, frozen=True):
     seq_len: int
 
 
-def windows(token_ids: list[int], seq_len: int, bos_id: int | None, max_windows: int | None) -> list[list[int]]:
-    """Consecutive, non-overlapping windows of the text, each led by <s> when the model has one:
-    every text token is scored once, given at most seq_len - 1 tokens before it."""
-    lead = [] if bos_id is None else [bos_id]
-    step = seq_len - len(lead)
-    if step < 1:
-        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
-    out = [lead + token_ids[i : i + step] for i in range(0, len(token_ids) - step + 1, step)]
-    if not out:
-        raise ConfigError(f"the text has {len(token_ids)} tokens, fewer than one window of {step}")
-    return out if max_windows is None else out[:max_windows]
-
-
 def perplexity(engine: Engine, text: str, seq_len: int, max_windows: int | None = None) -> PerplexityResult:
     if engine.tokenizer is None:
         raise ConfigError("perplexity needs the model's tokenizer")
     if seq_len > engine.max_model_len:
         raise ConfigError(f"seq_len {seq_len} exceeds max_model_len {engine.max_model_len}")
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    prompts = windows(ids, seq_len, engine.tokenizer.bos_token_id, max_windows)
+    try:
+        prompts = text_windows(ids, seq_len, engine.tokenizer.bos_token_id, max_windows)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=True)
     total, count = 0.0, 0
     for out, prompt in zip(engine.generate(prompts, params, use_tqdm=True), prompts):

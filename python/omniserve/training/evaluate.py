@@ -18,6 +18,22 @@ from .needles import PasskeyBuilder, random_key
 from .tokenizer import BOS_ID, EOS_ID, encode_plain
 
 
+def text_windows(token_ids: list[int], seq_len: int, bos_id: int | None,
+                 max_windows: int | None) -> list[list[int]]:
+    """Consecutive, non-overlapping windows of a text's tokens, each led by <s> when the model has
+    one: every text token is scored once, given at most seq_len - 1 tokens before it; a last
+    partial window is dropped. The one definition of `omniserve eval ppl` and of the reference
+    numbers shipped with the bundled model, so the two measure the same thing."""
+    lead = [] if bos_id is None else [bos_id]
+    step = seq_len - len(lead)
+    if step < 1:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    out = [lead + token_ids[i : i + step] for i in range(0, len(token_ids) - step + 1, step)]
+    if not out:
+        raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of {step}")
+    return out if max_windows is None else out[:max_windows]
+
+
 @torch.no_grad()
 def heldout_loss(model: LlamaLM, stream: TokenStream, window: int, max_windows: int | None = None,
                  batch: int = 8) -> tuple[float, int]:

@@ -80,8 +80,14 @@ def load_exported(directory: Path, device: torch.device, dtype: torch.dtype) -> 
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _percent_grid(accuracy: list[list[float]], lengths: list, depths: list) -> str:
+    rows = [f"| {L} | " + " | ".join(f"{a:.0%}" for a in row) + " |" for L, row in zip(lengths, accuracy)]
+    header = "| context | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
+    return "\n".join([header, "| --- |" + " --- |" * len(depths), *rows])
+
+
 def write_model_card(directory: Path, log: dict) -> None:
-    m, d, t, h = log["model"], log["data"], log["training"], log["held_out"]
+    m, d, t, h, sel, ref = log["model"], log["data"], log["training"], log["held_out"], log["selection"], log["reference"]
     niah_rows = []
     for filler, res in log["niah"].items():
         cells = " | ".join(f"{acc:.0%}" for acc in res["by_length"].values())
@@ -91,6 +97,13 @@ def write_model_card(directory: Path, log: dict) -> None:
         f"Prompt:\n```python\n{s['prompt']}```\nGreedy completion:\n```python\n{s['prompt']}{s['completion']}\n```"
         for s in log["samples"]
     )
+    sources = "\n".join(f"| {s['name']} | {s['version']} | {s['licence']} | {s['files']} | {s['bytes'] / 1e6:.2f} |"
+                         for s in d["sources"])
+    skipped = ", ".join(f"{s['name']} ({s['declared'] or 'none declared'})" for s in d["skipped_distributions"])
+    stdlib_loss = "" if h.get("stdlib") is None else (
+        f" On the stdlib's held-out files alone (the yardstick of earlier, stdlib-only models): loss "
+        f"{h['stdlib']['loss']:.3f}, perplexity {h['stdlib']['perplexity']:.2f}.")
+    rp, rn = ref["perplexity"], ref["niah"]
     card = f"""# omniserve-small-code-{m['parameters'] / 1e6:.1f}M
 
 A small Llama-architecture model trained by omniserve's own script, shipped inside the package as
@@ -104,20 +117,35 @@ Llama decoder ({m['num_layers']} layers, hidden {m['hidden_size']}, SwiGLU inter
 {m['num_heads']} query heads / {m['num_kv_heads']} KV heads of dim {m['head_dim']} (GQA), RMSNorm, RoPE theta
 {m['rope_theta']:g}, tied embeddings), {m['parameters']:,} parameters, fp16 safetensors, context
 {m['max_position_embeddings']} tokens. Byte-level BPE tokenizer of {m['vocab_size']} tokens trained with `tokenizers` on
-the training split; digits are single tokens; `<s>` (added when encoding), `</s>`, `<pad>`.
+the first {d['tokenizer_sample_bytes'] / 1e6:.0f} MB of the training split; digits are single tokens; `<s>` (added
+when encoding), `</s>`, `<pad>`.
 
 ## Data
 
-- Source of the Python {d['python_version']} standard library (`.py` files outside site-packages,
-  PSF licence): {d['train_files']} files ({d['train_bytes'] / 1e6:.1f} MB, {d['train_tokens']:,} tokens) for training,
-  {d['held_out_files']} files ({d['held_out_bytes'] / 1e6:.2f} MB, {d['held_out_tokens']:,} tokens) held out, chosen by
-  SHA-1 of the path relative to the stdlib directory ({d['held_out_percent']}%).
+- Python source, {d['train_files'] + d['held_out_files']:,} files within a {d['max_corpus_mb']:g} MB budget: the whole Python
+  {d['python_version']} standard library, then `.py` files of the installed distributions whose metadata declares a
+  permissive licence (SPDX `License-Expression` naming only MIT, BSD, Apache-2.0, PSF, ISC, 0BSD, Zlib,
+  BSL-1.0, CC0-1.0 or CNRI-Python licences; without one, trove classifiers and a short `License` field
+  naming only the MIT, BSD, Apache, PSF or ISC families), in SHA-1-of-path order. Left out: vendored
+  directories (`_vendor`, `third_party`, ...), which carry other projects' licences; files over 1 MB or
+  with very long lines (generated tables); exact duplicates of a file already taken.
+- {d['train_files']:,} files ({d['train_bytes'] / 1e6:.1f} MB, {d['train_tokens']:,} tokens) for training;
+  {d['held_out_files']:,} files ({d['held_out_bytes'] / 1e6:.2f} MB, {d['held_out_tokens']:,} tokens) held out, chosen by
+  SHA-1 of the path relative to the stdlib or site-packages directory ({d['held_out_percent']}%), so no held-out file
+  (nor its exact text under another path) is trained on. `heldout.txt` holds {d['heldout_file']['files']} of them
+  ({d['heldout_file']['bytes'] / 1e3:.0f} KB, whole files in corpus order, one blank line between files).
 - Synthetic passkey documents in {d['passkey_fraction']:.0%} of rows: the standard passkey layout
   (task line, filler, "The pass key is N. Remember it. N is the pass key.", filler, "What is the pass
   key? The pass key is N."), filler `classic` (grass/sky/sun sentences), `sentences` (random plain
-  sentences) or `code` (stdlib source), needle at a uniform depth, 3 to 7 digits, documents of 1/2 to
+  sentences) or `code` (training source), needle at a uniform depth, 3 to 7 digits, documents of 1/2 to
   1 times a row length of {', '.join(map(str, t['sequence_lengths']))} tokens (short rows first). The
   prompt builder is `omniserve.training.needles.PasskeyBuilder`.
+
+| source | version | licence | files | MB |
+| --- | --- | --- | --- | --- |
+{sources}
+
+Distributions left out for their licence (declared licence): {skipped or 'none'}.
 
 ## Training
 
@@ -125,11 +153,14 @@ the training split; digits are single tokens; `<s>` (added when encoding), `</s>
 {log['device']} (torch {log['torch_version']}, seed {log['seed']}); AdamW (peak lr {t['lr']:g}, warmup
 {t['warmup_steps']} steps, cosine to {t['min_lr_ratio']:g}x over the time budget, weight decay {t['weight_decay']:g}),
 bf16 autocast on GPU, loss on every token but the needle's random digits, the passkey answer
-weighted x{t['answer_weight']:g}.
+weighted x{t['answer_weight']:g}. Final train loss on code rows {t['final_code_loss']:.3f}; passkey answer token accuracy
+{t['final_answer_token_accuracy']:.1%}.
 
-Final train loss on code rows {t['final_code_loss']:.3f}; passkey answer token accuracy
-{t['final_answer_token_accuracy']:.1%}. Held-out stdlib loss {h['loss']:.3f} (perplexity {h['perplexity']:.2f}, per
-token of this tokenizer, {h['tokens']:,} tokens in {h['window']}-token windows, fp16 weights).
+Exported checkpoint: step {sel['chosen_step']} of {sel['final_step']}, chosen by the {sel['rule']}.
+Quick held-out loss during training: {', '.join(f"{e['loss']:.3f} (step {e['step']})" for e in sel['heldout_curve'])}.
+
+Held-out loss {h['loss']:.3f} (perplexity {h['perplexity']:.2f}, per token of this tokenizer, {h['tokens']:,} tokens in
+{h['window']}-token windows, fp16 weights).{stdlib_loss}
 
 ## Passkey retrieval
 
@@ -139,6 +170,20 @@ answer within each context length, depths {', '.join(map(str, log['niah_depths']
 | filler | {' | '.join(lengths)} | all |
 | --- | {' | '.join('---' for _ in lengths)} | --- |
 {chr(10).join(niah_rows)}
+
+## Reference numbers for the engine (`eval_reference.json`)
+
+Computed after export by `omniserve.training.reference` with the training model code on the shipped
+fp16 weights upcast to fp32 ({ref['computed_with']['device']}), by the definitions of `omniserve eval`, so that the
+engine in fp32 must reproduce them (`tests/test_bundled_model.py`):
+
+- `omniserve eval ppl --seq-len {rp['seq_len']} --max-windows {rp['max_windows']}` on `heldout.txt`: perplexity
+  {rp['perplexity']:.3f} (mean NLL {rp['mean_nll']:.4f}, {rp['tokens_scored']:,} tokens in {rp['windows']} windows of
+  {rp['seq_len']}, each led by `<s>`).
+- `omniserve eval niah --lengths {','.join(map(str, rn['lengths']))} --depths {','.join(f'{x:g}' for x in rn['depths'])} --samples {rn['samples']}`
+  (filler `{rn['filler']}`, seed {rn['seed']}): overall {rn['overall']:.1%}.
+
+{_percent_grid(rn['accuracy'], rn['lengths'], rn['depths'])}
 
 ## Samples
 
@@ -152,7 +197,8 @@ python python/omniserve/training/train_small_model.py --output python/omniserve/
 (or `python -m omniserve.training.train_small_model ...`). One H100, under 10 minutes including data
 preparation. The run is seeded, but it stops on a wall-clock budget and GPU kernels are not bitwise
 deterministic, so another run gives a model of the same quality, not the same bits; `--max-steps`
-fixes the step count. The corpus is the stdlib of the interpreter that runs the script.
-All numbers here come from `training_log.json` next to this card.
+fixes the step count. The corpus is the stdlib and site-packages of the interpreter that runs the
+script, so it follows that machine's installed distributions (listed above).
+All numbers here come from `training_log.json` and `eval_reference.json` next to this card.
 """
     (directory / "MODEL_CARD.md").write_text(card)

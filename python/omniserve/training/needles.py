@@ -19,6 +19,7 @@ ids equal the tokenization of the document's text; `prompt()` gives that text fo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,10 @@ CLASSIC_FILLER = (
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 FILLERS = ("classic", "sentences", "code")
+# Evaluation grids (`omniserve eval niah`, the bundled model's reference numbers) draw keys and
+# filler from this seed; training draws from seeds below 2**20, so evaluation keys are fresh.
+EVAL_SEED = 20_261_127
+EVAL_KEY_DIGITS = 5
 
 _SUBJECTS = (
     "The old fisherman", "A young teacher", "My neighbour", "The little dog", "A tired traveller", "The baker",
@@ -185,3 +190,31 @@ class PasskeyBuilder:
         before = bank.line(idx[:split]) if split else empty
         after = bank.line(idx[split:n]) if n > split else empty
         return before, after
+
+
+@dataclass(frozen=True)
+class Needle:
+    length_index: int
+    depth_index: int
+    key: str
+    prompt: str  # text without <s>; greedy decoding should continue with " {key}"
+
+
+def eval_needles(builder: PasskeyBuilder, lengths: list[int], depths: list[float], samples: int, filler: str,
+                 seed: int = EVAL_SEED) -> list[Needle]:
+    """The prompts of an evaluation grid, `samples` per (length, depth) cell, in a fixed order: the
+    engine's `omniserve eval niah` and the training code's reference numbers use these same prompts."""
+    rng = np.random.default_rng(seed)
+    needles = []
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            for _ in range(samples):
+                key = random_key(rng, EVAL_KEY_DIGITS)
+                needles.append(Needle(i, j, key, builder.prompt(length, depth, key, filler, rng)))
+    return needles
+
+
+def retrieved(completion: str, key: str) -> bool:
+    """Whether a completion of a needle prompt answers with the key: its first number is the key."""
+    found = re.match(r"\s*(\d+)", completion)
+    return bool(found and found.group(1) == key)

@@ -43,13 +43,24 @@ def encode_plain(tok: Tokenizer, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 
-def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """`<s> text </s>` for each text, concatenated (the batch encode runs on all cores)."""
+def encode_documents(tok: Tokenizer, texts: Sequence[str], chunk_chars: int = 16_000_000) -> np.ndarray:
+    """`<s> text </s>` for each text, concatenated (the batch encode runs on all cores).
+
+    Texts go to the tokenizer in chunks of about `chunk_chars` characters: each `Encoding` keeps its
+    token strings, so one batch of a few hundred MB of source would hold tens of GB at once.
+    """
     # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which we never use.
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    parts = []
-    for enc in encode(list(texts), add_special_tokens=False):
-        parts.append(np.asarray([BOS_ID, *enc.ids, EOS_ID], dtype=np.int32))
+    parts: list[np.ndarray] = []
+    chunk: list[str] = []
+    size = 0
+    for i, text in enumerate(texts):
+        chunk.append(text)
+        size += len(text)
+        if size >= chunk_chars or i == len(texts) - 1:
+            for enc in encode(chunk, add_special_tokens=False):
+                parts.append(np.asarray([BOS_ID, *enc.ids, EOS_ID], dtype=np.int32))
+            chunk, size = [], 0
     return np.concatenate(parts)
 
 
