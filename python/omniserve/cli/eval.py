@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ppl = kinds.add_parser("ppl", help="perplexity of a text file", description="Perplexity over consecutive windows of a text file, each led by <s>.")
     ppl.add_argument("--data", type=Path, default=None, help="text file (default: the bundled model's held-out sample)")
     ppl.add_argument("--seq-len", type=int, default=512, help="tokens per window, <s> included")
-    ppl.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    ppl.add_argument("--max-windows", type=int, default=None, help="score N windows spread evenly over the text")
     ppl.add_argument("--output-json", type=Path, default=None)
     add_engine_args(ppl)
     ppl.set_defaults(func=run_ppl)

@@ -13,7 +13,14 @@ import numpy as np
 from omniserve.engine.engine import Engine
 from omniserve.errors import ConfigError
 from omniserve.sampling_params import SamplingParams
-from omniserve.training.needles import EVAL_KEY_DIGITS, EVAL_SEED, FILLERS, PasskeyBuilder, eval_needles, retrieved
+from omniserve.training.needles import (
+    EVAL_KEY_DIGITS,
+    EVAL_SEED,
+    FILLERS,
+    PasskeyBuilder,
+    eval_needles,
+    retrieved,
+)
 
 
 class NiahResult(msgspec.Struct, frozen=True):

@@ -49,8 +49,9 @@ PERMISSIVE_SPDX = frozenset(s.lower() for s in (
 ))
 # Free-text `License` fields and trove classifiers, by licence family. The not-permissive pattern is
 # checked first, so "BSD or GPL" counts as not permissive.
-_NOT_PERMISSIVE = re.compile(r"gpl|mpl|mozilla|eupl|epl\b|eclipse|cddl|sspl|busl|proprietary|commercial|"
-                             r"artistic|creative commons|cc-by|public domain|unlicense", re.IGNORECASE)
+_NOT_PERMISSIVE = re.compile(r"\b(?:[al]?gpl|mpl|eupl|epl|cddl|sspl|busl|cc-by)|mozilla|eclipse|proprietary|"
+                             r"general public|affero|commercial|artistic|creative commons|public domain|unlicense",
+                             re.IGNORECASE)
 _FAMILIES = (
     ("MIT", re.compile(r"\bmit\b", re.IGNORECASE)),
     ("BSD", re.compile(r"bsd", re.IGNORECASE)),
@@ -193,9 +194,10 @@ def _package_paths() -> tuple[list[tuple[str, Path, Source]], list[dict]]:
 def load_corpus(root: Path, max_bytes: int, held_out_percent: int, site_packages: bool = True) -> Corpus:
     """The stdlib under `root`, then (with `site_packages`) package files, up to `max_bytes` in all.
 
-    Within each source, files come in path-hash order. A file whose exact text was already taken
-    (vendored or copied modules are common) is skipped: duplicates would weigh some code several
-    times and, split by path, would put held-out text into training.
+    Files come in path-hash order within each of the two parts, and the corpus is the longest
+    prefix of that order within the budget. A file whose exact text was already taken (vendored or
+    copied modules are common) is skipped: duplicates would weigh some code several times and,
+    split by path, would put held-out text into training.
     """
     stdlib = Source(STDLIB, platform.python_version(), "PSF-2.0")
     candidates = sorted(((rel, path, stdlib) for rel, path in _stdlib_paths(root)), key=_hash_order)
@@ -209,12 +211,11 @@ def load_corpus(root: Path, max_bytes: int, held_out_percent: int, site_packages
     for (rel, _, source), text in _read_in_order(candidates):
         if text is None:
             continue
-        size = len(text.encode())
+        data = text.encode()
+        size = len(data)
         if total + size > max_bytes:
-            if source is stdlib:
-                continue  # a smaller stdlib file may still fit
-            break
-        fingerprint = hashlib.sha1(text.encode()).digest()
+            break  # a prefix of the order: a larger budget only adds files, never swaps them
+        fingerprint = hashlib.sha1(data).digest()
         if fingerprint in seen_texts:
             continue
         seen_texts.add(fingerprint)

@@ -22,7 +22,9 @@ def text_windows(token_ids: list[int], seq_len: int, bos_id: int | None,
                  max_windows: int | None) -> list[list[int]]:
     """Consecutive, non-overlapping windows of a text's tokens, each led by <s> when the model has
     one: every text token is scored once, given at most seq_len - 1 tokens before it; a last
-    partial window is dropped. The one definition of `omniserve eval ppl` and of the reference
+    partial window is dropped. `max_windows` keeps that many, spread evenly from the first to the
+    last: a sample of the whole text (the first windows of a file of concatenated sources would
+    measure one or two files). The one definition of `omniserve eval ppl` and of the reference
     numbers shipped with the bundled model, so the two measure the same thing."""
     lead = [] if bos_id is None else [bos_id]
     step = seq_len - len(lead)
@@ -31,7 +33,12 @@ def text_windows(token_ids: list[int], seq_len: int, bos_id: int | None,
     out = [lead + token_ids[i : i + step] for i in range(0, len(token_ids) - step + 1, step)]
     if not out:
         raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of {step}")
-    return out if max_windows is None else out[:max_windows]
+    if max_windows is None or max_windows >= len(out):
+        return out
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    last = len(out) - 1
+    return [out[i * last // max(max_windows - 1, 1)] for i in range(max_windows)]
 
 
 @torch.no_grad()

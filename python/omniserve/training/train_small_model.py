@@ -73,12 +73,13 @@ SAMPLE_PROMPTS = (
     "class Stack:\n    def __init__(self):\n",
     "import os\n\n\ndef list_python_files(directory):\n",
 )
-SMOKE = dict(
-    max_corpus_mb=1.0, held_out_percent=10, vocab_size=512, hidden_size=128, intermediate_size=256,
-    num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=512, tokens_per_step=2048,
-    micro_batch_tokens=1024, max_steps=4, warmup_steps=2, log_every=1, eval_every_s=0.0,
-    niah_lengths="256,512", niah_samples=1, sample_tokens=8, heldout_window=256, reference_niah_lengths="256,512",
-)
+SMOKE = {
+    "max_corpus_mb": 1.0, "held_out_percent": 10, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+    "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "max_seq_len": 512, "tokens_per_step": 2048,
+    "micro_batch_tokens": 1024, "max_steps": 4, "warmup_steps": 2, "log_every": 1, "eval_every_s": 0.0,
+    "niah_lengths": "256,512", "niah_samples": 1, "sample_tokens": 8, "heldout_window": 256,
+    "reference_niah_lengths": "256,512",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,8 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--corpus-dir", type=Path, default=stdlib_dir(), help="default: this interpreter's stdlib")
     g.add_argument("--site-packages", action=argparse.BooleanOptionalAction, default=True,
                    help="after the stdlib, add the source of installed permissively licensed distributions")
-    # 256 MB (~70M tokens) keeps a 360 s run to ~3 passes over the code, and its preparation (reading,
-    # tokenizer, encoding on all cores) well under a minute on a 16-core machine.
+    # 256 MB (~70M tokens) keeps a 360 s run (~250M code tokens on an H100) to 3-4 passes over the code, and
+    # its preparation (reading, tokenizer, encoding on all cores) well under a minute on 16 cores.
     g.add_argument("--max-corpus-mb", type=float, default=256.0, help="byte budget of the corpus, stdlib first")
     g.add_argument("--held-out-percent", type=int, default=3)
     g.add_argument("--vocab-size", type=int, default=8192)
@@ -309,12 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     corpus = load_corpus(args.corpus_dir, int(args.max_corpus_mb * 1e6), args.held_out_percent, args.site_packages)
     read_s = time.perf_counter() - t0
-    tokenizer_texts, size = [], 0
+    tokenizer_texts, tokenizer_bytes = [], 0
     for f in corpus.train:
-        if size >= TOKENIZER_SAMPLE_BYTES:
+        if tokenizer_bytes >= TOKENIZER_SAMPLE_BYTES:
             break
         tokenizer_texts.append(f.text)
-        size += len(f.text)
+        tokenizer_bytes += len(f.text)
     tok = train_tokenizer(tokenizer_texts, args.vocab_size)
     tokenizer_s = time.perf_counter() - t0 - read_s
     specials = (PAD_ID, BOS_ID, EOS_ID)
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_bytes": corpus.train_bytes, "held_out_bytes": corpus.held_out_bytes,
             "train_tokens": len(train_stream), "held_out_tokens": len(held_stream),
             "held_out_percent": args.held_out_percent, "passkey_fraction": args.passkey_fraction,
-            "filler_mix": FILLER_MIX, "tokenizer_sample_bytes": size,
+            "filler_mix": FILLER_MIX, "tokenizer_sample_bytes": tokenizer_bytes,
             "prep_s": round(prep_s, 1), "read_s": round(read_s, 1), "tokenizer_s": round(tokenizer_s, 1),
             "sources": [s.to_dict() for s in corpus.sources],
             "skipped_distributions": corpus.skipped,
