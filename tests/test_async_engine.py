@@ -55,12 +55,7 @@ async def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         s = engine.stats()
-        if (
-            s.running == 0
-            and s.waiting == 0
-            and s.dense_pages_used == 0
-            and s.stream_pages_used == 0
-        ):
+        if s.idle:
             return
         assert asyncio.get_running_loop().time() < deadline, f"engine not idle: {s}"
         await asyncio.sleep(0.01)

@@ -44,9 +44,7 @@ def _engine(path: Path, **options: object) -> Engine:
 
 
 def _assert_clean(engine: Engine) -> None:
-    stats = engine.stats()
-    assert stats.running == stats.waiting == 0
-    assert stats.dense_pages_used == 0
+    assert engine.stats().idle
     engine._io.scheduler.check_invariants()
 
 

@@ -95,12 +95,7 @@ def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> EngineStats:
     deadline = time.monotonic() + timeout
     while True:
         s = engine.stats()
-        if (
-            s.running == 0
-            and s.waiting == 0
-            and s.dense_pages_used == 0
-            and s.stream_pages_used == 0
-        ):
+        if s.idle:
             return s
         assert time.monotonic() < deadline, f"engine not idle: {s}"
         time.sleep(0.01)

@@ -57,6 +57,16 @@ class EngineStats(msgspec.Struct, frozen=True):
     prompt_tokens_total: int
     generated_tokens_total: int
 
+    @property
+    def idle(self) -> bool:
+        """No request waits, runs or holds a KV page."""
+        return (
+            self.running == 0
+            and self.waiting == 0
+            and self.dense_pages_used == 0
+            and self.stream_pages_used == 0
+        )
+
 
 @dataclass(slots=True)
 class _Request:
