@@ -14,6 +14,7 @@ from omniserve.errors import ConfigError
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Policy = Literal["fcfs", "priority"]
+KVCacheDType = Literal["auto", "int8", "int4"]
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -44,6 +45,13 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Fraction of total GPU memory the engine may hold (weights + activations + KV cache)."""
     cpu_kv_cache_gib: float = 1.0
     """KV cache size on CPU when `num_kv_pages` is None."""
+    kv_cache_dtype: KVCacheDType = "auto"
+    """How the KV cache stores keys and values: "auto" in the model dtype; "int8" (KV8) or "int4"
+    (KV4, two values per byte) quantized per token and KV head, asymmetric, with an fp16 scale and
+    zero per (token, head) (QServe's fine-grained format, `quant/kv.py`). Quantized pages take
+    about 1/2 (int8) or 1/4 (int4) of fp16 pages (plus 4 bytes per token and head), so the same
+    memory holds ~2x / ~4x the tokens; attention, prefill included, reads them dequantized to the
+    model dtype. Later the checkpoint's precision will set it."""
 
     # scheduling
     max_model_len: int | None = None

@@ -10,6 +10,14 @@ Each step first writes the step's keys/values (after RoPE) into their cache slot
   (FlexAttention needs torch.compile to be fast and is GPU-only in practice); groups bound the
   padded block's memory. A paged decode kernel replaces this in `kernels/`.
 
+Every query sees keys and values exactly as the cache holds them: dequantized for a KV8/KV4 cache,
+whether read from the pages (later chunks, decode) or, for a chunk that starts its request, taken
+from what this step just stored (`CacheRows.store` returns it, with no gather). So a request's
+outputs do not depend on how the scheduler splits or batches it (chunked prefill, preemption and
+recompute, decode), as with a dense cache. DESIGN §4 would allow the current chunk's unquantized
+K/V (QServe prefills on the fp16 qkv buffer); we give that up for this invariance, at the cost of
+one quantize-dequantize of the step's own K/V.
+
 The runner builds the per-step `AttentionMetadata` (cache rows, masks, groups) once for all layers.
 Cache rows are indexed [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
 """
@@ -17,6 +25,7 @@ Cache rows are indexed [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +73,25 @@ class AttentionMetadata:
     """The attention work for each sliding window size used by the model (None: full attention)."""
 
 
+class CacheRows(Protocol):
+    """One layer's K (or V) cache rows, [num_kv_heads * num_slots] rows of head_dim values, in
+    whatever storage format the cache uses."""
+
+    def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Store rows x [*index.shape, head_dim] at cache rows `index`; returns them as reads will
+        see them (x itself when the cache is not quantized)."""
+        ...
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at `index`, [*index.shape, head_dim] in the compute dtype."""
+        ...
+
+
 class PagedAttention(nn.Module):
     """Multi-head attention (MHA or GQA) of one layer reading and writing that layer's pages.
 
-    `k_cache`/`v_cache` are the layer's [num_kv_heads * num_slots, head_dim] cache rows, bound by
-    the runner's KV cache after allocation.
+    `k_cache`/`v_cache` are the layer's K and V cache rows, bound by the runner's KV cache after
+    allocation.
     """
 
     def __init__(
@@ -80,15 +103,15 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.k_cache: CacheRows
+        self.v_cache: CacheRows
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
-        self.k_cache[meta.write_index] = k.transpose(0, 1)
-        self.v_cache[meta.write_index] = v.transpose(0, 1)
+        k = self.k_cache.store(meta.write_index, k.transpose(0, 1)).transpose(0, 1)
+        v = self.v_cache.store(meta.write_index, v.transpose(0, 1)).transpose(0, 1)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)
         for chunk in batches.prefills:
@@ -106,7 +129,7 @@ class PagedAttention(nn.Module):
             kc = k[chunk.start : chunk.end].transpose(0, 1)
             vc = v[chunk.start : chunk.end].transpose(0, 1)
         else:
-            kc, vc = self.k_cache[chunk.kv_index], self.v_cache[chunk.kv_index]
+            kc, vc = self.k_cache.read(chunk.kv_index), self.v_cache.read(chunk.kv_index)
         kc, vc = kc.unsqueeze(0), vc.unsqueeze(0)
         if chunk.mask is not None:
             mask: torch.Tensor | None = chunk.mask
@@ -128,8 +151,8 @@ class PagedAttention(nn.Module):
         # [kv_heads, g, L, dim] batches.
         g, group_size = group.token_idx.shape[0], self.num_heads // self.num_kv_heads
         qg = q[group.token_idx].view(g, self.num_kv_heads, group_size, self.head_dim)
-        kg = self.k_cache[group.kv_index]  # [kv_heads, g, L, dim]
-        vg = self.v_cache[group.kv_index]
+        kg = self.k_cache.read(group.kv_index)  # [kv_heads, g, L, dim]
+        vg = self.v_cache.read(group.kv_index)
         scores = (qg.transpose(0, 1) @ kg.transpose(2, 3)).float() * self.scale
         scores.masked_fill_(~group.mask[None, :, None, :], float("-inf"))  # [kv_heads, g, group, L]
         out = scores.softmax(-1).to(vg.dtype) @ vg  # [kv_heads, g, group, dim]

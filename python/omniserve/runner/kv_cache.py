@@ -8,6 +8,11 @@ the page. Each layer's K (and V) is stored heads-outermost, [kv_heads, num_slots
 attention sees it flattened to rows: head h of slot s is row h * num_slots + s. Gathering rows
 indexed [kv_heads, ...] then reads whole head_dim rows (a fast row gather) straight into the
 [kv_heads, ..., head_dim] batches attention's matmuls want, with no transposing copy.
+
+A quantized cache (KV8/KV4, `quant/kv.py`) keeps the same rows in two tensors: the codes (uint8,
+head_dim bytes per row for KV8, head_dim / 2 for KV4) and each row's fp16 (scale, zero). Both are
+indexed by the same cache rows, so the page math is the same for every storage format; K and V are
+quantized when written and dequantized to the compute dtype when read.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omniserve.layers.attention import PagedAttention
+from omniserve.layers.attention import CacheRows, PagedAttention
+from omniserve.quant.kv import dequantize_kv, packed_dim, quantize_kv
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +33,52 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    """The compute dtype: what the cache stores when not quantized, and what reads return."""
+    kv_bits: int | None = None
+    """8 or 4 for a quantized cache (`quant/kv.py`); None stores `dtype`."""
+
+    @property
+    def bytes_per_row(self) -> int:
+        """One (token, KV head) row: its values, plus an fp16 scale and zero when quantized."""
+        if self.kv_bits is None:
+            return self.head_dim * self.dtype.itemsize
+        return packed_dim(self.head_dim, self.kv_bits) + 2 * torch.float16.itemsize
 
     @property
     def bytes_per_page(self) -> int:
         """K and V of one page across all layers."""
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.bytes_per_row
+
+
+class DenseRows:
+    """Cache rows stored in the compute dtype."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.data[index] = x
+        return x
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        return self.data[index]
+
+
+class QuantizedRows:
+    """Cache rows stored as `quantize_kv` codes and per-row (scale, zero)."""
+
+    def __init__(
+        self, codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype
+    ) -> None:
+        self.codes, self.params, self.bits, self.dtype = codes, params, bits, dtype
+
+    def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        codes, params = quantize_kv(x, self.bits)
+        self.codes[index], self.params[index] = codes, params
+        return dequantize_kv(codes, params, self.bits, self.dtype)
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        return dequantize_kv(self.codes[index], self.params[index], self.bits, self.dtype)
 
 
 class KVCache:
@@ -48,12 +94,20 @@ class KVCache:
         self.num_pages = num_pages
         self.page_size = spec.page_size
         # One allocation for every layer's K and V. Zero-filled so that no slot ever holds NaN bits
-        # (a masked-out NaN key would still poison softmax(QKᵀ)V through 0 * NaN).
+        # (a masked-out NaN key would still poison softmax(QKᵀ)V through 0 * NaN); zero codes
+        # with a zero scale dequantize to 0 as well.
         self.num_slots = num_pages * spec.page_size
-        self.storage = torch.zeros(
-            spec.num_layers, 2, spec.num_kv_heads * self.num_slots, spec.head_dim,
-            dtype=spec.dtype, device=device,
-        )
+        rows = (spec.num_layers, 2, spec.num_kv_heads * self.num_slots)
+        self.storage: torch.Tensor
+        """[layers, 2 (K, V), rows, head_dim] values, or [..., packed_dim] uint8 codes."""
+        self.params: torch.Tensor | None = None
+        """[layers, 2, rows, 2 (scale, zero)] fp16 when quantized."""
+        if spec.kv_bits is None:
+            self.storage = torch.zeros(*rows, spec.head_dim, dtype=spec.dtype, device=device)
+        else:
+            width = packed_dim(spec.head_dim, spec.kv_bits)
+            self.storage = torch.zeros(*rows, width, dtype=torch.uint8, device=device)
+            self.params = torch.zeros(*rows, 2, dtype=torch.float16, device=device)
         self._head_base = torch.arange(spec.num_kv_heads, device=device) * self.num_slots
         self.page_table = torch.zeros(
             max_num_seqs, max_pages_per_seq, dtype=torch.int32, device=device
@@ -61,12 +115,21 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.storage.nbytes
+        return self.storage.nbytes + (0 if self.params is None else self.params.nbytes)
 
     def bind(self, layers: Sequence[PagedAttention]) -> None:
-        """Point each attention layer at its [kv_heads * num_slots, head_dim] K and V rows."""
+        """Point each attention layer at its K and V rows."""
         for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = self.storage[i, 0], self.storage[i, 1]
+            layer.k_cache, layer.v_cache = self._rows(i, 0), self._rows(i, 1)
+
+    def _rows(self, layer: int, kv: int) -> CacheRows:
+        if self.params is None:
+            return DenseRows(self.storage[layer, kv])
+        bits = self.spec.kv_bits
+        assert bits is not None
+        return QuantizedRows(
+            self.storage[layer, kv], self.params[layer, kv], bits, self.spec.dtype
+        )
 
     def apply_page_updates(self, updates: torch.Tensor) -> None:
         """Write (row, column, page) triples [k, 3] (on the cache's device) into the page table."""

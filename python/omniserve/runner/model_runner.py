@@ -13,6 +13,7 @@ from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
 from omniserve.layers.sampler import SampleResult, Sampler
 from omniserve.models.loader import load_hf_config, load_model
+from omniserve.quant.kv import KV_CACHE_BITS
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.memory import cuda_memory_for_kv_cache
 from omniserve.runner.step_inputs import StepInputBuilder, StepInputs
@@ -66,6 +67,7 @@ class ModelRunner:
             num_kv_heads=attn[0].num_kv_heads,
             head_dim=attn[0].head_dim,
             dtype=self.dtype,
+            kv_bits=KV_CACHE_BITS.get(config.kv_cache_dtype),
         )
         self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         # Most tokens one decode group gathers from the cache (its padded [g, L] block): a few

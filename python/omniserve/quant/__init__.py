@@ -1,0 +1,1 @@
+"""Quantization: weights, activations and the KV cache."""

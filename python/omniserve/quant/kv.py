@@ -1,0 +1,75 @@
+"""KV cache quantization: QServe's "fine-grained" per-token, per-head asymmetric format.
+
+Every (token, KV head) row x of head_dim values gets its own fp16 scale s and zero z
+(study §3.1; dequantization as in QServe's kernels, `scale · (q − zero)`), with b = 8 (KV8) or
+b = 4 (KV4) bits and Q = 2^b − 1:
+
+    lo = min(min(x), 0)            hi = max(max(x), 0)
+    s  = fp16(max((hi − lo) / Q, 2^-14))
+    z  = fp16(−lo / s)                                  # in [0, Q]
+    q  = clamp(round(x / s + z), 0, Q)                  # computed with the stored fp16 s and z
+    x̂  = s · (q − z)
+
+Two choices on top of QServe's formula, both for a guarantee rather than an approximation:
+- The range includes 0. QServe uses [min, max]; for a row that does not straddle 0 its zero
+  −min/s can be large (e.g. −25500 for values in [100, 101] at 8 bits) and fp16 cannot hold it
+  exactly. With 0 inside the range, z ∈ [0, Q] and every row meets the bound below. Post-RoPE keys
+  and values straddle 0 over head_dim in practice, so the result is QServe's in practice.
+- q is computed from the stored (fp16-rounded) s and z, not the fp32 ones, so that rounding to
+  the nearest code is exact with respect to what dequantization uses. Then |x̂ − x| ≤ s / 2 for
+  every element (up to fp32 rounding of the arithmetic): x / s + z lies in [−0.07, Q + 0.25]
+  after fp16 rounding of s and z, so clamping never moves a value by more than rounding would.
+  The floor 2^-14 (fp16's smallest normal) keeps 1 / s finite for an all-zero row.
+
+KV4 packs two consecutive channels in one byte, the low nibble holding the even channel and the
+high nibble the odd one (QServe's `cast_to_packed_uint4`); head_dim is even (RoPE rotates pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_CACHE_BITS: dict[str, int] = {"int8": 8, "int4": 4}
+"""Bits per cached value of each quantized `kv_cache_dtype`."""
+
+_MIN_SCALE = 2.0**-14
+
+
+def packed_dim(head_dim: int, bits: int) -> int:
+    """Bytes one quantized row of `head_dim` values takes."""
+    return head_dim * bits // 8
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., head_dim] (any float dtype) -> (codes uint8 [..., packed_dim], params fp16 [..., 2])
+    with params[..., 0] the scale and params[..., 1] the zero of each row."""
+    levels = (1 << bits) - 1
+    x = x.float()
+    lo = x.amin(-1, keepdim=True).clamp_max(0.0)
+    hi = x.amax(-1, keepdim=True).clamp_min(0.0)
+    scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE).half().float()
+    zero = (-lo / scale).half().float()
+    q = (x / scale + zero).round_().clamp_(0, levels).to(torch.uint8)
+    if bits == 4:
+        q = pack_int4(q)
+    return q, torch.cat([scale, zero], -1).half()
+
+
+def dequantize_kv(
+    codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of `quantize_kv`: x̂ = scale · (q − zero) in fp32, returned as `dtype`."""
+    q = unpack_int4(codes) if bits == 4 else codes
+    p = params.float()
+    # In place on the one fp32 copy: reads of the cache are the largest decode transients.
+    return q.float().sub_(p[..., 1:]).mul_(p[..., :1]).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15] [..., 2n] -> bytes [..., n]: low nibble = even channel, high = odd."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: bytes [..., n] -> uint8 codes [..., 2n]."""
+    return torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2)
