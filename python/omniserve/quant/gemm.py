@@ -28,7 +28,12 @@ import torch
 
 from omniserve.quant.activation import QuantizedActivation
 from omniserve.quant.packing import unpack_w4
-from omniserve.quant.weight import QuantizedWeight, W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
+from omniserve.quant.weight import (
+    QuantizedWeight,
+    W4A8PerChannelWeight,
+    W4A8PerGroupWeight,
+    W8A8Weight,
+)
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -40,7 +45,9 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     `_int_mm` is exact too but only for some shapes and devices; the GPU tests compare against it.)
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"int_matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not match on K")
+        raise ValueError(
+            f"int_matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not match on K"
+        )
     if a.is_floating_point() or b.is_floating_point():
         raise ValueError(f"int_matmul takes integer tensors, got {a.dtype} and {b.dtype}")
     return (a.double() @ b.double().t()).to(torch.int64)
@@ -72,6 +79,8 @@ def quantized_linear(x: QuantizedActivation, w: QuantizedWeight) -> torch.Tensor
     return gemm_w8a8(x, w)
 
 
-def _scale_epilogue(acc: torch.Tensor, x: QuantizedActivation, w_scale: torch.Tensor) -> torch.Tensor:
+def _scale_epilogue(
+    acc: torch.Tensor, x: QuantizedActivation, w_scale: torch.Tensor
+) -> torch.Tensor:
     """y = acc · s_w[n] · a_s[m] in fp32."""
     return acc.float() * w_scale.float().unsqueeze(0) * x.scales.float().unsqueeze(1)

@@ -55,7 +55,9 @@ def pack_w4(q: torch.Tensor) -> torch.Tensor:
 def unpack_w4(qweight: torch.Tensor) -> torch.Tensor:
     """Exact inverse of `pack_w4`: uint8 [N, K/2] → codes uint8 [N, K]."""
     if qweight.dim() != 2 or qweight.dtype != torch.uint8:
-        raise ValueError(f"expected packed uint8 [N, K/2], got {qweight.dtype} {tuple(qweight.shape)}")
+        raise ValueError(
+            f"expected packed uint8 [N, K/2], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     n, k = qweight.shape[0], qweight.shape[1] * 2
     _check_multiple("N (output channels)", n, TILE)
     _check_multiple("K (input channels)", k, TILE)

@@ -36,11 +36,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import torch
 
-from omniserve.quant.packing import pack_w4, permute_group_columns, unpack_w4, unpermute_group_columns
+from omniserve.quant.packing import (
+    pack_w4,
+    permute_group_columns,
+    unpack_w4,
+    unpermute_group_columns,
+)
 from omniserve.quant.precision import GROUP_SIZE_128, Precision
 from omniserve.quant.rtn import asymmetric_codes, asymmetric_range, fp16_ceil, quantize_symmetric
 
@@ -57,7 +62,19 @@ TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 class _StoredWeight(abc.ABC):
     """Shared checks of the formats: every field is a stored tensor with a spec from (N, K)."""
 
-    GROUP_SIZE: ClassVar[int]
+    N_MULTIPLE: ClassVar[int]
+    """N must be a multiple of this (the packed tile)."""
+    K_MULTIPLE: ClassVar[int]
+    """K must be a multiple of this (the packed tile or the group)."""
+
+    @classmethod
+    def check_shape(cls, n: int, k: int) -> None:
+        """ValueError unless a [N, K] weight fits this format's layout."""
+        if n <= 0 or k <= 0 or n % cls.N_MULTIPLE or k % cls.K_MULTIPLE:
+            raise ValueError(
+                f"{cls.__name__} needs N a positive multiple of {cls.N_MULTIPLE} and K of "
+                f"{cls.K_MULTIPLE}; got [{n}, {k}]"
+            )
 
     @property
     @abc.abstractmethod
@@ -74,6 +91,10 @@ class _StoredWeight(abc.ABC):
         """Ŵ in fp32 [N, K]."""
 
     def __post_init__(self) -> None:
+        lead = dataclasses.fields(self)[0].name  # type: ignore[arg-type]
+        if getattr(self, lead).dim() != 2:
+            raise ValueError(f"{type(self).__name__}.{lead} must be 2-D")
+        self.check_shape(*self.shape)
         for name, (dtype, shape) in self.tensor_specs(*self.shape).items():
             t = getattr(self, name)
             if t.dtype != dtype or tuple(t.shape) != shape:
@@ -96,7 +117,8 @@ class W4A8PerChannelWeight(_StoredWeight):
     s1_szeros: torch.Tensor
     """fp16 [N], z · s1."""
 
-    GROUP_SIZE: ClassVar[int] = -1
+    N_MULTIPLE: ClassVar[int] = 32
+    K_MULTIPLE: ClassVar[int] = 32
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,7 +149,8 @@ class W4A8PerGroupWeight(_StoredWeight):
     s2_zeros: torch.Tensor
     """int8 [K/128, N], −z · s2 in QServe's column order."""
 
-    GROUP_SIZE: ClassVar[int] = GROUP_SIZE_128
+    N_MULTIPLE: ClassVar[int] = 32
+    K_MULTIPLE: ClassVar[int] = GROUP_SIZE_128
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -163,7 +186,8 @@ class W8A8Weight(_StoredWeight):
     dequant_scale: torch.Tensor
     """fp16 [N]."""
 
-    GROUP_SIZE: ClassVar[int] = -1
+    N_MULTIPLE: ClassVar[int] = 1
+    K_MULTIPLE: ClassVar[int] = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -178,7 +202,7 @@ class W8A8Weight(_StoredWeight):
         return self.dequant_scale.float().unsqueeze(1) * self.weight.float()
 
 
-QuantizedWeight = Union[W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight]
+QuantizedWeight = W4A8PerChannelWeight | W4A8PerGroupWeight | W8A8Weight
 
 
 def weight_format(precision: Precision) -> type[QuantizedWeight]:
@@ -186,13 +210,15 @@ def weight_format(precision: Precision) -> type[QuantizedWeight]:
     if precision.weight_bits == 8:
         return W8A8Weight
     if precision.weight_bits == 4:
-        return W4A8PerGroupWeight if precision.group_size == GROUP_SIZE_128 else W4A8PerChannelWeight
+        return (
+            W4A8PerGroupWeight if precision.group_size == GROUP_SIZE_128 else W4A8PerChannelWeight
+        )
     raise ValueError(f"{precision.name} keeps the model's fp weights; there is no quantized format")
 
 
 def quantize_w4a8_per_channel(w: torch.Tensor) -> W4A8PerChannelWeight:
     """RTN uint4 per output channel of W [N, K] (N, K multiples of 32)."""
-    _check_weight(w, 32)
+    _check_weight(w, W4A8PerChannelWeight)
     lo, hi = asymmetric_range(w.float())
     s1 = fp16_ceil((hi - lo) / W4_LEVELS)
     q, z = asymmetric_codes(w, s1, lo, W4_LEVELS)
@@ -201,7 +227,7 @@ def quantize_w4a8_per_channel(w: torch.Tensor) -> W4A8PerChannelWeight:
 
 def quantize_w4a8_g128(w: torch.Tensor) -> W4A8PerGroupWeight:
     """Progressive RTN of W [N, K] (N multiple of 32, K multiple of 128); see the module doc."""
-    _check_weight(w, GROUP_SIZE_128)
+    _check_weight(w, W4A8PerGroupWeight)
     n, k = w.shape
     q1, s1 = quantize_symmetric(w, PROTECTIVE_QMAX)
     groups = q1.to(torch.int32).reshape(n, k // GROUP_SIZE_128, GROUP_SIZE_128)
@@ -218,7 +244,7 @@ def quantize_w4a8_g128(w: torch.Tensor) -> W4A8PerGroupWeight:
 
 def quantize_w8a8(w: torch.Tensor) -> W8A8Weight:
     """RTN int8 per output channel of W [N, K]."""
-    _check_weight(w, 1)
+    _check_weight(w, W8A8Weight)
     q, s = quantize_symmetric(w, W8_QMAX)
     return W8A8Weight(q, s)
 
@@ -233,11 +259,7 @@ def quantize_weight(w: torch.Tensor, precision: Precision) -> QuantizedWeight:
     return quantize_w4a8_per_channel(w)
 
 
-def _check_weight(w: torch.Tensor, k_multiple: int) -> None:
+def _check_weight(w: torch.Tensor, fmt: type[QuantizedWeight]) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")
-    if k_multiple > 1 and (w.shape[0] % 32 or w.shape[1] % k_multiple):
-        raise ValueError(
-            f"weight {tuple(w.shape)}: N must be a multiple of 32 and K of {k_multiple} "
-            "for the QServe W4A8 layout"
-        )
+    fmt.check_shape(w.shape[0], w.shape[1])

@@ -1,0 +1,253 @@
+"""Our quantized checkpoint: a directory with `config.json` + safetensors (DESIGN.md §5).
+
+    config.json             the model's HF config plus
+                            "quantization_config": {
+                                "quant_method": "omniserve", "format_version": 1,
+                                "precision": "w4a8kv4", "group_size": 128,
+                                "kv_cache": "int4" | "int8" | "model_dtype",
+                                "kv_granularity": "per_token_head" (or null without KV quantization),
+                                "recipe": {...}  (free-form: how the weights were produced),
+                                "modules": {"model.layers.0.self_attn.q_proj": [N, K], ...}}
+    *.safetensors           for every quantized linear `<prefix>`, the tensors of its format
+                            (weight.py) named `<prefix>.<name>`: qweight, s1_scales, s1_szeros (W4A8
+                            per-channel); qweight, s1_scales, s2_scales, s2_zeros (W4A8 g128);
+                            weight, dequant_scale (W8A8). Every other tensor (embeddings, norms,
+                            biases, lm_head) is stored as is.
+
+Tensor names are QServe's zoo names; zoo `qweight` is int8 with the same bytes (packing.py).
+`modules` makes the checkpoint self-describing, so the reader can name a missing linear or tensor
+and check each against the (dtype, shape) its format requires before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from omniserve.errors import CheckpointError, ConfigError
+from omniserve.quant.precision import Precision, parse
+from omniserve.quant.weight import QuantizedWeight, weight_format
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "omniserve"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Suffixes that only quantized linears use: a tensor with one outside `modules` is an error.
+_QUANTIZED_SUFFIXES = frozenset(
+    {"qweight", "s1_scales", "s1_szeros", "s2_scales", "s2_zeros", "dequant_scale"}
+)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """The `quantization_config` block of config.json."""
+
+    precision: Precision
+    modules: dict[str, tuple[int, int]]
+    """Quantized linear prefix → (N, K)."""
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        kv_bits = self.precision.kv_bits
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "precision": self.precision.name,
+            "group_size": self.precision.group_size,
+            "kv_cache": "model_dtype" if kv_bits is None else f"int{kv_bits}",
+            "kv_granularity": None if kv_bits is None else "per_token_head",
+            "recipe": self.recipe,
+            "modules": {name: list(shape) for name, shape in self.modules.items()},
+        }
+
+    @classmethod
+    def from_json(cls, block: Any) -> QuantizationConfig:
+        if not isinstance(block, dict):
+            raise CheckpointError("config.json has no quantization_config object")
+        if block.get("quant_method") != QUANT_METHOD:
+            raise CheckpointError(
+                f"quantization_config.quant_method is {block.get('quant_method')!r}, "
+                f"expected {QUANT_METHOD!r}"
+            )
+        if block.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"quantization_config.format_version {block.get('format_version')!r} is not "
+                f"supported (this version reads {FORMAT_VERSION})"
+            )
+        try:
+            precision = parse(str(block["precision"]), int(block["group_size"]))
+            modules = {str(k): (int(v[0]), int(v[1])) for k, v in block["modules"].items()}
+            recipe = dict(block.get("recipe") or {})
+        except ConfigError as exc:
+            raise CheckpointError(f"quantization_config: {exc}") from exc
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"quantization_config is malformed: {exc!r}") from exc
+        if not precision.quantized_weights:
+            raise CheckpointError(
+                f"quantization_config.precision {precision.name} has no quantized weights; "
+                "such models are served from their own fp checkpoint"
+            )
+        return cls(precision, modules, recipe)
+
+
+@dataclass(frozen=True)
+class QuantizedCheckpoint:
+    hf_config: dict[str, Any]
+    """config.json without its quantization_config."""
+    quant: QuantizationConfig
+    linears: dict[str, QuantizedWeight]
+    tensors: dict[str, torch.Tensor]
+    """Every stored tensor that is not part of a quantized linear."""
+
+    def dequantize_linear(self, prefix: str) -> torch.Tensor:
+        """Ŵ fp32 [N, K] of a stored linear (for golden tests and fake-quant evaluation)."""
+        if prefix not in self.linears:
+            raise CheckpointError(f"no quantized linear {prefix!r} in the checkpoint")
+        return self.linears[prefix].dequantize()
+
+
+def write_checkpoint(
+    path: str | Path,
+    hf_config: Mapping[str, Any],
+    precision: Precision,
+    linears: Mapping[str, QuantizedWeight],
+    tensors: Mapping[str, torch.Tensor],
+    recipe: Mapping[str, Any] | None = None,
+) -> None:
+    """Write config.json + model.safetensors into directory `path` (created if needed)."""
+    if not precision.quantized_weights:
+        raise ConfigError(
+            f"{precision.name} keeps the model's fp weights (KV quantization happens at run "
+            "time); a quantized checkpoint needs a w4a8 or w8a8 precision"
+        )
+    fmt = weight_format(precision)
+    stored: dict[str, torch.Tensor] = {}
+    for prefix, weight in linears.items():
+        if not isinstance(weight, fmt):
+            raise ConfigError(
+                f"linear {prefix!r} is {type(weight).__name__}, but {precision.name} with "
+                f"group_size {precision.group_size} stores {fmt.__name__}"
+            )
+        for name, t in weight.tensors().items():
+            stored[f"{prefix}.{name}"] = t
+    for name, t in tensors.items():
+        if name in stored:
+            raise ValueError(
+                f"tensor {name!r} is both a quantized-linear tensor and a plain tensor"
+            )
+        stored[name] = t
+    quant = QuantizationConfig(
+        precision, {p: w.shape for p, w in linears.items()}, dict(recipe or {})
+    )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    config["quantization_config"] = quant.to_json()
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(out / WEIGHTS_FILE))
+
+
+def read_checkpoint(path: str | Path, precision: Precision | None = None) -> QuantizedCheckpoint:
+    """Read and validate a checkpoint; `precision` is the engine's request, checked against it.
+
+    Raises CheckpointError for a missing file, config block, linear or tensor, or a tensor of the
+    wrong dtype or shape (naming it), and ConfigError when the request's precision or group size
+    differs from the checkpoint's.
+    """
+    root = Path(path)
+    config_path = root / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} does not exist")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or "quantization_config" not in config:
+        raise CheckpointError(
+            f"{config_path} has no quantization_config: not a quantized checkpoint"
+        )
+    quant = QuantizationConfig.from_json(config.pop("quantization_config"))
+    if precision is not None and precision != quant.precision:
+        raise ConfigError(
+            f"requested precision {precision.name} with group_size {precision.group_size}, but the "
+            f"checkpoint {root} holds {quant.precision.name} with group_size "
+            f"{quant.precision.group_size}"
+        )
+    stored = _load_safetensors(root)
+    fmt = weight_format(quant.precision)
+    linears: dict[str, QuantizedWeight] = {}
+    for prefix, (n, k) in quant.modules.items():
+        try:
+            fmt.check_shape(n, k)
+        except ValueError as exc:
+            raise CheckpointError(f"quantization_config.modules[{prefix!r}]: {exc}") from exc
+        parts: dict[str, torch.Tensor] = {}
+        for name, (dtype, shape) in fmt.tensor_specs(n, k).items():
+            key = f"{prefix}.{name}"
+            if key not in stored:
+                raise CheckpointError(f"tensor {key} is missing ({fmt.__name__} needs it)")
+            t = stored.pop(key)
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise CheckpointError(
+                    f"tensor {key}: expected {dtype} {list(shape)} for a [{n}, {k}] linear, "
+                    f"found {t.dtype} {list(t.shape)}"
+                )
+            parts[name] = t
+        linears[prefix] = fmt(**parts)
+    for key in stored:
+        if key.rsplit(".", 1)[-1] in _QUANTIZED_SUFFIXES:
+            raise CheckpointError(
+                f"tensor {key} belongs to no linear listed in quantization_config.modules"
+            )
+    return QuantizedCheckpoint(config, quant, linears, stored)
+
+
+def _load_safetensors(root: Path) -> dict[str, torch.Tensor]:
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{root} holds no *.safetensors file")
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if key in out:
+                        raise CheckpointError(
+                            f"tensor {key} is stored twice (again in {file.name})"
+                        )
+                    out[key] = f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{file} cannot be read: {exc}") from exc
+    return out
+
+
+def linear_from_qserve(
+    tensors: Mapping[str, torch.Tensor], precision: Precision
+) -> QuantizedWeight:
+    """One linear of a QServe zoo state dict (tensor name suffix → tensor) in our format.
+
+    The names are the same; the zoo stores `qweight` as int8 and we store the same bytes as uint8.
+    Raises CheckpointError naming a missing tensor or one of the wrong dtype or shape.
+    """
+    fmt = weight_format(precision)
+    parts: dict[str, torch.Tensor] = {}
+    for f in dataclasses.fields(fmt):
+        if f.name not in tensors:
+            raise CheckpointError(f"QServe tensor {f.name} is missing ({fmt.__name__} needs it)")
+        t = tensors[f.name]
+        parts[f.name] = t.view(torch.uint8) if f.name == "qweight" and t.dtype == torch.int8 else t
+    try:
+        return fmt(**parts)
+    except ValueError as exc:
+        raise CheckpointError(f"QServe linear does not match {precision.name}: {exc}") from exc
