@@ -11,6 +11,8 @@ from typing import Any, Literal
 import msgspec
 
 from omniserve.errors import ConfigError
+from omniserve.quant.kv import KV_CACHE_BITS
+from omniserve.quant.precision import PER_CHANNEL, Precision, parse
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Policy = Literal["fcfs", "priority"]
@@ -51,7 +53,18 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     zero per (token, head) (QServe's fine-grained format, `quant/kv.py`). Quantized pages take
     about 1/2 (int8) or 1/4 (int4) of fp16 pages (plus 4 bytes per token and head), so the same
     memory holds ~2x / ~4x the tokens; attention, prefill included, reads them dequantized to the
-    model dtype. Later the checkpoint's precision will set it."""
+    model dtype. "auto" follows the precision (`precision`, else the checkpoint's); an explicit
+    value must agree with the precision's KV bits wherever the precision is stated (w16a16 = the
+    model dtype), and on an fp checkpoint served without `precision` it chooses freely."""
+
+    # precision (DESIGN.md §5)
+    precision: str | None = None
+    """`w4a8kv4`, `w4a8kv8`, `w4a8`, `w8a8kv4`, `w8a8kv8`, `w8a8`, `w16a16kv4`, `w16a16kv8` or
+    `w16a16`. None: what the checkpoint says (its quantization_config, else w16a16). A quantized
+    checkpoint must hold exactly the requested precision and group size; w4a8/w8a8 need one (write
+    it with `omniserve.quant.rtn_model.write_rtn_checkpoint` until the QoQ quantizer lands)."""
+    group_size: int = PER_CHANNEL
+    """-1 (per output channel) or 128 (W4A8 only); only meaningful with `precision`."""
 
     # scheduling
     max_model_len: int | None = None
@@ -103,8 +116,17 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.skip_limit < 0 or self.hol_age_steps < 0:
             raise ConfigError("skip_limit and hol_age_steps must be >= 0")
+        requested = self.requested_precision()  # validates precision and group_size
+        if requested is None and self.group_size != PER_CHANNEL:
+            raise ConfigError("group_size needs precision (it qualifies a w4a8 precision)")
+        if requested is not None:
+            check_kv_cache_dtype(self.kv_cache_dtype, requested)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    def requested_precision(self) -> Precision | None:
+        """The parsed `precision` option (ConfigError naming the valid choices), None if unset."""
+        return None if self.precision is None else parse(self.precision, self.group_size)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
@@ -113,3 +135,20 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             return msgspec.convert({"model": model, **kwargs}, cls)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"invalid engine option: {exc}") from None
+
+
+def check_kv_cache_dtype(kv_cache_dtype: KVCacheDType, precision: Precision) -> None:
+    """ConfigError when an explicit `kv_cache_dtype` contradicts the precision's KV bits."""
+    if kv_cache_dtype != "auto" and KV_CACHE_BITS[kv_cache_dtype] != precision.kv_bits:
+        kv = "the model dtype" if precision.kv_bits is None else f"int{precision.kv_bits}"
+        raise ConfigError(
+            f"kv_cache_dtype={kv_cache_dtype!r} contradicts precision {precision.name}, whose KV "
+            f"cache is {kv}; leave kv_cache_dtype 'auto' or choose a precision with that KV mode"
+        )
+
+
+def kv_cache_bits(kv_cache_dtype: KVCacheDType, precision: Precision | None) -> int | None:
+    """Bits of the KV cache (None: model dtype): an explicit kv_cache_dtype, else the precision's."""
+    if kv_cache_dtype != "auto":
+        return KV_CACHE_BITS[kv_cache_dtype]
+    return None if precision is None else precision.kv_bits

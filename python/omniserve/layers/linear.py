@@ -57,20 +57,35 @@ class Linear(nn.Module):
 
     def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
         """Checkpoint tensor names this layer reads, for a module registered at `prefix`."""
-        params = {"weight": self.weight, "bias": self.bias}
-        if self.shard_names is None:
-            return {
-                f"{prefix}.{name}": TensorSlot(p, 0, tuple(p.shape))
-                for name, p in params.items()
-                if p is not None
-            }
-        parent = prefix.rpartition(".")[0]
-        base = f"{parent}." if parent else ""
-        slots: dict[str, TensorSlot] = {}
-        start = 0
-        for shard, size in zip(self.shard_names, self.out_sizes):
-            for name, p in params.items():
-                if p is not None:
-                    slots[f"{base}{shard}.{name}"] = TensorSlot(p, start, (size, *p.shape[1:]))
-            start += size
-        return slots
+        return fused_slots(
+            prefix, self.shard_names, self.out_sizes, {"weight": self.weight, "bias": self.bias}
+        )
+
+
+def shard_prefixes(prefix: str, shard_names: Sequence[str] | None) -> list[str]:
+    """Checkpoint module names of a layer's output slices: its siblings `shard_names` when fused
+    (q/k/v_proj next to qkv_proj), else the layer's own name."""
+    if shard_names is None:
+        return [prefix]
+    parent = prefix.rpartition(".")[0]
+    return [f"{parent}.{shard}" if parent else shard for shard in shard_names]
+
+
+def fused_slots(
+    prefix: str,
+    shard_names: Sequence[str] | None,
+    out_sizes: Sequence[int],
+    params: dict[str, torch.Tensor | None],
+) -> dict[str, TensorSlot]:
+    """Slots of `params` (each [sum(out_sizes), ...] or None) split over the output slices, named
+    `<shard prefix>.<param name>`; shared by the fp and the quantized linear layers."""
+    prefixes = shard_prefixes(prefix, shard_names)
+    sizes = out_sizes if shard_names is not None else [sum(out_sizes)]
+    slots: dict[str, TensorSlot] = {}
+    start = 0
+    for shard, size in zip(prefixes, sizes):
+        for name, p in params.items():
+            if p is not None:
+                slots[f"{shard}.{name}"] = TensorSlot(p, start, (size, *p.shape[1:]))
+        start += size
+    return slots

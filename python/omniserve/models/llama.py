@@ -18,7 +18,10 @@ from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.attention import AttentionMetadata, PagedAttention
 from omniserve.layers.linear import Linear
 from omniserve.layers.norm import RMSNorm
+from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.rotary import RotaryEmbedding, apply_rotary
+from omniserve.quant.precision import Precision
+from omniserve.quant.weight import QuantizedWeight, weight_format
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -61,8 +64,26 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     return [None] * n
 
 
+WeightFormat = type[QuantizedWeight] | None
+"""The stored format of the decoder's projections, None for fp weights (`Linear`)."""
+
+
+def _projection(
+    in_features: int,
+    out_sizes: list[int],
+    bias: bool,
+    fmt: WeightFormat,
+    shard_names: tuple[str, ...] | None = None,
+) -> Linear | QuantizedLinear:
+    if fmt is None:
+        return Linear(in_features, out_sizes, bias, shard_names)
+    return QuantizedLinear(in_features, out_sizes, fmt, bias, shard_names)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
+    def __init__(
+        self, config: PretrainedConfig, sliding_window: int | None, fmt: WeightFormat
+    ) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -75,10 +96,10 @@ class LlamaAttention(nn.Module):
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = Linear(
-            hidden, self.qkv_sizes, qkv_bias, shard_names=("q_proj", "k_proj", "v_proj")
+        self.qkv_proj = _projection(
+            hidden, self.qkv_sizes, qkv_bias, fmt, ("q_proj", "k_proj", "v_proj")
         )
-        self.o_proj = Linear(q_size, [hidden], o_bias)
+        self.o_proj = _projection(q_size, [hidden], o_bias, fmt)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window)
 
     def forward(
@@ -92,29 +113,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, fmt: WeightFormat) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
         hidden, inter = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = Linear(
-            hidden, [inter, inter], bias, shard_names=("gate_proj", "up_proj")
+        self.gate_up_proj = _projection(
+            hidden, [inter, inter], bias, fmt, ("gate_proj", "up_proj")
         )
         self.act = SiluAndMul()
-        self.down_proj = Linear(inter, [hidden], bias)
+        self.down_proj = _projection(inter, [hidden], bias, fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
+    def __init__(
+        self, config: PretrainedConfig, sliding_window: int | None, fmt: WeightFormat
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, sliding_window)
+        self.self_attn = LlamaAttention(config, sliding_window, fmt)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, fmt)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -124,7 +147,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
+    def __init__(self, config: PretrainedConfig, max_positions: int, fmt: WeightFormat) -> None:
         super().__init__()
         # `_weight` skips nn.Embedding's random init: the loader fills the table.
         table = torch.empty(config.vocab_size, config.hidden_size)
@@ -133,7 +156,7 @@ class LlamaModel(nn.Module):
         windows = [
             w if w is not None and w < max_positions else None for w in sliding_windows(config)
         ]
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in windows)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, fmt) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config))
@@ -149,12 +172,22 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Built under the loader's default device and dtype, with uninitialised parameters."""
+    """Built under the loader's default device and dtype, with uninitialised parameters.
 
-    def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
+    `precision` with quantized weights makes every decoder projection a `QuantizedLinear` of its
+    format; embeddings, norms and lm_head stay in the model dtype, as in QServe."""
+
+    def __init__(
+        self, config: PretrainedConfig, max_positions: int, precision: Precision | None = None
+    ) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_positions)
+        fmt = (
+            weight_format(precision)
+            if precision is not None and precision.quantized_weights
+            else None
+        )
+        self.model = LlamaModel(config, max_positions, fmt)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (
             None if self.tie_word_embeddings else Linear(config.hidden_size, [config.vocab_size])

@@ -4,6 +4,12 @@ The model is constructed directly on the target device with uninitialised parame
 parameter is filled from the checkpoint one tensor at a time (memory-mapped on the host, copied and
 cast into place), so an 8B model never exists twice in memory. Names, shapes and dtypes are
 checked against the model before any data moves, and each problem is reported by tensor name.
+
+A quantized checkpoint (config.json with our `quantization_config`, quant/checkpoint.py) is read
+and validated whole by `read_checkpoint`; its stored linears go into the model's `QuantizedLinear`
+slices and its other tensors (embeddings, norms, biases, lm_head) through the same slots as fp.
+There is no on-the-fly quantization: w4a8/w8a8 need such a checkpoint (`quant/rtn_model.py`
+writes an RTN one from an fp checkpoint).
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from omniserve.errors import CheckpointError
+from omniserve.errors import CheckpointError, ConfigError
 from omniserve.layers.linear import TensorSlot
 from omniserve.layers.norm import RMSNorm
+from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.models.llama import ARCHITECTURES, MODEL_TYPES, LlamaForCausalLM
+from omniserve.quant.checkpoint import (
+    QuantizationConfig,
+    check_precision,
+    read_checkpoint,
+)
+from omniserve.quant.precision import Precision
 
 DUMMY_INIT_STD = 0.02
 """Std of random weights: HF's usual initializer_range. With an RMSNorm in front of every block the
@@ -52,6 +65,26 @@ def load_hf_config(model_dir: str) -> PretrainedConfig:
         raise CheckpointError(f"{config_file}: {exc}") from None
 
 
+def resolve_precision(model_dir: str, requested: Precision | None) -> Precision | None:
+    """The precision to serve: `requested` if given, else the checkpoint's quantization_config
+    (None for an fp checkpoint, i.e. w16a16 with the KV cache left to kv_cache_dtype). A request
+    for quantized weights on an fp checkpoint, or one that differs from a quantized checkpoint's
+    precision or group size, is a ConfigError."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    if "quantization_config" in raw:
+        stored = QuantizationConfig.from_json(raw["quantization_config"]).precision
+        if requested is not None:
+            check_precision(model_dir, requested, stored)
+        return stored
+    if requested is not None and requested.quantized_weights:
+        raise ConfigError(
+            f"precision {requested.name} needs a quantized checkpoint, but {model_dir} holds fp "
+            "weights (no quantization_config); write one with "
+            "omniserve.quant.rtn_model.write_rtn_checkpoint (RTN) or serve a w16a16 precision"
+        )
+    return requested
+
+
 def load_model(
     model_dir: str,
     hf_config: PretrainedConfig,
@@ -59,19 +92,29 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_positions: int,
+    precision: Precision | None = None,
     dummy_seed: int | None = None,
 ) -> LlamaForCausalLM:
     """The model on `device` in `dtype`; random weights seeded by `dummy_seed` when it is given,
-    else the checkpoint's safetensors."""
+    else the checkpoint's safetensors. `precision` (from `resolve_precision`) with quantized
+    weights reads a quantized checkpoint that must hold exactly that precision."""
+    quantized = precision if precision is not None and precision.quantized_weights else None
+    if quantized is not None and dummy_seed is not None:
+        raise ConfigError(
+            f"load_format 'dummy' builds fp weights only; precision {quantized.name} needs a "
+            "quantized checkpoint"
+        )
     try:
         with _default_device_and_dtype(device, dtype):
-            model = LlamaForCausalLM(hf_config, max_positions)
-    except ValueError as exc:  # a config value the model does not implement
+            model = LlamaForCausalLM(hf_config, max_positions, precision)
+    except ValueError as exc:  # a config value the model (or the weight format) does not allow
         raise CheckpointError(f"{model_dir}/config.json: {exc}") from None
-    if dummy_seed is None:
-        load_weights(model, model_dir)
-    else:
+    if dummy_seed is not None:
         init_dummy_weights(model, dummy_seed)
+    elif quantized is not None:
+        load_quantized_weights(model, model_dir, quantized, device)
+    else:
+        load_weights(model, model_dir)
     return model.eval()
 
 
@@ -92,14 +135,7 @@ def checkpoint_slots(model: torch.nn.Module) -> dict[str, TensorSlot]:
 def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
     files = _tensor_files(Path(model_dir))
     slots = checkpoint_slots(model)
-    missing = sorted(slots.keys() - files.keys())
-    if missing:
-        raise CheckpointError(f"{model_dir}: missing tensors: {_names(missing)}")
-    unexpected = sorted(
-        n for n in files.keys() - slots.keys() if not model.skips_checkpoint_tensor(n)
-    )
-    if unexpected:
-        raise CheckpointError(f"{model_dir}: unexpected tensors: {_names(unexpected)}")
+    _check_names(model, model_dir, "tensors", set(slots), set(files))
 
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in slots:
@@ -115,6 +151,38 @@ def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
             with safe_open(file, framework="pt") as f:
                 for name in names:
                     slots[name].load(f.get_tensor(name))
+
+
+def load_quantized_weights(
+    model: LlamaForCausalLM, model_dir: str, precision: Precision, device: torch.device
+) -> None:
+    """Fill a model built for `precision` from our quantized checkpoint (validated by
+    `read_checkpoint`, which raises ConfigError if it holds another precision or group size)."""
+    ckpt = read_checkpoint(model_dir, precision)
+    slots = checkpoint_slots(model)
+    quantized_slots = {
+        name: (module, index)
+        for prefix, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+        for name, index in module.quantized_slots(prefix).items()
+    }
+    _check_names(model, model_dir, "quantized linears", set(quantized_slots), set(ckpt.linears))
+    _check_names(model, model_dir, "tensors", set(slots), set(ckpt.tensors))
+    for name, slot in slots.items():
+        t = ckpt.tensors[name]
+        if tuple(t.shape) != slot.shape or not t.is_floating_point():
+            raise CheckpointError(
+                f"{model_dir}: tensor {name} is {t.dtype} {list(t.shape)}, the model expects a "
+                f"float tensor of shape {list(slot.shape)}"
+            )
+    with torch.no_grad():
+        for name, slot in slots.items():
+            slot.load(ckpt.tensors[name])
+    for name, (module, index) in quantized_slots.items():
+        try:
+            module.set_weight(index, ckpt.linears[name], device)
+        except ValueError as exc:
+            raise CheckpointError(f"{model_dir}: quantized linear {name}: {exc}") from None
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -163,6 +231,19 @@ def _check_tensor(file: Path, name: str, header: Any, slot: TensorSlot) -> None:
             f"{file}: tensor {name} has dtype {dtype}, expected one of "
             f"{', '.join(sorted(_FLOAT_DTYPES))}"
         )
+
+
+def _check_names(
+    model: LlamaForCausalLM, model_dir: str, what: str, expected: set[str], present: set[str]
+) -> None:
+    """CheckpointError naming the checkpoint entries the model reads but are missing, or that
+    it does not read (except those it knowingly skips)."""
+    missing = sorted(expected - present)
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing {what}: {_names(missing)}")
+    unexpected = sorted(n for n in present - expected if not model.skips_checkpoint_tensor(n))
+    if unexpected:
+        raise CheckpointError(f"{model_dir}: unexpected {what}: {_names(unexpected)}")
 
 
 def _names(names: list[str], limit: int = 8) -> str:

@@ -176,12 +176,8 @@ def read_checkpoint(path: str | Path, precision: Precision | None = None) -> Qua
             f"{config_path} has no quantization_config: not a quantized checkpoint"
         )
     quant = QuantizationConfig.from_json(config.pop("quantization_config"))
-    if precision is not None and precision != quant.precision:
-        raise ConfigError(
-            f"requested precision {precision.name} with group_size {precision.group_size}, but the "
-            f"checkpoint {root} holds {quant.precision.name} with group_size "
-            f"{quant.precision.group_size}"
-        )
+    if precision is not None:
+        check_precision(root, precision, quant.precision)
     stored = _load_safetensors(root)
     fmt = weight_format(quant.precision)
     linears: dict[str, QuantizedWeight] = {}
@@ -209,6 +205,15 @@ def read_checkpoint(path: str | Path, precision: Precision | None = None) -> Qua
                 f"tensor {key} belongs to no linear listed in quantization_config.modules"
             )
     return QuantizedCheckpoint(config, quant, linears, stored)
+
+
+def check_precision(root: str | Path, requested: Precision, stored: Precision) -> None:
+    """ConfigError unless the engine's requested precision and group size are the checkpoint's."""
+    if requested != stored:
+        raise ConfigError(
+            f"requested precision {requested.name} with group_size {requested.group_size}, but the "
+            f"checkpoint {root} holds {stored.name} with group_size {stored.group_size}"
+        )
 
 
 def _load_safetensors(root: Path) -> dict[str, torch.Tensor]:

@@ -9,16 +9,18 @@ from typing import NamedTuple
 import torch
 import transformers
 
-from omniserve.config import EngineConfig
+from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
 from omniserve.errors import ConfigError
-from omniserve.layers.sampler import SampleResult, Sampler
-from omniserve.models.loader import load_hf_config, load_model
-from omniserve.quant.kv import KV_CACHE_BITS
+from omniserve.layers.quantized_linear import QuantizedLinear
+from omniserve.layers.sampler import Sampler, SampleResult
+from omniserve.models.loader import load_hf_config, load_model, resolve_precision
+from omniserve.quant.precision import Precision
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.memory import cuda_memory_for_kv_cache
 from omniserve.runner.step_inputs import StepInputBuilder, StepInputs
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
 from omniserve.sampling_params import SamplingParams
+
 
 class StepOutput(NamedTuple):
     sampled_idx: torch.Tensor
@@ -41,6 +43,9 @@ class ModelRunner:
     """Dense KV pages, including the null page 0."""
     max_model_len: int
     vocab_size: int
+    precision: Precision | None
+    """The served precision: the requested one or the checkpoint's; None for an fp checkpoint
+    served without one (w16a16, KV cache per kv_cache_dtype)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -52,12 +57,16 @@ class ModelRunner:
         model_limit = self.hf_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         self.vocab_size = self.hf_config.vocab_size
+        self.precision = resolve_precision(config.model, config.requested_precision())
+        if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
+            check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
         self.model = load_model(
             config.model,
             self.hf_config,
             device=self.device,
             dtype=self.dtype,
             max_positions=self.max_model_len,
+            precision=self.precision,
             dummy_seed=config.seed if config.load_format == "dummy" else None,
         )
         attn = self.model.attention_layers
@@ -67,7 +76,7 @@ class ModelRunner:
             num_kv_heads=attn[0].num_kv_heads,
             head_dim=attn[0].head_dim,
             dtype=self.dtype,
-            kv_bits=KV_CACHE_BITS.get(config.kv_cache_dtype),
+            kv_bits=kv_cache_bits(config.kv_cache_dtype, self.precision),
         )
         self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         # Most tokens one decode group gathers from the cache (its padded [g, L] block): a few
@@ -146,7 +155,9 @@ class ModelRunner:
     def memory_report(self) -> dict[str, float]:
         """GiB held by the weights and the KV cache, and the activation peak measured at start-up
         (0 on CPU, where nothing is profiled)."""
-        weights = sum(p.nbytes for p in self.model.parameters())
+        weights = sum(p.nbytes for p in self.model.parameters()) + sum(
+            m.quantized_nbytes for m in self.model.modules() if isinstance(m, QuantizedLinear)
+        )
         return {
             "weights": weights / _GIB,
             "kv_cache": self.kv_cache.nbytes / _GIB,
