@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import PagedRequests
+from tiny_models import MIXED_STEPS, PagedRequests
 
 from omniserve.layers.attention import PagedAttention
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
@@ -45,14 +45,7 @@ def test_paged_attention_matches_dense_reference(
     inputs = StepInputBuilder(cache, frozenset({window}), 6, 128, gather_budget, CPU)
     reqs = PagedRequests(PAGE_SIZE, NUM_PAGES)
     history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    # Rows and chunk sizes per step: prefills, chunked prefills, decodes, and mixes of them.
-    steps = [
-        [(0, 23), (2, 1), (4, 40)],
-        [(0, 1), (2, 1), (4, 9), (5, 17)],
-        [(0, 1), (2, 30), (4, 1), (5, 1), (1, 2)],
-        [(0, 1), (1, 1), (2, 1), (4, 1), (5, 1)],
-    ]
-    for step in steps:
+    for step in MIXED_STEPS:
         plan = reqs.step([(row, [0] * n) for row, n in step])
         num_tokens = plan.num_tokens
         q = torch.randn(num_tokens, num_heads, HEAD_DIM)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_attention import HEAD_DIM, _reference
-from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_servable
+from tiny_models import FAMILIES, MIXED_STEPS, PagedRequests, hf_greedy, hf_logits, save_servable
 
 from omniserve import Engine, SamplingParams
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
@@ -104,13 +104,7 @@ def test_paged_attention_over_a_quantized_cache(bits: int, window: int | None) -
     inputs = StepInputBuilder(cache, frozenset({window}), 6, 128, 24, CPU)
     reqs = PagedRequests(page_size, num_pages)
     history: dict[int, list[torch.Tensor]] = {}
-    steps = [
-        [(0, 23), (2, 1), (4, 40)],
-        [(0, 1), (2, 1), (4, 9), (5, 17)],
-        [(0, 1), (2, 30), (4, 1), (5, 1), (1, 2)],
-        [(0, 1), (1, 1), (2, 1), (4, 1), (5, 1)],
-    ]
-    for step in steps:
+    for step in MIXED_STEPS:
         plan = reqs.step([(row, [0] * n) for row, n in step])
         q = torch.randn(plan.num_tokens, heads, head_dim)
         k = torch.randn(plan.num_tokens, kv_heads, head_dim)

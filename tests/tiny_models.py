@@ -132,6 +132,16 @@ def hf_greedy(model: PreTrainedModel, ids: Sequence[int], num_tokens: int) -> li
     return out[0, len(ids):].tolist()
 
 
+MIXED_STEPS: list[list[tuple[int, int]]] = [
+    [(0, 23), (2, 1), (4, 40)],
+    [(0, 1), (2, 1), (4, 9), (5, 17)],
+    [(0, 1), (2, 30), (4, 1), (5, 1), (1, 2)],
+    [(0, 1), (1, 1), (2, 1), (4, 1), (5, 1)],
+]
+"""(row, tokens) per step: prefills, chunked prefills, decodes and mixes of them, for attention
+tests driving `PagedRequests` (a row seen first starts a request)."""
+
+
 class PagedRequests:
     """Rows and pages for requests, as the scheduler would assign them, and StepPlans over them."""
 
