@@ -42,11 +42,9 @@ class Linear(nn.Module):
         shard_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if shard_names is not None and len(shard_names) != len(out_sizes):
-            raise ValueError("shard_names must name every output slice")
         self.in_features = in_features
         self.out_sizes = tuple(out_sizes)
-        self.shard_names = tuple(shard_names) if shard_names is not None else None
+        self.shard_names = checked_shard_names(out_sizes, shard_names)
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
@@ -60,6 +58,17 @@ class Linear(nn.Module):
         return fused_slots(
             prefix, self.shard_names, self.out_sizes, {"weight": self.weight, "bias": self.bias}
         )
+
+
+def checked_shard_names(
+    out_sizes: Sequence[int], shard_names: Sequence[str] | None
+) -> tuple[str, ...] | None:
+    """`shard_names` as a tuple, after checking it names every output slice."""
+    if shard_names is None:
+        return None
+    if len(shard_names) != len(out_sizes):
+        raise ValueError("shard_names must name every output slice")
+    return tuple(shard_names)
 
 
 def shard_prefixes(prefix: str, shard_names: Sequence[str] | None) -> list[str]:

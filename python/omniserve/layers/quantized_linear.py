@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from omniserve.layers.linear import TensorSlot, fused_slots, shard_prefixes
+from omniserve.layers.linear import TensorSlot, checked_shard_names, fused_slots, shard_prefixes
 from omniserve.quant.activation import quantize_per_token
 from omniserve.quant.gemm import quantized_linear
 from omniserve.quant.weight import QuantizedWeight
@@ -39,11 +39,9 @@ class QuantizedLinear(nn.Module):
         shard_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if shard_names is not None and len(shard_names) != len(out_sizes):
-            raise ValueError("shard_names must name every output slice")
         self.in_features = in_features
+        self.shard_names = checked_shard_names(out_sizes, shard_names)
         self.out_sizes = tuple(out_sizes) if shard_names is not None else (sum(out_sizes),)
-        self.shard_names = tuple(shard_names) if shard_names is not None else None
         self.fmt = fmt
         for n in self.out_sizes:
             fmt.check_shape(n, in_features)  # ValueError naming the format's tile constraints
