@@ -100,10 +100,11 @@ class StepInputBuilder:
             zip(prefill.tolist(), plan.pos0[prefill].tolist(), plan.num_new[prefill].tolist(),
                 plan.qstart[prefill].tolist())
         )
+        decode_ctx = ctx[order].tolist()
         by_window = {
             w: AttentionBatches(
                 self._prefills(prefill_reqs, rows, w),
-                self._decode_groups(ctx[order].tolist(), order_d, rows, pos0, qstart, w),
+                self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w),
             )
             for w in self.windows
         }
