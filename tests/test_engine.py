@@ -276,3 +276,17 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_preemption(
         assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), ref, atol=1e-4)
     assert engine.stats().num_preemptions > 0
     _assert_clean(engine)
+
+
+def test_generate_refuses_a_busy_engine(llama: tuple[Path, torch.nn.Module]) -> None:
+    path, hf = llama
+    engine = _engine(path)
+    engine.add_request("mine", [5, 6, 7], _greedy())
+    with pytest.raises(InvalidRequestError, match="idle engine"):
+        engine.generate([[8, 9]], _greedy(), use_tqdm=False)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert [o.request_id for o in outs] == ["mine"]
+    assert outs[0].token_ids == hf_greedy(hf, [5, 6, 7], NEW_TOKENS)
+    _assert_clean(engine)

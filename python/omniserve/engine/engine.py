@@ -335,7 +335,15 @@ class Engine:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        It drives the engine until its own requests finish, so it needs an engine with no other
+        requests in flight (their outputs would be consumed here); use `add_request`/`step` to mix."""
+        if self.has_unfinished_requests():
+            raise InvalidRequestError(
+                "generate() needs an idle engine: requests added with add_request() are still "
+                "running; drive them with step() first"
+            )
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
