@@ -94,7 +94,7 @@ def write_model_card(directory: Path, log: dict) -> None:
         niah_rows.append(f"| {filler} | {cells} | {res['overall']:.1%} |")
     lengths = list(next(iter(log["niah"].values()))["by_length"])
     samples = "\n\n".join(
-        f"Prompt:\n```python\n{s['prompt']}```\nGreedy completion:\n```python\n{s['prompt']}{s['completion']}\n```"
+        f"Prompt:\n```python\n{s['prompt']}\n```\nGreedy completion:\n```python\n{s['prompt']}{s['completion']}\n```"
         for s in log["samples"]
     )
     sources = "\n".join(f"| {s['name']} | {s['version']} | {s['licence']} | {s['files']} | {s['bytes'] / 1e6:.2f} |"

@@ -68,10 +68,13 @@ GATE_SAMPLES = 2
 GATE_MIN_ACCURACY = 0.9
 QUICK_HELDOUT_WINDOWS = 32  # spread over the held-out stream: ~65K tokens, well under a second on GPU
 FINAL_HELDOUT_WINDOWS = 256
+# No trailing newline: byte-level BPE merges a newline with the next line's indentation, so a prompt
+# cut after "\n" ends on a token the model never saw followed by spaces, and it answers with a
+# column-0 comment instead of an indented body.
 SAMPLE_PROMPTS = (
-    "def fibonacci(n):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "import os\n\n\ndef list_python_files(directory):\n",
+    "def fibonacci(n):",
+    "class Stack:\n    def __init__(self):",
+    "import os\n\n\ndef list_python_files(directory):",
 )
 SMOKE = {
     "max_corpus_mb": 1.0, "held_out_percent": 10, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
