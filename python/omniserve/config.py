@@ -57,6 +57,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     value must agree with the precision's KV bits wherever the precision is stated (w16a16 = the
     model dtype), and on an fp checkpoint served without `precision` it chooses freely."""
 
+    attention_backend: Literal["auto", "torch"] = "auto"
+    """"auto": decode attention runs the CUDA kernel (`kernels/attention.py`) where it applies (a
+    Hopper GPU, head_dim 64/128, 1/2/4/8 query heads per KV head), else the torch path; "torch"
+    always uses the torch path (for comparison)."""
+
     # precision (DESIGN.md §5)
     precision: str | None = None
     """`w4a8kv4`, `w4a8kv8`, `w4a8`, `w8a8kv4`, `w8a8kv8`, `w8a8`, `w16a16kv4`, `w16a16kv8` or

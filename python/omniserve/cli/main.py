@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-_COMMANDS = ("generate", "serve", "bench", "eval")
+_COMMANDS = ("generate", "serve", "bench", "eval", "quantize", "convert", "build-kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
-        importlib.import_module(f"omniserve.cli.{name}").add_parser(sub)
+        importlib.import_module(f"omniserve.cli.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

@@ -8,7 +8,9 @@ Each step first writes the step's keys/values (after RoPE) into their cache slot
   [g, L] block with a validity mask, one batched attention per group of requests. Padding plus one
   gather is the simplest exact batched form that runs on CPU and GPU with no compilation
   (FlexAttention needs torch.compile to be fast and is GPU-only in practice); groups bound the
-  padded block's memory. A paged decode kernel replaces this in `kernels/`.
+  padded block's memory. On a Hopper GPU the paged decode kernel (`kernels/attention.py`) replaces
+  this for every decode request at once (`AttentionMetadata.decode_batch`), reading the cache
+  through the page table.
 
 Every query sees keys and values exactly as the cache holds them: dequantized for a KV8/KV4 cache,
 whether read from the pages (later chunks, decode) or, for a chunk that starts its request, taken
@@ -66,11 +68,31 @@ class AttentionBatches:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeBatch:
+    """All decode requests of a step, as the paged decode kernel reads them (every layer and
+    window shares it): the cache's page table addressed by request rows and context lengths."""
+
+    token_idx: torch.Tensor
+    """long [g]: index of each request's token in the step."""
+    seq_rows: torch.Tensor
+    """int32 [g]: each request's page-table row."""
+    context_lens: torch.Tensor
+    """int32 [g]: tokens each request attends (its new token included)."""
+    max_context_len: int
+    page_table: torch.Tensor
+    """int32 [max_num_seqs, max_pages]: the cache's persistent page table."""
+    page_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     write_index: torch.Tensor
     """long [kv_heads, T]: cache rows each token's key/value heads are written to."""
     by_window: dict[int | None, AttentionBatches]
     """The attention work for each sliding window size used by the model (None: full attention)."""
+    decode_batch: DecodeBatch | None = None
+    """Set when the runner runs decode with the CUDA kernel; `by_window` then has no decode
+    groups."""
 
 
 class CacheRows(Protocol):
@@ -84,6 +106,15 @@ class CacheRows(Protocol):
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
         """The rows at `index`, [*index.shape, head_dim] in the compute dtype."""
+        ...
+
+
+class KernelRows(CacheRows, Protocol):
+    """Cache rows the decode kernel can read directly."""
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows [num_rows, width], params fp16 [num_rows, 2] or None): the storage itself, values
+        in the compute dtype (params None) or `quantize_kv` codes with (scale, zero) per row."""
         ...
 
 
@@ -118,7 +149,34 @@ class PagedAttention(nn.Module):
             out[chunk.start : chunk.end] = self._prefill(q, k, v, chunk)
         for group in batches.decodes:
             out[group.token_idx] = self._decode(q, group)
+        if meta.decode_batch is not None:
+            out[meta.decode_batch.token_idx] = self._decode_kernel(q, meta.decode_batch)
         return out
+
+    def decode_kernel_applies(self, dtype: torch.dtype) -> bool:
+        """Whether the CUDA decode kernel can serve this layer in compute dtype `dtype` (checked
+        once, after the cache is bound); otherwise its decodes take the torch path."""
+        from omniserve.kernels import attention as kernel
+
+        k_rows, v_rows = self.k_cache, self.v_cache
+        if not (hasattr(k_rows, "kernel_operands") and hasattr(v_rows, "kernel_operands")):
+            return False  # a storage format the kernel does not read (e.g. static per-tensor KV8)
+        rows, _ = k_rows.kernel_operands()
+        return kernel.available(rows.device) and kernel.supports(
+            self.num_heads, self.num_kv_heads, self.head_dim, dtype
+        )
+
+    def _decode_kernel(self, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        from omniserve.kernels.attention import decode_attention
+
+        k_rows: KernelRows = self.k_cache  # type: ignore[assignment]  # decode_kernel_applies
+        v_rows: KernelRows = self.v_cache  # type: ignore[assignment]
+        return decode_attention(
+            q[batch.token_idx], k_rows.kernel_operands(), v_rows.kernel_operands(),
+            batch.page_table, batch.seq_rows, batch.context_lens,
+            page_size=batch.page_size, num_kv_heads=self.num_kv_heads,
+            max_context_len=batch.max_context_len, scale=self.scale, window=self.sliding_window,
+        )
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk

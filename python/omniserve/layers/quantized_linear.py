@@ -1,7 +1,11 @@
-"""The quantized linear layer (W4A8 per-channel, W4A8 g128, W8A8) on the reference path.
+"""The quantized linear layer (W4A8 per-channel, W4A8 g128, W8A8): reference path and CUDA kernels.
 
 y = quantized_linear(quantize_per_token(x), Ŵ) (+ b), returned in x's dtype: the input is quantized
-per token to int8 once, and each stored weight runs the exact reference GEMM of quant/gemm.py.
+per token to int8 once (kernels/fused.py: the CUDA kernel on GPU, equal to the reference), and each
+stored weight runs the exact reference GEMM of quant/gemm.py.
+On a Hopper GPU, when the fused N and K are multiples of 128, `set_weight` instead repacks each
+shard into the CUDA kernels' layout (kernels/gemm.py) and, once all are loaded, concatenates them
+along N, so that forward is one kernel launch with the same result (rounded once to x's dtype).
 
 Fused projections (q/k/v, gate/up) keep one stored weight per shard instead of concatenating the
 formats along N: a shard's tensors stay exactly the checkpoint's (so the loader only validates
@@ -17,8 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from omniserve.kernels import gemm as gemm_kernels
+from omniserve.kernels.build import kernels_available
+from omniserve.kernels.fused import quantize_per_token
 from omniserve.layers.linear import TensorSlot, checked_shard_names, fused_slots, shard_prefixes
-from omniserve.quant.activation import quantize_per_token
 from omniserve.quant.gemm import quantized_linear
 from omniserve.quant.weight import QuantizedWeight
 
@@ -46,15 +52,29 @@ class QuantizedLinear(nn.Module):
         for n in self.out_sizes:
             fmt.check_shape(n, in_features)  # ValueError naming the format's tile constraints
         self.weights: list[QuantizedWeight | None] = [None] * len(self.out_sizes)
+        # CUDA path: shards in the kernels' layout until all are loaded, then their concatenation.
+        self._packed_shards: list[gemm_kernels.PackedWeight | None] = [None] * len(self.out_sizes)
+        self.packed: gemm_kernels.PackedWeight | None = None
         self.bias = (
             nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = quantize_per_token(x)
-        y = torch.cat([quantized_linear(xq, self._weight(i)) for i in range(len(self.weights))], -1)
-        y = y.to(x.dtype)
+        if self.uses_kernels:
+            if self.packed is None:
+                raise RuntimeError("QuantizedLinear used before its weights were loaded")
+            y = gemm_kernels.quantized_gemm(xq, self.packed, x.dtype)
+        else:
+            y = torch.cat(
+                [quantized_linear(xq, self._weight(i)) for i in range(len(self.weights))], -1
+            ).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def uses_kernels(self) -> bool:
+        """Whether the weights were placed for the CUDA kernels (else the reference path runs)."""
+        return self.packed is not None or any(p is not None for p in self._packed_shards)
 
     def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
         """The fp tensors this layer reads (biases), as `Linear.checkpoint_slots`."""
@@ -72,13 +92,27 @@ class QuantizedLinear(nn.Module):
                 f"expected {self.fmt.__name__} of shape {list(expected)}, got "
                 f"{type(weight).__name__} of shape {list(weight.shape)}"
             )
-        moved = {name: t.to(device) for name, t in weight.tensors().items()}
-        self.weights[index] = type(weight)(**moved)
+        moved = type(weight)(**{name: t.to(device) for name, t in weight.tensors().items()})
+        if not self._kernels_fit(device):
+            self.weights[index] = moved
+            return
+        self._packed_shards[index] = gemm_kernels.pack(moved)
+        if all(p is not None for p in self._packed_shards):
+            self.packed = gemm_kernels.concat(self._packed_shards)  # type: ignore[arg-type]
+            self._packed_shards = [None] * len(self.out_sizes)
 
     @property
     def quantized_nbytes(self) -> int:
         """Bytes of the stored weights (not parameters, so not in `parameters()`)."""
-        return sum(t.nbytes for w in self.weights if w is not None for t in w.tensors().values())
+        placed = [w for w in (*self.weights, *self._packed_shards, self.packed) if w is not None]
+        return sum(t.nbytes for w in placed for t in w.tensors().values())
+
+    def _kernels_fit(self, device: torch.device) -> bool:
+        return (
+            device.type == "cuda"
+            and kernels_available(device)
+            and gemm_kernels.supports(self.out_sizes, self.in_features)
+        )
 
     def _weight(self, index: int) -> QuantizedWeight:
         weight = self.weights[index]

@@ -8,6 +8,9 @@ checked against the model before any data moves, and each problem is reported by
 A quantized checkpoint (config.json with our `quantization_config`, quant/checkpoint.py) is read
 and validated whole by `read_checkpoint`; its stored linears go into the model's `QuantizedLinear`
 slices and its other tensors (embeddings, norms, biases, lm_head) through the same slots as fp.
+A QServe model-zoo directory (config.json + pytorch_model.bin / *.pt, quant/qserve_zoo.py) is
+converted in memory into the same validated checkpoint, so both take one load path. A per-tensor
+KV8 checkpoint also yields its static KV scales, which the runner gives the KV cache.
 There is no on-the-fly quantization: w4a8/w8a8 need such a checkpoint (`quant/rtn_model.py`
 writes an RTN one from an fp checkpoint).
 """
@@ -19,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -32,10 +35,16 @@ from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.models.llama import ARCHITECTURES, MODEL_TYPES, LlamaForCausalLM
 from omniserve.quant.checkpoint import (
     QuantizationConfig,
+    QuantizedCheckpoint,
     check_precision,
     read_checkpoint,
 )
 from omniserve.quant.precision import Precision
+from omniserve.quant.qserve_zoo import (
+    is_qserve_checkpoint,
+    qserve_precision,
+    read_qserve_checkpoint,
+)
 
 DUMMY_INIT_STD = 0.02
 """Std of random weights: HF's usual initializer_range. With an RMSNorm in front of every block the
@@ -70,6 +79,8 @@ def resolve_precision(model_dir: str, requested: Precision | None) -> Precision 
     (None for an fp checkpoint, i.e. w16a16 with the KV cache left to kv_cache_dtype). A request
     for quantized weights on an fp checkpoint, or one that differs from a quantized checkpoint's
     precision or group size, is a ConfigError."""
+    if is_qserve_checkpoint(model_dir):
+        return qserve_precision(model_dir, requested)
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     if "quantization_config" in raw:
         stored = QuantizationConfig.from_json(raw["quantization_config"]).precision
@@ -85,6 +96,12 @@ def resolve_precision(model_dir: str, requested: Precision | None) -> Precision 
     return requested
 
 
+class LoadedModel(NamedTuple):
+    model: LlamaForCausalLM
+    kv_scales: torch.Tensor | None
+    """fp32 [num_layers, 2 (K, V)] static KV8 scales of a per-tensor checkpoint, else None."""
+
+
 def load_model(
     model_dir: str,
     hf_config: PretrainedConfig,
@@ -95,9 +112,27 @@ def load_model(
     precision: Precision | None = None,
     dummy_seed: int | None = None,
 ) -> LlamaForCausalLM:
+    """The model of `load_model_and_kv_scales`, for callers that serve no static KV8 scales."""
+    return load_model_and_kv_scales(
+        model_dir, hf_config, device=device, dtype=dtype, max_positions=max_positions,
+        precision=precision, dummy_seed=dummy_seed,
+    ).model
+
+
+def load_model_and_kv_scales(
+    model_dir: str,
+    hf_config: PretrainedConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    precision: Precision | None = None,
+    dummy_seed: int | None = None,
+) -> LoadedModel:
     """The model on `device` in `dtype`; random weights seeded by `dummy_seed` when it is given,
     else the checkpoint's safetensors. `precision` (from `resolve_precision`) with quantized
-    weights reads a quantized checkpoint that must hold exactly that precision."""
+    weights reads a quantized checkpoint (ours or QServe's zoo) that must hold exactly that
+    precision; a per-tensor KV8 one also gives its static KV scales."""
     quantized = precision if precision is not None and precision.quantized_weights else None
     if quantized is not None and dummy_seed is not None:
         raise ConfigError(
@@ -109,13 +144,14 @@ def load_model(
             model = LlamaForCausalLM(hf_config, max_positions, precision)
     except ValueError as exc:  # a config value the model (or the weight format) does not allow
         raise CheckpointError(f"{model_dir}/config.json: {exc}") from None
+    kv_scales = None
     if dummy_seed is not None:
         init_dummy_weights(model, dummy_seed)
     elif quantized is not None:
-        load_quantized_weights(model, model_dir, quantized, device)
+        kv_scales = load_quantized_weights(model, model_dir, quantized, device)
     else:
         load_weights(model, model_dir)
-    return model.eval()
+    return LoadedModel(model.eval(), kv_scales)
 
 
 def checkpoint_slots(model: torch.nn.Module) -> dict[str, TensorSlot]:
@@ -153,12 +189,20 @@ def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
                     slots[name].load(f.get_tensor(name))
 
 
+def read_quantized_checkpoint(model_dir: str, precision: Precision) -> QuantizedCheckpoint:
+    """Our checkpoint or a QServe zoo one, validated; ConfigError if it holds another precision
+    or group size."""
+    if is_qserve_checkpoint(model_dir):
+        return read_qserve_checkpoint(model_dir, precision)
+    return read_checkpoint(model_dir, precision)
+
+
 def load_quantized_weights(
     model: LlamaForCausalLM, model_dir: str, precision: Precision, device: torch.device
-) -> None:
-    """Fill a model built for `precision` from our quantized checkpoint (validated by
-    `read_checkpoint`, which raises ConfigError if it holds another precision or group size)."""
-    ckpt = read_checkpoint(model_dir, precision)
+) -> torch.Tensor | None:
+    """Fill a model built for `precision` from a quantized checkpoint; returns its static KV8
+    scales (per-tensor checkpoints) or None."""
+    ckpt = read_quantized_checkpoint(model_dir, precision)
     slots = checkpoint_slots(model)
     quantized_slots = {
         name: (module, index)
@@ -183,6 +227,7 @@ def load_quantized_weights(
             module.set_weight(index, ckpt.linears[name], device)
         except ValueError as exc:
             raise CheckpointError(f"{model_dir}: quantized linear {name}: {exc}") from None
+    return ckpt.kv_scales
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:

@@ -5,14 +5,17 @@
                                 "quant_method": "omniserve", "format_version": 1,
                                 "precision": "w4a8kv4", "group_size": 128,
                                 "kv_cache": "int4" | "int8" | "model_dtype",
-                                "kv_granularity": "per_token_head" (or null without KV quantization),
+                                "kv_granularity": "per_token_head" | "per_tensor" (static KV8)
+                                                  (null without KV quantization),
                                 "recipe": {...}  (free-form: how the weights were produced),
                                 "modules": {"model.layers.0.self_attn.q_proj": [N, K], ...}}
     *.safetensors           for every quantized linear `<prefix>`, the tensors of its format
                             (weight.py) named `<prefix>.<name>`: qweight, s1_scales, s1_szeros (W4A8
                             per-channel); qweight, s1_scales, s2_scales, s2_zeros (W4A8 g128);
                             weight, dequant_scale (W8A8). Every other tensor (embeddings, norms,
-                            biases, lm_head) is stored as is.
+                            biases, lm_head) is stored as is. With kv_granularity "per_tensor",
+                            `model.layers.{i}.self_attn.kv_scale_quant_orig` float32 [2] per layer:
+                            the static K and V scales (quant/kv.py).
 
 Tensor names are QServe's zoo names; zoo `qweight` is int8 with the same bytes (packing.py).
 `modules` makes the checkpoint self-describing, so the reader can name a missing linear or tensor
@@ -33,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omniserve.errors import CheckpointError, ConfigError
+from omniserve.quant.kv import KV_GRANULARITIES, PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.quant.precision import Precision, parse
 from omniserve.quant.weight import QuantizedWeight, weight_format
 
@@ -40,6 +44,15 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "omniserve"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+KV_SCALE_SUFFIX = "self_attn.kv_scale_quant_orig"
+"""Per-layer static KV8 scales [k_absmax / 127, v_absmax / 127] (QServe's name)."""
+
+
+def kv_scale_key(layer: int) -> str:
+    """Checkpoint name of layer `layer`'s static KV8 scales."""
+    return f"model.layers.{layer}.{KV_SCALE_SUFFIX}"
+
 
 # Suffixes that only quantized linears use: a tensor with one outside `modules` is an error.
 _QUANTIZED_SUFFIXES = frozenset(
@@ -55,6 +68,11 @@ class QuantizationConfig:
     modules: dict[str, tuple[int, int]]
     """Quantized linear prefix → (N, K)."""
     recipe: dict[str, Any] = field(default_factory=dict)
+    kv_granularity: str = PER_TOKEN_HEAD
+    """PER_TOKEN_HEAD, or PER_TENSOR: static KV8 with per-layer scales in the checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_kv_granularity(self.kv_granularity, self.precision)
 
     def to_json(self) -> dict[str, Any]:
         kv_bits = self.precision.kv_bits
@@ -64,7 +82,7 @@ class QuantizationConfig:
             "precision": self.precision.name,
             "group_size": self.precision.group_size,
             "kv_cache": "model_dtype" if kv_bits is None else f"int{kv_bits}",
-            "kv_granularity": None if kv_bits is None else "per_token_head",
+            "kv_granularity": None if kv_bits is None else self.kv_granularity,
             "recipe": self.recipe,
             "modules": {name: list(shape) for name, shape in self.modules.items()},
         }
@@ -87,6 +105,8 @@ class QuantizationConfig:
             precision = parse(str(block["precision"]), int(block["group_size"]))
             modules = {str(k): (int(v[0]), int(v[1])) for k, v in block["modules"].items()}
             recipe = dict(block.get("recipe") or {})
+            granularity = block.get("kv_granularity") or PER_TOKEN_HEAD
+            check_kv_granularity(granularity, precision)
         except ConfigError as exc:
             raise CheckpointError(f"quantization_config: {exc}") from exc
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -96,7 +116,23 @@ class QuantizationConfig:
                 f"quantization_config.precision {precision.name} has no quantized weights; "
                 "such models are served from their own fp checkpoint"
             )
-        return cls(precision, modules, recipe)
+        return cls(precision, modules, recipe, granularity)
+
+
+def check_kv_granularity(granularity: str, precision: Precision) -> None:
+    """ConfigError for an unknown granularity, or per-tensor scales on a cache that is not KV8."""
+    if granularity not in KV_GRANULARITIES:
+        raise ConfigError(
+            f"kv_granularity {granularity!r} is not supported; valid choices: "
+            f"{', '.join(KV_GRANULARITIES)}"
+        )
+    if granularity == PER_TENSOR and precision.kv_bits != 8:
+        kv = "the model dtype" if precision.kv_bits is None else f"int{precision.kv_bits}"
+        raise ConfigError(
+            f"kv_granularity {PER_TENSOR!r} (static symmetric int8 scales) needs a KV8 precision, "
+            f"but {precision.name} keeps the KV cache in {kv}; KV4 has no per-tensor form (it "
+            f"needs per-token zero points): use kv_granularity {PER_TOKEN_HEAD!r} or a kv8 precision"
+        )
 
 
 @dataclass(frozen=True)
@@ -106,7 +142,9 @@ class QuantizedCheckpoint:
     quant: QuantizationConfig
     linears: dict[str, QuantizedWeight]
     tensors: dict[str, torch.Tensor]
-    """Every stored tensor that is not part of a quantized linear."""
+    """Every stored tensor that is not part of a quantized linear or a KV scale."""
+    kv_scales: torch.Tensor | None = None
+    """fp32 [num_layers, 2 (K, V)] static KV8 scales when kv_granularity is per-tensor."""
 
     def dequantize_linear(self, prefix: str) -> torch.Tensor:
         """Ŵ fp32 [N, K] of a stored linear (for golden tests and fake-quant evaluation)."""
@@ -122,8 +160,13 @@ def write_checkpoint(
     linears: Mapping[str, QuantizedWeight],
     tensors: Mapping[str, torch.Tensor],
     recipe: Mapping[str, Any] | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """Write config.json + model.safetensors into directory `path` (created if needed)."""
+    """Write config.json + model.safetensors into directory `path` (created if needed).
+
+    `kv_scales` (fp32 [num_layers, 2], quant/kv_calibration.py) makes the checkpoint per-tensor
+    static KV8; without it the KV cache is quantized per token and head.
+    """
     if not precision.quantized_weights:
         raise ConfigError(
             f"{precision.name} keeps the model's fp weights (KV quantization happens at run "
@@ -145,8 +188,14 @@ def write_checkpoint(
                 f"tensor {name!r} is both a quantized-linear tensor and a plain tensor"
             )
         stored[name] = t
+    granularity = PER_TOKEN_HEAD
+    if kv_scales is not None:
+        granularity = PER_TENSOR
+        num_layers = int(hf_config["num_hidden_layers"])
+        check_kv_scales(kv_scales, (num_layers, 2), "kv_scales")
+        stored.update({kv_scale_key(i): kv_scales[i].float() for i in range(num_layers)})
     quant = QuantizationConfig(
-        precision, {p: w.shape for p, w in linears.items()}, dict(recipe or {})
+        precision, {p: w.shape for p, w in linears.items()}, dict(recipe or {}), granularity
     )
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +253,53 @@ def read_checkpoint(path: str | Path, precision: Precision | None = None) -> Qua
             raise CheckpointError(
                 f"tensor {key} belongs to no linear listed in quantization_config.modules"
             )
-    return QuantizedCheckpoint(config, quant, linears, stored)
+    kv_scales = pop_kv_scales(stored, config, quant.kv_granularity == PER_TENSOR)
+    return QuantizedCheckpoint(config, quant, linears, stored, kv_scales)
+
+
+def pop_kv_scales(
+    stored: dict[str, torch.Tensor], hf_config: Mapping[str, Any], per_tensor: bool
+) -> torch.Tensor | None:
+    """Remove every layer's `kv_scale_quant_orig` from `stored` and return them as fp32
+    [num_layers, 2] when `per_tensor`; CheckpointError naming a missing or malformed one, or one
+    present in a checkpoint that is not per-tensor."""
+    present = sorted(k for k in stored if k.endswith(KV_SCALE_SUFFIX))
+    if not per_tensor:
+        if present:
+            raise CheckpointError(
+                f"tensor {present[0]} holds static KV scales, but quantization_config."
+                f"kv_granularity is not {PER_TENSOR!r}"
+            )
+        return None
+    try:
+        num_layers = int(hf_config["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json has no valid num_hidden_layers: {exc!r}") from None
+    rows = []
+    for i in range(num_layers):
+        key = kv_scale_key(i)
+        if key not in stored:
+            raise CheckpointError(
+                f"tensor {key} is missing (kv_granularity {PER_TENSOR!r} needs one per layer)"
+            )
+        rows.append(stored.pop(key))
+    for key in present:
+        if key in stored:
+            raise CheckpointError(f"tensor {key} names no layer of the model ({num_layers} layers)")
+    for i, t in enumerate(rows):
+        check_kv_scales(t, (2,), f"tensor {kv_scale_key(i)}")
+    return torch.stack([t.float() for t in rows])
+
+
+def check_kv_scales(scales: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    """CheckpointError unless `scales` is a float tensor of `shape` of positive finite values."""
+    if not scales.is_floating_point() or tuple(scales.shape) != shape:
+        raise CheckpointError(
+            f"{name}: expected a float tensor of shape {list(shape)} (K and V scales), found "
+            f"{scales.dtype} {list(scales.shape)}"
+        )
+    if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise CheckpointError(f"{name}: scales must be positive and finite, got {scales.tolist()}")
 
 
 def check_precision(root: str | Path, requested: Precision, stored: Precision) -> None:

@@ -23,6 +23,17 @@ Two choices on top of QServe's formula, both for a guarantee rather than an appr
 
 KV4 packs two consecutive channels in one byte, the low nibble holding the even channel and the
 high nibble the odd one (QServe's `cast_to_packed_uint4`); head_dim is even (RoPE rotates pairs).
+
+Per-tensor static KV8 (LServe's default, `kv_granularity: "per_tensor"`): one fp32 scale per
+layer for K and one for V, fixed ahead of time from calibration maxima of the post-RoPE keys and of
+the values (`kv_scale_quant_orig` = [k_absmax / 127, v_absmax / 127], quant/kv_calibration.py);
+symmetric, signed, no zero, nothing stored per row:
+
+    q = clamp(round(x / s), −127, 127)  (int8)          x̂ = s · q
+
+|x̂ − x| ≤ s / 2 wherever |x| ≤ 127.5 · s (the calibrated range); values beyond it are clamped to
+±127 · s, an error of |x| − 127 · s. KV4 has no per-tensor form: a symmetric 4-bit grid without a
+zero point is too coarse, and QServe refuses it too.
 """
 
 from __future__ import annotations
@@ -31,6 +42,15 @@ import torch
 
 KV_CACHE_BITS: dict[str, int] = {"int8": 8, "int4": 4}
 """Bits per cached value of each quantized `kv_cache_dtype`."""
+
+PER_TOKEN_HEAD = "per_token_head"
+"""`kv_granularity` of the fine-grained format: a scale and zero per (token, KV head)."""
+PER_TENSOR = "per_tensor"
+"""`kv_granularity` of static KV8: one scale per layer for K and one for V."""
+KV_GRANULARITIES = (PER_TOKEN_HEAD, PER_TENSOR)
+
+STATIC_KV_QMAX = 127
+"""Largest code of per-tensor static KV8 (symmetric int8)."""
 
 _MIN_SCALE = 2.0**-14
 
@@ -73,3 +93,22 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_int4`: bytes [..., n] -> uint8 codes [..., 2n]."""
     return torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2)
+
+
+def static_kv_scales(absmax: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scales absmax / 127 (fp32, any shape; the floor keeps 1 / s finite for a layer
+    whose calibration saw only zeros)."""
+    return (absmax.float() / STATIC_KV_QMAX).clamp_min(_MIN_SCALE)
+
+
+def quantize_kv_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., head_dim] (any float dtype), scale a 0-d fp32 tensor -> codes int8 [..., head_dim]."""
+    q = (x.float() / scale).round_().clamp_(-STATIC_KV_QMAX, STATIC_KV_QMAX)
+    return q.to(torch.int8)
+
+
+def dequantize_kv_static(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of `quantize_kv_static`: x̂ = scale · q in fp32, returned as `dtype`."""
+    return codes.float().mul_(scale).to(dtype)

@@ -40,12 +40,25 @@ def fp16_ceil(ratio: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < r, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
-def quantize_symmetric(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed RTN along the last dim: returns (q int8 [..., n], scale fp16 [...]); see module doc."""
+def quantize_symmetric(
+    x: torch.Tensor, qmax: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed RTN along the last dim: returns (q int8 [..., n], scale fp16 [...]); see module doc.
+
+    `clip` [...] in (0, 1] shrinks each row's range to clip · absmax (weight clipping): values
+    beyond it saturate at ±qmax, trading their error for a finer step everywhere else.
+    """
     xf = x.float()
-    scale = fp16_ceil(xf.abs().amax(dim=-1) / qmax)
-    q = torch.round(xf / scale.float().unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
+    absmax = xf.abs().amax(dim=-1)
+    scale = fp16_ceil((absmax if clip is None else absmax * clip) / qmax)
+    return symmetric_codes(xf, scale, qmax), scale
+
+
+def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Signed RTN codes for a given scale (one per row of the last dim): int8 [..., n] in
+    [−qmax, qmax], q = clamp(round(x / s), −qmax, qmax)."""
+    q = torch.round(x.float() / scale.float().unsqueeze(-1)).clamp_(-qmax, qmax)
+    return q.to(torch.int8)
 
 
 def asymmetric_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Write an RTN-quantized checkpoint of an HF fp checkpoint, in our format (quant/checkpoint.py).
 
 Round-to-nearest only (weight.py's quantizers, no clipping, smoothing, rotation or GPTQ): a
-baseline for tests and for users until the QoQ quantizer lands. Every decoder projection
+baseline for tests and for the accuracy tables (the QoQ quantizer is quant/qoq/). Every decoder projection
 (`model.layers.*.{q,k,v,o,gate,up,down}_proj.weight`) is quantized; embeddings, norms, biases and
 lm_head are copied as stored, as QServe keeps them in fp16. Tokenizer and generation files are
 copied so that the output directory serves on its own.
@@ -66,8 +66,13 @@ def write_rtn_checkpoint(src: str | Path, dst: str | Path, precision: Precision)
                         f"{precision.group_size}: {exc}"
                     ) from None
     write_checkpoint(out, config, precision, linears, tensors, RECIPE)
+    copy_side_files(source, out)
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """Copy the tokenizer, generation config, etc. of `source` into the quantized checkpoint
+    `out`: every file but the weights and config.json, which the writer produced."""
     for extra in source.iterdir():
-        # Tokenizer, generation config, etc.; the weights and config were rewritten above.
         is_weights = extra.suffix == ".safetensors" or extra.name.endswith(".safetensors.index.json")
         if extra.is_file() and not is_weights and extra.name != CONFIG_FILE:
             shutil.copy2(extra, out / extra.name)

@@ -27,8 +27,9 @@ W4A8 g128, progressive (`W4A8PerGroupWeight`):
 W8A8 (`W8A8Weight`): symmetric int8 per channel,
     weight = round(W / s) ∈ [−127, 127],  s = dequant_scale fp16 [N],  Ŵ = s · weight,  |W − Ŵ| ≤ s / 2.
 
-The QoQ quantizer (clipping, smoothing, rotation, GPTQ) changes W and the ranges before these
-formulas; the stored formats and dequantization stay these.
+The QoQ quantizer (qoq/) changes W (rotation, smoothing) and the ranges (per-row clipping ratios
+`clip`) before these formulas, and GPTQ chooses the codes on the grid they define (`WeightGrid`);
+the stored formats and dequantization stay these.
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ from omniserve.quant.packing import (
     unpermute_group_columns,
 )
 from omniserve.quant.precision import GROUP_SIZE_128, Precision
-from omniserve.quant.rtn import asymmetric_codes, asymmetric_range, fp16_ceil, quantize_symmetric
+from omniserve.quant.rtn import (
+    asymmetric_codes,
+    asymmetric_range,
+    fp16_ceil,
+    quantize_symmetric,
+    symmetric_codes,
+)
 
 W4_LEVELS = 15
 """uint4 codes span [0, 15]."""
@@ -216,50 +223,199 @@ def weight_format(precision: Precision) -> type[QuantizedWeight]:
     raise ValueError(f"{precision.name} keeps the model's fp weights; there is no quantized format")
 
 
-def quantize_w4a8_per_channel(w: torch.Tensor) -> W4A8PerChannelWeight:
-    """RTN uint4 per output channel of W [N, K] (N, K multiples of 32)."""
-    _check_weight(w, W4A8PerChannelWeight)
+class WeightGrid(abc.ABC):
+    """The scales and zeros of one weight [N, K] in a stored format, apart from its codes.
+
+    RTN is `grid.pack(grid.codes(W, 0))`. Splitting the two lets GPTQ (qoq/gptq.py) choose the
+    codes of each column on the grid of the (clipped) RTN weight while it updates the columns not
+    yet quantized, and still produce exactly this format. `codes(w, start)` takes the columns
+    [start, start + n) of a weight: any span for per-channel grids, and for g128 either a span
+    inside one group or whole groups.
+    """
+
+    @abc.abstractmethod
+    def codes(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        """Integer codes [N, n] of the columns w [N, n] starting at column `start`."""
+
+    @abc.abstractmethod
+    def dequantize(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        """fp32 [N, n]: the stored format's Ŵ of the codes q of columns [start, start + n)."""
+
+    @abc.abstractmethod
+    def pack(self, q: torch.Tensor) -> QuantizedWeight:
+        """The stored weight of the codes q [N, K] of every column."""
+
+    def fake_quantize(self, w: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Ŵ fp32 of the columns w starting at `start`: what the stored weight dequantizes to."""
+        return self.dequantize(self.codes(w, start), start)
+
+
+@dataclass(frozen=True)
+class W4PerChannelGrid(WeightGrid):
+    s1: torch.Tensor
+    """fp16 [N]."""
+    lo: torch.Tensor
+    """fp32 [N], the (clipped) row minimum ∪ {0} that sets the zero point z = round(−lo / s1)."""
+
+    def codes(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        return asymmetric_codes(w, self.s1, self.lo, W4_LEVELS)[0]
+
+    def _szeros(self) -> torch.Tensor:
+        z = asymmetric_codes(self.lo.unsqueeze(-1), self.s1, self.lo, W4_LEVELS)[1]
+        return (z.float() * self.s1.float()).half()
+
+    def dequantize(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        return self.s1.float().unsqueeze(1) * q.float() - self._szeros().float().unsqueeze(1)
+
+    def pack(self, q: torch.Tensor) -> W4A8PerChannelWeight:
+        return W4A8PerChannelWeight(pack_w4(q), self.s1, self._szeros())
+
+
+@dataclass(frozen=True)
+class W4ProgressiveGrid(WeightGrid):
+    s1: torch.Tensor
+    """fp16 [N], level-1 scale (protective int8 range)."""
+    s2: torch.Tensor
+    """int32 [N, K/128], level-2 group scale."""
+    lo: torch.Tensor
+    """int32 [N, K/128], group minimum of the level-1 codes ∪ {0}: z = round(−lo / s2)."""
+
+    def _groups(self, w: torch.Tensor, start: int) -> tuple[torch.Tensor, slice]:
+        """w [N, n] as [N, groups, len] and the groups it covers (a span in one group or whole
+        groups, see WeightGrid)."""
+        n, width = w.shape
+        first = start // GROUP_SIZE_128
+        if start % GROUP_SIZE_128 == 0 and width % GROUP_SIZE_128 == 0:
+            count = width // GROUP_SIZE_128
+            return w.reshape(n, count, GROUP_SIZE_128), slice(first, first + count)
+        if (start + width - 1) // GROUP_SIZE_128 != first:
+            raise ValueError(
+                f"columns [{start}, {start + width}) straddle a 128-group; pass whole groups "
+                "or a span inside one"
+            )
+        return w.unsqueeze(1), slice(first, first + 1)
+
+    def codes(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        q1 = symmetric_codes(w, self.s1, PROTECTIVE_QMAX).to(torch.int32)
+        groups, g = self._groups(q1, start)
+        q, _ = asymmetric_codes(groups, self.s2[:, g], self.lo[:, g], W4_LEVELS)
+        return q.reshape(w.shape)
+
+    def _int8(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        """w8 = s2 · (q − z) [N, n] (exact integers)."""
+        groups, g = self._groups(q.to(torch.int32), start)
+        s2 = self.s2[:, g]
+        z = torch.round(-self.lo[:, g].float() / s2.float()).clamp_(0, W4_LEVELS).to(torch.int32)
+        return (s2.unsqueeze(-1) * (groups - z.unsqueeze(-1))).reshape(q.shape)
+
+    def dequantize(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        return self.s1.float().unsqueeze(1) * self._int8(q, start).float()
+
+    def pack(self, q: torch.Tensor) -> W4A8PerGroupWeight:
+        _, z = asymmetric_codes(self.lo.unsqueeze(-1), self.s2, self.lo, W4_LEVELS)
+        return W4A8PerGroupWeight(
+            pack_w4(q),
+            self.s1,
+            permute_group_columns(self.s2.t().to(torch.int8)),
+            permute_group_columns((-z * self.s2).t().to(torch.int8)),
+        )
+
+
+@dataclass(frozen=True)
+class W8Grid(WeightGrid):
+    s: torch.Tensor
+    """fp16 [N]."""
+
+    def codes(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        return symmetric_codes(w, self.s, W8_QMAX)
+
+    def dequantize(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        return self.s.float().unsqueeze(1) * q.float()
+
+    def pack(self, q: torch.Tensor) -> W8A8Weight:
+        return W8A8Weight(q.to(torch.int8), self.s)
+
+
+def w4_per_channel_grid(w: torch.Tensor, clip: torch.Tensor | None = None) -> W4PerChannelGrid:
+    """The uint4 per-channel grid of W [N, K] (N, K multiples of 32); `clip` [N] in (0, 1]
+    shrinks each row's range [lo, hi] (weight clipping)."""
+    _check_weight(w, W4A8PerChannelWeight, clip)
     lo, hi = asymmetric_range(w.float())
-    s1 = fp16_ceil((hi - lo) / W4_LEVELS)
-    q, z = asymmetric_codes(w, s1, lo, W4_LEVELS)
-    return W4A8PerChannelWeight(pack_w4(q), s1, (z.float() * s1.float()).half())
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    return W4PerChannelGrid(fp16_ceil((hi - lo) / W4_LEVELS), lo)
 
 
-def quantize_w4a8_g128(w: torch.Tensor) -> W4A8PerGroupWeight:
-    """Progressive RTN of W [N, K] (N multiple of 32, K multiple of 128); see the module doc."""
-    _check_weight(w, W4A8PerGroupWeight)
+def w4_progressive_grid(w: torch.Tensor, clip: torch.Tensor | None = None) -> W4ProgressiveGrid:
+    """The progressive g128 grid of W [N, K] (N multiple of 32, K of 128); `clip` [N] in (0, 1]
+    shrinks each row's level-1 range (see the module doc for both levels)."""
+    _check_weight(w, W4A8PerGroupWeight, clip)
     n, k = w.shape
-    q1, s1 = quantize_symmetric(w, PROTECTIVE_QMAX)
+    q1, s1 = quantize_symmetric(w, PROTECTIVE_QMAX, clip)
     groups = q1.to(torch.int32).reshape(n, k // GROUP_SIZE_128, GROUP_SIZE_128)
     lo, hi = asymmetric_range(groups)
     s2 = torch.div(hi - lo + W4_LEVELS - 1, W4_LEVELS, rounding_mode="floor").clamp_(min=1)
-    q, z = asymmetric_codes(groups, s2, lo, W4_LEVELS)
-    return W4A8PerGroupWeight(
-        pack_w4(q.reshape(n, k)),
-        s1,
-        permute_group_columns(s2.t().to(torch.int8)),
-        permute_group_columns((-z * s2).t().to(torch.int8)),
-    )
+    return W4ProgressiveGrid(s1, s2, lo)
 
 
-def quantize_w8a8(w: torch.Tensor) -> W8A8Weight:
-    """RTN int8 per output channel of W [N, K]."""
-    _check_weight(w, W8A8Weight)
-    q, s = quantize_symmetric(w, W8_QMAX)
-    return W8A8Weight(q, s)
+def w8_grid(w: torch.Tensor, clip: torch.Tensor | None = None) -> W8Grid:
+    """The int8 symmetric per-channel grid of W [N, K]; `clip` [N] in (0, 1] shrinks each row's
+    range."""
+    _check_weight(w, W8A8Weight, clip)
+    return W8Grid(quantize_symmetric(w, W8_QMAX, clip)[1])
 
 
-def quantize_weight(w: torch.Tensor, precision: Precision) -> QuantizedWeight:
-    """RTN-quantize W [N, K] into the stored format of `precision`."""
+def weight_grid(
+    w: torch.Tensor, precision: Precision, clip: torch.Tensor | None = None
+) -> WeightGrid:
+    """The grid of W [N, K] in the stored format of `precision` (ValueError for w16)."""
     fmt = weight_format(precision)
     if fmt is W8A8Weight:
-        return quantize_w8a8(w)
+        return w8_grid(w, clip)
     if fmt is W4A8PerGroupWeight:
-        return quantize_w4a8_g128(w)
-    return quantize_w4a8_per_channel(w)
+        return w4_progressive_grid(w, clip)
+    return w4_per_channel_grid(w, clip)
 
 
-def _check_weight(w: torch.Tensor, fmt: type[QuantizedWeight]) -> None:
+def quantize_w4a8_per_channel(
+    w: torch.Tensor, clip: torch.Tensor | None = None
+) -> W4A8PerChannelWeight:
+    """RTN uint4 per output channel of W [N, K] (N, K multiples of 32)."""
+    grid = w4_per_channel_grid(w, clip)
+    return grid.pack(grid.codes(w, 0))
+
+
+def quantize_w4a8_g128(w: torch.Tensor, clip: torch.Tensor | None = None) -> W4A8PerGroupWeight:
+    """Progressive RTN of W [N, K] (N multiple of 32, K multiple of 128); see the module doc."""
+    grid = w4_progressive_grid(w, clip)
+    return grid.pack(grid.codes(w, 0))
+
+
+def quantize_w8a8(w: torch.Tensor, clip: torch.Tensor | None = None) -> W8A8Weight:
+    """RTN int8 per output channel of W [N, K]."""
+    grid = w8_grid(w, clip)
+    return grid.pack(grid.codes(w, 0))
+
+
+def quantize_weight(
+    w: torch.Tensor, precision: Precision, clip: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """RTN-quantize W [N, K] into the stored format of `precision`; `clip` [N] in (0, 1] are
+    per-row clipping ratios (None: no clipping)."""
+    grid = weight_grid(w, precision, clip)
+    return grid.pack(grid.codes(w, 0))
+
+
+def _check_weight(
+    w: torch.Tensor, fmt: type[QuantizedWeight], clip: torch.Tensor | None = None
+) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")
     fmt.check_shape(w.shape[0], w.shape[1])
+    if clip is not None and (
+        tuple(clip.shape) != (w.shape[0],) or not bool(((clip > 0) & (clip <= 1)).all())
+    ):
+        raise ValueError(
+            f"clip must hold one ratio in (0, 1] per output channel ({w.shape[0]}), got "
+            f"{tuple(clip.shape)} with range [{float(clip.min()):.3g}, {float(clip.max()):.3g}]"
+        )

@@ -13,6 +13,9 @@ A quantized cache (KV8/KV4, `quant/kv.py`) keeps the same rows in two tensors: t
 head_dim bytes per row for KV8, head_dim / 2 for KV4) and each row's fp16 (scale, zero). Both are
 indexed by the same cache rows, so the page math is the same for every storage format; K and V are
 quantized when written and dequantized to the compute dtype when read.
+
+Per-tensor static KV8 (`kv_granularity` "per_tensor") stores int8 codes only: each layer's K and V
+have one fixed scale (`static_scales`, from the checkpoint), so rows carry no parameters.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from dataclasses import dataclass
 import torch
 
 from omniserve.layers.attention import CacheRows, PagedAttention
-from omniserve.quant.kv import dequantize_kv, packed_dim, quantize_kv
+from omniserve.quant.kv import (
+    PER_TENSOR,
+    PER_TOKEN_HEAD,
+    dequantize_kv,
+    dequantize_kv_static,
+    packed_dim,
+    quantize_kv,
+    quantize_kv_static,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +47,23 @@ class KVCacheSpec:
     """The compute dtype: what the cache stores when not quantized, and what reads return."""
     kv_bits: int | None = None
     """8 or 4 for a quantized cache (`quant/kv.py`); None stores `dtype`."""
+    kv_granularity: str = PER_TOKEN_HEAD
+    """PER_TOKEN_HEAD, or PER_TENSOR (static KV8: kv_bits 8, scales given to the KVCache)."""
+
+    def __post_init__(self) -> None:
+        if self.kv_granularity == PER_TENSOR and self.kv_bits != 8:
+            raise ValueError(
+                f"kv_granularity {PER_TENSOR!r} needs an int8 KV cache, got kv_bits={self.kv_bits}"
+            )
 
     @property
     def bytes_per_row(self) -> int:
-        """One (token, KV head) row: its values, plus an fp16 scale and zero when quantized."""
+        """One (token, KV head) row: its values, plus an fp16 scale and zero per row when quantized
+        per token (none with per-tensor scales)."""
         if self.kv_bits is None:
             return self.head_dim * self.dtype.itemsize
+        if self.kv_granularity == PER_TENSOR:
+            return self.head_dim
         return packed_dim(self.head_dim, self.kv_bits) + 2 * torch.float16.itemsize
 
     @property
@@ -63,6 +85,9 @@ class DenseRows:
     def read(self, index: torch.Tensor) -> torch.Tensor:
         return self.data[index]
 
+    def kernel_operands(self) -> tuple[torch.Tensor, None]:
+        return self.data, None
+
 
 class QuantizedRows:
     """Cache rows stored as `quantize_kv` codes and per-row (scale, zero)."""
@@ -80,6 +105,24 @@ class QuantizedRows:
     def read(self, index: torch.Tensor) -> torch.Tensor:
         return dequantize_kv(self.codes[index], self.params[index], self.bits, self.dtype)
 
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes, self.params
+
+
+class StaticInt8Rows:
+    """Cache rows stored as `quantize_kv_static` int8 codes under one fixed scale."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        self.codes, self.scale, self.dtype = codes, scale, dtype
+
+    def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        codes = quantize_kv_static(x, self.scale)
+        self.codes[index] = codes
+        return dequantize_kv_static(codes, self.scale, self.dtype)
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        return dequantize_kv_static(self.codes[index], self.scale, self.dtype)
+
 
 class KVCache:
     def __init__(
@@ -89,8 +132,20 @@ class KVCache:
         max_num_seqs: int,
         max_pages_per_seq: int,
         device: torch.device,
+        static_scales: torch.Tensor | None = None,
     ) -> None:
+        """`static_scales`: fp32 [num_layers, 2 (K, V)], required exactly when the spec is
+        per-tensor."""
+        if (static_scales is not None) != (spec.kv_granularity == PER_TENSOR):
+            raise ValueError("static_scales must be given exactly for a per-tensor KV cache")
+        if static_scales is not None and tuple(static_scales.shape) != (spec.num_layers, 2):
+            raise ValueError(
+                f"static_scales must be [{spec.num_layers}, 2], got {list(static_scales.shape)}"
+            )
         self.spec = spec
+        self.static_scales = (
+            None if static_scales is None else static_scales.to(device, torch.float32)
+        )
         self.num_pages = num_pages
         self.page_size = spec.page_size
         # One allocation for every layer's K and V. Zero-filled so that no slot ever holds NaN bits
@@ -99,11 +154,14 @@ class KVCache:
         self.num_slots = num_pages * spec.page_size
         rows = (spec.num_layers, 2, spec.num_kv_heads * self.num_slots)
         self.storage: torch.Tensor
-        """[layers, 2 (K, V), rows, head_dim] values, or [..., packed_dim] uint8 codes."""
+        """[layers, 2 (K, V), rows, head_dim] values, [..., packed_dim] uint8 codes, or
+        [..., head_dim] int8 codes (per-tensor)."""
         self.params: torch.Tensor | None = None
-        """[layers, 2, rows, 2 (scale, zero)] fp16 when quantized."""
+        """[layers, 2, rows, 2 (scale, zero)] fp16 when quantized per token."""
         if spec.kv_bits is None:
             self.storage = torch.zeros(*rows, spec.head_dim, dtype=spec.dtype, device=device)
+        elif self.static_scales is not None:
+            self.storage = torch.zeros(*rows, spec.head_dim, dtype=torch.int8, device=device)
         else:
             width = packed_dim(spec.head_dim, spec.kv_bits)
             self.storage = torch.zeros(*rows, width, dtype=torch.uint8, device=device)
@@ -123,6 +181,10 @@ class KVCache:
             layer.k_cache, layer.v_cache = self._rows(i, 0), self._rows(i, 1)
 
     def _rows(self, layer: int, kv: int) -> CacheRows:
+        if self.static_scales is not None:
+            return StaticInt8Rows(
+                self.storage[layer, kv], self.static_scales[layer, kv], self.spec.dtype
+            )
         if self.params is None:
             return DenseRows(self.storage[layer, kv])
         bits = self.spec.kv_bits

@@ -13,7 +13,12 @@ from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
 from omniserve.errors import ConfigError
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.sampler import Sampler, SampleResult
-from omniserve.models.loader import load_hf_config, load_model, resolve_precision
+from omniserve.models.loader import (
+    load_hf_config,
+    load_model_and_kv_scales,
+    resolve_precision,
+)
+from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.quant.precision import Precision
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.memory import cuda_memory_for_kv_cache
@@ -60,7 +65,7 @@ class ModelRunner:
         self.precision = resolve_precision(config.model, config.requested_precision())
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
-        self.model = load_model(
+        self.model, self._kv_scales = load_model_and_kv_scales(
             config.model,
             self.hf_config,
             device=self.device,
@@ -77,6 +82,8 @@ class ModelRunner:
             head_dim=attn[0].head_dim,
             dtype=self.dtype,
             kv_bits=kv_cache_bits(config.kv_cache_dtype, self.precision),
+            # A per-tensor KV8 checkpoint (static scales) selects static KV8.
+            kv_granularity=PER_TOKEN_HEAD if self._kv_scales is None else PER_TENSOR,
         )
         self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         # Most tokens one decode group gathers from the cache (its padded [g, L] block): a few
@@ -166,7 +173,8 @@ class ModelRunner:
 
     def _make_cache(self, num_pages: int) -> tuple[KVCache, StepInputBuilder]:
         cache = KVCache(
-            self._kv_spec, num_pages, self.config.max_num_seqs, self._max_pages_per_seq, self.device
+            self._kv_spec, num_pages, self.config.max_num_seqs, self._max_pages_per_seq,
+            self.device, self._kv_scales,
         )
         cache.bind(self.model.attention_layers)
         inputs = StepInputBuilder(
@@ -176,6 +184,8 @@ class ModelRunner:
             self.config.max_num_batched_tokens,
             self._gather_budget,
             self.device,
+            decode_kernel=self.config.attention_backend == "auto"
+            and all(layer.decode_kernel_applies(self.dtype) for layer in self.model.attention_layers),
         )
         return cache, inputs
 

@@ -16,6 +16,7 @@ import torch
 from omniserve.layers.attention import (
     AttentionBatches,
     AttentionMetadata,
+    DecodeBatch,
     DecodeGroup,
     PrefillChunk,
 )
@@ -45,10 +46,14 @@ class StepInputBuilder:
         max_num_batched_tokens: int,
         gather_budget: int,
         device: torch.device,
+        decode_kernel: bool = False,
     ) -> None:
         """`windows`: the sliding windows of the model's layers (None: full attention);
-        `gather_budget`: most tokens one decode group gathers (its padded [g, L] size)."""
+        `gather_budget`: most tokens one decode group gathers (its padded [g, L] size);
+        `decode_kernel`: describe decodes as one `DecodeBatch` for the CUDA kernel (page table and
+        lengths) instead of gathered decode groups."""
         self.kv_cache = kv_cache
+        self.decode_kernel = decode_kernel
         self.windows = windows
         self.gather_budget = gather_budget
         self.device = device
@@ -101,17 +106,29 @@ class StepInputBuilder:
                 plan.qstart[prefill].tolist())
         )
         decode_ctx = ctx[order].tolist()
+        decode_batch = None
+        if self.decode_kernel and decode_ctx:
+            # int32 views straight from the step buffer: the kernel reads them as they are.
+            decode_batch = DecodeBatch(
+                token_idx=qstart[order_d],
+                seq_rows=views[1][order_d],
+                context_lens=views[2][order_d] + 1,
+                max_context_len=decode_ctx[0],  # longest first
+                page_table=self.kv_cache.page_table,
+                page_size=self.kv_cache.page_size,
+            )
         by_window = {
             w: AttentionBatches(
                 self._prefills(prefill_reqs, rows, w),
-                self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w),
+                [] if self.decode_kernel
+                else self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w),
             )
             for w in self.windows
         }
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
-            attn=AttentionMetadata(write_index, by_window),
+            attn=AttentionMetadata(write_index, by_window, decode_batch),
             sampled_idx=sampled_idx,
             logits_idx=qstart[1:][sampled_d] - 1,
         )

@@ -1,0 +1,111 @@
+"""Perplexity of one model at every precision, round-to-nearest vs QoQ, through the engine.
+
+    python benches/ppl_precisions.py --output benches/results/ppl-bundled-model.json
+
+Defaults: the bundled model, its `heldout.txt`, fp32 on CPU. QoQ calibrates on training-split
+files of this interpreter's standard library (the split of `omniserve.training.corpus`, so never
+a held-out file), written to a temporary file in corpus order. Each row builds its checkpoint in a
+temporary directory: RTN by `write_rtn_checkpoint`, QoQ by `quantize_checkpoint` with the default
+recipe (the knobs below trade search time for nothing the table shows on a small model).
+Prints a markdown table and writes JSON with every number and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from omniserve.engine.engine import Engine, bundled_model_path
+from omniserve.eval.perplexity import perplexity, read_text
+from omniserve.quant.precision import PER_CHANNEL, parse
+from omniserve.quant.qoq import QoQOptions, load_calibration, quantize_checkpoint
+from omniserve.quant.rtn_model import write_rtn_checkpoint
+from omniserve.training.corpus import load_corpus, stdlib_dir
+
+ROWS: tuple[tuple[str, int], ...] = (
+    ("w16a16", PER_CHANNEL),
+    ("w16a16kv8", PER_CHANNEL),
+    ("w16a16kv4", PER_CHANNEL),
+    ("w8a8kv8", PER_CHANNEL),
+    ("w8a8kv4", PER_CHANNEL),
+    ("w4a8", 128),
+    ("w4a8kv4", 128),
+    ("w4a8kv4", PER_CHANNEL),
+)
+
+
+def calibration_text(max_bytes: int) -> str:
+    corpus = load_corpus(stdlib_dir(), max_bytes, held_out_percent=3, site_packages=False)
+    return "\n\n".join(f.text for f in corpus.train)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=bundled_model_path())
+    p.add_argument("--data", type=Path, default=None, help="default: the model's heldout.txt")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--calib-bytes", type=int, default=400_000)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--clip-steps", type=int, default=11)
+    p.add_argument("--max-rows", type=int, default=1024)
+    p.add_argument("--output", type=Path, default=None, help="JSON file")
+    args = p.parse_args()
+
+    from transformers import AutoTokenizer
+
+    text = read_text(args.data or args.model / "heldout.txt")
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model), local_files_only=True)
+    options = QoQOptions(clip_steps=args.clip_steps, max_rows=args.max_rows)
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calibration.txt"
+        calib_file.write_text(calibration_text(args.calib_bytes), encoding="utf-8")
+        calibration = load_calibration(calib_file, tokenizer, args.calib_samples, args.calib_seq_len)
+
+        def ppl(model: Path, precision: str, group_size: int) -> float:
+            engine = Engine.from_pretrained(
+                model, precision=precision, group_size=group_size, device=args.device,
+                dtype=args.dtype,
+            )
+            return perplexity(engine, text, args.seq_len, args.max_windows).perplexity
+
+        for name, group_size in ROWS:
+            precision = parse(name, group_size)
+            row: dict = {"precision": name, "group_size": group_size}
+            start = time.perf_counter()
+            if not precision.quantized_weights:
+                row["fp_weights"] = ppl(args.model, name, group_size)
+            else:
+                rtn_dir, qoq_dir = Path(tmp) / f"rtn-{name}-{group_size}", Path(tmp) / f"qoq-{name}-{group_size}"
+                write_rtn_checkpoint(args.model, rtn_dir, precision)
+                row["rtn"] = ppl(rtn_dir, name, group_size)
+                quantize_checkpoint(
+                    args.model, qoq_dir, precision, calibration, options, torch.device(args.device),
+                    progress=False,
+                )
+                row["qoq"] = ppl(qoq_dir, name, group_size)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+
+    print("\n| precision | group | fp weights | RTN | QoQ |\n| --- | --- | --- | --- | --- |")
+    for r in results:
+        cells = [f"{r[k]:.3f}" if k in r else "–" for k in ("fp_weights", "rtn", "qoq")]
+        group = "per-channel" if r["group_size"] == PER_CHANNEL else str(r["group_size"])
+        print(f"| {r['precision']} | {group} | " + " | ".join(cells) + " |")
+    if args.output is not None:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.output.write_text(json.dumps({"settings": settings, "rows": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

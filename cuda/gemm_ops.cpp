@@ -1,0 +1,134 @@
+// Torch binding of the quantized GEMMs (gemm/params.h): checks every tensor, then launches on the
+// current stream. python/omniserve/kernels/gemm.py is the only caller and documents the layouts.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gemm/params.h"
+
+namespace {
+
+using omniserve::gemm::Format;
+using omniserve::gemm::GemmParams;
+using omniserve::gemm::Path;
+
+// 127 · 127 · K must stay below 2^31 for the int32 accumulators to be exact.
+constexpr int64_t kMaxK = 131072;
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  const std::vector<int64_t>& shape, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "omniserve gemm: ", name, " is on ", t.device(),
+              ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "omniserve gemm: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "omniserve gemm: ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "omniserve gemm: ", name, " must be contiguous");
+  // The kernels read 16-byte vectors (a view at an odd storage offset would fault).
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "omniserve gemm: ", name,
+              " must start at a 16-byte aligned address");
+}
+
+const at::Tensor& require(const std::optional<at::Tensor>& t, const char* name, const char* fmt) {
+  TORCH_CHECK(t.has_value(), "omniserve gemm: ", fmt, " needs ", name);
+  return *t;
+}
+
+at::ScalarType out_dtype(int64_t out_kind) {
+  switch (out_kind) {
+    case omniserve::gemm::kOutInt32: return at::kInt;
+    case omniserve::gemm::kOutFloat: return at::kFloat;
+    case omniserve::gemm::kOutHalf: return at::kHalf;
+    case omniserve::gemm::kOutBFloat16: return at::kBFloat16;
+    default: TORCH_CHECK(false, "omniserve gemm: unknown output kind ", out_kind);
+  }
+}
+
+// y [M, N] = epilogue(x_q · Wᵀ); out_kind kOutInt32 returns the raw int32 accumulators.
+at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
+                const std::optional<at::Tensor>& a_sum, const at::Tensor& weight,
+                const std::optional<at::Tensor>& groups, const at::Tensor& w_scale,
+                const std::optional<at::Tensor>& w_szero, int64_t out_kind, int64_t path) {
+  TORCH_CHECK(format >= 0 && format <= 2, "omniserve gemm: unknown weight format ", format);
+  TORCH_CHECK(path >= 0 && path <= 3, "omniserve gemm: unknown kernel path ", path);
+  const Format fmt = static_cast<Format>(format);
+  const bool w4 = fmt != Format::kW8A8;
+  const char* fmt_name = fmt == Format::kW8A8             ? "W8A8"
+                         : fmt == Format::kW4A8PerChannel ? "W4A8 per-channel"
+                                                          : "W4A8 g128";
+
+  TORCH_CHECK(x.is_cuda(), "omniserve gemm: activations must be on a CUDA device, got ",
+              x.device());
+  TORCH_CHECK(x.dim() == 2, "omniserve gemm: activations must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, "omniserve gemm: weight must be 2-D, got ", weight.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(k > 0 && k % 128 == 0 && k <= kMaxK, "omniserve gemm: K = ", k,
+              " must be a positive multiple of 128 and at most ", kMaxK);
+  TORCH_CHECK(n > 0 && n % 128 == 0, "omniserve gemm: N = ", n,
+              " must be a positive multiple of 128");
+  TORCH_CHECK(m <= std::numeric_limits<int>::max() / 2, "omniserve gemm: M = ", m, " too large");
+  TORCH_CHECK(static_cast<Path>(path) != Path::kSmallM || m <= omniserve::gemm::kSmallMMax,
+              "omniserve gemm: the small-M kernel takes M <= ", omniserve::gemm::kSmallMMax,
+              ", got ", m);
+  const at::Device device = x.device();
+  check_tensor(x, "x_q", at::kChar, {m, k}, device);
+  check_tensor(a_scale, "activation scales", at::kHalf, {m}, device);
+  check_tensor(weight, "packed weight", w4 ? at::kByte : at::kChar, {n, w4 ? k / 2 : k}, device);
+  check_tensor(w_scale, "weight scales", at::kHalf, {n}, device);
+
+  GemmParams p{};
+  if (fmt == Format::kW4A8PerChannel) {
+    const at::Tensor& sums = require(a_sum, "activation sums", fmt_name);
+    const at::Tensor& szero = require(w_szero, "scaled zeros (s1_szeros)", fmt_name);
+    check_tensor(sums, "activation sums", at::kInt, {m}, device);
+    check_tensor(szero, "scaled zeros (s1_szeros)", at::kHalf, {n}, device);
+    p.a_sum = sums.data_ptr<int32_t>();
+    p.w_szero = reinterpret_cast<const __half*>(szero.data_ptr<at::Half>());
+  }
+  if (fmt == Format::kW4A8G128) {
+    const at::Tensor& grp = require(groups, "group scales and zeros", fmt_name);
+    check_tensor(grp, "group scales and zeros", at::kByte, {k / 128, n, 2}, device);
+    p.groups = reinterpret_cast<const uint16_t*>(grp.data_ptr<uint8_t>());
+  }
+
+  at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype(out_kind)));
+  if (m == 0) return out;
+  p.a = x.data_ptr<int8_t>();
+  p.b = static_cast<const uint8_t*>(weight.data_ptr());
+  p.w_scale = reinterpret_cast<const __half*>(w_scale.data_ptr<at::Half>());
+  p.a_scale = reinterpret_cast<const __half*>(a_scale.data_ptr<at::Half>());
+  p.out = out.data_ptr();
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto kernel_path = static_cast<Path>(path);
+  switch (fmt) {
+    case Format::kW8A8:
+      omniserve::gemm::launch_gemm<Format::kW8A8>(p, out_kind, kernel_path, stream);
+      break;
+    case Format::kW4A8PerChannel:
+      omniserve::gemm::launch_gemm<Format::kW4A8PerChannel>(p, out_kind, kernel_path, stream);
+      break;
+    case Format::kW4A8G128:
+      omniserve::gemm::launch_gemm<Format::kW4A8G128>(p, out_kind, kernel_path, stream);
+      break;
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gemm, "Quantized GEMM (W8A8, W4A8 per-channel, W4A8 g128) on packed weights",
+        py::arg("format"), py::arg("x"), py::arg("a_scale"), py::arg("a_sum"), py::arg("weight"),
+        py::arg("groups"), py::arg("w_scale"), py::arg("w_szero"), py::arg("out_kind"),
+        py::arg("path"));
+}

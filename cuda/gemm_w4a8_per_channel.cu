@@ -1,0 +1,7 @@
+// W4A8 per-channel: uint4 codes, zero folded into the epilogue (gemm/dispatch.cuh).
+// One translation unit per format so that the three build in parallel.
+#include "gemm/dispatch.cuh"
+
+namespace omniserve::gemm {
+template void launch_gemm<Format::kW4A8PerChannel>(const GemmParams&, int, Path, cudaStream_t);
+}  // namespace omniserve::gemm

@@ -1,0 +1,7 @@
+// W8A8: int8 weights (gemm/dispatch.cuh).
+// One translation unit per format so that the three build in parallel.
+#include "gemm/dispatch.cuh"
+
+namespace omniserve::gemm {
+template void launch_gemm<Format::kW8A8>(const GemmParams&, int, Path, cudaStream_t);
+}  // namespace omniserve::gemm

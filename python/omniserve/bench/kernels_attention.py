@@ -1,0 +1,259 @@
+"""Decode attention and fused activation-quantization kernels on the GPU, each next to a peer
+measured in the same run.
+
+Decode attention (Llama-3-8B heads: 32 query, 8 KV, head_dim 128; page size 64; every request at
+the same context length): our kernel over fp16, KV8 and KV4 paged caches, torch SDPA over the same
+context as dense padded fp16 tensors [batch, kv_heads, context, 128] (flash/efficient backends with
+GQA), and the engine's torch decode path (`PagedAttention._decode`: gather + two batched matmuls).
+Bytes counted per call, all read once: K and V rows (fp16: 256 B each; KV8: 128 + 4 B of scale
+and zero; KV4: 64 + 4 B) for batch × 8 heads × context tokens, the queries and outputs
+(batch × 32 × 128 × 2 B each), and the page-table entries read (4 B per page). For SDPA, the
+dense K/V plus queries and outputs. GB/s = bytes / time; the fraction is of 3.0 TB/s (the
+H100's measured copy rate).
+
+Fused ops: per-token int8 quant, RMSNorm + quant, SiLU·mul + quant at T tokens × hidden; bytes =
+input (2 B per value; SiLU reads gate and up), weight (RMSNorm), int8 codes, 2 B scale and 4 B sum
+per token; the peer is the torch reference of `quant/activation.py` on the same GPU.
+
+Timing: CUDA events around each call, the L2 cache flushed before each (a 256 MiB write), the
+median of `--repeats` calls after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+COPY_CEILING_GBPS = 3000.0
+HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 64
+KV_FORMATS = {"fp16": None, "kv8": 8, "kv4": 4}
+
+
+def _time_us(fn: Callable[[], object], repeats: int) -> float:
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _free_bytes() -> int:
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+def _row_bytes(bits: int | None) -> int:
+    return HEAD_DIM * 2 if bits is None else HEAD_DIM * bits // 8 + 4
+
+
+def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, Any]]:
+    rows_out: list[dict[str, Any]] = []
+    tokens = batch * KV_HEADS * context
+    io_bytes = 2 * batch * HEADS * HEAD_DIM * 2  # queries + outputs
+    pages_per_req = math.ceil(context / PAGE_SIZE)
+    num_pages = 1 + batch * pages_per_req
+    num_slots = num_pages * PAGE_SIZE
+    page_table = (1 + torch.randperm(num_pages - 1, device="cuda")).int().view(batch, pages_per_req)
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
+    base = {"batch": batch, "context": context}
+
+    def skip(variant: str, need: int) -> None:
+        rows_out.append({**base, "op": "decode_attention", "variant": variant,
+                         "skipped": f"needs {need / 2**30:.1f} GiB, {_free_bytes() / 2**30:.1f} free"})
+
+    sdpa_us: float | None = None
+    dense_kv = 2 * tokens * HEAD_DIM * 2
+    if dense_kv * 1.1 < _free_bytes():
+        k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        qs = q.unsqueeze(2)
+        sdpa_us = _time_us(
+            lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True),
+            repeats,
+        )
+        nbytes = dense_kv + io_bytes
+        rows_out.append({**base, "op": "decode_attention", "variant": "torch_sdpa_fp16_dense",
+                         "us": sdpa_us, "bytes": nbytes, "gbps": nbytes / sdpa_us / 1e3,
+                         "frac_of_copy_ceiling": nbytes / sdpa_us / 1e3 / COPY_CEILING_GBPS})
+        del k, v, qs
+    else:
+        skip("torch_sdpa_fp16_dense", dense_kv)
+
+    for name, bits in KV_FORMATS.items():
+        kv_bytes = 2 * tokens * _row_bytes(bits)
+        if kv_bytes * 1.1 > _free_bytes():
+            skip(f"ours_{name}", kv_bytes)
+            continue
+        rows_out += _paged_rows(
+            name, bits, q, page_table, context, num_slots, sdpa_us, repeats, skip
+        )
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+def _paged_rows(
+    name: str,
+    bits: int | None,
+    q: torch.Tensor,
+    page_table: torch.Tensor,
+    context: int,
+    num_slots: int,
+    sdpa_us: float | None,
+    repeats: int,
+    skip: Callable[[str, int], None],
+) -> list[dict[str, Any]]:
+    """Our kernel and the engine's torch path over one paged cache format."""
+    from omniserve.kernels.attention import decode_attention
+    from omniserve.layers.attention import DecodeGroup, PagedAttention
+    from omniserve.runner.kv_cache import DenseRows, QuantizedRows
+
+    batch = page_table.shape[0]
+    tokens = batch * KV_HEADS * context
+    base = {"batch": batch, "context": context, "op": "decode_attention"}
+    cache_rows: list[DenseRows | QuantizedRows] = []
+    for _ in range(2):
+        if bits is None:
+            data = torch.randn(KV_HEADS * num_slots, HEAD_DIM, device="cuda", dtype=torch.float16)
+            cache_rows.append(DenseRows(data))
+        else:
+            codes = torch.randint(0, 256, (KV_HEADS * num_slots, HEAD_DIM * bits // 8),
+                                  dtype=torch.uint8, device="cuda")
+            params = torch.rand(KV_HEADS * num_slots, 2, device="cuda").mul_(
+                torch.tensor([0.05, 2 ** (bits - 1)], device="cuda")).half()
+            cache_rows.append(QuantizedRows(codes, params, bits, torch.float16))
+    seq_rows = torch.arange(batch, dtype=torch.int32, device="cuda")
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+
+    def ours() -> torch.Tensor:
+        return decode_attention(
+            q, cache_rows[0].kernel_operands(), cache_rows[1].kernel_operands(), page_table,
+            seq_rows, lens, page_size=PAGE_SIZE, num_kv_heads=KV_HEADS, max_context_len=context,
+            scale=HEAD_DIM**-0.5,
+        )
+
+    us = _time_us(ours, repeats)
+    nbytes = 2 * tokens * _row_bytes(bits) + 2 * q.nbytes + page_table.nbytes
+    rows = [{**base, "variant": f"ours_{name}", "us": us, "bytes": nbytes,
+             "gbps": nbytes / us / 1e3,
+             "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
+             "speedup_vs_sdpa": None if sdpa_us is None else sdpa_us / us}]
+
+    # The engine's torch path on the same cache. Its transients: long indices, gathered codes,
+    # fp32 and fp16 K/V copies, fp32 scores.
+    gather_bytes = tokens * (8 + 2 * HEAD_DIM * 7) + batch * HEADS * context * 12
+    if gather_bytes * 1.2 > _free_bytes():
+        skip(f"engine_torch_gather_{name}", gather_bytes)
+        return rows
+    layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, None)
+    layer.k_cache, layer.v_cache = cache_rows
+    pos = torch.arange(context, device="cuda")
+    slots = page_table[:, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+    kv_index = torch.arange(KV_HEADS, device="cuda")[:, None, None] * num_slots + slots
+    group = DecodeGroup(torch.arange(batch, device="cuda"), kv_index,
+                        torch.ones(batch, context, dtype=torch.bool, device="cuda"))
+
+    def gather() -> torch.Tensor:
+        return layer._decode(q, group)
+
+    # Same data: the two paths must agree (up to the torch path's fp16 roundings).
+    max_diff = (gather().float() - ours().float()).abs().max().item()
+    g_us = _time_us(gather, repeats)
+    rows.append({**base, "variant": f"engine_torch_gather_{name}", "us": g_us, "bytes": nbytes,
+                 "gbps": nbytes / g_us / 1e3,
+                 "frac_of_copy_ceiling": nbytes / g_us / 1e3 / COPY_CEILING_GBPS,
+                 "ours_speedup": g_us / us, "max_abs_diff_vs_ours": max_diff})
+    return rows
+
+
+def _fused_rows(tokens: int, hidden: int, repeats: int) -> list[dict[str, Any]]:
+    from omniserve.kernels import fused
+    from omniserve.layers.norm import RMSNorm
+    from omniserve.quant import activation
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(tokens, 2 * hidden, device="cuda", dtype=torch.bfloat16)
+    norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+    out_bytes = tokens * (hidden + 6)
+    cases = {
+        "quantize_per_token": (lambda: fused.quantize_per_token(x),
+                               lambda: activation.quantize_per_token(x), x.nbytes + out_bytes),
+        "rmsnorm_quant": (lambda: fused.rmsnorm_quant(x, norm),
+                          lambda: activation.rmsnorm_quant(x, norm),
+                          x.nbytes + hidden * 2 + out_bytes),
+        "silu_mul_quant": (lambda: fused.silu_mul_quant(gate_up),
+                           lambda: activation.silu_mul_quant(gate_up), gate_up.nbytes + out_bytes),
+    }
+    rows_out = []
+    for op, (ours, reference, nbytes) in cases.items():
+        us, ref_us = _time_us(ours, repeats), _time_us(reference, repeats)
+        rows_out.append({"op": op, "tokens": tokens, "hidden": hidden, "us": us, "bytes": nbytes,
+                         "gbps": nbytes / us / 1e3,
+                         "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
+                         "torch_reference_us": ref_us, "speedup_vs_torch": ref_us / us})
+    return rows_out
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """All rows of the sweep (`args` as from `add_arguments`)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the kernel benchmarks need a CUDA device")
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        if "attention" in args.parts:
+            for batch in args.batches:
+                for context in args.contexts:
+                    rows += _attention_rows(batch, context, args.repeats)
+                    torch.cuda.empty_cache()
+                    if args.verbose:
+                        for row in rows[-7:]:
+                            print(json.dumps(row))
+        if "fused" in args.parts:
+            for hidden in args.hidden:
+                for tokens in args.tokens:
+                    rows += _fused_rows(tokens, hidden, args.repeats)
+                    if args.verbose:
+                        for row in rows[-3:]:
+                            print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", nargs="+", default=["attention", "fused"],
+                        choices=["attention", "fused"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 32768])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256, 4096, 16384])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 14336])
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls; the median is kept")
+    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--verbose", action="store_true", help="print rows as they are measured")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    for row in run(parser.parse_args(argv)):
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""CUDA kernels (`cuda/`) next to their torch references: one module per op family.
+
+Each module in `EXTENSION_MODULES` declares an `EXTENSION` (`build.Extension`) and exposes its
+ops as functions that take and return torch tensors; the references they must match live in
+`omniserve.quant` and `omniserve.layers`. Importing any of this needs neither CUDA nor nvcc: the
+extensions are compiled on first use (or ahead of time by `omniserve build-kernels`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from omniserve.kernels.build import (
+    Extension,
+    KernelBuildError,
+    KernelUnavailableError,
+    kernels_available,
+    load_extension,
+    unavailable_reason,
+)
+
+EXTENSION_MODULES: tuple[str, ...] = (
+    "omniserve.kernels.fused",
+    "omniserve.kernels.attention",
+    "omniserve.kernels.gemm",
+)
+"""Modules that declare an `EXTENSION`; `omniserve build-kernels` builds them all."""
+
+
+def all_extensions() -> list[Extension]:
+    return [importlib.import_module(m).EXTENSION for m in EXTENSION_MODULES]
+
+
+__all__ = [
+    "EXTENSION_MODULES",
+    "Extension",
+    "KernelBuildError",
+    "KernelUnavailableError",
+    "all_extensions",
+    "kernels_available",
+    "load_extension",
+    "unavailable_reason",
+]

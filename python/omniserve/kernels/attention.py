@@ -1,0 +1,102 @@
+"""Paged decode attention (`cuda/decode_attention.cu`) next to its torch reference.
+
+The reference is `PagedAttention`'s gather path (`layers/attention.py`); `decode_attention` here
+is the CUDA kernel over the same cache rows, driven by the engine's int32 page table and context
+lengths instead of gathered row indices. `supports` says which layer shapes the kernel handles;
+the attention layer uses the reference for the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from omniserve.kernels.build import Extension, kernels_available
+
+EXTENSION = Extension(
+    "omniserve_decode_attention",
+    (
+        "decode_attention.cu", "decode_attention_kv16.cu", "decode_attention_kv8.cu",
+        "decode_attention_kv4.cu", "decode_attention_bindings.cpp",
+    ),
+    # Safe: the approximate exp2 and division err far below the fp16/bf16 rounding of the output,
+    # and the code conversions are integer tricks that fast math does not touch.
+    fast_math=True,
+)
+
+HEAD_DIMS = (64, 128)
+GROUP_SIZES = (1, 2, 4, 8)
+"""Query heads per KV head the kernel is instantiated for (MHA = 1)."""
+PARTITIONS = (512, 256, 128)
+"""Tokens per split, largest first."""
+
+
+@cache
+def _ops() -> ModuleType:
+    return EXTENSION.load()
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel handles a layer of this shape and compute dtype."""
+    return (
+        dtype in (torch.float16, torch.bfloat16)
+        and head_dim in HEAD_DIMS
+        and num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads in GROUP_SIZES
+    )
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and kernels_available(device)
+
+
+def choose_partition(batch: int, num_kv_heads: int, visible_len: int, device: torch.device) -> int:
+    """The largest partition that still gives every SM two blocks; small batches of long contexts
+    get more, shorter partitions (more parallelism, one more combine step)."""
+    target = 2 * _num_sms(device)
+    for partition in PARTITIONS:
+        if batch * num_kv_heads * math.ceil(visible_len / partition) >= target:
+            return partition
+    return PARTITIONS[-1]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_rows: tuple[torch.Tensor, torch.Tensor | None],
+    v_rows: tuple[torch.Tensor, torch.Tensor | None],
+    page_table: torch.Tensor,
+    seq_rows: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    page_size: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    scale: float,
+    window: int | None = None,
+    partition: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per request over its paged cache, [B, q_heads, head_dim].
+
+    q [B, q_heads, head_dim] fp16/bf16; k_rows / v_rows: (rows, params) of one layer's cache as in
+    `runner/kv_cache.py` (params None for a cache in q's dtype, else fp16 [rows, 2] scale and zero
+    beside uint8 codes); page_table int32 [R, max_pages]; seq_rows int32 [B] (each request's
+    page-table row); context_lens int32 [B] (tokens each request attends, its new token included,
+    all >= 1); max_context_len >= every context length (sizes the launch: a smaller value yields
+    NaN outputs, never a silent truncation); window: attend only the last `window` tokens.
+    """
+    visible = max_context_len if window is None else min(max_context_len, window)
+    if partition is None:
+        partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device)
+    (k, k_params), (v, v_params) = k_rows, v_rows
+    return _ops().decode_attention(
+        q, k, v, k_params, v_params, page_table, seq_rows, context_lens,
+        page_size, num_kv_heads, max_context_len, window or 0, scale, partition,
+    )

@@ -1,0 +1,158 @@
+"""Just-in-time builds of the CUDA extensions in `cuda/`, cached on disk and in the process.
+
+`load_extension("fused_quant", ["fused_quant.cu"])` compiles the sources (paths relative to
+`cuda/`, which is also on the include path, so `#include "common/....cuh"` works) with torch's
+extension builder (ninja) for Hopper (sm_90a) and imports the result. The build directory is
+`~/.cache/omniserve/kernels/<name>-<hash>` (`OMNISERVE_KERNEL_CACHE` overrides the root), where the
+hash covers the sources, every header under `cuda/`, the flags, and the torch and CUDA versions:
+any change lands in a fresh directory, and an unchanged build is only re-imported.
+
+Importing this module needs neither CUDA nor nvcc; only `load_extension` does, and it says what is
+missing (`KernelUnavailableError`) instead of failing deep inside the compiler driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from omniserve.errors import OmniserveError
+
+CUDA_SOURCE_DIR = Path(__file__).resolve().parents[3] / "cuda"
+"""The repository's `cuda/` directory (the package is used from a source checkout)."""
+
+TARGET_CAPABILITY = (9, 0)
+"""Every extension is compiled for sm_90a alone (the GEMMs use wgmma): Hopper (H100/H200) only."""
+
+BASE_CUDA_FLAGS: tuple[str, ...] = (
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-O3",
+)
+BASE_CXX_FLAGS: tuple[str, ...] = ("-O3",)
+
+
+class KernelUnavailableError(OmniserveError, RuntimeError):
+    """The CUDA kernels cannot be used here: no CUDA device, not a Hopper GPU, or no sources."""
+
+
+class KernelBuildError(OmniserveError, RuntimeError):
+    """Compiling or importing a CUDA extension failed; the message names the build directory."""
+
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType] = {}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OMNISERVE_KERNEL_CACHE", Path.home() / ".cache/omniserve/kernels"))
+
+
+def unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why the kernels cannot run on `device` (default: the current CUDA device), None if they can."""
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    if device is not None and device.type != "cuda":
+        return f"tensors are on {device}, not on a CUDA device"
+    capability = torch.cuda.get_device_capability(device)
+    if capability != TARGET_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (
+            f"the kernels are built for sm_90a (Hopper); {name} has compute capability "
+            f"{capability[0]}.{capability[1]}"
+        )
+    if not CUDA_SOURCE_DIR.is_dir():
+        return f"the CUDA sources are not at {CUDA_SOURCE_DIR} (use a source checkout of omniserve)"
+    return None
+
+
+def kernels_available(device: torch.device | None = None) -> bool:
+    return unavailable_reason(device) is None
+
+
+def load_extension(
+    name: str,
+    sources: Sequence[str],
+    *,
+    fast_math: bool = False,
+    extra_cuda_flags: Sequence[str] = (),
+) -> ModuleType:
+    """Build (once per content hash) and import the extension `name` from `sources`.
+
+    `sources` are paths relative to `cuda/` (or absolute). `fast_math` adds --use_fast_math: only
+    for kernels whose results are checked against references with float tolerances, never for
+    the quantizers, whose codes must match the references exactly (fast division and
+    flush-to-zero change them).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise KernelUnavailableError(f"cannot load CUDA extension {name!r}: {reason}")
+    if not sources:
+        raise ValueError(f"extension {name!r} needs at least one source file")
+    paths = [p if p.is_absolute() else CUDA_SOURCE_DIR / p for p in map(Path, sources)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise KernelUnavailableError(f"extension {name!r}: missing source files {missing}")
+    cuda_flags = [*BASE_CUDA_FLAGS, *(["--use_fast_math"] if fast_math else []), *extra_cuda_flags]
+    key = f"{name}-{_build_hash(paths, cuda_flags)}"
+    with _lock:
+        module = _loaded.get(key)
+        if module is None:
+            module = _build(name, key, paths, cuda_flags)
+            _loaded[key] = module
+    return module
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """One extension's build recipe; each op module of `omniserve.kernels` declares its own."""
+
+    name: str
+    sources: tuple[str, ...]
+    fast_math: bool = False
+
+    def load(self) -> ModuleType:
+        return load_extension(self.name, self.sources, fast_math=self.fast_math)
+
+
+def _build_hash(paths: Sequence[Path], cuda_flags: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    # Headers are included by path, so every header under cuda/ is part of every build's identity.
+    headers = sorted(p for p in CUDA_SOURCE_DIR.rglob("*") if p.suffix in (".cuh", ".h"))
+    for path in [*paths, *headers]:
+        digest.update(str(path.relative_to(CUDA_SOURCE_DIR) if path.is_relative_to(CUDA_SOURCE_DIR)
+                          else path).encode())
+        digest.update(path.read_bytes())
+    for part in (*cuda_flags, *BASE_CXX_FLAGS, torch.__version__, str(torch.version.cuda)):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _build(name: str, key: str, paths: Sequence[Path], cuda_flags: Sequence[str]) -> ModuleType:
+    from torch.utils import cpp_extension  # slow to import; only needed for a build
+
+    build_dir = cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in paths],
+            extra_cflags=list(BASE_CXX_FLAGS),
+            extra_cuda_cflags=list(cuda_flags),
+            extra_include_paths=[str(CUDA_SOURCE_DIR)],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("OMNISERVE_KERNEL_VERBOSE") == "1",
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        raise KernelBuildError(
+            f"building CUDA extension {name!r} in {build_dir} failed (set "
+            f"OMNISERVE_KERNEL_VERBOSE=1 for the compiler output): {exc}"
+        ) from exc

@@ -1,0 +1,233 @@
+"""Quantized GEMMs on CUDA (W8A8, W4A8 per-channel, W4A8 g128) next to their references.
+
+The references are `omniserve.quant.gemm` (exact integer cores + float epilogues); the CUDA kernels
+(`cuda/gemm_*.cu`; design in `cuda/gemm/qgemm.cuh`, kernels in `cuda/gemm/kernels.cuh` and
+`cuda/gemm/wgmma.cuh`, choice in `cuda/gemm/dispatch.cuh`) compute the same
+int32 accumulators exactly and the same fp32 epilogue in the same operation order, then round once
+to the output dtype.
+
+The kernels read weights in their own layout, packed once at load time by `pack` from the stored
+formats of `quant/weight.py` (whose QServe layout checkpoints keep). Inside every 128-wide K block,
+m16n8k32 step s, register half h and byte i of lane (g, t) take input k = t·32 + s·8 + h·4 + i, so
+that each lane's operands are 16 contiguous bytes of row-major activations and of a packed tile:
+
+    tiles of 8 output × 128 input channels, row-major over [N/8][K/128]; lane = g·4 + t holds channel g
+    W4 (512 B/tile):  lane·16 + s·4 + i  =  q[k] | q[k + 4] << 4,   k = t·32 + s·8 + i
+    W8 (1 KiB/tile):  p·512 + lane·16 + b  =  w[t·32 + p·16 + b]
+    g128 groups:      uint8 [K/128, N, 2] = (s2, s2_zeros) in natural column order
+
+Fused projections (q/k/v, gate/up) are concatenated along N (`concat`), one launch per layer.
+N and K must be multiples of 128 (`supports`); other shapes stay on the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from omniserve.kernels.build import Extension
+from omniserve.quant.activation import QuantizedActivation
+from omniserve.quant.packing import (
+    pack_w4,
+    permute_group_columns,
+    unpack_w4,
+    unpermute_group_columns,
+)
+from omniserve.quant.precision import GROUP_SIZE_128
+from omniserve.quant.weight import (
+    QuantizedWeight,
+    W4A8PerChannelWeight,
+    W4A8PerGroupWeight,
+    W8A8Weight,
+)
+
+EXTENSION = Extension(
+    "omniserve_gemm",
+    ("gemm_w8a8.cu", "gemm_w4a8_per_channel.cu", "gemm_w4a8_g128.cu", "gemm_ops.cpp"),
+)
+
+TILE_N = 128
+"""The GEMM's N must be a multiple of this (the tensor-core kernel's block width, no N tail)."""
+PACK_N = 8
+"""A packed shard's N must be a multiple of this (the tile height), so shards concatenate."""
+BLOCK_K = GROUP_SIZE_128
+"""K must be a multiple of this (the kernels' K block: one g128 group)."""
+MAX_G128_SCALE = 17
+"""The kernel multiplies four codes per 32-bit word by s2; q · s2 ≤ 15 · 17 < 256 keeps lanes apart."""
+
+KernelPath = Literal["auto", "small_m", "tensor_core", "wgmma"]
+"""Which kernel runs: the dispatcher's choice (the memory-bound kernel for M ≤ 64, the mma.sync
+tensor-core kernel above), or a forced one. "wgmma" (Hopper warpgroup MMA, cuda/gemm/wgmma.cuh)
+runs only when asked for until it is validated and measured against the others on the GPU."""
+_PATHS: dict[str, int] = {"auto": 0, "small_m": 1, "tensor_core": 2, "wgmma": 3}
+_FORMATS: dict[type, int] = {W8A8Weight: 0, W4A8PerChannelWeight: 1, W4A8PerGroupWeight: 2}
+_OUT_KINDS: dict[torch.dtype, int] = {
+    torch.int32: 0,
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+}
+
+# Axes of codes.reshape(N/8, g=8, K/128, t=4, s=4, h=2, i=4) in W4 tile order (nb, kb, g, t, s, i, h):
+# swapping g/kb and h/i is its own inverse.
+_W4_PERM = (0, 2, 1, 3, 4, 6, 5)
+# Axes of weight.reshape(N/8, g=8, K/128, t=4, p=2, b=16) in W8 tile order (nb, kb, p, g, t, b).
+_W8_PERM = (0, 2, 4, 1, 3, 5)
+_W8_INV_PERM = tuple(sorted(range(6), key=_W8_PERM.__getitem__))
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A stored weight in the kernels' layout (module doc); `fmt` names the stored format."""
+
+    fmt: type[QuantizedWeight]
+    weight: torch.Tensor
+    """Packed tiles: uint8 [N, K/2] (W4) or int8 [N, K] (W8)."""
+    scales: torch.Tensor
+    """fp16 [N]: s1_scales (W4) or dequant_scale (W8)."""
+    szeros: torch.Tensor | None = None
+    """fp16 [N] s1_szeros (W4A8 per-channel only)."""
+    groups: torch.Tensor | None = None
+    """uint8 [K/128, N, 2] (s2_scales, s2_zeros) (W4A8 g128 only)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the unquantized weight."""
+        n, row = self.weight.shape
+        return n, row * 2 if self.fmt is not W8A8Weight else row
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"weight": self.weight, "scales": self.scales}
+        named.update({k: v for k, v in (("szeros", self.szeros), ("groups", self.groups)) if v is not None})
+        return named
+
+
+def supports(shard_sizes: Sequence[int], k: int) -> bool:
+    """Whether the kernels take a weight of K inputs made of shards of these output sizes: each
+    shard a multiple of 8 (packable), their sum N and K multiples of 128."""
+    n = sum(shard_sizes)
+    return (
+        n > 0
+        and k > 0
+        and n % TILE_N == 0
+        and k % BLOCK_K == 0
+        and all(size > 0 and size % PACK_N == 0 for size in shard_sizes)
+    )
+
+
+def pack(w: QuantizedWeight) -> PackedWeight:
+    """Repack a stored weight (one shard: N a multiple of 8, K of 128) into the kernels' layout,
+    on w's device; exact, no rounding."""
+    n, k = w.shape
+    if n % PACK_N or k % BLOCK_K:
+        raise ValueError(
+            f"the CUDA GEMM layout needs N a multiple of {PACK_N} and K of {BLOCK_K}; got [{n}, {k}]"
+        )
+    if isinstance(w, W8A8Weight):
+        tiles = w.weight.reshape(n // 8, 8, k // BLOCK_K, 4, 2, 16).permute(_W8_PERM)
+        return PackedWeight(W8A8Weight, tiles.reshape(n, k), w.dequant_scale)
+    codes = unpack_w4(w.qweight).reshape(n // 8, 8, k // BLOCK_K, 4, 4, 2, 4).permute(_W4_PERM)
+    packed = (codes[..., 0] | (codes[..., 1] << 4)).reshape(n, k // 2)
+    if isinstance(w, W4A8PerChannelWeight):
+        return PackedWeight(W4A8PerChannelWeight, packed, w.s1_scales, szeros=w.s1_szeros)
+    s2 = unpermute_group_columns(w.s2_scales)
+    if bool(((s2 < 1) | (s2 > MAX_G128_SCALE)).any()):
+        raise ValueError(
+            f"g128 group scales must lie in [1, {MAX_G128_SCALE}] for the CUDA kernel, found "
+            f"[{int(s2.min())}, {int(s2.max())}]"
+        )
+    groups = torch.stack((s2, unpermute_group_columns(w.s2_zeros)), dim=-1).view(torch.uint8)
+    return PackedWeight(W4A8PerGroupWeight, packed, w.s1_scales, groups=groups)
+
+
+def unpack(p: PackedWeight) -> QuantizedWeight:
+    """Exact inverse of `pack`: the stored format in its checkpoint layout."""
+    n, k = p.shape
+    if p.fmt is W8A8Weight:
+        rows = p.weight.reshape(n // 8, k // BLOCK_K, 2, 8, 4, 16).permute(_W8_INV_PERM)
+        return W8A8Weight(rows.reshape(n, k), p.scales)
+    tiles = p.weight.reshape(n // 8, k // BLOCK_K, 8, 4, 4, 4)
+    codes = torch.stack((tiles & 0x0F, tiles >> 4), dim=-1).permute(_W4_PERM).reshape(n, k)
+    qweight = pack_w4(codes)
+    if p.fmt is W4A8PerChannelWeight:
+        assert p.szeros is not None
+        return W4A8PerChannelWeight(qweight, p.scales, p.szeros)
+    assert p.groups is not None
+    groups = p.groups.view(torch.int8)
+    return W4A8PerGroupWeight(
+        qweight,
+        p.scales,
+        permute_group_columns(groups[..., 0].contiguous()),
+        permute_group_columns(groups[..., 1].contiguous()),
+    )
+
+
+def concat(parts: Sequence[PackedWeight]) -> PackedWeight:
+    """The packed weight of shards stacked along N (tiles are N-major, so packed rows stack too)."""
+    if not parts:
+        raise ValueError("concat needs at least one packed weight")
+    fmt, k = parts[0].fmt, parts[0].shape[1]
+    for part in parts:
+        if part.fmt is not fmt or part.shape[1] != k:
+            raise ValueError(
+                f"cannot fuse {part.fmt.__name__} [N, {part.shape[1]}] with {fmt.__name__} [N, {k}]"
+            )
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str, dim: int) -> torch.Tensor | None:
+        tensors = [getattr(p, name) for p in parts]
+        return None if tensors[0] is None else torch.cat(tensors, dim)
+
+    return PackedWeight(fmt, cat("weight", 0), cat("scales", 0), cat("szeros", 0), cat("groups", 1))
+
+
+@functools.cache
+def _ops() -> ModuleType:
+    """The built extension, looked up once: `Extension.load` hashes the sources on every call."""
+    return EXTENSION.load()
+
+
+def _run(x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath) -> torch.Tensor:
+    if out_dtype not in _OUT_KINDS:
+        raise ValueError(f"output dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
+    if path not in _PATHS:
+        raise ValueError(f"kernel path must be one of {list(_PATHS)}, got {path!r}")
+    if x.q.shape[-1] != w.shape[1]:
+        raise ValueError(f"activations have K = {x.q.shape[-1]}, the weight {w.shape[1]}")
+    per_channel = w.fmt is W4A8PerChannelWeight
+    return _ops().gemm(
+        _FORMATS[w.fmt],
+        x.q,
+        x.scales,
+        x.sums if per_channel else None,
+        w.weight,
+        w.groups,
+        w.scales,
+        w.szeros,
+        _OUT_KINDS[out_dtype],
+        _PATHS[path],
+    )
+
+
+def quantized_gemm(
+    x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath = "auto"
+) -> torch.Tensor:
+    """y [M, N] in `out_dtype` (fp32, fp16 or bf16) = `quant.gemm.quantized_linear(x, unpack(w))`
+    rounded once to `out_dtype` (CUDA tensors only)."""
+    if out_dtype == torch.int32:
+        raise ValueError("quantized_gemm returns floats; int_accumulator returns the int32 cores")
+    return _run(x, w, out_dtype, path)
+
+
+def int_accumulator(
+    x: QuantizedActivation, w: PackedWeight, path: KernelPath = "auto"
+) -> torch.Tensor:
+    """The kernels' int32 accumulators Σ_k x_q · B (B: W8 codes, W4 codes, or g128's w8), [M, N]:
+    the debug entry that pins the integer core to `quant.gemm.int_matmul` exactly."""
+    return _run(x, w, torch.int32, path)

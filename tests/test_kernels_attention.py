@@ -1,0 +1,244 @@
+"""Paged decode attention kernel (cuda/decode_attention.cu) against an fp32 reference on the same
+cache rows, and the engine with the kernel against its torch attention path, on the GPU.
+
+The reference gathers each request's rows through its page table and attends in fp32 to the
+exactly dequantized K/V (`quant/kv.py`), which is the math of `PagedAttention`'s decode path
+without its rounding of K/V and probabilities to the compute dtype."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from gpu_marks import skip_failed_check_crash
+from omniserve import Engine, SamplingParams
+from omniserve.config import EngineConfig
+from omniserve.kernels import attention as kernel
+from omniserve.quant.kv import dequantize_kv, quantize_kv
+from omniserve.runner.model_runner import ModelRunner
+from tiny_models import FAMILIES, PagedRequests, save_servable
+
+pytestmark = pytest.mark.gpu
+
+LAYOUTS = {  # (query heads, KV heads, head_dim)
+    "gqa32x8-d128": (32, 8, 128),
+    "gqa4x2-d64": (4, 2, 64),
+    "mha4-d128": (4, 4, 128),
+    "gqa8x1-d64": (8, 1, 64),
+}
+CONTEXTS = {
+    "b1-ctx1": [1],
+    "b1-ctx16": [16],
+    "b1-ctx4097": [4097],
+    "b7-mixed": [1, 15, 16, 17, 1000, 4097, 33],
+    "b64-random": torch.randint(1, 700, (64,), generator=torch.Generator().manual_seed(0)).tolist(),
+}
+KV_BITS = {"kv16": None, "kv8": 8, "kv4": 4}
+TOLERANCE = {
+    torch.float16: {"atol": 3e-3, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+class PagedCase:
+    """Random K/V rows in the cache layout of runner/kv_cache.py, requests with shuffled pages
+    (the last one partly filled) at shuffled page-table rows, and queries."""
+
+    def __init__(
+        self, layout: tuple[int, int, int], contexts: list[int], bits: int | None,
+        dtype: torch.dtype, page_size: int = 16, seed: int = 0,
+    ) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        cpu = torch.Generator().manual_seed(seed)
+        self.heads, self.kv_heads, self.head_dim = layout
+        self.contexts, self.page_size, self.dtype, self.bits = contexts, page_size, dtype, bits
+        pages_per_req = [math.ceil(c / page_size) for c in contexts]
+        num_pages = 1 + sum(pages_per_req) + 3  # page 0 is the null page; 3 never used
+        self.num_slots = num_pages * page_size
+        batch, max_pages = len(contexts), max(pages_per_req)
+        free = (torch.randperm(num_pages - 1, generator=cpu) + 1).tolist()
+        self.page_table = torch.zeros(batch + 2, max_pages, dtype=torch.int32)
+        self.seq_rows = torch.randperm(batch + 2, generator=cpu)[:batch].int()
+        for b, n in enumerate(pages_per_req):
+            self.page_table[self.seq_rows[b], :n] = torch.tensor([free.pop() for _ in range(n)])
+        self.page_table, self.seq_rows = self.page_table.cuda(), self.seq_rows.cuda()
+        self.context_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
+
+        rows = self.kv_heads * self.num_slots
+        x = torch.randn(2, rows, self.head_dim, generator=g, device="cuda")
+        x[..., ::7] *= 4  # outlier channels, as post-RoPE keys have
+        x += torch.randn(2, rows, 1, generator=g, device="cuda")  # rows not centred on 0
+        self.operands, self.dequantized = [], []
+        for kv in x:
+            if bits is None:
+                self.operands.append((kv.to(dtype), None))
+                self.dequantized.append(kv.to(dtype).float())
+            else:
+                codes, params = quantize_kv(kv, bits)
+                self.operands.append((codes, params))
+                self.dequantized.append(dequantize_kv(codes, params, bits, torch.float32))
+        self.q = (2 * torch.randn(batch, self.heads, self.head_dim, generator=g, device="cuda")).to(dtype)
+        self.scale = self.head_dim**-0.5
+
+    def run(self, window: int | None = None, max_context_len: int | None = None,
+            partition: int | None = None) -> torch.Tensor:
+        return kernel.decode_attention(
+            self.q, self.operands[0], self.operands[1], self.page_table, self.seq_rows,
+            self.context_lens, page_size=self.page_size, num_kv_heads=self.kv_heads,
+            max_context_len=max(self.contexts) if max_context_len is None else max_context_len,
+            scale=self.scale, window=window, partition=partition,
+        )
+
+    def reference(self, window: int | None = None) -> torch.Tensor:
+        out = torch.empty(self.q.shape, dtype=torch.float32, device="cuda")
+        group = self.heads // self.kv_heads
+        head_base = torch.arange(self.kv_heads, device="cuda")[:, None] * self.num_slots
+        for b, ctx in enumerate(self.contexts):
+            pos = torch.arange(0 if window is None else max(0, ctx - window), ctx, device="cuda")
+            pages = self.page_table[self.seq_rows[b].long(), pos // self.page_size].long()
+            index = head_base + pages * self.page_size + pos % self.page_size  # [kv_heads, n]
+            k, v = self.dequantized[0][index], self.dequantized[1][index]
+            q = self.q[b].float().view(self.kv_heads, group, self.head_dim)
+            p = (q @ k.transpose(1, 2) * self.scale).softmax(-1)
+            out[b] = (p @ v).reshape(self.heads, self.head_dim)
+        return out
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
+@pytest.mark.parametrize("contexts", CONTEXTS.values(), ids=CONTEXTS.keys())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_decode_attention_matches_reference(
+    layout: tuple[int, int, int], contexts: list[int], bits: int | None, dtype: torch.dtype
+) -> None:
+    case = PagedCase(layout, contexts, bits, dtype)
+    _check(case.run(), case.reference(), dtype)
+
+
+@pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
+@pytest.mark.parametrize("partition", [32, 64, 512])
+def test_split_partitions_combine_exactly(bits: int | None, partition: int) -> None:
+    case = PagedCase(LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], bits, torch.float16, page_size=64)
+    _check(case.run(partition=partition), case.reference(), torch.float16)
+
+
+@pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
+@pytest.mark.parametrize("window", [1, 8, 100, 5000])
+def test_sliding_window(bits: int | None, window: int) -> None:
+    case = PagedCase(LAYOUTS["gqa4x2-d64"], [1, 7, 8, 9, 1000, 4097], bits, torch.bfloat16)
+    _check(case.run(window=window), case.reference(window=window), torch.bfloat16)
+
+
+@pytest.mark.parametrize("partition", [64, 512])
+def test_launch_sized_too_short_gives_nan_not_truncation(partition: int) -> None:
+    case = PagedCase(LAYOUTS["gqa4x2-d64"], [50, 1000], 4, torch.float16)
+    out = case.run(max_context_len=50, partition=partition)
+    assert out[1].isnan().all()
+    _check(out[:1], case.reference()[:1], torch.float16)  # the short request fits the launch
+
+
+@skip_failed_check_crash
+def test_bad_inputs_are_named() -> None:
+    case = PagedCase(LAYOUTS["gqa4x2-d64"], [20], None, torch.float16)
+    ops = kernel._ops()
+    args = (case.page_table, case.seq_rows, case.context_lens, 16, 2, 20, 0, 0.125, 128)
+    k, v = case.operands[0][0], case.operands[1][0]
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        q = torch.zeros(1, 4, 32, device="cuda", dtype=torch.float16)
+        ops.decode_attention(q, k[:, :32].contiguous(), v[:, :32].contiguous(), None, None, *args)
+    with pytest.raises(RuntimeError, match="must be 1, 2, 4 or 8"):
+        ops.decode_attention(case.q[:, :3].repeat(1, 2, 1), k, v, None, None, *args[:4], 1, *args[5:])
+    with pytest.raises(RuntimeError, match="a dense cache must be"):
+        ops.decode_attention(case.q, k.bfloat16(), v.bfloat16(), None, None, *args)
+    with pytest.raises(RuntimeError, match="seq_rows must be int32"):
+        ops.decode_attention(case.q, k, v, None, None, case.page_table, case.seq_rows.long(), *args[2:])
+    with pytest.raises(RuntimeError, match="pass both k_params and v_params"):
+        ops.decode_attention(case.q, k, v, torch.zeros(k.shape[0], 2, device="cuda").half(), None, *args)
+
+
+def test_supports() -> None:
+    assert kernel.supports(32, 8, 128, torch.bfloat16)
+    assert kernel.supports(4, 4, 64, torch.float16)
+    assert not kernel.supports(28, 4, 128, torch.bfloat16)  # 7 query heads per KV head
+    assert not kernel.supports(4, 2, 32, torch.float16)
+    assert not kernel.supports(4, 2, 64, torch.float32)
+
+
+ENGINE_KV = ["auto", "int8", "int4"]
+DECODE_STEPS = 24
+LOGIT_TOLERANCE = 0.06
+"""Largest logit difference between the two paths, as a fraction of the step's largest |logit|.
+Random tiny models amplify per-layer rounding differences; on the H100 the worst case seen was
+4.1% (qwen2, KV4), so this bounds closeness on random weights, while the bundled trained model
+below must generate exactly the same tokens with either path."""
+TIE_RATE = 0.05
+"""Largest fraction of greedy tokens allowed to differ, each only where the torch path's top two
+logits are closer than twice the two paths' logit difference (a numerical tie); 3 of 96 seen."""
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp(request.param)
+    save_servable(request.param, directory, head_dim=64)  # a head_dim the kernel serves
+    return directory
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV)
+def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_dtype: str) -> None:
+    """Both attention backends decode the same token sequence (the torch path's greedy choices,
+    fed to both): logits agree closely and greedy ids are equal except at numerical ties. The
+    torch path rounds dequantized K/V and probabilities to fp16; the kernel keeps fp32."""
+    runners = {
+        backend: ModelRunner(EngineConfig.from_kwargs(
+            str(checkpoint), device="cuda", dtype="float16", page_size=16, num_kv_pages=64,
+            max_num_seqs=8, max_num_batched_tokens=256, kv_cache_dtype=kv_cache_dtype,
+            attention_backend=backend,
+        ))
+        for backend in ("auto", "torch")
+    }
+    assert runners["auto"]._inputs.decode_kernel and not runners["torch"]._inputs.decode_kernel
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 23, 40, 1)]
+    requests = {backend: PagedRequests(16, 64) for backend in runners}
+    chunks: list[tuple[int, list[int]]] = list(enumerate(prompts))
+    compared = ties = 0
+    for step in range(DECODE_STEPS + 1):
+        logits = {b: runners[b].compute_logits(requests[b].step(chunks))[1] for b in runners}
+        got, want = logits["auto"], logits["torch"]
+        diff = (got - want).abs().amax(-1)
+        assert diff.max() <= LOGIT_TOLERANCE * want.abs().max(), f"step {step}"
+        if step > 0:  # decode steps (the first step's prefills and 1-token prompt aside)
+            top2 = want.topk(2, -1).values
+            differs = got.argmax(-1) != want.argmax(-1)
+            assert (~differs | (top2[:, 0] - top2[:, 1] <= 2 * diff)).all(), f"step {step}"
+            compared += len(chunks)
+            ties += int(differs.sum())
+        chunks = [(row, [token]) for row, token in enumerate(want.argmax(-1).tolist())]
+    assert ties <= TIE_RATE * compared
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV)
+def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str) -> None:
+    """The trained model, fp16, code prompts and a 2K-token passkey prompt (many pages per
+    request): both attention backends generate the same greedy tokens."""
+    needle = "The pass key is 71923. Remember it. 71923 is the pass key. "
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    haystack = filler * 60 + needle + filler * 60 + "What is the pass key? The pass key is"
+    prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os", haystack]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for backend in ("auto", "torch"):
+        engine = Engine.from_pretrained(
+            device="cuda", dtype="float16", page_size=16, num_kv_pages=1024,
+            kv_cache_dtype=kv_cache_dtype, attention_backend=backend,
+        )
+        assert engine.runner._inputs.decode_kernel == (backend == "auto")
+        outputs[backend] = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    assert outputs["auto"] == outputs["torch"]
