@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from omniserve.engine.engine import Engine, bundled_model_path
 from omniserve.eval.perplexity import perplexity, read_text
 from omniserve.quant.precision import PER_CHANNEL, parse

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_models import save_servable
-
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.errors import (
     EngineDeadError,
@@ -24,6 +22,7 @@ from omniserve.errors import (
 )
 from omniserve.outputs import RequestOutput
 from omniserve.sampling_params import SamplingParams
+from tiny_models import save_servable
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)

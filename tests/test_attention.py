@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import MIXED_STEPS, PagedRequests
-
 from omniserve.layers.attention import PagedAttention
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.step_inputs import StepInputBuilder
+from tiny_models import MIXED_STEPS, PagedRequests
 
 PAGE_SIZE, NUM_PAGES, HEAD_DIM = 16, 40, 8
 CPU = torch.device("cpu")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from omniserve.cli.main import build_parser, main
 from tiny_models import save_servable
 

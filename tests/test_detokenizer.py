@@ -12,10 +12,16 @@ import json
 import random
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import ByT5Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
 from omniserve.engine.detokenizer import DetokResult, IncrementalDetokenizer
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
+from transformers import ByT5Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. Stop here, or don't stop at all!",

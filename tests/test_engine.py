@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from omniserve import Engine, SamplingParams
-from omniserve.errors import ConfigError, InvalidRequestError, OmniserveError, RequestRejectedError
+from omniserve.errors import (
+    ConfigError,
+    InvalidRequestError,
+    OmniserveError,
+    RequestRejectedError,
+)
 from tiny_models import FAMILIES, hf_greedy, save_checkpoint, save_servable
 
 PROMPT_LENGTHS = (5, 23, 40, 1)

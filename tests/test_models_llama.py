@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_checkpoint
-from transformers import PreTrainedModel
-
 from omniserve.config import EngineConfig
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_plan import StepPlan
 from omniserve.sampling_params import SamplingParams
+from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_checkpoint
+from transformers import PreTrainedModel
 
 PAGE_SIZE = 16
 NUM_PAGES = 96

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_models import PagedRequests, hf_logits, save_checkpoint, tiny_config
-
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError
 from omniserve.models.loader import load_hf_config, load_model
 from omniserve.runner.model_runner import ModelRunner
+from safetensors.torch import load_file, save_file
+from tiny_models import PagedRequests, hf_logits, save_checkpoint, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -99,7 +98,7 @@ def test_bf16_checkpoint_loads_into_fp32(single: Path, tmp_path: Path) -> None:
     tensors = load_file(single / "model.safetensors")
     half = _edited_copy(single, tmp_path / "bf16", {n: t.bfloat16() for n, t in tensors.items()})
     model = load_model(str(half), load_hf_config(str(half)), device=CPU, dtype=torch.float32,
-                       max_positions=64)
+                       max_positions=64).model
     expected = tensors["model.layers.0.self_attn.v_proj.weight"].bfloat16().float()
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight[-32:], expected)
 

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint, write_checkpoint
+from omniserve.quant.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_checkpoint,
+    write_checkpoint,
+)
 from omniserve.quant.precision import Precision, parse
 from omniserve.quant.weight import quantize_w8a8, quantize_weight
 from safetensors.torch import load_file, save_file

@@ -27,18 +27,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_models import PagedRequests, hf_logits, save_servable
-
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.quant.checkpoint import read_checkpoint
 from omniserve.quant.precision import parse
-from omniserve.quant.rtn_model import RECIPE, is_quantized_projection, write_rtn_checkpoint
+from omniserve.quant.rtn_model import (
+    RECIPE,
+    is_quantized_projection,
+    write_rtn_checkpoint,
+)
 from omniserve.quant.weight import quantize_weight
 from omniserve.runner.model_runner import ModelRunner
+from safetensors.torch import load_file
+from tiny_models import PagedRequests, hf_logits, save_servable
 
 # precision → (max relative logit error, min cosine) vs fp32; see the module doc.
 BOUNDS: dict[str, tuple[float, float]] = {

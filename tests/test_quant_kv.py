@@ -29,9 +29,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_attention import HEAD_DIM, _reference
-from tiny_models import FAMILIES, MIXED_STEPS, PagedRequests, hf_greedy, hf_logits, save_servable
-
 from omniserve import Engine, SamplingParams
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
 from omniserve.config import EngineConfig
@@ -41,6 +38,15 @@ from omniserve.quant.kv import dequantize_kv, pack_int4, quantize_kv, unpack_int
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_inputs import StepInputBuilder
+from test_attention import HEAD_DIM, _reference
+from tiny_models import (
+    FAMILIES,
+    MIXED_STEPS,
+    PagedRequests,
+    hf_greedy,
+    hf_logits,
+    save_servable,
+)
 
 BITS = [8, 4]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

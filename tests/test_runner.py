@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import PagedRequests, hf_logits, save_checkpoint
-
 from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.sampling_params import SamplingParams
+from tiny_models import PagedRequests, hf_logits, save_checkpoint
 
 # llama3 tiny: 2 layers x K,V x 16 tokens x 2 kv heads x head_dim 16 x 4 bytes.
 BYTES_PER_PAGE = 2 * 2 * 16 * 2 * 16 * 4

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_checkpoint
-from transformers import LlamaConfig, PreTrainedModel
-
 from omniserve.config import EngineConfig
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.sampling_params import SamplingParams
+from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_checkpoint
+from transformers import LlamaConfig, PreTrainedModel
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 

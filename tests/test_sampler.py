@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from omniserve.layers.sampler import Sampler
 from omniserve.sampling_params import SamplingParams
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import msgspec
 import pytest
-
 from omniserve.errors import InvalidRequestError
 from omniserve.sampling_params import SamplingParams
 

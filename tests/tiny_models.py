@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omniserve.runner.step_plan import (
+    FLAG_NEEDS_LOGITS,
+    FLAG_NEW_ROW,
+    FLAG_PREFILL,
+    StepPlan,
+)
+from tiny_tokenizer import build_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -25,9 +32,6 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
 )
-
-from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, StepPlan
-from tiny_tokenizer import build_tokenizer
 
 VOCAB_SIZE = 384
 """Matches tests/tiny_tokenizer.py; its special ids are pad 0, bos 1, eos 2."""

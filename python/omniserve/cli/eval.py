@@ -66,7 +66,8 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_niah(args: argparse.Namespace) -> int:
-    from omniserve.eval.niah import plot_heatmap, run_niah as niah
+    from omniserve.eval.niah import plot_heatmap
+    from omniserve.eval.niah import run_niah as niah
 
     result = niah(_engine(args), args.lengths, args.depths, args.samples, args.filler)
     print("length  " + " ".join(f"{d:>6.2f}" for d in result.depths))

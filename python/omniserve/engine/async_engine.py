@@ -48,6 +48,7 @@ from omniserve.errors import (
 from omniserve.outputs import OutputKind, RequestOutput
 from omniserve.sampling_params import SamplingParams
 
+
 @dataclass(slots=True)
 class _Add:
     engine_id: str

@@ -24,7 +24,12 @@ from torch import nn
 from omniserve.kernels import gemm as gemm_kernels
 from omniserve.kernels.build import kernels_available
 from omniserve.kernels.fused import quantize_per_token
-from omniserve.layers.linear import TensorSlot, checked_shard_names, fused_slots, shard_prefixes
+from omniserve.layers.linear import (
+    TensorSlot,
+    checked_shard_names,
+    fused_slots,
+    shard_prefixes,
+)
 from omniserve.quant.gemm import quantized_linear
 from omniserve.quant.weight import QuantizedWeight
 

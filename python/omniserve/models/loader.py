@@ -111,23 +111,6 @@ def load_model(
     max_positions: int,
     precision: Precision | None = None,
     dummy_seed: int | None = None,
-) -> LlamaForCausalLM:
-    """The model of `load_model_and_kv_scales`, for callers that serve no static KV8 scales."""
-    return load_model_and_kv_scales(
-        model_dir, hf_config, device=device, dtype=dtype, max_positions=max_positions,
-        precision=precision, dummy_seed=dummy_seed,
-    ).model
-
-
-def load_model_and_kv_scales(
-    model_dir: str,
-    hf_config: PretrainedConfig,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_positions: int,
-    precision: Precision | None = None,
-    dummy_seed: int | None = None,
 ) -> LoadedModel:
     """The model on `device` in `dtype`; random weights seeded by `dummy_seed` when it is given,
     else the checkpoint's safetensors. `precision` (from `resolve_precision`) with quantized

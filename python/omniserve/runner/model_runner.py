@@ -13,11 +13,7 @@ from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
 from omniserve.errors import ConfigError
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.sampler import Sampler, SampleResult
-from omniserve.models.loader import (
-    load_hf_config,
-    load_model_and_kv_scales,
-    resolve_precision,
-)
+from omniserve.models.loader import load_hf_config, load_model, resolve_precision
 from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.quant.precision import Precision
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
@@ -65,7 +61,7 @@ class ModelRunner:
         self.precision = resolve_precision(config.model, config.requested_precision())
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
-        self.model, self._kv_scales = load_model_and_kv_scales(
+        self.model, self._kv_scales = load_model(
             config.model,
             self.hf_config,
             device=self.device,
