@@ -5,9 +5,9 @@ for rotation and smoothing to remove), calibrated on a slice of the Python stand
 model's training distribution) and evaluated on the bundled held-out text:
 - per linear: relative output error on the calibration sample (clip.py), RTN = the same
   quantizer with every transform off; QoQ's mean must be clearly lower;
-- at the logits: last-token logits of held-out prompts through the engine (ModelRunner, CPU
-  reference path) vs the fp model's; QoQ's relative error must be clearly lower.
-Measured (8 × 128 calibration tokens): see MEASURED below; asserted with margins.
+- at the logits: the held-out NLL of the engine's next-token predictions at every position
+  (CPU reference path) in excess of the fp model's; QoQ's excess must be clearly lower
+  (LOGIT_RATIO has the measurements).
 """
 
 from __future__ import annotations
@@ -23,23 +23,30 @@ from omniserve import Engine, SamplingParams
 from omniserve.cli.main import main
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import bundled_model_path
+from omniserve.eval.perplexity import perplexity
 from omniserve.quant.checkpoint import read_checkpoint
+from omniserve.quant.kv import static_kv_scales
+from omniserve.quant.kv_calibration import calibrate_kv_absmax
 from omniserve.quant.precision import parse
 from omniserve.quant.qoq import QoQOptions, load_calibration, quantize_checkpoint
 from omniserve.quant.qoq.quantizer import QoQReport
 from omniserve.quant.rtn_model import write_rtn_checkpoint
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests, save_servable
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 BUNDLED = bundled_model_path()
 FAST = {"clip_steps": 6, "max_rows": 512}
 """Search settings that keep a bundled-model run to seconds on a 2-core machine."""
 RUNNER = {"device": "cpu", "dtype": "float32", "page_size": 16, "num_kv_pages": 128}
-# (precision, group size, bound on QoQ / RTN of the logit error). Measured with this test's small
-# calibration (8 × 128 tokens): w4a8kv4 0.180 vs 0.200 (0.90), g128 0.179 vs 0.180 (0.99), w8a8kv8
-# 0.026 vs 0.023 (1.17: lower layer errors do not reach the logits there; see the ppl table).
-CASES = [("w4a8kv4", -1, 0.95), ("w4a8kv4", 128, 1.0), ("w8a8kv8", -1, None)]
+CASES = [("w4a8kv4", -1), ("w4a8kv4", 128), ("w8a8kv8", -1)]
+STATIC_KV8_EXCESS_NLL = 0.02
+"""Bound on QoQ W8A8 static-KV8's held-out NLL above fp (measured: see the test's output)."""
+LOGIT_RATIO = 0.85
+"""Bound on QoQ's excess held-out NLL over RTN's (both against the fp model), i.e. on the error of
+the log-softmax of the logits at every position of 16 held-out windows of 256 tokens. Measured
+with this test's small calibration (8 x 128 tokens): w4a8kv4 0.075 vs 0.137 nats (0.55), g128
+0.066 vs 0.095 (0.69), w8a8kv8 0.0019 vs 0.0027 (0.72)."""
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +65,13 @@ def bundled_calibration(calib_file: Path):
     return load_calibration(calib_file, tokenizer, num_samples=8, seq_len=128)
 
 
-def _prompts() -> list[list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED))
-    ids = tokenizer.encode((BUNDLED / "heldout.txt").read_text()[:40000], add_special_tokens=False)
-    return [[1] + ids[i * 613 : i * 613 + 63] for i in range(16)]
-
-
-def _last_logits(path: Path) -> torch.Tensor:
-    runner = ModelRunner(EngineConfig.from_kwargs(str(path), **RUNNER))
-    prompts = _prompts()
-    _, logits = runner.compute_logits(PagedRequests(16, 128).step(list(enumerate(prompts))))
-    return torch.stack(list(logits))
+def _heldout_nll(path: Path, precision: str | None, group_size: int) -> float:
+    """Mean NLL of the model's next-token predictions at every position of 16 held-out windows
+    (the engine's prompt logprobs): a logit-level error over 4K positions, not one per prompt."""
+    engine = Engine.from_pretrained(
+        path, device="cpu", dtype="float32", precision=precision, group_size=group_size
+    )
+    return perplexity(engine, (BUNDLED / "heldout.txt").read_text(), 256, 16).mean_nll
 
 
 def _mean(report: QoQReport) -> float:
@@ -76,10 +79,9 @@ def _mean(report: QoQReport) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("precision", "group_size", "logit_ratio"), CASES)
+@pytest.mark.parametrize(("precision", "group_size"), CASES)
 def test_qoq_beats_rtn_per_layer_and_at_the_logits(
-    tmp_path: Path, bundled_calibration, precision: str, group_size: int,
-    logit_ratio: float | None,
+    tmp_path: Path, bundled_calibration, precision: str, group_size: int
 ) -> None:
     p = parse(precision, group_size)
     rtn = quantize_checkpoint(
@@ -97,15 +99,11 @@ def test_qoq_beats_rtn_per_layer_and_at_the_logits(
             assert torch.equal(ours.linears[prefix].tensors()[name], t), (prefix, name)
     assert _mean(qoq) < 0.9 * _mean(rtn), (_mean(qoq), _mean(rtn))
 
-    reference = _last_logits(BUNDLED)
-    rel = {
-        name: float((_last_logits(tmp_path / name) - reference).norm() / reference.norm())
-        for name in ("rtn", "qoq")
-    }
+    fp = _heldout_nll(BUNDLED, None, -1)
+    excess = {name: _heldout_nll(tmp_path / name, precision, group_size) - fp for name in ("rtn", "qoq")}
     print(f"{p.name} g{group_size}: mean layer error rtn {_mean(rtn):.4f} qoq {_mean(qoq):.4f}; "
-          f"logits rtn {rel['rtn']:.4f} qoq {rel['qoq']:.4f}")
-    if logit_ratio is not None:
-        assert rel["qoq"] <= logit_ratio * rel["rtn"], rel
+          f"excess held-out NLL rtn {excess['rtn']:.4f} qoq {excess['qoq']:.4f}")
+    assert 0 < excess["qoq"] <= LOGIT_RATIO * excess["rtn"], excess
 
 
 @pytest.mark.slow
@@ -158,6 +156,41 @@ def _runner_logits(path: Path) -> torch.Tensor:
     return torch.stack(list(logits))
 
 
+def test_static_kv_scales_are_the_calibration_absmax(tmp_path: Path, bundled_calibration) -> None:
+    """With every transform off, the static KV8 scales are HF's post-RoPE K and V maxima over
+    the calibration windows / 127 (kv_calibration.py measures them through HF's cache)."""
+    report = quantize_checkpoint(
+        BUNDLED, tmp_path / "q", parse("w8a8kv8"), bundled_calibration, QoQOptions.rtn(),
+        progress=False, kv_granularity="per_tensor",
+    )
+    assert report.recipe["kv_cache"]["granularity"] == "per_tensor"
+    hf = AutoModelForCausalLM.from_pretrained(str(BUNDLED), torch_dtype=torch.float32)
+    expected = static_kv_scales(calibrate_kv_absmax(hf, bundled_calibration.ids))
+    got = read_checkpoint(tmp_path / "q").kv_scales
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_qoq_static_kv8_checkpoint_serves(tmp_path: Path, bundled_calibration) -> None:
+    """QoQ with static KV8: the engine serves it with the per-tensor cache, SmoothAttention has
+    shrunk the key scales that the transformed layers produce, and held-out NLL stays close."""
+    p = parse("w8a8kv8")
+    for name, options in (("rtn", QoQOptions.rtn()), ("qoq", QoQOptions(**FAST))):
+        quantize_checkpoint(
+            BUNDLED, tmp_path / name, p, bundled_calibration, options, progress=False,
+            kv_granularity="per_tensor",
+        )
+    scales = {name: read_checkpoint(tmp_path / name).kv_scales for name in ("rtn", "qoq")}
+    assert all(s is not None for s in scales.values())
+    assert (scales["qoq"][:, 0] < scales["rtn"][:, 0]).all(), scales  # type: ignore[index]
+    engine = Engine.from_pretrained(tmp_path / "qoq", device="cpu", dtype="float32")
+    assert engine.runner._kv_spec.kv_granularity == "per_tensor"
+    excess = _heldout_nll(tmp_path / "qoq", "w8a8kv8", -1) - _heldout_nll(BUNDLED, None, -1)
+    print(f"static KV8 QoQ: excess held-out NLL {excess:.4f}")
+    assert excess < STATIC_KV8_EXCESS_NLL
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -169,6 +202,7 @@ def _runner_logits(path: Path) -> torch.Tensor:
         (["--precision", "w4a8", "--model", "/tmp"], "no config.json"),
         (["--precision", "w4a8", "--clip-min", "0"], "clip min ratio must be in \\(0, 1\\]"),
         (["--precision", "w4a8", "--num-samples", "100000"], "fewer than num_samples"),
+        (["--precision", "w4a8kv4", "--kv-granularity", "per_tensor"], "needs a KV8 precision"),
     ],
 )
 def test_cli_rejects_bad_arguments(

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from omniserve.quant.kv import KV_GRANULARITIES, PER_TOKEN_HEAD
 from omniserve.quant.precision import GROUP_SIZE_CHOICES, PER_CHANNEL, PRECISION_CHOICES
 
 
@@ -24,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, required=True, help="directory to write")
     p.add_argument("--precision", required=True, help=f"one of {', '.join(PRECISION_CHOICES)} with quantized weights (w4a8*, w8a8*)")
     p.add_argument("--group-size", type=int, default=PER_CHANNEL, help=f"{' or '.join(map(str, GROUP_SIZE_CHOICES))} (-1 = per-channel; 128 for w4a8 only)")
+    p.add_argument("--kv-granularity", choices=KV_GRANULARITIES, default=PER_TOKEN_HEAD, help="per_token_head: dynamic KV scales at run time; per_tensor: static per-layer KV8 scales calibrated here (kv8 precisions)")
     p.add_argument("--calib", type=Path, required=True, help="calibration text file (UTF-8)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, <s> included")
@@ -49,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from omniserve.errors import CheckpointError, ConfigError
+    from omniserve.quant.checkpoint import check_kv_granularity
     from omniserve.quant.precision import parse
     from omniserve.quant.qoq import QoQOptions, load_calibration, quantize_checkpoint
     from omniserve.quant.qoq.model import SourceModel
 
     precision = parse(args.precision, args.group_size)
+    check_kv_granularity(args.kv_granularity, precision)  # before any loading
     if not precision.quantized_weights:
         raise ConfigError(
             f"precision {precision.name} keeps the model's fp weights; its KV cache is quantized "
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"cannot load the tokenizer of {args.model}: {exc}") from None
     calibration = load_calibration(args.calib, tokenizer, args.num_samples, args.seq_len)
     report = quantize_checkpoint(
-        args.model, args.output, precision, calibration, options, device, progress=not args.json
+        args.model, args.output, precision, calibration, options, device,
+        progress=not args.json, kv_granularity=args.kv_granularity,
     )
     if args.json:
         print(json.dumps({"recipe": report.recipe, "errors": report.errors}, indent=2))

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from omniserve.errors import ConfigError
-from omniserve.quant.qoq.model import KEYS, READERS
+from omniserve.quant.qoq.model import KEYS, READERS, VALUES
 
 _CHUNK_BYTES = 1 << 20
 """Text read and tokenized per step (split at a line end, so no token is cut)."""
@@ -118,13 +118,15 @@ class LayerStatistics:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.stride = -(-total_tokens // max_rows)
         self.hessians = hessians
-        self.points: dict[str, PointStatistics] = {p: PointStatistics() for p in (*READERS, KEYS)}
+        self.points: dict[str, PointStatistics] = {
+            p: PointStatistics() for p in (*READERS, KEYS, VALUES)
+        }
 
     def __call__(self, point: str, x: torch.Tensor) -> None:
         stats = self.points[point]
         absmax = x.abs().amax(dim=0)
         stats.absmax = absmax if stats.absmax is None else torch.maximum(stats.absmax, absmax)
-        if point == KEYS:
+        if point in (KEYS, VALUES):  # only their maxima are used
             return
         first = (-stats.tokens) % self.stride  # the next multiple of the stride, in this batch
         stats.sample.append(x[first :: self.stride].clone())

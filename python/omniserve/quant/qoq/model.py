@@ -43,6 +43,8 @@ QKV_INPUT, O_INPUT, GATE_UP_INPUT, DOWN_INPUT = "qkv", "o", "gate_up", "down"
 KEYS = "keys"
 """The post-RoPE keys [tokens, kv_heads, head_dim]: what the KV cache stores, and what
 SmoothAttention flattens."""
+VALUES = "values"
+"""The values [tokens, kv_heads, head_dim], as the KV cache stores them (static KV8 scales)."""
 READERS: dict[str, tuple[str, ...]] = {
     QKV_INPUT: (Q, K, V),
     O_INPUT: (O,),
@@ -174,8 +176,8 @@ def layer_forward(
 ) -> torch.Tensor:
     """Decoder layer `index` over x [batch, seq, hidden] (whole sequences from position 0), fp32.
 
-    `observe(point, activations)` sees each linear's input flattened to [tokens, channels] and the
-    post-RoPE keys (KEYS, [tokens, kv_heads, head_dim]).
+    `observe(point, activations)` sees each linear's input flattened to [tokens, channels], the
+    post-RoPE keys (KEYS) and the values (VALUES), both [tokens, kv_heads, head_dim].
     """
     b, s, _ = x.shape
     g = geometry
@@ -193,6 +195,7 @@ def layer_forward(
     k = apply_rotary(linear(K, h).view(b, s, g.num_kv_heads, g.head_dim), *rope)
     v = linear(V, h).view(b, s, g.num_kv_heads, g.head_dim)
     seen(KEYS, k)
+    seen(VALUES, v)
     mask = _attention_mask(s, g.windows[index], x.device)
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2),

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import write_checkpoint
+from omniserve.quant.checkpoint import check_kv_granularity, write_checkpoint
+from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
 from omniserve.quant.precision import Precision
 from omniserve.quant.qoq.calibration import (
     CalibrationData,
@@ -55,6 +56,7 @@ from omniserve.quant.qoq.model import (
     O_INPUT,
     PROJECTIONS,
     READERS,
+    VALUES,
     Geometry,
     Layer,
     O,
@@ -149,9 +151,14 @@ def quantize_checkpoint(
     options: QoQOptions | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    kv_granularity: str = PER_TOKEN_HEAD,
 ) -> QoQReport:
-    """Quantize the HF fp checkpoint `src` with QoQ into our checkpoint directory `dst`."""
+    """Quantize the HF fp checkpoint `src` with QoQ into our checkpoint directory `dst`.
+
+    `kv_granularity` PER_TENSOR (KV8 precisions only) also calibrates static per-layer K and V
+    scales on the transformed model, which the engine then serves as static KV8."""
     opts = options or QoQOptions()
+    check_kv_granularity(kv_granularity, precision)
     source_dir, out = Path(src), Path(dst)
     if not precision.quantized_weights:
         raise ConfigError(
@@ -162,10 +169,15 @@ def quantize_checkpoint(
         raise ConfigError(f"{dst}: write the quantized checkpoint to another directory than {src}")
     dev = torch.device(device)
     with SourceModel(source_dir) as source:
-        quantizer = _Quantizer(source, precision, calibration, opts, dev)
+        quantizer = _Quantizer(
+            source, precision, calibration, opts, dev, static_kv=kv_granularity == PER_TENSOR
+        )
         linears, tensors, config = quantizer.run(progress)
         report = QoQReport(quantizer.recipe(), quantizer.errors)
-        write_checkpoint(out, config, precision, linears, tensors, report.recipe)
+        kv_scales = None
+        if quantizer.kv_absmax is not None:
+            kv_scales = static_kv_scales(torch.stack(quantizer.kv_absmax))
+        write_checkpoint(out, config, precision, linears, tensors, report.recipe, kv_scales)
     copy_side_files(source_dir, out)
     return report
 
@@ -178,6 +190,7 @@ class _Quantizer:
         calibration: CalibrationData,
         options: QoQOptions,
         device: torch.device,
+        static_kv: bool = False,
     ) -> None:
         self.source = source
         self.precision = precision
@@ -203,6 +216,8 @@ class _Quantizer:
             clip_grid(options.clip_min, options.clip_steps) if options.clip else [1.0]
         )
         self.smooth_attention = options.smooth_attention and precision.kv_bits is not None
+        self.kv_absmax: list[torch.Tensor] | None = [] if static_kv else None
+        """Per layer fp32 [2]: max |post-RoPE key| and max |value| of the transformed layer."""
 
     def recipe(self) -> dict[str, Any]:
         o = self.opts
@@ -233,6 +248,12 @@ class _Quantizer:
                  "act_order": False}
                 if o.gptq
                 else None
+            ),
+            "kv_cache": (
+                {"granularity": PER_TENSOR, "scale": "absmax / 127 of the transformed layer's "
+                 "post-RoPE keys and values over the calibration set"}
+                if self.kv_absmax is not None
+                else {"granularity": PER_TOKEN_HEAD, "scale": "dynamic"}
             ),
             "calibration": {
                 **self.calibration.recipe(),
@@ -317,6 +338,8 @@ class _Quantizer:
                 end = start + self.opts.batch_size
                 out[start:end] = layer_forward(self.geometry, index, layer, x[start:end], rope, stats)
             self._transform(index, layer, stats)
+            if self.kv_absmax is not None:
+                self.kv_absmax.append(self._kv_absmax(index, layer, x, rope))
             quantized = {}
             for point, readers in READERS.items():
                 p = stats.points[point]
@@ -328,6 +351,23 @@ class _Quantizer:
                         p.hessian,
                     )
         return out, quantized
+
+    def _kv_absmax(
+        self, index: int, layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """fp32 [2]: max |key| and max |value| of the transformed layer over every calibration
+        token. A second forward, because SmoothAttention and o_proj smoothing rescale K and V."""
+        absmax = torch.zeros(2, device=self.device)
+
+        def observe(point: str, t: torch.Tensor) -> None:
+            if point in (KEYS, VALUES):
+                slot = 0 if point == KEYS else 1
+                absmax[slot] = torch.maximum(absmax[slot], t.abs().max())
+
+        step = self.opts.batch_size
+        for start in range(0, x.shape[0], step):
+            layer_forward(self.geometry, index, layer, x[start : start + step], rope, observe)
+        return absmax.cpu()
 
     def _transform(self, index: int, layer: Layer, stats: LayerStatistics) -> None:
         g = self.geometry
