@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU host: install the offline bundle, run the GPU tests, then the throughput
-# benchmark against HF transformers. Results (logs, JSON, PNG) go to $OUT (default ./gpu-results).
+# One call on a GPU host: install the offline bundle, run the GPU tests, build the kernels, then
+# the throughput benchmark (bf16 and the quantized precisions) against HF transformers.
+# Results (logs, JSON, PNG) go to $OUT (default ./gpu-results).
 #
 #   scripts/offline_bundle.sh .bundle 3.12      # on a machine with network and Rust
 #   scripts/gpu_check.sh [BATCH ...]            # on the GPU host, from the repository root
@@ -15,8 +16,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 25
 batches=("$@")
-[ ${#batches[@]} -gt 0 ] || batches=(64 256)
+[ ${#batches[@]} -gt 0 ] || batches=(256)
+python3 -m omniserve.cli.main build-kernels 2>&1 | tee "$out/build-kernels.log" | tail -n 4
 python3 -m omniserve.cli.main bench throughput --model-config llama-3-8b --batch "${batches[@]}" \
     --input-len 1024 --output-len 512 --dtype bfloat16 \
+    --precisions bf16 w4a8kv4 w4a8kv4:g128 w8a8kv8 \
     --output-json "$out/bench-throughput.json" --output-png "$out/bench-throughput.png" \
     2>&1 | tee "$out/bench-throughput.log" | tail -n 12

@@ -66,8 +66,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     precision: str | None = None
     """`w4a8kv4`, `w4a8kv8`, `w4a8`, `w8a8kv4`, `w8a8kv8`, `w8a8`, `w16a16kv4`, `w16a16kv8` or
     `w16a16`. None: what the checkpoint says (its quantization_config, else w16a16). A quantized
-    checkpoint must hold exactly the requested precision and group size; w4a8/w8a8 need one (write
-    it with `omniserve.quant.rtn_model.write_rtn_checkpoint` until the QoQ quantizer lands)."""
+    checkpoint must hold exactly the requested precision and group size; w4a8/w8a8 need one
+    (`omniserve quantize` / `convert`, a QServe-zoo checkpoint), except with `load_format="dummy"`,
+    which fills the quantized linears with random weights of the precision's format."""
     group_size: int = PER_CHANNEL
     """-1 (per output channel) or 128 (W4A8 only); only meaningful with `precision`."""
 

@@ -2,9 +2,13 @@
 
 Setting: random-token prompts of a fixed length, a fixed number of generated tokens (EOS
 ignored), a fixed batch submitted at once; throughput = generated tokens / wall time, prefill
-included. The model is built from a config alone with random weights, so any shape can be
-measured without downloading weights (speed does not depend on the weights' values, except
-through EOS, which is ignored).
+included. The model is built from a config alone with random weights (quantized ones for the
+quantized precisions, models/loader.py), so any shape can be measured without downloading
+weights (speed does not depend on the weights' values, except through EOS, which is ignored).
+
+One run measures several omniserve systems (precision, group size, dtype) one after another in
+one process: each gets its own engine, deleted and its GPU memory returned before the next starts.
+HF transformers, which has no QServe formats, runs once, unquantized, as the peer of them all.
 """
 
 from __future__ import annotations
@@ -13,27 +17,98 @@ import gc
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import torch
 
-from omniserve.config import EngineConfig
+from omniserve.config import EngineConfig, kv_cache_bits
+from omniserve.errors import ConfigError
+from omniserve.quant.precision import PER_CHANNEL, PRECISION_CHOICES, Precision, parse
 
 PRESETS = ("llama-3-8b", "llama-2-7b", "tiny-llama")
+
+DTYPE_SYSTEMS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""System names that mean the model's own weights (w16a16) in that dtype."""
+
+OMNISERVE, HF_TRANSFORMERS = "omniserve", "hf-transformers"
+
+_GIB = 1 << 30
+
+
+class BenchSystem(msgspec.Struct, frozen=True):
+    """One omniserve configuration of a run; the fields it sets override the engine options."""
+
+    precision: str | None = None
+    """A `--precision` value; None: the engine options' (by default the checkpoint's)."""
+    group_size: int = PER_CHANNEL
+    """Goes with `precision`."""
+    dtype: str | None = None
+    """The model dtype of this system; None: the engine options'."""
+
+    def engine_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.precision is not None:
+            options.update(precision=self.precision, group_size=self.group_size)
+        if self.dtype is not None:
+            options["dtype"] = self.dtype
+        return options
+
+
+def parse_system(text: str) -> BenchSystem:
+    """A `--precisions` value: `PRECISION[:gGROUP]` (a `--precision` value and, for W4A8, its
+    group size: `w4a8kv4:g128`) or `bf16` / `fp16` / `fp32` (w16a16 in that dtype). ConfigError
+    naming the value and the valid choices otherwise."""
+    name, colon, group = text.partition(":")
+    group_size = PER_CHANNEL
+    if colon:
+        digits = group[1:]
+        if not group.startswith("g") or not digits.removeprefix("-").isdigit():
+            raise ConfigError(
+                f"--precisions {text!r}: expected PRECISION or PRECISION:gGROUP, e.g. w4a8kv4:g128"
+            )
+        group_size = int(digits)
+    key = name.strip().lower()
+    dtype = DTYPE_SYSTEMS.get(key)
+    if dtype is None and key not in PRECISION_CHOICES:
+        raise ConfigError(
+            f"--precisions {text!r}: unknown precision {name!r}; valid choices: "
+            f"{', '.join(PRECISION_CHOICES)}, or {', '.join(DTYPE_SYSTEMS)} (w16a16 in that dtype)"
+        )
+    try:
+        precision = parse("w16a16" if dtype is not None else key, group_size)
+    except ConfigError as exc:  # a group size the precision does not have
+        raise ConfigError(f"--precisions {text!r}: {exc}") from None
+    return BenchSystem(precision.name, group_size, dtype)
 
 
 class RunResult(msgspec.Struct, frozen=True):
     system: str
+    """OMNISERVE or HF_TRANSFORMERS."""
+    precision: str
+    """The served precision, e.g. w4a8kv4; w16a16 for the model's own weights."""
+    group_size: int
+    dtype: str
     batch: int
     input_len: int
     output_len: int
     wall_s: float | None
     tokens_per_s: float | None
+    speedup_vs_hf: float | None = None
+    """tokens_per_s over HF transformers' at the same batch (omniserve rows)."""
     error: str | None = None
+
+
+class EngineRun(NamedTuple):
+    results: list[RunResult]
+    info: dict[str, Any]
+    """The system's served precision, start-up time, memory report and preemptions."""
+    precision: Precision
+    device: torch.device
+    dtype: torch.dtype
 
 
 def preset_config(name: str) -> dict[str, Any]:
@@ -68,17 +143,40 @@ def _free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _served_precision(config: EngineConfig, precision: Precision | None) -> Precision:
+    """The runner's precision, with an fp model (None) spelled as w16a16 and its KV cache."""
+    if precision is not None:
+        return precision
+    bits = kv_cache_bits(config.kv_cache_dtype, None)
+    return parse("w16a16" if bits is None else f"w16a16kv{bits}")
+
+
 def bench_omniserve(
     config: EngineConfig, batches: Sequence[int], input_len: int, output_len: int, seed: int
-) -> tuple[list[RunResult], dict[str, Any], torch.device, torch.dtype]:
+) -> EngineRun:
+    """Measure one engine, then delete it and return its GPU memory for the next system."""
     from omniserve.engine.engine import Engine
     from omniserve.sampling_params import SamplingParams
 
+    start = time.perf_counter()
     engine = Engine(config)
-    device, vocab = engine.runner.device, engine.runner.vocab_size
-    info = {"device": _device_name(device), "dtype": str(engine.runner.dtype), **engine.runner.memory_report()}
+    startup = time.perf_counter() - start
+    device, dtype, vocab = engine.runner.device, engine.runner.dtype, engine.runner.vocab_size
+    precision = _served_precision(config, engine.runner.precision)
+    info: dict[str, Any] = {
+        "precision": precision.name,
+        "group_size": precision.group_size,
+        "dtype": _dtype_name(dtype),
+        "startup_s": startup,
+        **engine.runner.memory_report(),
+    }
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-    engine.generate(_prompts(2, min(input_len, 64), vocab, seed), SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    warm = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine.generate(_prompts(2, min(input_len, 64), vocab, seed), warm, use_tqdm=False)
     results = []
     for batch in batches:
         prompts = _prompts(batch, input_len, vocab, seed + batch)
@@ -88,12 +186,19 @@ def bench_omniserve(
         _sync(device)
         wall = time.perf_counter() - start
         generated = sum(o.num_generated_tokens for o in outs)
-        results.append(RunResult("omniserve", batch, input_len, output_len, wall, generated / wall))
+        results.append(
+            RunResult(
+                OMNISERVE, precision.name, precision.group_size, info["dtype"], batch,
+                input_len, output_len, wall, generated / wall,
+            )
+        )
     info["preemptions"] = engine.stats().num_preemptions
-    dtype = engine.runner.dtype
     del engine
     _free_cuda()
-    return results, info, device, dtype
+    if device.type == "cuda":
+        # Whatever torch still holds would shrink the next system's KV cache (expected: ~0).
+        info["held_after_free_gib"] = torch.cuda.memory_allocated(device) / _GIB
+    return EngineRun(results, info, precision, device, dtype)
 
 
 def bench_transformers(
@@ -105,16 +210,23 @@ def bench_transformers(
     output_len: int,
     seed: int,
 ) -> list[RunResult]:
-    """HF transformers `generate()` on the same shape and dtype, weights random as well."""
+    """HF transformers `generate()` on the same shape, unquantized in `dtype`, weights random."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    results = []
+
+    def result(batch: int, wall: float | None, tps: float | None, error: str | None = None) -> RunResult:
+        name = _dtype_name(dtype)
+        return RunResult(
+            HF_TRANSFORMERS, "w16a16", PER_CHANNEL, name, batch, input_len, output_len, wall, tps,
+            error=error,
+        )
+
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
     except torch.OutOfMemoryError as exc:
-        return [RunResult("hf-transformers", b, input_len, output_len, None, None, f"OOM: {exc}") for b in batches]
+        return [result(b, None, None, f"OOM: {str(exc)[:200]}") for b in batches]
     vocab = hf_config.vocab_size
 
     def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -130,6 +242,7 @@ def bench_transformers(
 
     warm = torch.tensor(_prompts(2, min(input_len, 64), vocab, seed), device=device)
     generate(model, warm, 8)
+    results = []
     for batch in batches:
         ids = torch.tensor(_prompts(batch, input_len, vocab, seed + batch), device=device)
         try:
@@ -139,9 +252,9 @@ def bench_transformers(
             _sync(device)
             wall = time.perf_counter() - start
             generated = (out.shape[1] - input_len) * batch
-            results.append(RunResult("hf-transformers", batch, input_len, output_len, wall, generated / wall))
+            results.append(result(batch, wall, generated / wall))
         except torch.OutOfMemoryError as exc:
-            results.append(RunResult("hf-transformers", batch, input_len, output_len, None, None, f"OOM: {str(exc)[:200]}"))
+            results.append(result(batch, None, None, f"OOM: {str(exc)[:200]}"))
         _free_cuda()
     del model
     _free_cuda()
@@ -158,7 +271,17 @@ def run(
     peers: Sequence[str],
     seed: int,
     engine_options: dict[str, Any],
+    systems: Sequence[BenchSystem] = (BenchSystem(),),
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Measure each of `systems` (in order), then the peers; `engine_options` apply to every
+    system, whose own fields take precedence. `progress` gets the report so far after each
+    system, so that a run cut short still leaves its measurements."""
+    # Imported here: it loads transformers, which `omniserve --help` need not wait for.
+    from omniserve.models.loader import resolve_precision
+
+    if not systems:
+        raise ConfigError("no system to measure: give at least one precision")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _materialize(model, preset, Path(tmp))
         options = {
@@ -167,29 +290,57 @@ def run(
             "max_num_seqs": max(batches),
             **engine_options,
         }
-        config = EngineConfig.from_kwargs(model_dir, **options)
-        ours, info, device, dtype = bench_omniserve(config, batches, input_len, output_len, seed)
-        results = list(ours)
-        if "hf" in peers:
-            results += bench_transformers(model_dir, device, dtype, batches, input_len, output_len, seed)
-    by_key = {(r.system, r.batch): r for r in results}
-    ratios = {}
-    for b in batches:
-        mine, peer = by_key.get(("omniserve", b)), by_key.get(("hf-transformers", b))
-        if mine and peer and mine.tokens_per_s and peer.tokens_per_s:
-            ratios[str(b)] = mine.tokens_per_s / peer.tokens_per_s
-    return {
-        "setting": {
+        configs = [
+            EngineConfig.from_kwargs(model_dir, **{**options, **s.engine_options()}) for s in systems
+        ]
+        for config in configs:  # fail before the first (long) measurement, not in the middle
+            resolve_precision(
+                model_dir, config.requested_precision(), dummy=config.load_format == "dummy"
+            )
+        setting = {
             "model": model or preset,
             "input_len": input_len,
             "output_len": output_len,
             "batches": list(batches),
             "engine_options": options,
-        },
-        "environment": {**info, "torch": torch.__version__},
+            "systems": [msgspec.to_builtins(s) for s in systems],
+        }
+        runs: list[EngineRun] = []
+        for config in configs:
+            runs.append(bench_omniserve(config, batches, input_len, output_len, seed))
+            if progress is not None:
+                progress(_report(setting, runs, []))
+        peer_results = []
+        if "hf" in peers:
+            # The peer runs once, in the dtype of the first w16 system (else of the first).
+            fp = next((e for e in runs if not e.precision.quantized_weights), runs[0])
+            peer_results = bench_transformers(
+                model_dir, fp.device, fp.dtype, batches, input_len, output_len, seed
+            )
+    return _report(setting, runs, peer_results)
+
+
+def _report(
+    setting: dict[str, Any], runs: Sequence[EngineRun], peer_results: list[RunResult]
+) -> dict[str, Any]:
+    results = _with_speedups([r for e in runs for r in e.results] + peer_results)
+    return {
+        "setting": setting,
+        "environment": {"device": _device_name(runs[0].device), "torch": torch.__version__},
+        "engines": [e.info for e in runs],
         "results": [msgspec.to_builtins(r) for r in results],
-        "speedup_vs_hf": ratios,
     }
+
+
+def _with_speedups(results: list[RunResult]) -> list[RunResult]:
+    """Each omniserve row with its ratio to HF transformers' measured row at the same batch."""
+    peer = {r.batch: r.tokens_per_s for r in results if r.system == HF_TRANSFORMERS}
+    return [
+        msgspec.structs.replace(r, speedup_vs_hf=r.tokens_per_s / peer[r.batch])
+        if r.system == OMNISERVE and r.tokens_per_s and peer.get(r.batch)
+        else r
+        for r in results
+    ]
 
 
 def _device_name(device: torch.device) -> str:
@@ -198,16 +349,25 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def label(row: dict[str, Any]) -> str:
+    """A result row's system, precision and (g128 only) group size, e.g. `omniserve w4a8kv4 g128`."""
+    group = "" if row["group_size"] == PER_CHANNEL else f" g{row['group_size']}"
+    return f"{row['system']} {row['precision']}{group}"
+
+
 def table(report: dict[str, Any]) -> str:
-    rows = ["system            batch   in/out      wall_s    tokens/s   vs HF"]
-    ratios = report["speedup_vs_hf"]
+    header = (
+        f"{'system':<30} {'dtype':<9} {'batch':>6}   {'in/out':<10} {'wall_s':>8} "
+        f"{'tokens/s':>11}   vs HF"
+    )
+    rows = [header]
     for r in report["results"]:
-        ratio = ratios.get(str(r["batch"])) if r["system"] == "omniserve" else None
         wall = f"{r['wall_s']:.2f}" if r["wall_s"] else "-"
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else (r["error"] or "-")[:24]
+        ratio = f"   {r['speedup_vs_hf']:.2f}x" if r["speedup_vs_hf"] else ""
+        in_out = f"{r['input_len']}/{r['output_len']}"
         rows.append(
-            f"{r['system']:<16} {r['batch']:>6}   {r['input_len']}/{r['output_len']:<6} {wall:>8} {tps:>11}"
-            + (f"   {ratio:.2f}x" if ratio else "")
+            f"{label(r):<30} {r['dtype']:<9} {r['batch']:>6}   {in_out:<10} {wall:>8} {tps:>11}{ratio}"
         )
     return "\n".join(rows)
 
@@ -218,13 +378,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = sorted({r["system"] for r in report["results"]})
+    systems = list(dict.fromkeys(label(r) for r in report["results"]))  # run order
     batches = report["setting"]["batches"]
     width = 0.8 / len(systems)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for i, system in enumerate(systems):
         values = [
-            next((r["tokens_per_s"] or 0.0 for r in report["results"] if r["system"] == system and r["batch"] == b), 0.0)
+            next((r["tokens_per_s"] or 0.0 for r in report["results"] if label(r) == system and r["batch"] == b), 0.0)
             for b in batches
         ]
         ax.bar([j + i * width for j in range(len(batches))], values, width, label=system)
@@ -233,7 +393,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("generated tokens / s")
     s = report["setting"]
     ax.set_title(f"{s['model']}, {s['input_len']} in / {s['output_len']} out, {report['environment']['device']}")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

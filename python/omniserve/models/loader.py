@@ -11,15 +11,17 @@ slices and its other tensors (embeddings, norms, biases, lm_head) through the sa
 A QServe model-zoo directory (config.json + pytorch_model.bin / *.pt, quant/qserve_zoo.py) is
 converted in memory into the same validated checkpoint, so both take one load path. A per-tensor
 KV8 checkpoint also yields its static KV scales, which the runner gives the KV cache.
-There is no on-the-fly quantization: w4a8/w8a8 need such a checkpoint (`quant/rtn_model.py`
-writes an RTN one from an fp checkpoint).
+There is no on-the-fly quantization of checkpoint weights: w4a8/w8a8 need such a checkpoint
+(`quant/rtn_model.py` writes an RTN one from an fp checkpoint). Random weights (load_format "dummy",
+for benchmarks) are the exception: each quantized linear slice is the RTN of random fp weights,
+placed through the same `QuantizedLinear.set_weight` as a checkpoint's.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +47,7 @@ from omniserve.quant.qserve_zoo import (
     qserve_precision,
     read_qserve_checkpoint,
 )
+from omniserve.quant.weight import QuantizedWeight, quantize_weight
 
 DUMMY_INIT_STD = 0.02
 """Std of random weights: HF's usual initializer_range. With an RMSNorm in front of every block the
@@ -74,11 +77,14 @@ def load_hf_config(model_dir: str) -> PretrainedConfig:
         raise CheckpointError(f"{config_file}: {exc}") from None
 
 
-def resolve_precision(model_dir: str, requested: Precision | None) -> Precision | None:
+def resolve_precision(
+    model_dir: str, requested: Precision | None, *, dummy: bool = False
+) -> Precision | None:
     """The precision to serve: `requested` if given, else the checkpoint's quantization_config
     (None for an fp checkpoint, i.e. w16a16 with the KV cache left to kv_cache_dtype). A request
-    for quantized weights on an fp checkpoint, or one that differs from a quantized checkpoint's
-    precision or group size, is a ConfigError."""
+    for quantized weights on an fp checkpoint, unless `dummy` (random weights, quantized at load
+    time), or one that differs from a quantized checkpoint's precision or group size, is a
+    ConfigError."""
     if is_qserve_checkpoint(model_dir):
         return qserve_precision(model_dir, requested)
     raw = json.loads((Path(model_dir) / "config.json").read_text())
@@ -87,7 +93,7 @@ def resolve_precision(model_dir: str, requested: Precision | None) -> Precision 
         if requested is not None:
             check_precision(model_dir, requested, stored)
         return stored
-    if requested is not None and requested.quantized_weights:
+    if requested is not None and requested.quantized_weights and not dummy:
         raise ConfigError(
             f"precision {requested.name} needs a quantized checkpoint, but {model_dir} holds fp "
             "weights (no quantization_config); write one with "
@@ -112,16 +118,12 @@ def load_model(
     precision: Precision | None = None,
     dummy_seed: int | None = None,
 ) -> LoadedModel:
-    """The model on `device` in `dtype`; random weights seeded by `dummy_seed` when it is given,
-    else the checkpoint's safetensors. `precision` (from `resolve_precision`) with quantized
-    weights reads a quantized checkpoint (ours or QServe's zoo) that must hold exactly that
-    precision; a per-tensor KV8 one also gives its static KV scales."""
+    """The model on `device` in `dtype`; random weights seeded by `dummy_seed` when it is given
+    (quantized ones for a `precision` with quantized weights, see `init_dummy_weights`), else the
+    checkpoint's safetensors. `precision` (from `resolve_precision`) with quantized weights reads
+    a quantized checkpoint (ours or QServe's zoo) that must hold exactly that precision; a
+    per-tensor KV8 one also gives its static KV scales (random weights use per-token KV)."""
     quantized = precision if precision is not None and precision.quantized_weights else None
-    if quantized is not None and dummy_seed is not None:
-        raise ConfigError(
-            f"load_format 'dummy' builds fp weights only; precision {quantized.name} needs a "
-            "quantized checkpoint"
-        )
     try:
         with _default_device_and_dtype(device, dtype):
             model = LlamaForCausalLM(hf_config, max_positions, precision)
@@ -129,7 +131,7 @@ def load_model(
         raise CheckpointError(f"{model_dir}/config.json: {exc}") from None
     kv_scales = None
     if dummy_seed is not None:
-        init_dummy_weights(model, dummy_seed)
+        init_dummy_weights(model, dummy_seed, precision)
     elif quantized is not None:
         kv_scales = load_quantized_weights(model, model_dir, quantized, device)
     else:
@@ -187,13 +189,8 @@ def load_quantized_weights(
     scales (per-tensor checkpoints) or None."""
     ckpt = read_quantized_checkpoint(model_dir, precision)
     slots = checkpoint_slots(model)
-    quantized_slots = {
-        name: (module, index)
-        for prefix, module in model.named_modules()
-        if isinstance(module, QuantizedLinear)
-        for name, index in module.quantized_slots(prefix).items()
-    }
-    _check_names(model, model_dir, "quantized linears", set(quantized_slots), set(ckpt.linears))
+    quantized = quantized_slots(model)
+    _check_names(model, model_dir, "quantized linears", set(quantized), set(ckpt.linears))
     _check_names(model, model_dir, "tensors", set(slots), set(ckpt.tensors))
     for name, slot in slots.items():
         t = ckpt.tensors[name]
@@ -205,16 +202,20 @@ def load_quantized_weights(
     with torch.no_grad():
         for name, slot in slots.items():
             slot.load(ckpt.tensors[name])
-    for name, (module, index) in quantized_slots.items():
-        try:
-            module.set_weight(index, ckpt.linears[name], device)
-        except ValueError as exc:
-            raise CheckpointError(f"{model_dir}: quantized linear {name}: {exc}") from None
+    _set_quantized_weights(quantized, lambda name, _shape: ckpt.linears[name], device, model_dir)
     return ckpt.kv_scales
 
 
-def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """Random weights from `seed` (same seed and device: same model); norm scales are 1."""
+def init_dummy_weights(
+    model: torch.nn.Module, seed: int, precision: Precision | None = None
+) -> None:
+    """Random weights from `seed` (same seed and device: same model); norm scales are 1.
+
+    A model built for a quantized-weight `precision` gets each `QuantizedLinear` slice as the RTN
+    (quant/weight.py) of fp32 weights drawn like the parameters, one slice at a time on the
+    model's device: an 8B model quantizes in seconds on a GPU, and memory beyond the model stays
+    at one slice of fp weights (plus the quantizer's temporaries).
+    """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -223,6 +224,40 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+        if precision is None or not precision.quantized_weights:
+            return
+
+        def random_weight(_name: str, shape: tuple[int, int]) -> QuantizedWeight:
+            w = torch.empty(shape, dtype=torch.float32, device=device)
+            return quantize_weight(w.normal_(0.0, DUMMY_INIT_STD, generator=generator), precision)
+
+        _set_quantized_weights(quantized_slots(model), random_weight, device, "random weights")
+
+
+def quantized_slots(model: torch.nn.Module) -> dict[str, tuple[QuantizedLinear, int]]:
+    """Every quantized linear slice of the model: checkpoint linear name → (layer, slice index)."""
+    return {
+        name: (module, index)
+        for prefix, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+        for name, index in module.quantized_slots(prefix).items()
+    }
+
+
+def _set_quantized_weights(
+    slots: dict[str, tuple[QuantizedLinear, int]],
+    weight_of: Callable[[str, tuple[int, int]], QuantizedWeight],
+    device: torch.device,
+    source: str,
+) -> None:
+    """Place `weight_of(name, (N, K))` into each slice, asking for the next only once the previous
+    is placed (random weights are drawn one slice at a time); `source` prefixes the errors."""
+    for name, (module, index) in slots.items():
+        shape = (module.out_sizes[index], module.in_features)
+        try:
+            module.set_weight(index, weight_of(name, shape), device)
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: quantized linear {name}: {exc}") from None
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

@@ -58,7 +58,9 @@ class ModelRunner:
         model_limit = self.hf_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         self.vocab_size = self.hf_config.vocab_size
-        self.precision = resolve_precision(config.model, config.requested_precision())
+        self.precision = resolve_precision(
+            config.model, config.requested_precision(), dummy=config.load_format == "dummy"
+        )
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
         self.model, self._kv_scales = load_model(

@@ -1,0 +1,127 @@
+"""`omniserve bench throughput` end to end on CPU: one row per system and batch in the JSON, PNG
+and table; several precisions in one run with HF transformers measured once; bad values rejected
+before anything is measured."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from omniserve.bench import throughput
+from omniserve.cli.main import main
+from tiny_models import save_checkpoint
+
+TINY = [
+    "--model-config", "tiny-llama", "--device", "cpu", "--page-size", "16", "--num-kv-pages", "16",
+    "--max-model-len", "64",
+]
+
+
+def test_bench_throughput_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main([
+        "bench", "throughput", *TINY, "--batch", "2", "3", "--input-len", "16", "--output-len", "6",
+        "--output-json", str(report), "--output-png", str(png),
+    ])
+    assert code == 0
+    data = json.loads(report.read_text())
+    rows = {(r["system"], r["precision"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {
+        ("omniserve", "w16a16", 2), ("omniserve", "w16a16", 3),
+        ("hf-transformers", "w16a16", 2), ("hf-transformers", "w16a16", 3),
+    }
+    assert all(r["tokens_per_s"] > 0 and r["dtype"] == "float32" for r in rows.values())
+    for b in (2, 3):
+        mine, peer = rows[("omniserve", "w16a16", b)], rows[("hf-transformers", "w16a16", b)]
+        assert mine["speedup_vs_hf"] == pytest.approx(mine["tokens_per_s"] / peer["tokens_per_s"])
+        assert peer["speedup_vs_hf"] is None
+    assert png.stat().st_size > 1000
+    assert "omniserve w16a16" in capsys.readouterr().out
+
+
+def test_bench_throughput_several_precisions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Quantized systems in the engine's dtype (float32 on CPU), `bf16` in bfloat16, and the HF
+    peer once, in the dtype of the w16 system."""
+    report = tmp_path / "bench.json"
+    code = main([
+        "bench", "throughput", *TINY, "--batch", "2", "--input-len", "16", "--output-len", "4",
+        "--precisions", "w4a8kv4", "w4a8kv4:g128", "w8a8kv8", "bf16", "--output-json", str(report),
+    ])
+    assert code == 0
+    data = json.loads(report.read_text())
+    rows = [(r["system"], r["precision"], r["group_size"], r["dtype"]) for r in data["results"]]
+    assert rows == [
+        ("omniserve", "w4a8kv4", -1, "float32"),
+        ("omniserve", "w4a8kv4", 128, "float32"),
+        ("omniserve", "w8a8kv8", -1, "float32"),
+        ("omniserve", "w16a16", -1, "bfloat16"),
+        ("hf-transformers", "w16a16", -1, "bfloat16"),
+    ]
+    assert all(r["tokens_per_s"] > 0 and r["error"] is None for r in data["results"])
+    assert all(r["speedup_vs_hf"] > 0 for r in data["results"][:4])
+    engines = [(e["precision"], e["group_size"], e["dtype"]) for e in data["engines"]]
+    assert engines == [row[1:] for row in rows[:4]]
+    assert all(e["weights"] > 0 and e["preemptions"] == 0 for e in data["engines"])
+    assert [s["precision"] for s in data["setting"]["systems"]] == ["w4a8kv4", "w4a8kv4", "w8a8kv8", "w16a16"]
+    out = capsys.readouterr().out
+    assert "omniserve w4a8kv4 g128" in out and "hf-transformers w16a16" in out
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["w4a9"], r"--precisions 'w4a9': unknown precision 'w4a9'; valid choices: w4a8kv4, .*, or bf16"),
+        (["bf16", "w8a8kv8:g128"], r"'w8a8kv8:g128': group_size 128 is only valid for W4A8"),
+        (["w4a8kv4:g64"], r"'w4a8kv4:g64': group_size 64 is not supported"),
+        (["w4a8kv4:128"], r"'w4a8kv4:128': expected PRECISION or PRECISION:gGROUP"),
+        (["bf16:g128"], r"'bf16:g128': group_size 128 is only valid for W4A8"),
+    ],
+    ids=["unknown", "w8a8-g128", "g64", "syntax", "bf16-g128"],
+)
+def test_bench_throughput_rejects_bad_precisions(
+    values: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "throughput", *TINY, "--precisions", *values]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omniserve bench: error:")
+    assert re.search(message, err), err
+
+
+def test_bench_throughput_checks_every_system_before_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def never(*args: object) -> None:
+        raise AssertionError("a system was measured before all were checked")
+
+    monkeypatch.setattr(throughput, "bench_omniserve", never)
+    assert main(["bench", "throughput", *TINY, "--precisions", "w4a8kv4", "--precision", "w8a8"]) == 2
+    assert "--precisions names each system's precision and group size" in capsys.readouterr().err
+    # The KV cache dtype applies to every system and contradicts the second one.
+    args = ["--precisions", "w8a8kv8", "w4a8kv4", "--kv-cache-dtype", "int8"]
+    assert main(["bench", "throughput", *TINY, *args]) == 2
+    assert "kv_cache_dtype='int8' contradicts precision w4a8kv4" in capsys.readouterr().err
+    # Real fp weights (--load-format auto) cannot serve a quantized precision.
+    save_checkpoint("llama3", tmp_path)
+    args = ["--model", str(tmp_path), "--load-format", "auto", "--precisions", "fp32", "w8a8kv8"]
+    assert main(["bench", "throughput", *args, "--device", "cpu"]) == 2
+    assert "precision w8a8kv8 needs a quantized checkpoint" in capsys.readouterr().err
+
+
+def test_progress_gets_the_report_after_each_system() -> None:
+    """A run cut short (a device time limit) keeps what it measured: the CLI rewrites the JSON
+    after each system."""
+    reports: list[dict] = []
+    final = throughput.run(
+        model=None, preset="tiny-llama", batches=[1], input_len=8, output_len=2, peers=["hf"],
+        seed=0, engine_options={"device": "cpu", "page_size": 16, "num_kv_pages": 8},
+        systems=[throughput.parse_system("w8a8kv8"), throughput.parse_system("fp32")],
+        progress=reports.append,
+    )
+    assert [[r["precision"] for r in report["results"]] for report in reports] == [
+        ["w8a8kv8"], ["w8a8kv8", "w16a16"],
+    ]
+    assert all(r["speedup_vs_hf"] is None for report in reports for r in report["results"])
+    assert [r["system"] for r in final["results"]] == ["omniserve", "omniserve", "hf-transformers"]
+    assert final["engines"] == reports[-1]["engines"]
