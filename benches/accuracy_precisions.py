@@ -7,7 +7,8 @@ Defaults: the bundled model, its `heldout.txt`, fp32 on CPU. QoQ calibrates on t
 files of this interpreter's standard library (the split of `omniserve.training.corpus`, so never
 a held-out file), written to a temporary file in corpus order. Each row builds its checkpoint in a
 temporary directory: RTN by `write_rtn_checkpoint`, QoQ by `quantize_checkpoint` with the default
-recipe (the knobs below trade search time for nothing the table shows on a small model).
+recipe except a shorter clipping search (--clip-steps, --max-rows), which keeps a row to seconds
+on a small model.
 NIAH runs `omniserve.eval.niah` on the grid given (filler "sentences", the evaluation seed).
 Prints a markdown table and writes JSON with every number and the settings.
 """
