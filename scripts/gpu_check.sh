@@ -10,8 +10,19 @@ set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 site=/tmp/omniserve-site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .bundle/wheels/*.whl || exit 1
-export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+# The package runs from this checkout (python/), so the kernels find their sources in cuda/: the
+# bundle's omniserve wheel only lends its compiled scheduler; the other wheels are dependencies.
+deps=(); for w in .bundle/wheels/*.whl; do [[ $(basename "$w") == omniserve-* ]] || deps+=("$w"); done
+[ ${#deps[@]} -eq 0 ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${deps[@]}" || exit 1
+python3 - <<'PY' || exit 1
+import glob, zipfile
+wheel = glob.glob(".bundle/wheels/omniserve-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("omniserve/_scheduler") and name.endswith(".so"):
+            z.extract(name, "python")
+PY
+export PYTHONPATH="$site:python" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 25

@@ -9,6 +9,9 @@
 #
 #   pip install --no-index --no-deps --target /tmp/site OUT_DIR/wheels/*.whl
 #   PYTHONPATH=/tmp/site python -m omniserve.cli.main generate "def fib(n):"
+#
+# The omniserve wheel carries no CUDA sources, so installed this way it runs the torch reference
+# ops; scripts/gpu_check.sh runs the checkout itself (python/ + cuda/) with these wheels instead.
 set -euo pipefail
 
 out=${1:-.bundle}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -11,6 +12,7 @@ import transformers
 
 from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
 from omniserve.errors import ConfigError
+from omniserve.kernels.build import unavailable_reason
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.sampler import Sampler, SampleResult
 from omniserve.models.loader import load_hf_config, load_model, resolve_precision
@@ -54,6 +56,12 @@ class ModelRunner:
         self.dtype = _DTYPES.get(
             config.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )
+        if self.device.type == "cuda" and (reason := unavailable_reason(self.device)) is not None:
+            # Correct but slow (quantized GEMMs run as exact float64 matmuls): say so once.
+            warnings.warn(
+                f"omniserve CUDA kernels unavailable ({reason}); running the torch reference ops",
+                RuntimeWarning, stacklevel=2,
+            )
         self.hf_config = load_hf_config(config.model)
         model_limit = self.hf_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
