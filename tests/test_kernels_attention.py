@@ -147,7 +147,7 @@ def test_launch_sized_too_short_gives_nan_not_truncation(partition: int) -> None
 @skip_failed_check_crash
 def test_bad_inputs_are_named() -> None:
     case = PagedCase(LAYOUTS["gqa4x2-d64"], [20], None, torch.float16)
-    ops = kernel._ops()
+    ops = kernel.EXTENSION.load()
     args = (case.page_table, case.seq_rows, case.context_lens, 16, 2, 20, 0, 0.125, 128)
     k, v = case.operands[0][0], case.operands[1][0]
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):

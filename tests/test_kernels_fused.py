@@ -91,7 +91,7 @@ def test_strided_rows_are_read_in_place() -> None:
 
 @skip_failed_check_crash
 def test_bad_inputs_are_named() -> None:
-    ops = fused._ops()
+    ops = fused.EXTENSION.load()
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ops.quantize_per_token(torch.randn(4, 20, device="cuda", dtype=torch.float16))
     with pytest.raises(RuntimeError, match="expected float16 or bfloat16"):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from types import ModuleType
 
 import torch
 
-from omniserve.kernels.build import Extension, kernels_available
+from omniserve.kernels.build import Extension
 
 EXTENSION = Extension(
     "omniserve_decode_attention",
@@ -34,10 +33,6 @@ PARTITIONS = (512, 256, 128)
 """Tokens per split, largest first."""
 
 
-@cache
-def _ops() -> ModuleType:
-    return EXTENSION.load()
-
 
 @cache
 def _num_sms(device: torch.device) -> int:
@@ -52,10 +47,6 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtyp
         and num_heads % num_kv_heads == 0
         and num_heads // num_kv_heads in GROUP_SIZES
     )
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and kernels_available(device)
 
 
 def choose_partition(batch: int, num_kv_heads: int, visible_len: int, device: torch.device) -> int:
@@ -96,7 +87,7 @@ def decode_attention(
     if partition is None:
         partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device)
     (k, k_params), (v, v_params) = k_rows, v_rows
-    return _ops().decode_attention(
+    return EXTENSION.load().decode_attention(
         q, k, v, k_params, v_params, page_table, seq_rows, context_lens,
         page_size, num_kv_heads, max_context_len, window or 0, scale, partition,
     )

@@ -13,6 +13,7 @@ missing (`KernelUnavailableError`) instead of failing deep inside the compiler d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -62,9 +63,17 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
         return "no CUDA device is visible (torch.cuda.is_available() is False)"
     if device is not None and device.type != "cuda":
         return f"tensors are on {device}, not on a CUDA device"
-    capability = torch.cuda.get_device_capability(device)
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    return _gpu_reason(index)
+
+
+@functools.cache
+def _gpu_reason(index: int) -> str | None:
+    """The per-GPU part of `unavailable_reason`: fixed for the process, and asked on every forward
+    of a quantized linear, so it is computed (device query, file-system check) once per GPU."""
+    capability = torch.cuda.get_device_capability(index)
     if capability != TARGET_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
+        name = torch.cuda.get_device_name(index)
         return (
             f"the kernels are built for sm_90a (Hopper); {name} has compute capability "
             f"{capability[0]}.{capability[1]}"
@@ -120,7 +129,13 @@ class Extension:
     fast_math: bool = False
 
     def load(self) -> ModuleType:
-        return load_extension(self.name, self.sources, fast_math=self.fast_math)
+        """The built extension; later calls return it without hashing the sources again."""
+        return _load_once(self)
+
+
+@functools.cache
+def _load_once(ext: Extension) -> ModuleType:
+    return load_extension(ext.name, ext.sources, fast_math=ext.fast_math)
 
 
 def _build_hash(paths: Sequence[Path], cuda_flags: Sequence[str]) -> str:

@@ -9,9 +9,6 @@ torch's, so a normalized value can differ in its last bit and move a code by one
 
 from __future__ import annotations
 
-from functools import cache
-from types import ModuleType
-
 import torch
 
 from omniserve.kernels.build import Extension, kernels_available
@@ -26,10 +23,6 @@ EXTENSION = Extension(
 )
 
 
-@cache
-def _ops() -> ModuleType:
-    return EXTENSION.load()
-
 
 def _use_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels_available(x.device)
@@ -39,14 +32,14 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
     """Per-token int8 of x [T, K] with code sums (reference: `quant.activation.quantize_per_token`)."""
     if not _use_kernel(x):
         return reference.quantize_per_token(x)
-    return QuantizedActivation(*_ops().quantize_per_token(x))
+    return QuantizedActivation(*EXTENSION.load().quantize_per_token(x))
 
 
 def rmsnorm_quant(x: torch.Tensor, norm: RMSNorm) -> QuantizedActivation:
     """RMSNorm then per-token int8 (reference: `quant.activation.rmsnorm_quant`)."""
     if not _use_kernel(x):
         return reference.rmsnorm_quant(x, norm)
-    return QuantizedActivation(*_ops().rmsnorm_quant(x, norm.weight, norm.eps))
+    return QuantizedActivation(*EXTENSION.load().rmsnorm_quant(x, norm.weight, norm.eps))
 
 
 def silu_mul_quant(gate_up: torch.Tensor) -> QuantizedActivation:
@@ -54,4 +47,4 @@ def silu_mul_quant(gate_up: torch.Tensor) -> QuantizedActivation:
     `quant.activation.silu_mul_quant`)."""
     if not _use_kernel(gate_up):
         return reference.silu_mul_quant(gate_up)
-    return QuantizedActivation(*_ops().silu_mul_quant(gate_up))
+    return QuantizedActivation(*EXTENSION.load().silu_mul_quant(gate_up))

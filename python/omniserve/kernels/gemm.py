@@ -22,10 +22,8 @@ N and K must be multiples of 128 (`supports`); other shapes stay on the referenc
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Literal
 
 import torch
@@ -187,11 +185,6 @@ def concat(parts: Sequence[PackedWeight]) -> PackedWeight:
     return PackedWeight(fmt, cat("weight", 0), cat("scales", 0), cat("szeros", 0), cat("groups", 1))
 
 
-@functools.cache
-def _ops() -> ModuleType:
-    """The built extension, looked up once: `Extension.load` hashes the sources on every call."""
-    return EXTENSION.load()
-
 
 def _run(x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath) -> torch.Tensor:
     if out_dtype not in _OUT_KINDS:
@@ -201,7 +194,7 @@ def _run(x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: 
     if x.q.shape[-1] != w.shape[1]:
         raise ValueError(f"activations have K = {x.q.shape[-1]}, the weight {w.shape[1]}")
     per_channel = w.fmt is W4A8PerChannelWeight
-    return _ops().gemm(
+    return EXTENSION.load().gemm(
         _FORMATS[w.fmt],
         x.q,
         x.scales,

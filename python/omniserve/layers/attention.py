@@ -157,12 +157,13 @@ class PagedAttention(nn.Module):
         """Whether the CUDA decode kernel can serve this layer in compute dtype `dtype` (checked
         once, after the cache is bound); otherwise its decodes take the torch path."""
         from omniserve.kernels import attention as kernel
+        from omniserve.kernels.build import kernels_available
 
         k_rows, v_rows = self.k_cache, self.v_cache
         if not (hasattr(k_rows, "kernel_operands") and hasattr(v_rows, "kernel_operands")):
             return False  # a storage format the kernel does not read (e.g. static per-tensor KV8)
         rows, _ = k_rows.kernel_operands()
-        return kernel.available(rows.device) and kernel.supports(
+        return kernels_available(rows.device) and kernel.supports(
             self.num_heads, self.num_kv_heads, self.head_dim, dtype
         )
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,19 @@ class QuantizedCheckpoint:
         if prefix not in self.linears:
             raise CheckpointError(f"no quantized linear {prefix!r} in the checkpoint")
         return self.linears[prefix].dequantize()
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+"""Files of a source model directory that a quantized checkpoint replaces (fp weights, indexes)."""
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """Copy the tokenizer, generation config, etc. of the model directory `source` into the
+    quantized checkpoint `out`: every file but the weights and config.json, which the writer
+    produced."""
+    for extra in source.iterdir():
+        if extra.is_file() and extra.name != CONFIG_FILE and not extra.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(extra, out / extra.name)
 
 
 def write_checkpoint(

@@ -38,7 +38,6 @@ serve a model other than the one that was evaluated.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from omniserve.errors import CheckpointError, ConfigError
 from omniserve.quant.checkpoint import (
     CONFIG_FILE,
     check_kv_granularity,
+    copy_side_files,
     write_checkpoint,
 )
 from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
@@ -73,8 +73,6 @@ ACTS_FILE = "acts.pt"
 _SCALE_SUFFIXES = (".weight.scale.0", ".weight.scale.1", ".weight.zero", ".weight.scaled_zero")
 _KEY_ACTS = "self_attn.k_rotary_emb.output"
 _VALUE_ACTS = "self_attn.v_proj.output"
-# Files of the HF directory that the output does not copy: its fp weights and config.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -135,9 +133,7 @@ def convert_deepcompressor(
     tensors = {n: t for n, t in state.items() if n.removesuffix(".weight") not in dumps}
     recipe = {"method": "deepcompressor", "dump": dump.name}
     write_checkpoint(out, config, precision, linears, tensors, recipe, kv_scales)
-    for extra in source.iterdir():  # tokenizer and generation files
-        if extra.is_file() and extra.name != CONFIG_FILE and not _is_weights(extra.name):
-            shutil.copy2(extra, out / extra.name)
+    copy_side_files(source, out)
     return ConversionSummary(
         str(out), precision.name, precision.group_size, kv_granularity, len(linears), worst
     )
@@ -408,6 +404,3 @@ def _check_range(q: torch.Tensor, lo: int, hi: int, layer: str, what: str) -> No
 def _residual(x: torch.Tensor, q: torch.Tensor) -> float:
     return float((x - q).abs().max()) if x.numel() else 0.0
 
-
-def _is_weights(name: str) -> bool:
-    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")

@@ -10,7 +10,6 @@ copied so that the output directory serves on its own.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import CONFIG_FILE, write_checkpoint
+from omniserve.quant.checkpoint import CONFIG_FILE, copy_side_files, write_checkpoint
 from omniserve.quant.precision import Precision
 from omniserve.quant.weight import QuantizedWeight, quantize_weight
 
@@ -68,11 +67,3 @@ def write_rtn_checkpoint(src: str | Path, dst: str | Path, precision: Precision)
     write_checkpoint(out, config, precision, linears, tensors, RECIPE)
     copy_side_files(source, out)
 
-
-def copy_side_files(source: Path, out: Path) -> None:
-    """Copy the tokenizer, generation config, etc. of `source` into the quantized checkpoint
-    `out`: every file but the weights and config.json, which the writer produced."""
-    for extra in source.iterdir():
-        is_weights = extra.suffix == ".safetensors" or extra.name.endswith(".safetensors.index.json")
-        if extra.is_file() and not is_weights and extra.name != CONFIG_FILE:
-            shutil.copy2(extra, out / extra.name)

@@ -118,15 +118,15 @@ class LayerStatistics:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.stride = -(-total_tokens // max_rows)
         self.hessians = hessians
-        self.points: dict[str, PointStatistics] = {
-            p: PointStatistics() for p in (*READERS, KEYS, VALUES)
-        }
+        self.points: dict[str, PointStatistics] = {p: PointStatistics() for p in (*READERS, KEYS)}
 
     def __call__(self, point: str, x: torch.Tensor) -> None:
+        if point == VALUES:  # read only by the static-KV8 calibration (quantizer._kv_absmax)
+            return
         stats = self.points[point]
         absmax = x.abs().amax(dim=0)
         stats.absmax = absmax if stats.absmax is None else torch.maximum(stats.absmax, absmax)
-        if point in (KEYS, VALUES):  # only their maxima are used
+        if point == KEYS:  # only its maxima are used
             return
         first = (-stats.tokens) % self.stride  # the next multiple of the stride, in this batch
         stats.sample.append(x[first :: self.stride].clone())

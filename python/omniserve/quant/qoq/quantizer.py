@@ -31,7 +31,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import check_kv_granularity, write_checkpoint
+from omniserve.quant.checkpoint import (
+    check_kv_granularity,
+    copy_side_files,
+    write_checkpoint,
+)
 from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
 from omniserve.quant.precision import Precision
 from omniserve.quant.qoq.calibration import (
@@ -82,7 +86,6 @@ from omniserve.quant.qoq.smooth import (
     smooth_attention_scale,
     smoothing_scale,
 )
-from omniserve.quant.rtn_model import copy_side_files
 from omniserve.quant.weight import QuantizedWeight, weight_grid
 
 METHOD = "qoq"
