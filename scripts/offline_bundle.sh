@@ -30,4 +30,7 @@ done
 # Pure-Python or binary packages omniserve imports that GPU images often do not carry.
 python3 -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
     --python-version "$pyver" "${platforms[@]}" -d "$out/wheels" msgspec "$@"
+# CUTLASS's C++ headers for the large-M GEMM (kernels/gemm_cutlass.py); install it --no-deps:
+# only the headers inside it are used, not its Python tooling's dependencies.
+python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$out/wheels" "nvidia-cutlass>=4.2"
 echo "bundle ready: $(ls "$out"/wheels | wc -l) wheels in $out/wheels"

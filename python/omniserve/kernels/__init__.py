@@ -23,6 +23,8 @@ EXTENSION_MODULES: tuple[str, ...] = (
     "omniserve.kernels.fused",
     "omniserve.kernels.attention",
     "omniserve.kernels.gemm",
+    "omniserve.kernels.gemm_cutlass",
+    "omniserve.kernels.rope_kv",
 )
 """Modules that declare an `EXTENSION`; `omniserve build-kernels` builds them all."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import threading
 from collections.abc import Sequence
@@ -37,6 +38,22 @@ BASE_CUDA_FLAGS: tuple[str, ...] = (
     "-O3",
 )
 BASE_CXX_FLAGS: tuple[str, ...] = ("-O3",)
+
+
+CUTLASS_ENV = "OMNISERVE_CUTLASS_DIR"
+"""Overrides where CUTLASS's C++ headers are (a directory holding cutlass/ and cute/)."""
+
+
+def cutlass_include_dir() -> Path | None:
+    """CUTLASS's include directory: $OMNISERVE_CUTLASS_DIR, else the copy the `nvidia-cutlass`
+    wheel ships inside its `cutlass_library` package (headers only are needed: `pip install
+    --no-deps nvidia-cutlass`). Located without importing the package."""
+    override = os.environ.get(CUTLASS_ENV)
+    candidates = [Path(override)] if override else []
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / "source" / "include" for p in spec.submodule_search_locations]
+    return next((c for c in candidates if (c / "cutlass" / "cutlass.h").is_file()), None)
 
 
 class KernelUnavailableError(OmniserveError, RuntimeError):
@@ -93,13 +110,16 @@ def load_extension(
     *,
     fast_math: bool = False,
     extra_cuda_flags: Sequence[str] = (),
+    include_dirs: Sequence[Path] = (),
 ) -> ModuleType:
     """Build (once per content hash) and import the extension `name` from `sources`.
 
     `sources` are paths relative to `cuda/` (or absolute). `fast_math` adds --use_fast_math: only
     for kernels whose results are checked against references with float tolerances, never for
     the quantizers, whose codes must match the references exactly (fast division and
-    flush-to-zero change them).
+    flush-to-zero change them). `include_dirs` are searched after `cuda/`; their headers are part
+    of the build's identity only through their path and version header (they are third-party
+    releases, not edited in place).
     """
     reason = unavailable_reason()
     if reason is not None:
@@ -111,11 +131,11 @@ def load_extension(
     if missing:
         raise KernelUnavailableError(f"extension {name!r}: missing source files {missing}")
     cuda_flags = [*BASE_CUDA_FLAGS, *(["--use_fast_math"] if fast_math else []), *extra_cuda_flags]
-    key = f"{name}-{_build_hash(paths, cuda_flags)}"
+    key = f"{name}-{_build_hash(paths, cuda_flags, include_dirs)}"
     with _lock:
         module = _loaded.get(key)
         if module is None:
-            module = _build(name, key, paths, cuda_flags)
+            module = _build(name, key, paths, cuda_flags, include_dirs)
             _loaded[key] = module
     return module
 
@@ -127,6 +147,18 @@ class Extension:
     name: str
     sources: tuple[str, ...]
     fast_math: bool = False
+    cuda_flags: tuple[str, ...] = ()
+    needs_cutlass: bool = False
+    """Compiled against CUTLASS's headers (`cutlass_include_dir`); unavailable without them."""
+
+    def missing_requirement(self) -> str | None:
+        """What this extension needs beyond a Hopper GPU and nvcc that is not installed, if any."""
+        if self.needs_cutlass and cutlass_include_dir() is None:
+            return (
+                f"CUTLASS headers not found (pip install --no-deps nvidia-cutlass, or set "
+                f"{CUTLASS_ENV} to a directory holding cutlass/ and cute/)"
+            )
+        return None
 
     def load(self) -> ModuleType:
         """The built extension; later calls return it without hashing the sources again."""
@@ -135,10 +167,22 @@ class Extension:
 
 @functools.cache
 def _load_once(ext: Extension) -> ModuleType:
-    return load_extension(ext.name, ext.sources, fast_math=ext.fast_math)
+    missing = ext.missing_requirement()
+    if missing is not None:
+        raise KernelUnavailableError(f"cannot load CUDA extension {ext.name!r}: {missing}")
+    cutlass = cutlass_include_dir() if ext.needs_cutlass else None
+    return load_extension(
+        ext.name,
+        ext.sources,
+        fast_math=ext.fast_math,
+        extra_cuda_flags=ext.cuda_flags,
+        include_dirs=() if cutlass is None else (cutlass,),
+    )
 
 
-def _build_hash(paths: Sequence[Path], cuda_flags: Sequence[str]) -> str:
+def _build_hash(
+    paths: Sequence[Path], cuda_flags: Sequence[str], include_dirs: Sequence[Path] = ()
+) -> str:
     digest = hashlib.sha256()
     # Headers are included by path, so every header under cuda/ is part of every build's identity.
     headers = sorted(p for p in CUDA_SOURCE_DIR.rglob("*") if p.suffix in (".cuh", ".h"))
@@ -148,10 +192,21 @@ def _build_hash(paths: Sequence[Path], cuda_flags: Sequence[str]) -> str:
         digest.update(path.read_bytes())
     for part in (*cuda_flags, *BASE_CXX_FLAGS, torch.__version__, str(torch.version.cuda)):
         digest.update(part.encode())
+    for directory in include_dirs:
+        digest.update(str(directory).encode())
+        version = directory / "cutlass" / "version.h"
+        if version.is_file():
+            digest.update(version.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def _build(name: str, key: str, paths: Sequence[Path], cuda_flags: Sequence[str]) -> ModuleType:
+def _build(
+    name: str,
+    key: str,
+    paths: Sequence[Path],
+    cuda_flags: Sequence[str],
+    include_dirs: Sequence[Path],
+) -> ModuleType:
     from torch.utils import cpp_extension  # slow to import; only needed for a build
 
     build_dir = cache_root() / key
@@ -162,7 +217,7 @@ def _build(name: str, key: str, paths: Sequence[Path], cuda_flags: Sequence[str]
             sources=[str(p) for p in paths],
             extra_cflags=list(BASE_CXX_FLAGS),
             extra_cuda_cflags=list(cuda_flags),
-            extra_include_paths=[str(CUDA_SOURCE_DIR)],
+            extra_include_paths=[str(CUDA_SOURCE_DIR), *map(str, include_dirs)],
             build_directory=str(build_dir),
             verbose=os.environ.get("OMNISERVE_KERNEL_VERBOSE") == "1",
         )

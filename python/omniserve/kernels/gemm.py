@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from omniserve.kernels import gemm_cutlass
 from omniserve.kernels.build import Extension
 from omniserve.quant.activation import QuantizedActivation
 from omniserve.quant.packing import (
@@ -58,11 +59,13 @@ BLOCK_K = GROUP_SIZE_128
 MAX_G128_SCALE = 17
 """The kernel multiplies four codes per 32-bit word by s2; q · s2 ≤ 15 · 17 < 256 keeps lanes apart."""
 
-KernelPath = Literal["auto", "small_m", "tensor_core", "wgmma"]
+KernelPath = Literal["auto", "small_m", "tensor_core", "wgmma", "cutlass"]
 """Which kernel runs: the dispatcher's choice (the memory-bound kernel for M ≤ 64, the mma.sync
-tensor-core kernel above), or a forced one. "wgmma" (Hopper warpgroup MMA, cuda/gemm/wgmma.cuh)
-runs only when asked for until it is validated and measured against the others on the GPU."""
+tensor-core kernel above, and from `gemm_cutlass.MIN_M` the CUTLASS path on the weight expanded
+to int8, where CUTLASS is installed), or a forced one. "wgmma" (our own Hopper warpgroup MMA
+kernel, cuda/gemm/wgmma.cuh) runs only when asked for: it is correct but slower than the others."""
 _PATHS: dict[str, int] = {"auto": 0, "small_m": 1, "tensor_core": 2, "wgmma": 3}
+"""Paths of the packed-weight extension (cuda/gemm/params.h `Path`); "cutlass" is its own."""
 _FORMATS: dict[type, int] = {W8A8Weight: 0, W4A8PerChannelWeight: 1, W4A8PerGroupWeight: 2}
 _OUT_KINDS: dict[torch.dtype, int] = {
     torch.int32: 0,
@@ -189,10 +192,12 @@ def concat(parts: Sequence[PackedWeight]) -> PackedWeight:
 def _run(x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath) -> torch.Tensor:
     if out_dtype not in _OUT_KINDS:
         raise ValueError(f"output dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
-    if path not in _PATHS:
-        raise ValueError(f"kernel path must be one of {list(_PATHS)}, got {path!r}")
+    if path not in (*_PATHS, "cutlass"):
+        raise ValueError(f"kernel path must be one of {[*_PATHS, 'cutlass']}, got {path!r}")
     if x.q.shape[-1] != w.shape[1]:
         raise ValueError(f"activations have K = {x.q.shape[-1]}, the weight {w.shape[1]}")
+    if _takes_cutlass(x.q.shape[0], out_dtype, path):
+        return gemm_cutlass.gemm(_FORMATS[w.fmt], x, w, _OUT_KINDS[out_dtype])
     per_channel = w.fmt is W4A8PerChannelWeight
     return EXTENSION.load().gemm(
         _FORMATS[w.fmt],
@@ -206,6 +211,25 @@ def _run(x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: 
         _OUT_KINDS[out_dtype],
         _PATHS[path],
     )
+
+
+def _takes_cutlass(m: int, out_dtype: torch.dtype, path: KernelPath) -> bool:
+    if path == "cutlass":
+        if out_dtype == torch.int32:
+            raise ValueError("the CUTLASS path does not expose int32 accumulators")
+        return True
+    return (
+        path == "auto"
+        and m >= gemm_cutlass.MIN_M
+        and out_dtype != torch.int32
+        and gemm_cutlass.available()
+    )
+
+
+def unpack_int8(w: PackedWeight) -> torch.Tensor:
+    """int8 [N, K] operand B of the integer core (W8 codes, W4 codes, g128's level-1 w8) as the
+    CUTLASS path expands it on the GPU (debug entry: equals `quant.gemm`'s B exactly)."""
+    return gemm_cutlass.unpack_int8(_FORMATS[w.fmt], w)
 
 
 def quantized_gemm(

@@ -1,0 +1,6 @@
+// The CUTLASS large-M GEMM (gemm/cutlass_int8.cuh) with bf16 output.
+#include "gemm/cutlass_int8.cuh"
+
+namespace omniserve::gemm::cutlass_int8 {
+OMNISERVE_CUTLASS_INT8_INSTANTIATE(Out::kBFloat16)
+}  // namespace omniserve::gemm::cutlass_int8
