@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "common/check.h"
 #include "common/decode_attention.cuh"
 
 namespace omniserve {
@@ -26,10 +27,10 @@ namespace {
 
 void check_int32_vector(const at::Tensor& t, const char* name, int64_t size,
                         const at::Device& device) {
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size && t.stride(0) == 1, name,
-              " must be a contiguous vector of ", size, " entries, got shape ", t.sizes());
+  OMNI_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  OMNI_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  OMNI_CHECK(t.dim() == 1 && t.size(0) == size && t.stride(0) == 1, name,
+             " must be a contiguous vector of ", size, " entries, got shape ", t.sizes());
 }
 
 }  // namespace
@@ -41,65 +42,65 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& context_lens, int64_t page_size,
                             int64_t num_kv_heads, int64_t max_context_len, int64_t window,
                             double scale, int64_t partition) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
+  OMNI_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   const at::Device device = q.device();
-  TORCH_CHECK(q.dim() == 3, "q must be [batch, q_heads, head_dim], got shape ", q.sizes());
+  OMNI_CHECK(q.dim() == 3, "q must be [batch, q_heads, head_dim], got shape ", q.sizes());
   const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) % 8 == 0 && q.stride(0) % 8 == 0 &&
-                  is_aligned16(q.data_ptr()),
-              "q must be contiguous in head_dim with 16-byte aligned heads");
-  TORCH_CHECK(num_kv_heads > 0 && q_heads % num_kv_heads == 0, "q_heads (", q_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
-  TORCH_CHECK(page_size > 0, "page_size must be positive, got ", page_size);
-  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none), got ", window);
-  TORCH_CHECK(partition > 0 && partition % 32 == 0 && partition <= 2048,
-              "partition must be a multiple of 32 in [32, 2048], got ", partition);
-  TORCH_CHECK(max_context_len >= 0, "max_context_len must be >= 0");
+  OMNI_CHECK(q.stride(2) == 1 && q.stride(1) % 8 == 0 && q.stride(0) % 8 == 0 &&
+                 is_aligned16(q.data_ptr()),
+             "q must be contiguous in head_dim with 16-byte aligned heads");
+  OMNI_CHECK(num_kv_heads > 0 && q_heads % num_kv_heads == 0, "q_heads (", q_heads,
+             ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  OMNI_CHECK(page_size > 0, "page_size must be positive, got ", page_size);
+  OMNI_CHECK(window >= 0, "window must be >= 0 (0: none), got ", window);
+  OMNI_CHECK(partition > 0 && partition % 32 == 0 && partition <= 2048,
+             "partition must be a multiple of 32 in [32, 2048], got ", partition);
+  OMNI_CHECK(max_context_len >= 0, "max_context_len must be >= 0");
 
   const bool quantized = k_params.has_value();
-  TORCH_CHECK(quantized == v_params.has_value(), "pass both k_params and v_params or neither");
+  OMNI_CHECK(quantized == v_params.has_value(), "pass both k_params and v_params or neither");
   for (const at::Tensor* t : {&k_cache, &v_cache}) {
-    TORCH_CHECK(t->device() == device, "the KV cache must be on ", device);
-    TORCH_CHECK(t->dim() == 2 && t->is_contiguous() && is_aligned16(t->data_ptr()),
-                "K/V cache rows must be contiguous, 16-byte aligned [rows, width], got shape ",
-                t->sizes());
+    OMNI_CHECK(t->device() == device, "the KV cache must be on ", device);
+    OMNI_CHECK(t->dim() == 2 && t->is_contiguous() && is_aligned16(t->data_ptr()),
+               "K/V cache rows must be contiguous, 16-byte aligned [rows, width], got shape ",
+               t->sizes());
   }
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "K and V caches differ in shape or dtype");
+  OMNI_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+             "K and V caches differ in shape or dtype");
   const int64_t rows = k_cache.size(0);
-  TORCH_CHECK(rows % num_kv_heads == 0, "cache rows (", rows, ") must be a multiple of num_kv_heads");
-  TORCH_CHECK(rows < (int64_t{1} << 32), "too many cache rows for 32-bit row indices");
+  OMNI_CHECK(rows % num_kv_heads == 0, "cache rows (", rows, ") must be a multiple of num_kv_heads");
+  OMNI_CHECK(rows < (int64_t{1} << 32), "too many cache rows for 32-bit row indices");
   int bits = 16;
   if (quantized) {
-    TORCH_CHECK(k_cache.scalar_type() == at::kByte, "quantized caches hold uint8 codes, got ",
-                k_cache.scalar_type());
+    OMNI_CHECK(k_cache.scalar_type() == at::kByte, "quantized caches hold uint8 codes, got ",
+               k_cache.scalar_type());
     const int64_t width = k_cache.size(1);
-    TORCH_CHECK(width == head_dim || width * 2 == head_dim, "code rows of ", width,
-                " bytes fit neither KV8 nor KV4 with head_dim ", head_dim);
+    OMNI_CHECK(width == head_dim || width * 2 == head_dim, "code rows of ", width,
+               " bytes fit neither KV8 nor KV4 with head_dim ", head_dim);
     bits = width == head_dim ? 8 : 4;
     for (const at::Tensor* t : {&*k_params, &*v_params}) {
-      TORCH_CHECK(t->device() == device && t->scalar_type() == at::kHalf && t->dim() == 2 &&
-                      t->size(0) == rows && t->size(1) == 2 && t->is_contiguous(),
-                  "k_params/v_params must be contiguous fp16 [", rows, ", 2] on ", device,
-                  ", got ", t->scalar_type(), " ", t->sizes());
+      OMNI_CHECK(t->device() == device && t->scalar_type() == at::kHalf && t->dim() == 2 &&
+                     t->size(0) == rows && t->size(1) == 2 && t->is_contiguous(),
+                 "k_params/v_params must be contiguous fp16 [", rows, ", 2] on ", device,
+                 ", got ", t->scalar_type(), " ", t->sizes());
     }
   } else {
-    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && k_cache.size(1) == head_dim,
-                "a dense cache must be ", q.scalar_type(), " [rows, ", head_dim, "], got ",
-                k_cache.scalar_type(), " ", k_cache.sizes());
+    OMNI_CHECK(k_cache.scalar_type() == q.scalar_type() && k_cache.size(1) == head_dim,
+               "a dense cache must be ", q.scalar_type(), " [rows, ", head_dim, "], got ",
+               k_cache.scalar_type(), " ", k_cache.sizes());
   }
-  TORCH_CHECK(page_table.device() == device && page_table.scalar_type() == at::kInt &&
-                  page_table.dim() == 2 && page_table.stride(1) == 1,
-              "page_table must be int32 [requests, pages] on ", device, " with contiguous rows");
+  OMNI_CHECK(page_table.device() == device && page_table.scalar_type() == at::kInt &&
+                 page_table.dim() == 2 && page_table.stride(1) == 1,
+             "page_table must be int32 [requests, pages] on ", device, " with contiguous rows");
   check_int32_vector(seq_rows, "seq_rows", batch, device);
   check_int32_vector(context_lens, "context_lens", batch, device);
 
-  TORCH_CHECK(batch <= 65535 && num_kv_heads <= 65535, "at most 65535 requests and KV heads");
+  OMNI_CHECK(batch <= 65535 && num_kv_heads <= 65535, "at most 65535 requests and KV heads");
   auto out = at::empty_like(q);
   if (batch == 0) return out;
   const int64_t visible = window > 0 ? std::min(max_context_len, window) : max_context_len;
   const int64_t num_splits = std::max<int64_t>(1, (visible + partition - 1) / partition);
-  TORCH_CHECK(num_splits <= 65535, "context too long for the partition size");
+  OMNI_CHECK(num_splits <= 65535, "context too long for the partition size");
   const int group = static_cast<int>(q_heads / num_kv_heads);
 
   at::Tensor partial_out, partial_stats;

@@ -1,6 +1,7 @@
 // RMSNorm then per-token int8 quantization (+ code sums): omniserve.quant.activation.
 // rmsnorm_quant. y = w * (T)(x * rsqrt(mean(x²) + eps)), with the roundings of layers/norm.py.
 #include "common/act_quant.cuh"
+#include "common/check.h"
 
 namespace omniserve {
 namespace {
@@ -50,13 +51,13 @@ struct RMSNormRow {
 std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x, const at::Tensor& weight,
                                          double eps) {
   check_activation(x, "x");
-  TORCH_CHECK(weight.is_cuda() && weight.device() == x.device(), "weight must be on ", x.device());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight must have shape [",
-              x.size(1), "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(weight.is_contiguous() && is_aligned16(weight.data_ptr()),
-              "weight must be contiguous and 16-byte aligned");
+  OMNI_CHECK(weight.is_cuda() && weight.device() == x.device(), "weight must be on ", x.device());
+  OMNI_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight must have shape [",
+             x.size(1), "], got ", weight.sizes());
+  OMNI_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
+             " differs from x dtype ", x.scalar_type());
+  OMNI_CHECK(weight.is_contiguous() && is_aligned16(weight.data_ptr()),
+             "weight must be contiguous and 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   return OMNISERVE_DISPATCH_FLOAT16(x.scalar_type(), "rmsnorm_quant x", [&] {
     const RMSNormRow<scalar_t> producer{reinterpret_cast<const scalar_t*>(x.data_ptr()),

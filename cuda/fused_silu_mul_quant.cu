@@ -2,6 +2,7 @@
 // sums): omniserve.quant.activation.silu_mul_quant. silu is rounded to the activation dtype
 // before the product, as torch's two ops (F.silu, then *) round.
 #include "common/act_quant.cuh"
+#include "common/check.h"
 
 namespace omniserve {
 namespace {
@@ -38,8 +39,8 @@ struct SiluMulRow {
 
 std::vector<at::Tensor> silu_mul_quant(const at::Tensor& gate_up) {
   check_activation(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.size(1) % 16 == 0, "gate_up: the feature size (2 * intermediate) must be a "
-              "multiple of 16 so that each half is a multiple of 8, got ", gate_up.size(1));
+  OMNI_CHECK(gate_up.size(1) % 16 == 0, "gate_up: the feature size (2 * intermediate) must be a "
+             "multiple of 16 so that each half is a multiple of 8, got ", gate_up.size(1));
   const c10::cuda::CUDAGuard guard(gate_up.device());
   const int64_t I = gate_up.size(1) / 2;
   return OMNISERVE_DISPATCH_FLOAT16(gate_up.scalar_type(), "silu_mul_quant gate_up", [&] {

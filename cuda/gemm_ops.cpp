@@ -9,35 +9,20 @@
 #include <string>
 #include <vector>
 
+#include "common/check.h"
 #include "gemm/params.h"
+#include "gemm/tensor_checks.h"
 
 namespace {
 
+using omniserve::gemm::check_tensor;
 using omniserve::gemm::Format;
 using omniserve::gemm::GemmParams;
 using omniserve::gemm::Path;
+using omniserve::gemm::require;
 
 // 127 · 127 · K must stay below 2^31 for the int32 accumulators to be exact.
 constexpr int64_t kMaxK = 131072;
-
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  const std::vector<int64_t>& shape, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "omniserve gemm: ", name, " is on ", t.device(),
-              ", expected ", device);
-  TORCH_CHECK(t.scalar_type() == dtype, "omniserve gemm: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "omniserve gemm: ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "omniserve gemm: ", name, " must be contiguous");
-  // The kernels read 16-byte vectors (a view at an odd storage offset would fault).
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "omniserve gemm: ", name,
-              " must start at a 16-byte aligned address");
-}
-
-const at::Tensor& require(const std::optional<at::Tensor>& t, const char* name, const char* fmt) {
-  TORCH_CHECK(t.has_value(), "omniserve gemm: ", fmt, " needs ", name);
-  return *t;
-}
 
 at::ScalarType out_dtype(int64_t out_kind) {
   switch (out_kind) {
@@ -45,7 +30,7 @@ at::ScalarType out_dtype(int64_t out_kind) {
     case omniserve::gemm::kOutFloat: return at::kFloat;
     case omniserve::gemm::kOutHalf: return at::kHalf;
     case omniserve::gemm::kOutBFloat16: return at::kBFloat16;
-    default: TORCH_CHECK(false, "omniserve gemm: unknown output kind ", out_kind);
+    default: OMNI_CHECK(false, "omniserve gemm: unknown output kind ", out_kind);
   }
 }
 
@@ -54,27 +39,27 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
                 const std::optional<at::Tensor>& a_sum, const at::Tensor& weight,
                 const std::optional<at::Tensor>& groups, const at::Tensor& w_scale,
                 const std::optional<at::Tensor>& w_szero, int64_t out_kind, int64_t path) {
-  TORCH_CHECK(format >= 0 && format <= 2, "omniserve gemm: unknown weight format ", format);
-  TORCH_CHECK(path >= 0 && path <= 3, "omniserve gemm: unknown kernel path ", path);
+  OMNI_CHECK(format >= 0 && format <= 2, "omniserve gemm: unknown weight format ", format);
+  OMNI_CHECK(path >= 0 && path <= 3, "omniserve gemm: unknown kernel path ", path);
   const Format fmt = static_cast<Format>(format);
   const bool w4 = fmt != Format::kW8A8;
   const char* fmt_name = fmt == Format::kW8A8             ? "W8A8"
                          : fmt == Format::kW4A8PerChannel ? "W4A8 per-channel"
                                                           : "W4A8 g128";
 
-  TORCH_CHECK(x.is_cuda(), "omniserve gemm: activations must be on a CUDA device, got ",
-              x.device());
-  TORCH_CHECK(x.dim() == 2, "omniserve gemm: activations must be 2-D [M, K], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2, "omniserve gemm: weight must be 2-D, got ", weight.sizes());
+  OMNI_CHECK(x.is_cuda(), "omniserve gemm: activations must be on a CUDA device, got ",
+             x.device());
+  OMNI_CHECK(x.dim() == 2, "omniserve gemm: activations must be 2-D [M, K], got ", x.sizes());
+  OMNI_CHECK(weight.dim() == 2, "omniserve gemm: weight must be 2-D, got ", weight.sizes());
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(k > 0 && k % 128 == 0 && k <= kMaxK, "omniserve gemm: K = ", k,
-              " must be a positive multiple of 128 and at most ", kMaxK);
-  TORCH_CHECK(n > 0 && n % 128 == 0, "omniserve gemm: N = ", n,
-              " must be a positive multiple of 128");
-  TORCH_CHECK(m <= std::numeric_limits<int>::max() / 2, "omniserve gemm: M = ", m, " too large");
-  TORCH_CHECK(static_cast<Path>(path) != Path::kSmallM || m <= omniserve::gemm::kSmallMMax,
-              "omniserve gemm: the small-M kernel takes M <= ", omniserve::gemm::kSmallMMax,
-              ", got ", m);
+  OMNI_CHECK(k > 0 && k % 128 == 0 && k <= kMaxK, "omniserve gemm: K = ", k,
+             " must be a positive multiple of 128 and at most ", kMaxK);
+  OMNI_CHECK(n > 0 && n % 128 == 0, "omniserve gemm: N = ", n,
+             " must be a positive multiple of 128");
+  OMNI_CHECK(m <= std::numeric_limits<int>::max() / 2, "omniserve gemm: M = ", m, " too large");
+  OMNI_CHECK(static_cast<Path>(path) != Path::kSmallM || m <= omniserve::gemm::kSmallMMax,
+             "omniserve gemm: the small-M kernel takes M <= ", omniserve::gemm::kSmallMMax,
+             ", got ", m);
   const at::Device device = x.device();
   check_tensor(x, "x_q", at::kChar, {m, k}, device);
   check_tensor(a_scale, "activation scales", at::kHalf, {m}, device);

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from gpu_marks import skip_failed_check_crash
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.kernels import attention as kernel
 from omniserve.quant.kv import dequantize_kv, quantize_kv
 from omniserve.runner.model_runner import ModelRunner
+from teacher_forcing import assert_greedy_agreement, teacher_forced_logits
 from tiny_models import FAMILIES, PagedRequests, save_servable
 
 pytestmark = pytest.mark.gpu
@@ -144,20 +144,20 @@ def test_launch_sized_too_short_gives_nan_not_truncation(partition: int) -> None
     _check(out[:1], case.reference()[:1], torch.float16)  # the short request fits the launch
 
 
-@skip_failed_check_crash
 def test_bad_inputs_are_named() -> None:
     case = PagedCase(LAYOUTS["gqa4x2-d64"], [20], None, torch.float16)
     ops = kernel.EXTENSION.load()
     args = (case.page_table, case.seq_rows, case.context_lens, 16, 2, 20, 0, 0.125, 128)
     k, v = case.operands[0][0], case.operands[1][0]
-    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128, got 32"):
         q = torch.zeros(1, 4, 32, device="cuda", dtype=torch.float16)
         ops.decode_attention(q, k[:, :32].contiguous(), v[:, :32].contiguous(), None, None, *args)
-    with pytest.raises(RuntimeError, match="must be 1, 2, 4 or 8"):
+    with pytest.raises(RuntimeError, match="must be 1, 2, 4 or 8, got 6"):
         ops.decode_attention(case.q[:, :3].repeat(1, 2, 1), k, v, None, None, *args[:4], 1, *args[5:])
-    with pytest.raises(RuntimeError, match="a dense cache must be"):
+    dense = r"a dense cache must be Half \[rows, 64\], got BFloat16 \[\d+, 64\]"  # formatted shapes
+    with pytest.raises(RuntimeError, match=dense):
         ops.decode_attention(case.q, k.bfloat16(), v.bfloat16(), None, None, *args)
-    with pytest.raises(RuntimeError, match="seq_rows must be int32"):
+    with pytest.raises(RuntimeError, match="seq_rows must be int32, got Long"):
         ops.decode_attention(case.q, k, v, None, None, case.page_table, case.seq_rows.long(), *args[2:])
     with pytest.raises(RuntimeError, match="pass both k_params and v_params"):
         ops.decode_attention(case.q, k, v, torch.zeros(k.shape[0], 2, device="cuda").half(), None, *args)
@@ -174,13 +174,15 @@ def test_supports() -> None:
 ENGINE_KV = ["auto", "int8", "int4"]
 DECODE_STEPS = 24
 LOGIT_TOLERANCE = 0.06
-"""Largest logit difference between the two paths, as a fraction of the step's largest |logit|.
+"""Largest logit difference between the two paths, as a fraction of the largest |logit| (of the
+step's batch, or of the position for the bundled model).
 Random tiny models amplify per-layer rounding differences; on the H100 the worst case seen was
-4.1% (qwen2, KV4), so this bounds closeness on random weights, while the bundled trained model
-below must generate exactly the same tokens with either path."""
+4.1% (qwen2, KV4). The bundled trained model is held to the same bound."""
 TIE_RATE = 0.05
-"""Largest fraction of greedy tokens allowed to differ, each only where the torch path's top two
-logits are closer than twice the two paths' logit difference (a numerical tie); 3 of 96 seen."""
+"""Largest fraction of greedy tokens allowed to differ, each only where the generating path's top
+two logits are closer than twice the two paths' logit difference (a numerical tie). On the H100:
+3 of 96 on random models; the trained model's free-running generations (KV4) parted once in 128
+tokens."""
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -226,19 +228,30 @@ def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_
 
 @pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV)
 def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str) -> None:
-    """The trained model, fp16, code prompts and a 2K-token passkey prompt (many pages per
-    request): both attention backends generate the same greedy tokens."""
+    """The engine's greedy tokens with the decode kernel are the torch path's: the trained model,
+    fp16, code prompts and a 2K-token passkey prompt (many pages per request). The torch path
+    scores the kernel engine's sequences token by token through its own decode path, and must
+    choose every generated token except at a numerical tie (on the H100 the free-running
+    generations once parted at such a tie, token 23 of 32, KV4), within the bounds above."""
     needle = "The pass key is 71923. Remember it. 71923 is the pass key. "
     filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
     haystack = filler * 60 + needle + filler * 60 + "What is the pass key? The pass key is"
     prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os", haystack]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    outputs = {}
-    for backend in ("auto", "torch"):
-        engine = Engine.from_pretrained(
+    engines = {
+        backend: Engine.from_pretrained(
             device="cuda", dtype="float16", page_size=16, num_kv_pages=1024,
             kv_cache_dtype=kv_cache_dtype, attention_backend=backend,
         )
-        assert engine.runner._inputs.decode_kernel == (backend == "auto")
-        outputs[backend] = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
-    assert outputs["auto"] == outputs["torch"]
+        for backend in ("auto", "torch")
+    }
+    assert all(e.runner._inputs.decode_kernel == (b == "auto") for b, e in engines.items())
+    outputs = engines["auto"].generate(prompts, params, use_tqdm=False)
+    assert all(len(o.token_ids) == params.max_tokens for o in outputs)
+    prompt_ids = [o.prompt_token_ids for o in outputs]
+    tokens = [o.token_ids for o in outputs]
+    logits = {b: teacher_forced_logits(e.runner, prompt_ids, tokens) for b, e in engines.items()}
+    assert_greedy_agreement(
+        tokens, logits["auto"], logits["torch"],
+        logit_tolerance=LOGIT_TOLERANCE, max_tie_rate=TIE_RATE,
+    )

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/check.h"
 #include "common/dtype.cuh"
 #include "common/reduce.cuh"
 
@@ -101,8 +102,8 @@ std::vector<at::Tensor> launch_fused_quant(const Producer& producer, int64_t tok
     int max_optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                           like.get_device()));
-    TORCH_CHECK(smem + 256 <= static_cast<size_t>(max_optin), "rows of ", K,
-                " values need more shared memory (", smem, " bytes) than a block may have");
+    OMNI_CHECK(smem + 256 <= static_cast<size_t>(max_optin), "rows of ", K,
+               " values need more shared memory (", smem, " bytes) than a block may have");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
@@ -118,14 +119,14 @@ std::vector<at::Tensor> launch_fused_quant(const Producer& producer, int64_t tok
 // Host checks shared by the fused ops: a CUDA, 16-byte aligned, row-contiguous 2-D activation
 // whose last dimension is a multiple of 8.
 inline void check_activation(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [tokens, features], got shape ", x.sizes());
-  TORCH_CHECK(x.stride(1) == 1, name, " must be contiguous in its last dimension");
-  TORCH_CHECK(x.size(1) % 8 == 0 && x.size(1) > 0, name,
-              ": the feature size must be a positive multiple of 8, got ", x.size(1));
-  TORCH_CHECK(x.stride(0) % 8 == 0, name, ": the row stride must be a multiple of 8 elements");
-  TORCH_CHECK(is_aligned16(x.data_ptr()), name, " must be 16-byte aligned");
-  TORCH_CHECK(x.size(0) <= 0x7fffffff, name, ": too many tokens for one launch");
+  OMNI_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got device ", x.device());
+  OMNI_CHECK(x.dim() == 2, name, " must be 2-D [tokens, features], got shape ", x.sizes());
+  OMNI_CHECK(x.stride(1) == 1, name, " must be contiguous in its last dimension");
+  OMNI_CHECK(x.size(1) % 8 == 0 && x.size(1) > 0, name,
+             ": the feature size must be a positive multiple of 8, got ", x.size(1));
+  OMNI_CHECK(x.stride(0) % 8 == 0, name, ": the row stride must be a multiple of 8 elements");
+  OMNI_CHECK(is_aligned16(x.data_ptr()), name, " must be 16-byte aligned");
+  OMNI_CHECK(x.size(0) <= 0x7fffffff, name, ": too many tokens for one launch");
 }
 
 }  // namespace omniserve

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 
+#include "common/check.h"
 #include "common/dtype.cuh"
 #include "common/reduce.cuh"
 
@@ -637,7 +638,7 @@ void dispatch_group(const DecodeParams& p, int group, int batch, int kv_heads, s
     case 2: return launch<T, Bits, HeadDim, 2>(p, batch, kv_heads, smem, stream);
     case 4: return launch<T, Bits, HeadDim, 4>(p, batch, kv_heads, smem, stream);
     case 8: return launch<T, Bits, HeadDim, 8>(p, batch, kv_heads, smem, stream);
-    default: TORCH_CHECK(false, "query heads per KV head must be 1, 2, 4 or 8, got ", group);
+    default: OMNI_CHECK(false, "query heads per KV head must be 1, 2, 4 or 8, got ", group);
   }
 }
 
@@ -649,7 +650,7 @@ void launch_format(const DecodeParams& p, int head_dim, int group, int batch, in
   switch (head_dim) {
     case 64: return dispatch_group<T, Bits, 64>(p, group, batch, kv_heads, smem, stream);
     case 128: return dispatch_group<T, Bits, 128>(p, group, batch, kv_heads, smem, stream);
-    default: TORCH_CHECK(false, "head_dim must be 64 or 128, got ", head_dim);
+    default: OMNI_CHECK(false, "head_dim must be 64 or 128, got ", head_dim);
   }
 }
 

@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <ATen/ATen.h>
 
+#include "common/check.h"
+
 #include <cstdint>
 
 namespace omniserve {
@@ -53,5 +55,5 @@ inline bool is_aligned16(const void* p) { return reinterpret_cast<std::uintptr_t
       using scalar_t = __nv_bfloat16;                                                   \
       return __VA_ARGS__();                                                             \
     }                                                                                   \
-    TORCH_CHECK(false, WHAT, ": expected float16 or bfloat16, got ", (DTYPE));          \
+    OMNI_CHECK(false, WHAT, ": expected float16 or bfloat16, got ", (DTYPE));           \
   }()
