@@ -66,6 +66,29 @@ def test_build_hash_follows_sources_and_flags(tmp_path: Path) -> None:
     assert build._build_hash([source], ["-O3"]) != first
 
 
+def test_build_hash_follows_the_cutlass_release(tmp_path: Path) -> None:
+    source = tmp_path / "op.cu"
+    source.write_text("__global__ void k() {}\n")
+    cutlass = tmp_path / "include"
+    (cutlass / "cutlass").mkdir(parents=True)
+    version = cutlass / "cutlass" / "version.h"
+    version.write_text("#define CUTLASS_MAJOR 4\n")
+    first = build._build_hash([source], ["-O3"], [cutlass])
+    assert first != build._build_hash([source], ["-O3"])
+    version.write_text("#define CUTLASS_MAJOR 5\n")
+    assert build._build_hash([source], ["-O3"], [cutlass]) != first
+
+
+def test_build_kernels_skips_what_lacks_its_requirement(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv(build.CUTLASS_ENV, str(tmp_path))  # no headers there
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    assert main(["build-kernels", "--only", "omniserve_gemm_cutlass", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"skipped"' in out and "nvidia-cutlass" in out
+
+
 def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OMNISERVE_KERNEL_CACHE", str(tmp_path))
     assert build.cache_root() == tmp_path

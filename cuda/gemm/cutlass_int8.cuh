@@ -33,45 +33,61 @@ namespace fusion = cutlass::epilogue::fusion;
 // 128 x 128 x 128 tiles (one K tile = one 128-byte swizzle row of int8), clusters of two CTAs
 // along M sharing the B tile by TMA multicast, ping-pong consumer warpgroups so one warpgroup's
 // epilogue overlaps the other's MMAs.
-using TileShape = Shape<_128, _128, _128>;
-using ClusterShape = Shape<_2, _1, _1>;
-using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+struct PingpongConfig {
+  using TileShape = Shape<_128, _128, _128>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+// 256 x 128 tiles shared by two cooperative consumer warpgroups (128 rows each): half the B
+// traffic per MMA of the ping-pong tile, one epilogue per tile.
+struct CooperativeConfig {
+  using TileShape = Shape<_256, _128, _128>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
 
 using Acc = fusion::Sm90AccFetch;
-template <typename T>
-using PerColumn = fusion::Sm90RowBroadcast<0, TileShape, T, float, Stride<_0, _1, _0>>;
-template <typename T>
-using PerRow = fusion::Sm90ColBroadcast<0, TileShape, T, float, Stride<_1, _0, _0>>;
+template <class Tile, typename T>
+using PerColumn = fusion::Sm90RowBroadcast<0, Tile, T, float, Stride<_0, _1, _0>>;
+template <class Tile, typename T>
+using PerRow = fusion::Sm90ColBroadcast<0, Tile, T, float, Stride<_1, _0, _0>>;
 template <template <class> class Op, typename Out>
 using Compute = fusion::Sm90Compute<Op, Out, float, cutlass::FloatRoundStyle::round_to_nearest>;
 
-template <typename OutT>
+template <class Tile, typename OutT>
 using ScaleTree =                                                   // (acc · w_scale) · a_scale
-    fusion::Sm90EVT<Compute<cutlass::multiplies, OutT>, PerRow<cutlass::half_t>,
+    fusion::Sm90EVT<Compute<cutlass::multiplies, OutT>, PerRow<Tile, cutlass::half_t>,
                     fusion::Sm90EVT<Compute<cutlass::multiplies, float>, Acc,
-                                    PerColumn<cutlass::half_t>>>;
+                                    PerColumn<Tile, cutlass::half_t>>>;
 
-template <typename OutT>
+template <class Tile, typename OutT>
 using ZeroTree =                          // a_scale · (w_scale · acc − w_szero · a_sum)
     fusion::Sm90EVT<
-        Compute<cutlass::multiplies, OutT>, PerRow<cutlass::half_t>,
+        Compute<cutlass::multiplies, OutT>, PerRow<Tile, cutlass::half_t>,
         fusion::Sm90EVT<
             Compute<cutlass::minus, float>,
-            fusion::Sm90EVT<Compute<cutlass::multiplies, float>, PerColumn<cutlass::half_t>, Acc>,
-            fusion::Sm90EVT<Compute<cutlass::multiplies, float>, PerColumn<cutlass::half_t>,
-                            PerRow<int32_t>>>>;
+            fusion::Sm90EVT<Compute<cutlass::multiplies, float>, PerColumn<Tile, cutlass::half_t>,
+                            Acc>,
+            fusion::Sm90EVT<Compute<cutlass::multiplies, float>, PerColumn<Tile, cutlass::half_t>,
+                            PerRow<Tile, int32_t>>>>;
 
-template <typename OutT, Epilogue E>
+template <typename OutT, Epilogue E, class Config>
 struct Kernel {
-  using Tree = std::conditional_t<E == Epilogue::kScale, ScaleTree<OutT>, ZeroTree<OutT>>;
+  using TileShape = typename Config::TileShape;
+  using ClusterShape = typename Config::ClusterShape;
+  using Tree = std::conditional_t<E == Epilogue::kScale, ScaleTree<TileShape, OutT>,
+                                  ZeroTree<TileShape, OutT>>;
   static constexpr int kAlignD = 16 / sizeof(OutT);
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float,
       void, cutlass::layout::RowMajor, kAlignD,  // no source operand C
-      OutT, cutlass::layout::RowMajor, kAlignD, EpilogueSchedule, Tree>::CollectiveOp;
+      OutT, cutlass::layout::RowMajor, kAlignD, typename Config::EpilogueSchedule,
+      Tree>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -80,7 +96,7 @@ struct Kernel {
       int32_t, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
+      typename Config::KernelSchedule>::CollectiveOp;
 
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>,
                                                           CollectiveMainloop, CollectiveEpilogue>;
@@ -100,9 +116,9 @@ Stride row_stride(int64_t leading) {
   return stride;
 }
 
-template <typename OutT, Epilogue E>
-typename Kernel<OutT, E>::Gemm::Arguments arguments(const Args& p) {
-  using K = Kernel<OutT, E>;
+template <typename OutT, Epilogue E, class Config>
+typename Kernel<OutT, E, Config>::Gemm::Arguments arguments(const Args& p) {
+  using K = Kernel<OutT, E, Config>;
   using GemmKernel = typename K::GemmKernel;
   using half = cutlass::half_t;
   const auto stride_a = row_stride<typename GemmKernel::StrideA>(p.k);
@@ -132,10 +148,10 @@ using Element = std::conditional_t<
     O == Out::kHalf, cutlass::half_t,
     std::conditional_t<O == Out::kBFloat16, cutlass::bfloat16_t, float>>;
 
-template <typename OutT, Epilogue E>
+template <typename OutT, Epilogue E, class Config>
 cudaError_t run(const Args& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  typename Kernel<OutT, E>::Gemm gemm;
-  const auto args = arguments<OutT, E>(p);
+  typename Kernel<OutT, E, Config>::Gemm gemm;
+  const auto args = arguments<OutT, E, Config>(p);
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   if (gemm.get_workspace_size(args) > workspace_bytes) return cudaErrorInvalidValue;
   if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
@@ -145,16 +161,21 @@ cudaError_t run(const Args& p, void* workspace, size_t workspace_bytes, cudaStre
   return cudaGetLastError();
 }
 
+template <typename OutT, Epilogue E, class Config>
+size_t workspace_size(const Args& p) {
+  return Kernel<OutT, E, Config>::Gemm::get_workspace_size(arguments<OutT, E, Config>(p));
+}
+
 }  // namespace detail
+
+// The configuration the engine runs (benches/kernels.py compares the others on the H100).
+using DefaultConfig = detail::PingpongConfig;
 
 template <Out O>
 size_t workspace_size(const Args& p, Epilogue e) {
   using T = detail::Element<O>;
-  return e == Epilogue::kScale
-             ? detail::Kernel<T, Epilogue::kScale>::Gemm::get_workspace_size(
-                   detail::arguments<T, Epilogue::kScale>(p))
-             : detail::Kernel<T, Epilogue::kZero>::Gemm::get_workspace_size(
-                   detail::arguments<T, Epilogue::kZero>(p));
+  return e == Epilogue::kScale ? detail::workspace_size<T, Epilogue::kScale, DefaultConfig>(p)
+                               : detail::workspace_size<T, Epilogue::kZero, DefaultConfig>(p);
 }
 
 template <Out O>
@@ -162,8 +183,10 @@ cudaError_t run(const Args& p, Epilogue e, void* workspace, size_t workspace_byt
                 cudaStream_t stream) {
   using T = detail::Element<O>;
   return e == Epilogue::kScale
-             ? detail::run<T, Epilogue::kScale>(p, workspace, workspace_bytes, stream)
-             : detail::run<T, Epilogue::kZero>(p, workspace, workspace_bytes, stream);
+             ? detail::run<T, Epilogue::kScale, DefaultConfig>(p, workspace, workspace_bytes,
+                                                              stream)
+             : detail::run<T, Epilogue::kZero, DefaultConfig>(p, workspace, workspace_bytes,
+                                                             stream);
 }
 
 #define OMNISERVE_CUTLASS_INT8_INSTANTIATE(O)                          \
