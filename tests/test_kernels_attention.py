@@ -177,7 +177,15 @@ LOGIT_TOLERANCE = 0.06
 """Largest logit difference between the two paths, as a fraction of the largest |logit| (of the
 step's batch, or of the position for the bundled model).
 Random tiny models amplify per-layer rounding differences; on the H100 the worst case seen was
-4.1% (qwen2, KV4). The bundled trained model is held to the same bound."""
+4.1% (qwen2, KV4). The bundled trained model is held to the same bound, except with a KV4 cache
+(`KV4_LOGIT_TOLERANCE`)."""
+KV4_LOGIT_TOLERANCE = 0.12
+"""As LOGIT_TOLERANCE, for the trained model on a KV4 cache. A KV4 code is a 1/15 step of its
+row's range: where the paths' different summation orders carry a key or value across a rounding
+boundary, that element moves by a whole step for every later token, and the trained model's sharp
+attention passes that on. Measured on the H100: 6.2% at 2 of 128 positions (kernel vs torch path)
+and up to 10% at isolated positions (CUDA graphs vs eager, tests/test_decode_graphs.py), with
+the fp16 cache within 2% on the same prompts."""
 TIE_RATE = 0.05
 """Largest fraction of greedy tokens allowed to differ, each only where the generating path's top
 two logits are closer than twice the two paths' logit difference (a numerical tie). On the H100:
@@ -253,5 +261,6 @@ def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str)
     logits = {b: teacher_forced_logits(e.runner, prompt_ids, tokens) for b, e in engines.items()}
     assert_greedy_agreement(
         tokens, logits["auto"], logits["torch"],
-        logit_tolerance=LOGIT_TOLERANCE, max_tie_rate=TIE_RATE,
+        logit_tolerance=KV4_LOGIT_TOLERANCE if kv_cache_dtype == "int4" else LOGIT_TOLERANCE,
+        max_tie_rate=TIE_RATE,
     )

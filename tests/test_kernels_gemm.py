@@ -279,12 +279,13 @@ def test_quantized_linear_fuses_shards_for_the_kernels(fmt: str) -> None:
 # GPU: the engine on the kernels.
 
 
-LOGIT_TOLERANCE = 1e-2
+LOGIT_TOLERANCE = 0.05
 """Largest logit difference between the CUDA and CPU paths, as a fraction of the position's
-largest |logit| (chosen, not yet measured). Both run fp32 and the kernels' outputs are the
-reference epilogue's to an ulp, so logits differ in their last bits, plus where such a last-bit
-difference carries an activation across an int8 rounding boundary: one code of one activation
-moves, a small fraction of a percent of the logits. A layout or scaling bug moves them by O(1)."""
+largest |logit|. Both run fp32 and the GEMM kernels' outputs are the reference epilogue's to an
+ulp, but the float ops around them (SDPA, norms, lm_head) round differently on the two devices,
+and wherever that carries an activation across an int8 rounding boundary one code moves by a
+whole step (1/127 of the token's range) in every later layer. Measured on the H100: up to 2.8% of
+the largest |logit| (W4A8 per-channel and W8A8). A layout or scaling bug moves logits by O(1)."""
 TIE_RATE = 0.05
 """Largest fraction of generated tokens on which the CPU path may choose otherwise, each only at a
 numerical tie (top-2 margin of the CUDA logits within twice the paths' logit difference). On the

@@ -1,4 +1,4 @@
-// Warp and block reductions (sum, max) over floats and ints.
+// Warp and block reductions (sum, max, min) over floats and ints.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,6 +12,10 @@ struct SumOp {
 
 struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+struct MinOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
 };
 
 // Butterfly over lanes [lane ^ width/2 ... lane ^ first): every lane of each group of `Width`

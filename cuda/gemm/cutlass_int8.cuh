@@ -30,18 +30,9 @@ namespace detail {
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
-// 128 x 128 x 128 tiles (one K tile = one 128-byte swizzle row of int8), clusters of two CTAs
-// along M sharing the B tile by TMA multicast, ping-pong consumer warpgroups so one warpgroup's
-// epilogue overlaps the other's MMAs.
-struct PingpongConfig {
-  using TileShape = Shape<_128, _128, _128>;
-  using ClusterShape = Shape<_2, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-};
-
-// 256 x 128 tiles shared by two cooperative consumer warpgroups (128 rows each): half the B
-// traffic per MMA of the ping-pong tile, one epilogue per tile.
+// 256 x 128 x 128 tiles (a K tile is one 128-byte swizzle row of int8) shared by two cooperative
+// consumer warpgroups of 128 rows each, clusters of two CTAs along M sharing B tiles by TMA
+// multicast.
 struct CooperativeConfig {
   using TileShape = Shape<_256, _128, _128>;
   using ClusterShape = Shape<_2, _1, _1>;
@@ -168,8 +159,10 @@ size_t workspace_size(const Args& p) {
 
 }  // namespace detail
 
-// The configuration the engine runs (benches/kernels.py compares the others on the H100).
-using DefaultConfig = detail::PingpongConfig;
+// The configuration the engine runs. On the H100, GEMM alone, summed over Llama-3-8B's four
+// projections: 1240 / 1377 / 1189 TOPS at M = 1024 / 4096 / 16384, where ping-pong consumers on
+// 128 x 128 tiles reach 819 / 880 / 875 and cuBLAS `_int_mm` 830 / 926 / 929.
+using DefaultConfig = detail::CooperativeConfig;
 
 template <Out O>
 size_t workspace_size(const Args& p, Epilogue e) {

@@ -61,6 +61,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """"auto": decode attention runs the CUDA kernel (`kernels/attention.py`) where it applies (a
     Hopper GPU, head_dim 64/128, 1/2/4/8 query heads per KV head), else the torch path; "torch"
     always uses the torch path (for comparison)."""
+    enforce_eager: bool = False
+    """Run every step eagerly. By default, on the decode kernel, decode-only steps replay CUDA
+    graphs captured at start-up (runner/decode_graphs.py), one per padded batch size up to
+    `max_num_seqs`; their memory is reserved out of the KV cache's share."""
 
     # precision (DESIGN.md §5)
     precision: str | None = None

@@ -20,6 +20,11 @@ recompute, decode), as with a dense cache. DESIGN §4 would allow the current ch
 K/V (QServe prefills on the fp16 qkv buffer); we give that up for this invariance, at the cost of
 one quantize-dequantize of the step's own K/V.
 
+The model hands each layer its q and k before RoPE (`rotate_and_attend`): on a Hopper GPU one kernel
+(`kernels/rope_kv.py`) rotates q and k and writes K and V to the cache, dense or quantized, in one
+launch instead of dozens of small torch ops; elsewhere (and for static KV8) the reference,
+`apply_rotary` then the cache rows' `store`, does it, with bit-identical results.
+
 The runner builds the per-step `AttentionMetadata` (cache rows, masks, groups) once for all layers.
 Cache rows are indexed [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
 """
@@ -33,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+
+from omniserve.kernels import rope_kv
+from omniserve.layers.rotary import apply_rotary
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +118,8 @@ class CacheRows(Protocol):
 
 
 class KernelRows(CacheRows, Protocol):
-    """Cache rows the decode kernel can read directly."""
+    """Cache rows the CUDA kernels use directly: the decode kernel reads them, the fused RoPE + KV
+    write (`kernels/rope_kv.py`) writes them."""
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rows [num_rows, width], params fp16 [num_rows, 2] or None): the storage itself, values
@@ -137,12 +146,43 @@ class PagedAttention(nn.Module):
         self.k_cache: CacheRows
         self.v_cache: CacheRows
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    def rotate_and_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
-        k = self.k_cache.store(meta.write_index, k.transpose(0, 1)).transpose(0, 1)
-        v = self.v_cache.store(meta.write_index, v.transpose(0, 1)).transpose(0, 1)
+        """Attention of q [T, heads, head_dim] and k [T, kv_heads, head_dim] before RoPE, with the
+        step's (cos, sin) = `rope` (`RotaryEmbedding.forward`), and v -> [T, heads, head_dim].
+
+        Where the fused kernel applies, it rotates q and k and stores K and V in one launch;
+        otherwise `apply_rotary` and `forward`'s store do. Either way `forward` (and any hook on
+        it) receives the rotated q and k."""
+        if rope_kv.applies(q, self.k_cache, self.v_cache):
+            q, k, v = rope_kv.rope_kv_write(
+                q, k, v, rope, meta.write_index, self.k_cache, self.v_cache  # type: ignore[arg-type]
+            )
+            return self(q, k, v, meta, stored=True)
+        return self(apply_rotary(q, *rope), apply_rotary(k, *rope), v, meta)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        *,
+        stored: bool = False,
+    ) -> torch.Tensor:
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim], after RoPE -> [T, heads, head_dim].
+
+        k and v are first written to the cache, unless `stored`: the caller already wrote them and
+        passes them as reads of the cache return them (`rotate_and_attend`'s fused kernel)."""
+        if not stored:
+            k = self.k_cache.store(meta.write_index, k.transpose(0, 1)).transpose(0, 1)
+            v = self.v_cache.store(meta.write_index, v.transpose(0, 1)).transpose(0, 1)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)
         for chunk in batches.prefills:

@@ -7,6 +7,11 @@ On a Hopper GPU, when the fused N and K are multiples of 128, `set_weight` inste
 shard into the CUDA kernels' layout (kernels/gemm.py) and, once all are loaded, concatenates them
 along N, so that forward is one kernel launch with the same result (rounded once to x's dtype).
 
+The layer also reads activations already quantized (`QuantizedActivation`): the model's RMSNorm and
+SiLU·mul emit them in one fused kernel each (kernels/fused.py), so the separate quantizer pass over
+a written-out float activation disappears. Such an input carries no float dtype; y is then in the
+layer's (`dtype`, the model's) or the one `forward_quantized` is given.
+
 Fused projections (q/k/v, gate/up) keep one stored weight per shard instead of concatenating the
 formats along N: a shard's tensors stay exactly the checkpoint's (so the loader only validates
 and places them), g128's permuted group-scale columns and W4A8's N-multiple-of-32 tiles need no
@@ -30,6 +35,7 @@ from omniserve.layers.linear import (
     fused_slots,
     shard_prefixes,
 )
+from omniserve.quant.activation import QuantizedActivation
 from omniserve.quant.gemm import quantized_linear
 from omniserve.quant.weight import QuantizedWeight
 
@@ -54,6 +60,8 @@ class QuantizedLinear(nn.Module):
         self.shard_names = checked_shard_names(out_sizes, shard_names)
         self.out_sizes = tuple(out_sizes) if shard_names is not None else (sum(out_sizes),)
         self.fmt = fmt
+        # Follows the layer through .to() as a parameter would; see `dtype`.
+        self.register_buffer("_dtype_tracker", torch.empty(0), persistent=False)
         for n in self.out_sizes:
             fmt.check_shape(n, in_features)  # ValueError naming the format's tile constraints
         self.weights: list[QuantizedWeight | None] = [None] * len(self.out_sizes)
@@ -64,17 +72,38 @@ class QuantizedLinear(nn.Module):
             nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = quantize_per_token(x)
-        if self.uses_kernels:
-            if self.packed is None:
-                raise RuntimeError("QuantizedLinear used before its weights were loaded")
-            y = gemm_kernels.quantized_gemm(xq, self.packed, x.dtype)
-        else:
-            y = torch.cat(
-                [quantized_linear(xq, self._weight(i)) for i in range(len(self.weights))], -1
-            ).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        """y [T, N] of float activations x [T, K] (quantized here; y in x's dtype), or of per-token
+        int8 ones from a fused op (y in the model dtype, `self.dtype`)."""
+        if isinstance(x, QuantizedActivation):
+            return self.forward_quantized(x, self.dtype)
+        return self._gemm(quantize_per_token(x), x.dtype)
+
+    def forward_quantized(self, xq: QuantizedActivation, out_dtype: torch.dtype) -> torch.Tensor:
+        """y [T, N] in `out_dtype` of per-token int8 activations (codes [T, K], fp16 scales and
+        int32 code sums [T], as `quantize_per_token` returns); ValueError naming what is wrong."""
+        q, scales, sums = xq
+        if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != self.in_features:
+            raise ValueError(
+                f"quantized activations must be int8 of shape [tokens, {self.in_features}], got "
+                f"{q.dtype} of shape {list(q.shape)}"
+            )
+        tokens = q.shape[0]
+        for name, t, dtype in (("scales", scales, torch.float16), ("sums", sums, torch.int32)):
+            if t.dtype != dtype or t.shape != (tokens,):
+                raise ValueError(
+                    f"quantized activation {name} must be {dtype} of shape [{tokens}], got "
+                    f"{t.dtype} of shape {list(t.shape)}"
+                )
+        if not out_dtype.is_floating_point:
+            raise ValueError(f"out_dtype must be a float dtype, got {out_dtype}")
+        return self._gemm(xq, out_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype: the default when built (as the loader builds), or the one given to
+        `.to()`. Outputs of quantized inputs, which carry no float dtype, are in it."""
+        return self._dtype_tracker.dtype
 
     @property
     def uses_kernels(self) -> bool:
@@ -118,6 +147,17 @@ class QuantizedLinear(nn.Module):
             and kernels_available(device)
             and gemm_kernels.supports(self.out_sizes, self.in_features)
         )
+
+    def _gemm(self, xq: QuantizedActivation, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.uses_kernels:
+            if self.packed is None:
+                raise RuntimeError("QuantizedLinear used before its weights were loaded")
+            y = gemm_kernels.quantized_gemm(xq, self.packed, out_dtype)
+        else:
+            y = torch.cat(
+                [quantized_linear(xq, self._weight(i)) for i in range(len(self.weights))], -1
+            ).to(out_dtype)
+        return y if self.bias is None else y + self.bias
 
     def _weight(self, index: int) -> QuantizedWeight:
         weight = self.weights[index]

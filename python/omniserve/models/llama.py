@@ -7,19 +7,22 @@ name; q/k/v and gate/up are fused into one matmul each, filled slice by slice at
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from omniserve.kernels import fused
 from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.attention import AttentionMetadata, PagedAttention
 from omniserve.layers.linear import Linear
 from omniserve.layers.norm import RMSNorm
 from omniserve.layers.quantized_linear import QuantizedLinear
-from omniserve.layers.rotary import RotaryEmbedding, apply_rotary
+from omniserve.layers.rotary import RotaryEmbedding
+from omniserve.quant.activation import QuantizedActivation
 from omniserve.quant.precision import Precision
 from omniserve.quant.weight import QuantizedWeight, weight_format
 
@@ -80,6 +83,33 @@ def _projection(
     return QuantizedLinear(in_features, out_sizes, fmt, bias, shard_names)
 
 
+ProjectionInput = torch.Tensor | QuantizedActivation
+"""What a decoder projection reads: float activations, or per-token int8 (`QuantizedLinear`)."""
+
+
+class ProjectionInputOps(NamedTuple):
+    """The ops whose outputs the decoder's projections read."""
+
+    norm: Callable[[torch.Tensor, RMSNorm], ProjectionInput]
+    """x, norm → the normalized residual stream, before qkv_proj and gate_up_proj."""
+    act: Callable[[torch.Tensor], ProjectionInput]
+    """silu(gate)·up of gate_up_proj's output, before down_proj."""
+
+
+def projection_input_ops(fmt: WeightFormat) -> ProjectionInputOps:
+    """Quantized projections read per-token int8, so the ops before them emit it: RMSNorm and
+    SiLU·mul fused with the quantizer (kernels/fused.py), one launch each where the float op takes
+    several and the projection's quantizer one more. Their references are exactly that
+    composition, so outputs do not change. o_proj reads the attention output, which stays float."""
+    if fmt is None:
+        return ProjectionInputOps(norm=_rmsnorm, act=SiluAndMul())
+    return ProjectionInputOps(norm=fused.rmsnorm_quant, act=fused.silu_mul_quant)
+
+
+def _rmsnorm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    return norm(x)
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self, config: PretrainedConfig, sliding_window: int | None, fmt: WeightFormat
@@ -106,9 +136,9 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k, v = (t.view(-1, self.num_kv_heads, self.head_dim) for t in (k, v))
+        o = self.attn.rotate_and_attend(q, k, v, rope, meta)  # RoPE here, with the KV write
         return self.o_proj(o.flatten(1))
 
 
@@ -122,10 +152,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = _projection(
             hidden, [inter, inter], bias, fmt, ("gate_proj", "up_proj")
         )
-        self.act = SiluAndMul()
+        self.act = projection_input_ops(fmt).act
         self.down_proj = _projection(inter, [hidden], bias, fmt)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: ProjectionInput) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -138,12 +168,13 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, sliding_window, fmt)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, fmt)
+        self.normalize = projection_input_ops(fmt).norm
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.normalize(x, self.input_layernorm), rope, meta)
+        return x + self.mlp(self.normalize(x, self.post_attention_layernorm))
 
 
 class LlamaModel(nn.Module):

@@ -12,7 +12,9 @@ indexed [kv_heads, ...] then reads whole head_dim rows (a fast row gather) strai
 A quantized cache (KV8/KV4, `quant/kv.py`) keeps the same rows in two tensors: the codes (uint8,
 head_dim bytes per row for KV8, head_dim / 2 for KV4) and each row's fp16 (scale, zero). Both are
 indexed by the same cache rows, so the page math is the same for every storage format; K and V are
-quantized when written and dequantized to the compute dtype when read.
+quantized when written and dequantized to the compute dtype when read. On a Hopper GPU the
+attention layer writes dense and per-token quantized rows with a fused kernel instead of `store`
+(`kernels/rope_kv.py`, through `kernel_operands`), producing the same bits.
 
 Per-tensor static KV8 (`kv_granularity` "per_tensor") stores int8 codes only: each layer's K and V
 have one fixed scale (`static_scales`, from the checkpoint), so rows carry no parameters.
@@ -205,3 +207,8 @@ class KVCache:
         pages = self.page_table[rows, positions // self.page_size].long()
         slots = pages * self.page_size + positions % self.page_size
         return self._head_base.view(-1, *[1] * slots.dim()) + slots
+
+    def null_rows(self, count: int) -> torch.Tensor:
+        """Cache rows (long [kv_heads, count]) of slot 0 of the null page, for `count` tokens:
+        where padding tokens write, since no request's page table points there."""
+        return self._head_base[:, None].expand(-1, count).clone()

@@ -18,6 +18,7 @@ from omniserve.layers.sampler import Sampler, SampleResult
 from omniserve.models.loader import load_hf_config, load_model, resolve_precision
 from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.quant.precision import Precision
+from omniserve.runner.decode_graphs import DecodeGraphs
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.memory import cuda_memory_for_kv_cache
 from omniserve.runner.step_inputs import StepInputBuilder, StepInputs
@@ -98,10 +99,19 @@ class ModelRunner:
         self._gather_budget = max(self.max_model_len, 8 * config.max_num_batched_tokens)
         self.sampler = Sampler(config.max_num_seqs, self.vocab_size, self.device, config.seed)
         self._peak_activation_bytes = 0
+        self._graph_reserve_bytes = 0
+        """Memory set aside for the decode graphs' pool: the largest decode step's activations."""
+        self._graphs: DecodeGraphs | None = None
         self._prompt_targets: dict[int, list[int]] = {}
         """Prompt ids of the rows whose requests asked for prompt logprobs."""
         self.num_kv_pages = self._count_kv_pages()
         self.kv_cache, self._inputs = self._make_cache(self.num_kv_pages)
+        if self._uses_graphs():
+            with torch.inference_mode():
+                self._graphs = DecodeGraphs(
+                    self.model, self.kv_cache, self._inputs.windows, config.max_num_seqs,
+                    self.max_model_len,
+                )
 
     def bind_row(
         self,
@@ -140,7 +150,17 @@ class ModelRunner:
 
     def _forward(self, plan: StepPlan, inputs: StepInputBuilder) -> tuple[StepInputs, torch.Tensor]:
         step = inputs.build(plan)
+        if self._graphs is not None and inputs is self._inputs and self._graphs.fits(step):
+            return step, self._graphs.run(step)
         return step, self.model(step.input_ids, step.positions, step.attn)
+
+    def _uses_graphs(self) -> bool:
+        """Decode-only steps replay CUDA graphs: on CUDA, on the decode kernel (the torch decode
+        path's grouping depends on the step's lengths), unless `enforce_eager`."""
+        return self.device.type == "cuda" and not self.config.enforce_eager and (
+            self.config.attention_backend == "auto"
+            and all(layer.decode_kernel_applies(self.dtype) for layer in self.model.attention_layers)
+        )
 
     def _score_prompt_tokens(
         self, plan: StepPlan, hidden: torch.Tensor
@@ -202,7 +222,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._peak_activation_bytes = self._profile_activations()
             available = cuda_memory_for_kv_cache(
-                self.device, config.gpu_memory_utilization, self._peak_activation_bytes
+                self.device,
+                config.gpu_memory_utilization,
+                self._peak_activation_bytes + self._graph_reserve_bytes,
             )
             source = f"gpu_memory_utilization={config.gpu_memory_utilization}"
         else:
@@ -220,7 +242,9 @@ class ModelRunner:
 
     def _profile_activations(self) -> int:
         """Peak bytes above the weights of the most demanding steps the scheduler can plan, run
-        against a cache holding only the null page (every slot maps there; values don't matter)."""
+        against a cache holding only the null page (every slot maps there; values don't matter).
+        Also sets `_graph_reserve_bytes` to the decode step's peak when decode graphs will be
+        captured: their pool keeps that much while eager steps need their own peak beside it."""
         config, max_len = self.config, self.max_model_len
         cache, inputs = self._make_cache(1)
         # A throwaway sampler, so that the real one's random stream does not depend on profiling.
@@ -228,7 +252,6 @@ class ModelRunner:
         # Every filter and penalty on: the sampler's largest temporaries and tables.
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=5, repetition_penalty=1.1)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         # (1) The longest prefill chunk at the end of the longest context: the largest
         # activations and the largest prefill gather. (2) The largest decode batch, sampling every
@@ -240,13 +263,18 @@ class ModelRunner:
         num_long = min(num_decodes, max(1, self._gather_budget // max_len))
         decode_pos0 = [max_len - 1] * num_long + [0] * (num_decodes - num_long)
         worst_steps = (([max_len - chunk], [chunk]), (decode_pos0, [1] * num_decodes))
+        peaks = []
         for pos0, num_new in worst_steps:
+            torch.cuda.reset_peak_memory_stats(self.device)
             for row in range(len(pos0)):
                 sampler.bind_row(row, params, [0], [], [])
             plan = _synthetic_plan(pos0, num_new)
             sampled_idx, logits = self.compute_logits(plan, inputs)
             sampler.sample(logits, plan.rows[sampled_idx].long())
-        peak = torch.cuda.max_memory_allocated(self.device) - before
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+        peak = max(peaks)
+        if self._uses_graphs():
+            self._graph_reserve_bytes = peaks[-1]
         del cache, inputs, sampler
         torch.cuda.empty_cache()
         return peak

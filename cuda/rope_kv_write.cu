@@ -1,0 +1,378 @@
+// Fused RoPE + KV cache write of one attention layer's step (python/omniserve/kernels/rope_kv.py).
+//
+// One launch does, for every token t of the step:
+//   q_out[t] = rope(q[t]) for every query head, and k_rot[t] = rope(k[t]) for every KV head
+//     (layers/rotary.apply_rotary: y1 = x1·cos − x2·sin, y2 = x2·cos + x1·sin on the two halves of
+//     head_dim, every product and sum rounded to the compute dtype, as each torch op rounds);
+//   K and V cache rows write_index[h, t] <- k_rot[t, h], v[t, h], in the cache's format: values in
+//     the compute dtype, or quant/kv.quantize_kv codes (uint8; KV4 packs channel pairs, even
+//     channel in the low nibble) with an fp16 (scale, zero) per row;
+//   k_out, v_out = what reads of those rows return (dequantize_kv of the stored codes; a dense
+//     cache returns k_rot and v themselves), which prefill attention consumes.
+// The arithmetic is the references' as torch runs them on the GPU, op for op: IEEE division and
+// explicitly rounded adds and multiplies (nothing contracted into an FMA or approximated), round
+// half to even, the same clamps, and (hi − lo) / Q as (hi − lo) · fl(1 / Q), because torch's CUDA
+// division by a Python number multiplies by its reciprocal (on the CPU it divides; the two can
+// differ in the last bit, and so, rarely, in the fp16 scale). Codes, parameters and outputs
+// therefore equal the reference's on the GPU bit for bit; the one freedom is the sign of a zero
+// `zero` parameter when a row's minimum is a signed zero, which torch itself leaves to its
+// reduction order (both signs dequantize to the same bits).
+//
+// Work split: a "row" is one head of one token, query, key or value (heads + 2·kv_heads rows per
+// token). A group of kLanes consecutive lanes owns a row; each lane holds kPerLane consecutive
+// channels of both halves, so it has both members of each rotation pair it computes and, kPerLane
+// being even, whole KV4 bytes. A quantized row's min and max reduce across its lane group by
+// shuffles. The grid is tokens × (row blocks), so a small decode batch still fills the GPU.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common/check.h"
+#include "common/dtype.cuh"
+#include "common/reduce.cuh"
+
+namespace omniserve {
+namespace {
+
+constexpr float kMinKVScale = 6.103515625e-05f;  // 2^-14, quant/kv.py's scale floor
+constexpr int kWarpsPerBlock = 4;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T>
+struct RopeKVArgs {
+  const T* q;  // [tokens, heads, head_dim], channels contiguous
+  const T* k;  // [tokens, kv_heads, head_dim]
+  const T* v;
+  int64_t q_token_stride, q_head_stride;
+  int64_t k_token_stride, k_head_stride;
+  int64_t v_token_stride, v_head_stride;
+  const T* cos;  // [tokens, head_dim / 2] rows
+  const T* sin;
+  int64_t cos_token_stride, sin_token_stride;
+  const int64_t* write_index;  // [kv_heads, tokens]
+  int64_t index_head_stride, index_token_stride;
+  T* q_out;  // contiguous [tokens, heads, head_dim]
+  T* k_out;  // contiguous [tokens, kv_heads, head_dim]
+  T* v_out;  // likewise; quantized caches only (a dense cache returns v itself)
+  void* k_cache;  // [cache_rows, head_dim] values, or [cache_rows, packed] codes
+  void* v_cache;
+  __half2* k_params;  // [cache_rows] (scale, zero), quantized caches only
+  __half2* v_params;
+  int64_t cache_rows;
+  int num_heads, num_kv_heads;
+};
+
+// x as the compute dtype holds it: what a torch op writing x to a T tensor leaves.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  using Tr = Float16Traits<T>;
+  return Tr::to_float(Tr::from_float(x));
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* src, float (&out)[N]) {
+  const Vec<T, N> x = *reinterpret_cast<const Vec<T, N>*>(src);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = Float16Traits<T>::to_float(x.v[i]);
+}
+
+// Stores values that are exactly representable in T (already rounded).
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* dst, const float* x) {
+  Vec<T, N> y;
+#pragma unroll
+  for (int i = 0; i < N; ++i) y.v[i] = Float16Traits<T>::from_float(x[i]);
+  *reinterpret_cast<Vec<T, N>*>(dst) = y;
+}
+
+// kBits: 0 for a cache in the compute dtype, else 8 or 4 (quantize_kv codes).
+template <typename T, int kHeadDim, int kBits>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    rope_kv_write_kernel(const RopeKVArgs<T> a) {
+  constexpr int kHalf = kHeadDim / 2;
+  constexpr int kPerLane = kHeadDim <= 128 ? 2 : kHeadDim / 64;  // channels per half
+  constexpr int kLanes = kHalf / kPerLane;                        // lanes per row
+  constexpr int kRowsPerWarp = 32 / kLanes;
+  static_assert(kPerLane % 2 == 0 && 32 % kLanes == 0, "unsupported head_dim");
+
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x % 32;
+  const int row =
+      (blockIdx.y * kWarpsPerBlock + threadIdx.x / 32) * kRowsPerWarp + lane / kLanes;
+  const int c0 = (lane % kLanes) * kPerLane;  // this lane's first channel in each half
+  const int heads = a.num_heads, kv_heads = a.num_kv_heads;
+  const bool is_q = row < heads;
+  const bool is_k = !is_q && row < heads + kv_heads;
+  const bool is_v = !is_q && !is_k && row < heads + 2 * kv_heads;
+  const int head = is_q ? row : is_k ? row - heads : row - heads - kv_heads;
+
+  // y[0, kPerLane): channels c0.. of the first half; y[kPerLane, 2·kPerLane): of the second.
+  // Lanes past the last row keep zeros: they take part in the shuffles but store nothing.
+  float y[2 * kPerLane] = {};
+  if (is_q || is_k || is_v) {
+    const T* src = is_q   ? a.q + t * a.q_token_stride + head * a.q_head_stride
+                   : is_k ? a.k + t * a.k_token_stride + head * a.k_head_stride
+                          : a.v + t * a.v_token_stride + head * a.v_head_stride;
+    float x1[kPerLane], x2[kPerLane];
+    load_floats(src + c0, x1);
+    load_floats(src + kHalf + c0, x2);
+    if (is_v) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) y[i] = x1[i], y[kPerLane + i] = x2[i];
+    } else {
+      float cos[kPerLane], sin[kPerLane];
+      load_floats(a.cos + t * a.cos_token_stride + c0, cos);
+      load_floats(a.sin + t * a.sin_token_stride + c0, sin);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        y[i] = round_to<T>(__fsub_rn(round_to<T>(__fmul_rn(x1[i], cos[i])),
+                                     round_to<T>(__fmul_rn(x2[i], sin[i]))));
+        y[kPerLane + i] = round_to<T>(__fadd_rn(round_to<T>(__fmul_rn(x2[i], cos[i])),
+                                                round_to<T>(__fmul_rn(x1[i], sin[i]))));
+      }
+    }
+  }
+  if (is_q) {
+    T* dst = a.q_out + (t * heads + head) * kHeadDim;
+    store_floats<T, kPerLane>(dst + c0, y);
+    store_floats<T, kPerLane>(dst + kHalf + c0, y + kPerLane);
+  }
+
+  const bool is_kv = is_k || is_v;
+  int64_t cache_row = 0;
+  if (is_kv) {
+    cache_row = a.write_index[head * a.index_head_stride + t * a.index_token_stride];
+    CUDA_KERNEL_ASSERT(cache_row >= 0 && cache_row < a.cache_rows);
+  }
+  const int64_t out_offset = (t * kv_heads + head) * kHeadDim;  // in k_out / v_out
+
+  if constexpr (kBits == 0) {
+    if (is_kv) {
+      T* dst = static_cast<T*>(is_k ? a.k_cache : a.v_cache) + cache_row * kHeadDim;
+      store_floats<T, kPerLane>(dst + c0, y);
+      store_floats<T, kPerLane>(dst + kHalf + c0, y + kPerLane);
+      if (is_k) {
+        store_floats<T, kPerLane>(a.k_out + out_offset + c0, y);
+        store_floats<T, kPerLane>(a.k_out + out_offset + kHalf + c0, y + kPerLane);
+      }
+    }
+  } else {
+    constexpr int kLevels = (1 << kBits) - 1;
+    constexpr float kInvLevels = 1.0f / kLevels;  // rounded once, as torch rounds 1 / Q
+    constexpr int kPackedDim = kHeadDim * kBits / 8;
+    // Starting from 0 gives quantize_kv's range min(min(x), 0) .. max(max(x), 0) directly.
+    float lo = 0.f, hi = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2 * kPerLane; ++i) lo = fminf(lo, y[i]), hi = fmaxf(hi, y[i]);
+    lo = warp_reduce<kLanes>(lo, MinOp());
+    hi = warp_reduce<kLanes>(hi, MaxOp());
+    if (is_kv) {
+      const __half scale_h = __float2half_rn(
+          fmaxf(__fmul_rn(__fsub_rn(hi, lo), kInvLevels), kMinKVScale));
+      const float scale = __half2float(scale_h);
+      const __half zero_h = __float2half_rn(__fdiv_rn(-lo, scale));
+      const float zero = __half2float(zero_h);
+      uint8_t q[2 * kPerLane];
+      float x_hat[2 * kPerLane];
+#pragma unroll
+      for (int i = 0; i < 2 * kPerLane; ++i) {
+        const float c = rintf(__fadd_rn(__fdiv_rn(y[i], scale), zero));
+        q[i] = static_cast<uint8_t>(fminf(fmaxf(c, 0.f), static_cast<float>(kLevels)));
+        x_hat[i] = __fmul_rn(__fsub_rn(static_cast<float>(q[i]), zero), scale);
+      }
+      uint8_t* dst = static_cast<uint8_t*>(is_k ? a.k_cache : a.v_cache) + cache_row * kPackedDim;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* qh = q + h * kPerLane;
+        if constexpr (kBits == 8) {
+          Vec<uint8_t, kPerLane> bytes;
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) bytes.v[i] = qh[i];
+          *reinterpret_cast<Vec<uint8_t, kPerLane>*>(dst + h * kHalf + c0) = bytes;
+        } else {
+          Vec<uint8_t, kPerLane / 2> bytes;
+#pragma unroll
+          for (int i = 0; i < kPerLane / 2; ++i) bytes.v[i] = qh[2 * i] | (qh[2 * i + 1] << 4);
+          *reinterpret_cast<Vec<uint8_t, kPerLane / 2>*>(dst + (h * kHalf + c0) / 2) = bytes;
+        }
+      }
+      if (lane % kLanes == 0) {
+        (is_k ? a.k_params : a.v_params)[cache_row] = __halves2half2(scale_h, zero_h);
+      }
+      T* out = (is_k ? a.k_out : a.v_out) + out_offset;
+      store_floats<T, kPerLane>(out + c0, x_hat);
+      store_floats<T, kPerLane>(out + kHalf + c0, x_hat + kPerLane);
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kBits>
+void launch(const RopeKVArgs<T>& args, int64_t tokens, cudaStream_t stream) {
+  constexpr int kPerLane = kHeadDim <= 128 ? 2 : kHeadDim / 64;
+  constexpr int kRowsPerWarp = 32 / (kHeadDim / 2 / kPerLane);
+  constexpr int kRowsPerBlock = kWarpsPerBlock * kRowsPerWarp;
+  const int rows = args.num_heads + 2 * args.num_kv_heads;
+  const dim3 grid(static_cast<unsigned>(tokens), (rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  rope_kv_write_kernel<T, kHeadDim, kBits><<<grid, kWarpsPerBlock * 32, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kBits>
+void launch_for_head_dim(const RopeKVArgs<T>& args, int64_t tokens, int64_t head_dim,
+                         cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return launch<T, 64, kBits>(args, tokens, stream);
+    case 128: return launch<T, 128, kBits>(args, tokens, stream);
+    case 256: return launch<T, 256, kBits>(args, tokens, stream);
+    default: OMNI_CHECK(false, "head_dim must be 64, 128 or 256, got ", head_dim);
+  }
+}
+
+// q, k or v [tokens, heads, head_dim] with channels contiguous and every row aligned for the
+// kernel's kPerLane-channel accesses (views into the fused qkv projection qualify).
+void check_heads(const at::Tensor& x, const char* name, const at::Tensor& q, int64_t heads) {
+  OMNI_CHECK(x.device() == q.device(), name, " must be on ", q.device(), ", got ", x.device());
+  OMNI_CHECK(x.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
+             ", got ", x.scalar_type());
+  OMNI_CHECK(x.dim() == 3 && x.size(0) == q.size(0) && x.size(1) == heads &&
+                 x.size(2) == q.size(2),
+             name, " must be [tokens, heads, head_dim] matching q ", q.sizes(), ", got shape ",
+             x.sizes());
+  const int64_t per_lane = x.size(2) <= 128 ? 2 : x.size(2) / 64;
+  OMNI_CHECK(x.stride(2) == 1 && x.stride(1) % per_lane == 0 && x.stride(0) % per_lane == 0 &&
+                 reinterpret_cast<std::uintptr_t>(x.data_ptr()) % (per_lane * x.element_size()) ==
+                     0,
+             name, " must have contiguous channels and head/token strides that are multiples of ",
+             per_lane, " elements, got strides ", x.strides());
+}
+
+// cos or sin [tokens, 1, head_dim / 2] as RotaryEmbedding returns them.
+void check_angles(const at::Tensor& x, const char* name, const at::Tensor& q) {
+  OMNI_CHECK(x.device() == q.device(), name, " must be on ", q.device(), ", got ", x.device());
+  OMNI_CHECK(x.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
+             ", got ", x.scalar_type());
+  OMNI_CHECK(x.dim() == 3 && x.size(0) == q.size(0) && x.size(1) == 1 &&
+                 x.size(2) * 2 == q.size(2),
+             name, " must be [tokens, 1, head_dim / 2] = [", q.size(0), ", 1, ", q.size(2) / 2,
+             "], got shape ", x.sizes());
+  const int64_t per_lane = q.size(2) <= 128 ? 2 : q.size(2) / 64;
+  OMNI_CHECK(x.stride(2) == 1 && x.stride(0) % per_lane == 0 &&
+                 reinterpret_cast<std::uintptr_t>(x.data_ptr()) % (per_lane * x.element_size()) ==
+                     0,
+             name, " must have contiguous channels and a token stride that is a multiple of ",
+             per_lane, " elements, got strides ", x.strides());
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& cos,
+                                      const at::Tensor& sin, const at::Tensor& write_index,
+                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const std::optional<at::Tensor>& k_params,
+                                      const std::optional<at::Tensor>& v_params) {
+  OMNI_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
+  OMNI_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+             "q must be float16 or bfloat16, got ", q.scalar_type());
+  OMNI_CHECK(q.dim() == 3, "q must be [tokens, heads, head_dim], got shape ", q.sizes());
+  const int64_t tokens = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  OMNI_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
+             "head_dim must be 64, 128 or 256, got ", head_dim);
+  check_heads(q, "q", q, heads);
+  OMNI_CHECK(k.dim() == 3, "k must be [tokens, kv_heads, head_dim], got shape ", k.sizes());
+  const int64_t kv_heads = k.size(1);
+  check_heads(k, "k", q, kv_heads);
+  check_heads(v, "v", q, kv_heads);
+  OMNI_CHECK(heads > 0 && heads <= 65535 && kv_heads > 0 && kv_heads <= 65535,
+             "need 1 to 65535 query heads and KV heads, got ", heads, " and ", kv_heads);
+  OMNI_CHECK(tokens <= 0x7fffffff, "too many tokens for one launch: ", tokens);
+  check_angles(cos, "cos", q);
+  check_angles(sin, "sin", q);
+  OMNI_CHECK(write_index.device() == q.device() && write_index.scalar_type() == at::kLong &&
+                 write_index.dim() == 2 && write_index.size(0) == kv_heads &&
+                 write_index.size(1) == tokens,
+             "write_index must be int64 [kv_heads, tokens] = [", kv_heads, ", ", tokens, "] on ",
+             q.device(), ", got ", write_index.scalar_type(), " ", write_index.sizes(), " on ",
+             write_index.device());
+
+  const bool quantized = k_params.has_value();
+  OMNI_CHECK(quantized == v_params.has_value(), "pass both k_params and v_params or neither");
+  for (const at::Tensor* cache : {&k_cache, &v_cache}) {
+    OMNI_CHECK(cache->device() == q.device(), "the KV cache must be on ", q.device(), ", got ",
+               cache->device());
+    OMNI_CHECK(cache->dim() == 2 && cache->is_contiguous() && is_aligned16(cache->data_ptr()),
+               "KV cache rows must be a contiguous, 16-byte aligned 2-D tensor, got shape ",
+               cache->sizes(), " with strides ", cache->strides());
+  }
+  OMNI_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+             "K and V caches must have the same shape and dtype, got ", k_cache.sizes(), " ",
+             k_cache.scalar_type(), " and ", v_cache.sizes(), " ", v_cache.scalar_type());
+  const int64_t width = k_cache.size(1);
+  int bits = 0;
+  if (quantized) {
+    OMNI_CHECK(k_cache.scalar_type() == at::kByte, "quantized caches hold uint8 codes, got ",
+               k_cache.scalar_type());
+    OMNI_CHECK(width == head_dim || width * 2 == head_dim, "code rows of ", width,
+               " bytes fit neither KV8 nor KV4 at head_dim ", head_dim);
+    bits = width == head_dim ? 8 : 4;
+    for (const std::optional<at::Tensor>* params : {&k_params, &v_params}) {
+      const at::Tensor& p = **params;
+      OMNI_CHECK(p.device() == q.device() && p.scalar_type() == at::kHalf && p.dim() == 2 &&
+                     p.size(0) == k_cache.size(0) && p.size(1) == 2 && p.is_contiguous() &&
+                     reinterpret_cast<std::uintptr_t>(p.data_ptr()) % 4 == 0,
+                 "KV params must be contiguous, 4-byte aligned float16 [", k_cache.size(0),
+                 ", 2] on ",
+                 q.device(), ", got ", p.scalar_type(), " ", p.sizes(), " on ", p.device());
+    }
+  } else {
+    OMNI_CHECK(k_cache.scalar_type() == q.scalar_type() && width == head_dim,
+               "a cache without params holds rows of q's dtype and head_dim: expected ",
+               q.scalar_type(), " [rows, ", head_dim, "], got ", k_cache.scalar_type(), " ",
+               k_cache.sizes());
+  }
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto q_out = at::empty({tokens, heads, head_dim}, q.options());
+  auto k_out = at::empty({tokens, kv_heads, head_dim}, q.options());
+  // A dense cache returns v as given, as DenseRows.store does.
+  auto v_out = quantized ? at::empty({tokens, kv_heads, head_dim}, q.options()) : v;
+  if (tokens == 0) return {q_out, k_out, v_out};
+
+  const auto stream = at::cuda::getCurrentCUDAStream(q.get_device());
+  OMNISERVE_DISPATCH_FLOAT16(q.scalar_type(), "rope_kv_write q", [&] {
+    using T = scalar_t;
+    const RopeKVArgs<T> args{
+        static_cast<const T*>(q.data_ptr()),
+        static_cast<const T*>(k.data_ptr()),
+        static_cast<const T*>(v.data_ptr()),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        static_cast<const T*>(cos.data_ptr()),
+        static_cast<const T*>(sin.data_ptr()),
+        cos.stride(0), sin.stride(0),
+        write_index.data_ptr<int64_t>(), write_index.stride(0), write_index.stride(1),
+        static_cast<T*>(q_out.data_ptr()),
+        static_cast<T*>(k_out.data_ptr()),
+        quantized ? static_cast<T*>(v_out.data_ptr()) : nullptr,
+        k_cache.data_ptr(), v_cache.data_ptr(),
+        quantized ? reinterpret_cast<__half2*>(k_params->data_ptr()) : nullptr,
+        quantized ? reinterpret_cast<__half2*>(v_params->data_ptr()) : nullptr,
+        k_cache.size(0), static_cast<int>(heads), static_cast<int>(kv_heads)};
+    switch (bits) {
+      case 0: return launch_for_head_dim<T, 0>(args, tokens, head_dim, stream);
+      case 8: return launch_for_head_dim<T, 8>(args, tokens, head_dim, stream);
+      default: return launch_for_head_dim<T, 4>(args, tokens, head_dim, stream);
+    }
+  });
+  return {q_out, k_out, v_out};
+}
+
+}  // namespace omniserve

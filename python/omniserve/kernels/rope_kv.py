@@ -1,0 +1,66 @@
+"""Fused RoPE + KV cache write (`cuda/rope_kv_write.cu`) next to its torch reference.
+
+The reference is `PagedAttention`'s own path: `layers/rotary.apply_rotary` on q and k, then each
+cache's `store` (`runner/kv_cache.py`: rows in the compute dtype, or `quant/kv.quantize_kv` codes
+with a (scale, zero) per row, returned through `dequantize_kv`). That is ~8 torch ops per RoPE and
+~25 per quantized store; the kernel does all of it for a layer in one launch, with the same
+roundings, so what it returns and stores equals the reference's bit for bit (up to the sign of a
+zero `zero` parameter, see the kernel). `applies` says when the attention layer may use it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from omniserve.kernels.build import Extension, kernels_available
+
+if TYPE_CHECKING:
+    from omniserve.layers.attention import CacheRows, KernelRows
+
+EXTENSION = Extension(
+    "omniserve_rope_kv_write",
+    ("rope_kv_write.cu", "rope_kv_write_bindings.cpp"),
+    fast_math=False,  # codes and rotated values must match the references bit for bit
+)
+
+HEAD_DIMS = (64, 128, 256)
+
+
+def applies(q: torch.Tensor, k_rows: CacheRows, v_rows: CacheRows) -> bool:
+    """Whether the kernel serves a step with queries q [T, heads, head_dim] over these cache rows:
+    a Hopper GPU, fp16/bf16, a supported head_dim, and rows the kernel can write (dense or per-token
+    quantized; static per-tensor KV8 stays on the torch path)."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] in HEAD_DIMS
+        and hasattr(k_rows, "kernel_operands")
+        and hasattr(v_rows, "kernel_operands")
+        and kernels_available(q.device)
+    )
+
+
+def rope_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    write_index: torch.Tensor,
+    k_rows: KernelRows,
+    v_rows: KernelRows,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE on q [T, heads, D] and k [T, kv_heads, D], then k (rotated) and v [T, kv_heads, D]
+    stored at cache rows `write_index` (long [kv_heads, T]) of `k_rows` / `v_rows`.
+
+    `rope` is (cos, sin) [T, 1, D / 2] in q's dtype, as `RotaryEmbedding.forward` returns them.
+    q, k and v may be strided views (e.g. of the fused qkv projection); channels must be
+    contiguous. Returns (q rotated, k, v as reads of the cache return them), contiguous, except
+    that a dense cache returns v itself."""
+    (k_data, k_params), (v_data, v_params) = k_rows.kernel_operands(), v_rows.kernel_operands()
+    cos, sin = rope
+    q_rot, k_seen, v_seen = EXTENSION.load().rope_kv_write(
+        q, k, v, cos, sin, write_index, k_data, v_data, k_params, v_params
+    )
+    return q_rot, k_seen, v_seen

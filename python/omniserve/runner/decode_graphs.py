@@ -1,0 +1,104 @@
+"""CUDA graphs of the model's forward for decode-only steps, one per padded batch size.
+
+A decode step of a large batch launches thousands of small kernels (per layer: norms, GEMMs,
+RoPE and the KV write, attention, activations); replaying them as one graph removes the CPU
+launch cost, which otherwise bounds the step. Only the forward is captured: step inputs are built
+as for any step, then copied into the graph's static buffers; logits and sampling run eagerly on
+the rows that exist.
+
+A step of n requests replays the graph of the smallest captured size B >= n. Rows n..B-1 are
+padding: their KV writes go to the null page (`KVCache.null_rows`), which no request reads, and
+their other inputs keep whatever valid values the buffers last held (any token id, position and
+page-table row is safe to read). The attention kernel's launch is sized for `max_context_len`
+(the engine's max_model_len) at capture, so one graph serves every context length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omniserve.layers.attention import AttentionBatches, AttentionMetadata, DecodeBatch
+from omniserve.runner.kv_cache import KVCache
+from omniserve.runner.step_inputs import StepInputs
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, then every multiple of 8 up to `max_batch`, and
+    `max_batch` itself (a step pads to the next size: at most 7 wasted rows above 8)."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch]
+    sizes += list(range(8, max_batch, 8))
+    return [*sizes, max_batch]
+
+
+class DecodeGraphs:
+    """Captured forwards of `model` over decode-only steps of up to `max_batch` requests."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        windows: frozenset[int | None],
+        max_batch: int,
+        max_context_len: int,
+    ) -> None:
+        device = kv_cache.page_table.device
+        self.sizes = capture_sizes(max_batch)
+        self._input_ids = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._null_rows = kv_cache.null_rows(max_batch)
+        self._write_index = self._null_rows.clone()
+        self._seq_rows = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        # Every tensor a graph reads must outlive it: a graph replays raw addresses, and memory
+        # freed behind it would be handed to other tensors. So the buffers are attributes, and
+        # each graph keeps the metadata it was captured with.
+        self._token_idx = torch.arange(max_batch, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        # Largest first: the smaller graphs' activations fit in the memory the largest one pooled.
+        for size in reversed(self.sizes):
+            decode = DecodeBatch(
+                token_idx=self._token_idx[:size],
+                seq_rows=self._seq_rows[:size],
+                context_lens=self._context_lens[:size],
+                max_context_len=max_context_len,
+                page_table=kv_cache.page_table,
+                page_size=kv_cache.page_size,
+            )
+            meta = AttentionMetadata(
+                self._write_index[:, :size],
+                {w: AttentionBatches([], []) for w in windows},
+                decode,
+            )
+            args = (self._input_ids[:size], self._positions[:size], meta)
+            model(*args)  # eager warm-up: one-time work (kernel builds, workspaces) stays outside
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = model(*args)
+            self._graphs[size] = (graph, hidden, meta)
+        self.max_batch = max_batch
+
+    def fits(self, step: StepInputs) -> bool:
+        """Whether `step` is decode-only, on the decode kernel, and no larger than the graphs."""
+        batch = step.attn.decode_batch
+        n = step.input_ids.shape[0]
+        return batch is not None and batch.token_idx.shape[0] == n and n <= self.max_batch
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """Final hidden states [n, hidden] of a step that `fits`."""
+        batch = step.attn.decode_batch
+        assert batch is not None
+        n = step.input_ids.shape[0]
+        size = next(s for s in self.sizes if s >= n)
+        self._input_ids[:n].copy_(step.input_ids)
+        self._positions[:n].copy_(step.positions)
+        self._write_index[:, :n].copy_(step.attn.write_index)
+        self._write_index[:, n:size].copy_(self._null_rows[:, n:size])
+        # The step lists decodes longest context first; the graph reads them in token order.
+        self._seq_rows.index_copy_(0, batch.token_idx, batch.seq_rows)
+        self._context_lens.index_copy_(0, batch.token_idx, batch.context_lens)
+        graph, hidden, _ = self._graphs[size]
+        graph.replay()
+        return hidden[:n]

@@ -1,0 +1,405 @@
+"""Fused RoPE + KV cache write (cuda/rope_kv_write.cu, kernels/rope_kv.py) against its reference,
+`apply_rotary` then the cache rows' torch `store`, and the attention layer's choice between them.
+
+GPU: everything the kernel produces is compared exactly. Rotated q and the returned k/v are
+compared bit for bit; the whole cache too (dense rows, KV8/KV4 codes), so rows the step must not
+touch are checked as well. Only the (scale, zero) params are compared by value (torch.equal): when
+a row's minimum is a signed zero, the sign of its zero `zero` comes from torch's reduction order,
+and either sign dequantizes to the same bits. Inputs are views into a fused qkv buffer, as the
+model passes them, with cos/sin from a real RotaryEmbedding at random positions, written to
+random cache rows of a cache already holding other data.
+
+CPU (CI): the layer takes the reference path, and a tiny model's logits equal, bit for bit, those
+of RoPE applied in the model before the layer stores and attends (the formulation before fusion).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omniserve.config import EngineConfig
+from omniserve.kernels import KernelUnavailableError, rope_kv
+from omniserve.layers.attention import AttentionMetadata, PagedAttention
+from omniserve.layers.rotary import RotaryEmbedding, apply_rotary
+from omniserve.models.llama import LlamaAttention
+from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StaticInt8Rows
+from omniserve.runner.model_runner import ModelRunner
+from omniserve.runner.step_inputs import StepInputBuilder
+from tiny_models import MIXED_STEPS, PagedRequests, save_checkpoint
+
+gpu = pytest.mark.gpu
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+DTYPES = [torch.float16, torch.bfloat16]
+KV_BITS = [None, 8, 4]
+SHAPES = [(32, 8, 128), (4, 2, 64), (8, 8, 128), (4, 4, 64), (8, 2, 256)]
+"""(query heads, KV heads, head_dim): GQA 4:1 and 2:1, MHA, and the largest head_dim."""
+TOKENS = [1, 7, 255, 4097]
+PAGE_SIZE = 16
+ROPE = {"rope_type": "default", "rope_theta": 500000.0}
+MAX_POSITIONS = 8192
+
+
+def _cache(
+    kv_heads: int, head_dim: int, dtype: torch.dtype, bits: int | None, tokens: int, seed: int
+) -> KVCache:
+    """A cache with room for 1.5x the step's tokens (plus the null page), every byte random, so
+    the step fills pages partly and must leave the other rows as they are."""
+    spec = KVCacheSpec(1, PAGE_SIZE, kv_heads, head_dim, dtype, kv_bits=bits)
+    num_pages = 2 + (3 * tokens // 2) // PAGE_SIZE
+    cache = KVCache(spec, num_pages, max_num_seqs=1, max_pages_per_seq=1, device=torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if bits is None:
+        cache.storage.normal_(generator=g)
+    else:
+        cache.storage.random_(0, 256, generator=g)
+        assert cache.params is not None
+        cache.params.uniform_(0.01, 1.0, generator=g)
+    return cache
+
+
+def _bound(cache: KVCache, heads: int) -> PagedAttention:
+    layer = PagedAttention(heads, cache.spec.num_kv_heads, cache.spec.head_dim, None)
+    cache.bind([layer])
+    return layer
+
+
+def _write_index(cache: KVCache, tokens: int, seed: int) -> torch.Tensor:
+    """long [kv_heads, tokens]: distinct random slots (any page, any order), per head."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    slots = torch.randperm(cache.num_slots, generator=g, device="cuda")[:tokens]
+    heads = torch.arange(cache.spec.num_kv_heads, device="cuda")[:, None]
+    return heads * cache.num_slots + slots[None]
+
+
+def _rope(tokens: int, head_dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    rotary = RotaryEmbedding(head_dim, MAX_POSITIONS, ROPE).to("cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return rotary(torch.randint(0, MAX_POSITIONS, (tokens,), generator=g, device="cuda"))
+
+
+def _qkv(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
+    pad: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as views into one fused projection output [T, (H + 2 KVH) D] (rows strided), with
+    rows of varied spread and outlier channels; `pad` extra columns on each side of the buffer."""
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    width = sum(sizes) + 2 * pad
+    x = torch.randn(tokens, width, generator=g, device="cuda")
+    x *= torch.logspace(-2, 1, tokens, device="cuda")[:, None]
+    x[:, ::7] *= 20
+    fused = x.to(dtype)[:, pad : pad + sum(sizes)]
+    q, k, v = fused.split(sizes, dim=-1)
+    return (
+        q.view(tokens, heads, head_dim),
+        k.view(tokens, kv_heads, head_dim),
+        v.view(tokens, kv_heads, head_dim),
+    )
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    write_index: torch.Tensor, layer: PagedAttention,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `PagedAttention.forward` does before attending, after `apply_rotary` on q and k."""
+    q_rot, k_rot = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    k_seen = layer.k_cache.store(write_index, k_rot.transpose(0, 1)).transpose(0, 1)
+    v_seen = layer.v_cache.store(write_index, v.transpose(0, 1)).transpose(0, 1)
+    return q_rot, k_seen, v_seen
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int16)
+
+
+def _assert_same(
+    got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], got_cache: KVCache,
+    want_cache: KVCache,
+) -> None:
+    for name, g, w in zip(("q", "k", "v"), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert torch.equal(_bits(g), _bits(w)), f"{name} differs in {(g != w).sum()} values"
+    if got_cache.params is None:
+        assert torch.equal(_bits(got_cache.storage), _bits(want_cache.storage))
+    else:
+        assert torch.equal(got_cache.storage, want_cache.storage)
+        assert torch.equal(got_cache.params, want_cache.params)
+
+
+def _run_both(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    bits: int | None, seed: int,
+) -> None:
+    tokens, heads, head_dim = q.shape
+    got_cache, want_cache = (
+        _cache(k.shape[1], head_dim, q.dtype, bits, tokens, seed) for _ in range(2)
+    )
+    got_layer, want_layer = _bound(got_cache, heads), _bound(want_cache, heads)
+    index = _write_index(got_cache, tokens, seed)
+    assert rope_kv.applies(q, got_layer.k_cache, got_layer.v_cache)
+    got = rope_kv.rope_kv_write(q, k, v, rope, index, got_layer.k_cache, got_layer.v_cache)  # type: ignore[arg-type]
+    want = _reference(q, k, v, rope, index, want_layer)
+    _assert_same(got, want, got_cache, want_cache)
+
+
+@gpu
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", KV_BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_equals_rotary_then_store(
+    dtype: torch.dtype, bits: int | None, shape: tuple[int, int, int], tokens: int
+) -> None:
+    heads, kv_heads, head_dim = shape
+    seed = tokens + heads + head_dim + (bits or 0)
+    q, k, v = _qkv(tokens, heads, kv_heads, head_dim, dtype, seed)
+    _run_both(q, k, v, _rope(tokens, head_dim, dtype, seed), bits, seed)
+
+
+@gpu
+@pytest.mark.parametrize("bits", KV_BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_rows(dtype: torch.dtype, bits: int | None) -> None:
+    """All-zero, constant, one-signed, tiny (below the 2^-14 scale floor) and large rows, in keys
+    (rotated first) and values alike. Large stays below fp16's range after rotation (|y| ≤ √2 max)
+    and keeps the KV4 scale, (max − min) / 15, a finite fp16."""
+    heads, kv_heads, head_dim, tokens = 8, 4, 128, 33
+    q, k, v = _qkv(tokens, heads, kv_heads, head_dim, dtype, seed=5)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for x in (k, v):
+        x[0] = 0
+        x[1] = 3.0
+        x[2] = -0.75
+        x[3] = x[3].abs() + 1  # no row straddles 0
+        x[4] = -x[4].abs()
+        x[5] *= 1e-6
+        x[6] = 3e4 * torch.randn(kv_heads, head_dim, generator=g, device="cuda").clamp(-1, 1)
+        x[7, :, ::2] = 3e4  # alternating extremes
+        x[7, :, 1::2] = -3e4
+        x[8, 0] = 0  # one zero head among ordinary ones
+    q[0] = 0
+    _run_both(q, k, v, _rope(tokens, head_dim, dtype, seed=7), bits, seed=8)
+
+
+@gpu
+@pytest.mark.parametrize("bits", KV_BITS)
+def test_strided_and_contiguous_inputs(bits: int | None) -> None:
+    """A fused buffer with padding columns (row stride beyond the qkv width, data not at the
+    allocation's start), and separate contiguous tensors: the kernel reads all in place."""
+    heads, kv_heads, head_dim, tokens = 16, 4, 64, 19
+    q, k, v = _qkv(tokens, heads, kv_heads, head_dim, torch.bfloat16, seed=9, pad=8)
+    assert q.stride(0) == (heads + 2 * kv_heads) * head_dim + 16
+    rope = _rope(tokens, head_dim, torch.bfloat16, seed=10)
+    _run_both(q, k, v, rope, bits, seed=11)
+    _run_both(q.contiguous(), k.contiguous(), v.contiguous(), rope, bits, seed=12)
+
+
+@gpu
+def test_empty_step() -> None:
+    q, k, v = _qkv(0, 4, 2, 64, torch.float16, seed=0)
+    cache = _cache(2, 64, torch.float16, 4, 16, seed=0)
+    before = cache.storage.clone()
+    layer = _bound(cache, 4)
+    index = torch.empty(2, 0, dtype=torch.long, device="cuda")
+    q_rot, k_seen, v_seen = rope_kv.rope_kv_write(
+        q, k, v, _rope(0, 64, torch.float16, 0), index, layer.k_cache, layer.v_cache  # type: ignore[arg-type]
+    )
+    assert q_rot.shape == (0, 4, 64) and k_seen.shape == v_seen.shape == (0, 2, 64)
+    assert torch.equal(cache.storage, before)
+
+
+@gpu
+def test_static_kv8_and_unsupported_shapes_take_the_torch_path() -> None:
+    q = torch.zeros(3, 4, 64, dtype=torch.float16, device="cuda")
+    dense = _bound(_cache(2, 64, torch.float16, None, 16, seed=0), 4)
+    assert rope_kv.applies(q, dense.k_cache, dense.v_cache)
+    static = StaticInt8Rows(
+        torch.zeros(64, 64, dtype=torch.int8, device="cuda"), torch.tensor(0.1, device="cuda"),
+        torch.float16,
+    )
+    assert not rope_kv.applies(q, static, static)
+    assert not rope_kv.applies(q.float(), dense.k_cache, dense.v_cache)
+    assert not rope_kv.applies(q[..., :32], dense.k_cache, dense.v_cache)
+
+
+@gpu
+def test_bad_inputs_are_named() -> None:
+    op = rope_kv.EXTENSION.load().rope_kv_write
+    tokens, heads, kv_heads, dim = 5, 4, 2, 64
+    q, k, v = _qkv(tokens, heads, kv_heads, dim, torch.float16, seed=0)
+    cos, sin = _rope(tokens, dim, torch.float16, seed=0)
+    cache = _cache(kv_heads, dim, torch.float16, 8, tokens, seed=0)
+    codes, params = cache.storage[0, 0], cache.params[0, 0]  # type: ignore[index]
+    index = _write_index(cache, tokens, seed=0)
+
+    valid = {
+        "q": q, "k": k, "v": v, "cos": cos, "sin": sin, "write_index": index, "k_cache": codes,
+        "v_cache": codes, "k_params": params, "v_params": params,
+    }
+
+    def call(**changes: object) -> None:
+        op(**{**valid, **changes})
+
+    call()  # the unchanged arguments are valid
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"q": q.float()}, "q must be float16 or bfloat16, got Float"),
+        ({"q": q.cpu()}, "q must be a CUDA tensor"),
+        ({"k": k.bfloat16()}, "k must have q's dtype Half, got BFloat16"),
+        ({"v": v[:, :1]}, r"v must be \[tokens, heads, head_dim\] matching q"),
+        ({"k": k.transpose(1, 2).contiguous().transpose(1, 2)}, "k must have contiguous channels"),
+        ({"q": torch.zeros(tokens, heads, 96, dtype=torch.float16, device="cuda")},
+         "head_dim must be 64, 128 or 256, got 96"),
+        ({"cos": cos[:, :, :16]}, r"cos must be \[tokens, 1, head_dim / 2\] = \[5, 1, 32\]"),
+        ({"sin": sin.float()}, "sin must have q's dtype Half"),
+        ({"write_index": index.int()}, r"write_index must be int64 \[kv_heads, tokens\]"),
+        ({"write_index": index[:1]}, r"= \[2, 5\]"),
+        ({"k_cache": codes.cpu()}, "the KV cache must be on cuda"),
+        ({"v_cache": cache.storage[0, 1, ::2]}, "must be a contiguous, 16-byte aligned 2-D"),
+        ({"v_cache": codes[:-16]}, "K and V caches must have the same shape and dtype"),
+        ({"v_params": None}, "pass both k_params and v_params or neither"),
+        ({"k_params": params.float()}, "KV params must be contiguous, 4-byte aligned float16"),
+        ({"k_params": None, "v_params": None},
+         "a cache without params holds rows of q's dtype and head_dim"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**changes)
+    narrow = torch.zeros(codes.shape[0], 40, dtype=torch.uint8, device="cuda")
+    with pytest.raises(RuntimeError, match="code rows of 40 bytes fit neither KV8 nor KV4"):
+        call(k_cache=narrow, v_cache=narrow.clone())
+
+
+# --- The engine's choice of path ------------------------------------------------------------------
+
+NUM_PAGES = 40
+
+
+def _cpu_step_layers(
+    dtype: torch.dtype, bits: int | None
+) -> tuple[list[tuple[PagedAttention, KVCache, StepInputBuilder]], PagedRequests]:
+    layers = []
+    for _ in range(2):
+        spec = KVCacheSpec(1, PAGE_SIZE, 2, 16, dtype, kv_bits=bits)
+        cache = KVCache(spec, NUM_PAGES, max_num_seqs=6, max_pages_per_seq=8, device=torch.device("cpu"))
+        layer = PagedAttention(4, 2, 16, None)
+        cache.bind([layer])
+        inputs = StepInputBuilder(cache, frozenset({None}), 6, 128, 4096, torch.device("cpu"))
+        layers.append((layer, cache, inputs))
+    return layers, PagedRequests(PAGE_SIZE, NUM_PAGES)
+
+
+@pytest.mark.parametrize("bits", KV_BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_layer_rotates_then_stores(dtype: torch.dtype, bits: int | None) -> None:
+    """On the CPU `rotate_and_attend` is `apply_rotary` then `forward`, which stores and attends:
+    equal outputs and caches over prefill, chunked prefill and decode steps, and hooks on the
+    layer see the rotated q and k."""
+    layers, reqs = _cpu_step_layers(dtype, bits)
+    (fused, fused_cache, fused_inputs), (plain, plain_cache, plain_inputs) = layers
+    rotary = RotaryEmbedding(16, 256, ROPE).to(dtype)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fused.register_forward_pre_hook(lambda _, args: seen.append((args[0], args[1])))
+    g = torch.Generator().manual_seed(bits or 0)
+    for step in MIXED_STEPS:
+        plan = reqs.step([(row, [0] * n) for row, n in step])
+        step_inputs = fused_inputs.build(plan)
+        rope = rotary(step_inputs.positions)
+        t = plan.num_tokens
+        q = torch.randn(t, 4, 16, generator=g).to(dtype)
+        k, v = (torch.randn(t, 2, 16, generator=g).to(dtype) for _ in range(2))
+        assert not rope_kv.applies(q, fused.k_cache, fused.v_cache)
+        got = fused.rotate_and_attend(q, k, v, rope, step_inputs.attn)
+        q_rot, k_rot = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        want = plain(q_rot, k_rot, v, plain_inputs.build(plan).attn)
+        assert torch.equal(got, want)
+        assert torch.equal(seen[-1][0], q_rot) and torch.equal(seen[-1][1], k_rot)
+    assert torch.equal(fused_cache.storage, plain_cache.storage)
+    if bits is not None:
+        assert torch.equal(fused_cache.params, plain_cache.params)  # type: ignore[arg-type]
+
+
+def _rope_in_the_model(
+    self: LlamaAttention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """LlamaAttention.forward before the fusion: RoPE in the model, then the layer stores and
+    attends."""
+    q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+    q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
+    k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
+    o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+    return self.o_proj(o.flatten(1))
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(3, 384, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _logits_over_steps(runner: ModelRunner) -> list[torch.Tensor]:
+    """Prefill, chunked prefill and decode steps of three requests, mixed."""
+    a, b, c = _prompt(0, 41), _prompt(1, 9), _prompt(2, 20)
+    reqs = PagedRequests(PAGE_SIZE, NUM_PAGES)
+    steps = [
+        [(0, a[:30]), (1, b)],
+        [(0, a[30:]), (1, [5]), (2, c[:3])],
+        [(0, [7]), (1, [8]), (2, c[3:])],
+        [(0, [9]), (1, [10]), (2, [11])],
+    ]
+    return [runner.compute_logits(reqs.step(step))[1].cpu() for step in steps]
+
+
+def _runner(directory: Path, **options: object) -> ModelRunner:
+    return ModelRunner(EngineConfig.from_kwargs(
+        str(directory), page_size=PAGE_SIZE, num_kv_pages=NUM_PAGES, max_num_seqs=4,
+        max_num_batched_tokens=128, **options,
+    ))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "int4"])
+def test_cpu_model_logits_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str
+) -> None:
+    save_checkpoint("llama3", tmp_path)
+    got = _logits_over_steps(_runner(tmp_path, device="cpu", kv_cache_dtype=kv_cache_dtype))
+    monkeypatch.setattr(LlamaAttention, "forward", _rope_in_the_model)
+    want = _logits_over_steps(_runner(tmp_path, device="cpu", kv_cache_dtype=kv_cache_dtype))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_model_logits_equal_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, kv_cache_dtype: str
+) -> None:
+    """A tiny llama3 with head_dim 64 (the kernel's smallest) on the GPU: logits with the fused
+    kernel equal those with the torch path forced, exactly, over prefill, chunks and decodes."""
+    save_checkpoint("llama3", tmp_path, head_dim=64)
+    options = {"device": "cuda", "dtype": dtype, "kv_cache_dtype": kv_cache_dtype}
+    calls = []
+    real_write = rope_kv.rope_kv_write
+    monkeypatch.setattr(rope_kv, "rope_kv_write", lambda *a: calls.append(1) or real_write(*a))
+    got = _logits_over_steps(_runner(tmp_path, **options))
+    assert calls, "the fused kernel was not used"
+    monkeypatch.setattr(rope_kv, "applies", lambda *_: False)
+    want = _logits_over_steps(_runner(tmp_path, **options))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@cpu_only
+def test_kernel_without_cuda_says_why() -> None:
+    q = torch.zeros(1, 4, 64, dtype=torch.float16)
+    cache = KVCache(KVCacheSpec(1, PAGE_SIZE, 2, 64, torch.float16), 2, 1, 1, torch.device("cpu"))
+    layer = PagedAttention(4, 2, 64, None)
+    cache.bind([layer])
+    assert not rope_kv.applies(q, layer.k_cache, layer.v_cache)
+    rope = RotaryEmbedding(64, 16, ROPE).to(torch.float16)(torch.zeros(1, dtype=torch.long))
+    index = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(KernelUnavailableError, match="no CUDA device is visible"):
+        rope_kv.rope_kv_write(q, q[:, :2], q[:, :2], rope, index, layer.k_cache, layer.v_cache)  # type: ignore[arg-type]
