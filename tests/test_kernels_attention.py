@@ -123,7 +123,7 @@ def test_decode_attention_matches_reference(
 
 
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
-@pytest.mark.parametrize("partition", [32, 64, 512])
+@pytest.mark.parametrize("partition", [32, 64, 512, 1024])
 def test_split_partitions_combine_exactly(bits: int | None, partition: int) -> None:
     case = PagedCase(LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], bits, torch.float16, page_size=64)
     _check(case.run(partition=partition), case.reference(), torch.float16)
