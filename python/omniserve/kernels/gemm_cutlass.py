@@ -48,7 +48,7 @@ below the packed tensor-core kernel's 473 µs; at M = 256 the expansion alone is
 kernel's 269 µs."""
 
 _lock = threading.Lock()
-_workspaces: dict[torch.device, torch.Tensor] = {}
+_workspaces: dict[torch.device, list[torch.Tensor]] = {}
 
 
 @functools.cache
@@ -58,16 +58,16 @@ def available() -> bool:
 
 
 def workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """The device's int8 scratch for an expanded weight, grown to the largest N·K asked for and
-    kept: allocated once per process (the engine's memory profiling run reaches the largest
-    layer), never per call. One GEMM at a time uses it, in stream order."""
+    """The device's int8 scratch for an expanded weight: the largest handed out so far, or a new
+    one when a larger N·K is asked for. Allocated once per shape growth (the engine's memory
+    profiling run reaches the largest layer), never per call; one GEMM at a time uses it, in
+    stream order. Outgrown buffers are kept, not freed: a captured CUDA graph replays the address
+    it was captured with, which must not be handed to another tensor."""
     with _lock:
-        buffer = _workspaces.get(device)
-        if buffer is None or buffer.numel() < numel:
-            _workspaces.pop(device, None)  # free the smaller one before allocating
-            buffer = torch.empty(numel, dtype=torch.int8, device=device)
-            _workspaces[device] = buffer
-        return buffer
+        buffers = _workspaces.setdefault(device, [])
+        if not buffers or buffers[-1].numel() < numel:
+            buffers.append(torch.empty(numel, dtype=torch.int8, device=device))
+        return buffers[-1]
 
 
 def unpack_int8(fmt_index: int, w: PackedWeight) -> torch.Tensor:

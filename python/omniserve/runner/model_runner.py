@@ -106,7 +106,7 @@ class ModelRunner:
         """Prompt ids of the rows whose requests asked for prompt logprobs."""
         self.num_kv_pages = self._count_kv_pages()
         self.kv_cache, self._inputs = self._make_cache(self.num_kv_pages)
-        if self._uses_graphs():
+        if self._uses_graphs(self._inputs):
             with torch.inference_mode():
                 self._graphs = DecodeGraphs(
                     self.model, self.kv_cache, self._inputs.windows, config.max_num_seqs,
@@ -154,13 +154,11 @@ class ModelRunner:
             return step, self._graphs.run(step)
         return step, self.model(step.input_ids, step.positions, step.attn)
 
-    def _uses_graphs(self) -> bool:
-        """Decode-only steps replay CUDA graphs: on CUDA, on the decode kernel (the torch decode
-        path's grouping depends on the step's lengths), unless `enforce_eager`."""
-        return self.device.type == "cuda" and not self.config.enforce_eager and (
-            self.config.attention_backend == "auto"
-            and all(layer.decode_kernel_applies(self.dtype) for layer in self.model.attention_layers)
-        )
+    def _uses_graphs(self, inputs: StepInputBuilder) -> bool:
+        """Decode-only steps replay CUDA graphs where they run on the decode kernel (a CUDA
+        device; the torch decode path's grouping depends on the step's lengths), unless
+        `enforce_eager`."""
+        return inputs.decode_kernel and not self.config.enforce_eager
 
     def _score_prompt_tokens(
         self, plan: StepPlan, hidden: torch.Tensor
@@ -273,7 +271,7 @@ class ModelRunner:
             sampler.sample(logits, plan.rows[sampled_idx].long())
             peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
         peak = max(peaks)
-        if self._uses_graphs():
+        if self._uses_graphs(inputs):
             self._graph_reserve_bytes = peaks[-1]
         del cache, inputs, sampler
         torch.cuda.empty_cache()
