@@ -40,7 +40,7 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
                 const std::optional<at::Tensor>& groups, const at::Tensor& w_scale,
                 const std::optional<at::Tensor>& w_szero, int64_t out_kind, int64_t path) {
   OMNI_CHECK(format >= 0 && format <= 2, "omniserve gemm: unknown weight format ", format);
-  OMNI_CHECK(path >= 0 && path <= 3, "omniserve gemm: unknown kernel path ", path);
+  OMNI_CHECK(path >= 0 && path <= 2, "omniserve gemm: unknown kernel path ", path);
   const Format fmt = static_cast<Format>(format);
   const bool w4 = fmt != Format::kW8A8;
   const char* fmt_name = fmt == Format::kW8A8             ? "W8A8"

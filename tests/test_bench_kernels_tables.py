@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benches" / "kernels.py"
-GEMM_FILES = ["h100-kernels-gemm.json", "h100-kernels-gemm-wgmma.json"]
+GEMM_FILES = ["h100-kernels-gemm.json"]
 ATTENTION_FILE = ROOT / "benches" / "results" / "h100-kernels-attention.json"
 FUSED_OPS = ("quantize_per_token", "rmsnorm_quant", "silu_mul_quant")
 GEMM_COLUMNS = {
@@ -142,7 +142,7 @@ def test_attention_and_fused_tables_hold_every_row(capsys: pytest.CaptureFixture
 def test_the_commands_own_file_with_skipped_and_failed_rows(tmp_path: Path) -> None:
     """The file `--json` writes (every sweep's rows, tagged) prints GEMM tables, then attention;
     a skipped or failed measurement shows as such, and a note says why."""
-    gemm = [{"sweep": "gemm", **r} for r in _rows("h100-kernels-gemm-wgmma.json")]
+    gemm = [{"sweep": "gemm", **r} for r in _rows("h100-kernels-gemm.json")]
     attention = [{"sweep": "attention", **r} for r in _rows(ATTENTION_FILE.name)]
     failed = next(r for r in gemm if (r["op"], r["shape"], r["m"]) == ("int8_int_mm", "o", 4096))
     for key in [k for k in failed if k not in ("sweep", "op", "shape", "m", "n", "k")]:
@@ -160,7 +160,7 @@ def test_the_commands_own_file_with_skipped_and_failed_rows(tmp_path: Path) -> N
                           capture_output=True, text=True, check=True).stdout
     assert text.index("GEMM qkv") < text.index("Decode attention") < text.index("rmsnorm_quant;")
     tables = _tables(text)
-    o_table = tables[_gemm_title(failed, "wgmma")]
+    o_table = tables[_gemm_title(failed, "auto")]
     assert _line(o_table, M=4096)["int8"] == "error"
     assert "int8 at M=4096: error: RuntimeError: no int8 kernel" in o_table.notes
     decode = _titled(tables, "Decode attention")

@@ -5,7 +5,7 @@ the one the kernels read (an independent torch emulation of the kernels' fragmen
 reproduce `int_matmul`), the g128 byte-lane dequantization identity, shard fusion, bad input.
 
 GPU (`gpu` marker): the int32 accumulators equal `int_matmul` exactly, for every kernel (forced and
-auto-dispatched; the opt-in wgmma kernel in tests at the end of the file) and every M of interest including tails; outputs equal the reference epilogue
+auto-dispatched) and every M of interest including tails; outputs equal the reference epilogue
 rounded once to fp32/fp16/bf16 (same op order, so expected bit-exact; asserted to one ulp of the
 output dtype); the Llama-3-8B and Llama-2-7B projection shapes; and a tiny quantized model whose
 greedy tokens on CUDA (kernels) equal those on the CPU reference path, except at numerical ties
@@ -329,23 +329,3 @@ def test_engine_greedy_on_kernels_equals_cpu_reference(
         tokens, logits["cuda"], logits["cpu"],
         logit_tolerance=LOGIT_TOLERANCE, max_tie_rate=TIE_RATE,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# GPU: the opt-in wgmma kernel, last in the file so that a fault there (a sticky CUDA error ends the
-# process's CUDA context) cannot hide the results of the kernels the dispatcher uses.
-
-
-@gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", M_VALUES)
-def test_wgmma_int_core_exact(fmt: str, m: int) -> None:
-    test_int_core_exact(fmt, m, "wgmma")
-
-
-@gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
-@pytest.mark.parametrize("m", (1, 255, 1000))
-def test_wgmma_output_matches_reference_epilogue(fmt: str, dtype: torch.dtype, m: int) -> None:
-    test_output_matches_reference_epilogue(fmt, dtype, m, "wgmma")

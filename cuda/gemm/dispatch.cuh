@@ -1,18 +1,15 @@
 // Kernel choice per call (gemm/params.h `Path`) and the per-format launcher the binding calls.
-// Auto: the memory-bound kernel up to M = 64, the mma.sync tensor-core kernel above; the wgmma
-// kernel runs only when asked for (it is not yet validated on the GPU against the others).
+// Auto: the memory-bound kernel up to M = 64, the mma.sync tensor-core kernel above (large M goes
+// to the CUTLASS path, kernels/gemm_cutlass.py, before reaching this extension).
 #pragma once
 
 #include "gemm/kernels.cuh"
-#include "gemm/wgmma.cuh"
 
 namespace omniserve::gemm {
 
 template <Format F, typename OutT>
 void launch_typed(const GemmParams& p, Path path, cudaStream_t stream) {
-  if (path == Path::kWgmma) {
-    launch_wgmma<F, OutT>(p, stream);
-  } else if (path == Path::kSmallM || (path == Path::kAuto && p.m <= kSmallMMax)) {
+  if (path == Path::kSmallM || (path == Path::kAuto && p.m <= kSmallMMax)) {
     launch_small_m<F, OutT>(p, stream);
   } else {
     launch_tensor_core<F, OutT>(p, stream);

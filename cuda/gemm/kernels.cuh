@@ -1,5 +1,5 @@
 // The two mma.sync quantized-GEMM kernels (qgemm.cuh: formats, K order, packed layout) and their
-// launchers; gemm/dispatch.cuh chooses between them and the wgmma kernel (gemm/wgmma.cuh).
+// launchers; gemm/dispatch.cuh chooses between them.
 //
 // small_m_kernel (M ≤ 64): memory-bound; reads each packed weight byte once, straight from global
 //   memory into registers (one 16-byte load per lane per tile, several tiles in flight per warp),
@@ -9,7 +9,8 @@
 //   pipeline over 128-wide K blocks. A is staged with a row-parity xor swizzle so that the 16-byte
 //   fragment loads of 8 consecutive lanes hit 8 distinct bank groups; packed B tiles are read
 //   lane-contiguous (conflict-free by construction). W4 codes are unpacked in registers.
-// Both are mma.sync (Ampere-style) designs: correct on any sm_80+, short of wgmma's peak on Hopper.
+// Both are mma.sync (Ampere-style) designs, short of wgmma's peak on Hopper: where that peak
+// matters (large M) the CUTLASS path (gemm/cutlass_int8.cuh) runs instead.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -33,7 +33,7 @@ struct GemmParams {
 };
 
 // Which kernel runs: the dispatcher's choice, or one forced by tests and benchmarks.
-enum class Path : int { kAuto = 0, kSmallM = 1, kTensorCore = 2, kWgmma = 3 };
+enum class Path : int { kAuto = 0, kSmallM = 1, kTensorCore = 2 };
 
 constexpr int kSmallMMax = 64;  // the memory-bound kernel holds at most 4 m16 tiles
 

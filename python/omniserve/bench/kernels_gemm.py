@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument(
         "--paths", nargs="+", default=["auto"],
-        choices=["auto", "small_m", "tensor_core", "wgmma", "cutlass"],
+        choices=["auto", "small_m", "tensor_core", "cutlass"],
         help="our kernels' paths to time (small_m only where M <= 64): tunes the dispatch",
     )
     parser.add_argument("--repeats", type=int, default=5, help="graph replays; the median is kept")
