@@ -3,7 +3,7 @@
 // For prefill-sized M the GEMM is compute-bound, where a TMA-fed, warp-specialized wgmma kernel
 // is what reaches the INT8 tensor-core rate; CUTLASS's sm90 collectives are that kernel. Its
 // mainloop wants both operands as plain K-major int8, so every format is first expanded once per
-// call into a row-major int8 workspace (gemm/unpack.cuh: W4 codes, g128's level-1 w8 or the W8
+// call into a row-major int8 workspace (gemm_unpack.cu: W4 codes, g128's level-1 w8 or the W8
 // codes; O(N·K) bytes, small next to the O(M·N·K) GEMM at the M this path serves), and the
 // format only shows in the epilogue, which fuses the scales through an epilogue visitor tree:
 //
