@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "gemm/cutlass_int8.h"
@@ -15,30 +16,10 @@
 namespace {
 
 using omniserve::gemm::check_tensor;
+using omniserve::gemm::checked_format;
+using omniserve::gemm::checked_packed_weight;
 using omniserve::gemm::Format;
-using omniserve::gemm::require;
 namespace ci = omniserve::gemm::cutlass_int8;
-
-Format checked_format(int64_t format) {
-  OMNI_CHECK(format >= 0 && format <= 2, "omniserve gemm: unknown weight format ", format);
-  return static_cast<Format>(format);
-}
-
-// Checks the packed weight (and g128 groups) of an [N, K] weight, returns the groups pointer.
-const uint16_t* checked_weight(Format fmt, const at::Tensor& packed,
-                               const std::optional<at::Tensor>& groups, int64_t n, int64_t k,
-                               const at::Device& device) {
-  OMNI_CHECK(n > 0 && n % 128 == 0, "omniserve gemm: N = ", n,
-             " must be a positive multiple of 128");
-  OMNI_CHECK(k > 0 && k % 128 == 0, "omniserve gemm: K = ", k,
-             " must be a positive multiple of 128");
-  const bool w4 = fmt != Format::kW8A8;
-  check_tensor(packed, "packed weight", w4 ? at::kByte : at::kChar, {n, w4 ? k / 2 : k}, device);
-  if (fmt != Format::kW4A8G128) return nullptr;
-  const at::Tensor& grp = require(groups, "group scales and zeros", "W4A8 g128");
-  check_tensor(grp, "group scales and zeros", at::kByte, {k / 128, n, 2}, device);
-  return reinterpret_cast<const uint16_t*>(grp.data_ptr<uint8_t>());
-}
 
 int64_t packed_k(Format fmt, const at::Tensor& packed) {
   OMNI_CHECK(packed.dim() == 2, "omniserve gemm: packed weight must be 2-D, got ", packed.sizes());
@@ -52,7 +33,7 @@ at::Tensor unpack_int8(int64_t format, const at::Tensor& packed,
   OMNI_CHECK(packed.is_cuda(), "omniserve gemm: packed weight must be on a CUDA device, got ",
              packed.device());
   const int64_t n = packed.size(0), k = packed_k(fmt, packed);
-  const uint16_t* grp = checked_weight(fmt, packed, groups, n, k, packed.device());
+  const uint16_t* grp = checked_packed_weight(fmt, packed, groups, n, k, packed.device());
   check_tensor(out, "unpacked weight", at::kChar, {n, k}, packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
   omniserve::gemm::launch_unpack_int8(fmt, static_cast<const uint8_t*>(packed.data_ptr()), grp,
@@ -75,6 +56,15 @@ std::pair<ci::Out, at::ScalarType> checked_out(int64_t out_kind) {
   return {ci::Out::kFloat, at::kFloat};
 }
 
+// Runs the CUTLASS GEMM on `stream` with the scratch it asks for (torch's allocator; usually none).
+template <ci::Out O>
+cudaError_t launch(const ci::Args& p, ci::Epilogue epilogue, const at::TensorOptions& options,
+                   cudaStream_t stream) {
+  const size_t bytes = ci::workspace_size<O>(p, epilogue);
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(bytes)}, options.dtype(at::kByte));
+  return ci::run<O>(p, epilogue, bytes ? scratch.data_ptr() : nullptr, bytes, stream);
+}
+
 // y [M, N] = epilogue(x_q · Wᵀ) with W expanded into `workspace` (int8, at least N·K elements).
 at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
                 const std::optional<at::Tensor>& a_sum, const at::Tensor& packed,
@@ -91,7 +81,7 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
   OMNI_CHECK(packed_k(fmt, packed) == k, "omniserve gemm: activations have K = ", k,
              ", the weight ", packed_k(fmt, packed));
   OMNI_CHECK(m <= (int64_t(1) << 30), "omniserve gemm: M = ", m, " too large");
-  const uint16_t* grp = checked_weight(fmt, packed, groups, n, k, device);
+  const uint16_t* grp = checked_packed_weight(fmt, packed, groups, n, k, device);
   check_tensor(x, "x_q", at::kChar, {m, k}, device);
   check_tensor(a_scale, "activation scales", at::kHalf, {m}, device);
   check_tensor(w_scale, "weight scales", at::kHalf, {n}, device);
@@ -104,12 +94,8 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
   const ci::Epilogue epilogue =
       fmt == Format::kW4A8PerChannel ? ci::Epilogue::kZero : ci::Epilogue::kScale;
   if (epilogue == ci::Epilogue::kZero) {
-    const at::Tensor& sums = require(a_sum, "activation sums", "W4A8 per-channel");
-    const at::Tensor& szero = require(w_szero, "scaled zeros (s1_szeros)", "W4A8 per-channel");
-    check_tensor(sums, "activation sums", at::kInt, {m}, device);
-    check_tensor(szero, "scaled zeros (s1_szeros)", at::kHalf, {n}, device);
-    p.a_sum = sums.data_ptr<int32_t>();
-    p.w_szero = szero.data_ptr();
+    std::tie(p.a_sum, p.w_szero) =
+        omniserve::gemm::checked_zero_point(a_sum, w_szero, m, n, device);
   }
   at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
   if (m == 0) return out;
@@ -129,27 +115,12 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
 
-  size_t scratch_bytes = 0;
-  switch (out_kind) {
-    case ci::Out::kFloat: scratch_bytes = ci::workspace_size<ci::Out::kFloat>(p, epilogue); break;
-    case ci::Out::kHalf: scratch_bytes = ci::workspace_size<ci::Out::kHalf>(p, epilogue); break;
-    case ci::Out::kBFloat16:
-      scratch_bytes = ci::workspace_size<ci::Out::kBFloat16>(p, epilogue);
-      break;
-  }
-  at::Tensor scratch = at::empty({static_cast<int64_t>(scratch_bytes)},
-                                 x.options().dtype(at::kByte));
-  void* scratch_ptr = scratch_bytes ? scratch.data_ptr() : nullptr;
   cudaError_t status = cudaSuccess;
   switch (out_kind) {
-    case ci::Out::kFloat:
-      status = ci::run<ci::Out::kFloat>(p, epilogue, scratch_ptr, scratch_bytes, stream);
-      break;
-    case ci::Out::kHalf:
-      status = ci::run<ci::Out::kHalf>(p, epilogue, scratch_ptr, scratch_bytes, stream);
-      break;
+    case ci::Out::kFloat: status = launch<ci::Out::kFloat>(p, epilogue, x.options(), stream); break;
+    case ci::Out::kHalf: status = launch<ci::Out::kHalf>(p, epilogue, x.options(), stream); break;
     case ci::Out::kBFloat16:
-      status = ci::run<ci::Out::kBFloat16>(p, epilogue, scratch_ptr, scratch_bytes, stream);
+      status = launch<ci::Out::kBFloat16>(p, epilogue, x.options(), stream);
       break;
   }
   OMNI_CHECK(status == cudaSuccess, "omniserve gemm: the CUTLASS kernel failed to launch: ",

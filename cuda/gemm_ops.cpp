@@ -7,6 +7,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/check.h"
@@ -19,10 +20,6 @@ using omniserve::gemm::check_tensor;
 using omniserve::gemm::Format;
 using omniserve::gemm::GemmParams;
 using omniserve::gemm::Path;
-using omniserve::gemm::require;
-
-// 127 · 127 · K must stay below 2^31 for the int32 accumulators to be exact.
-constexpr int64_t kMaxK = 131072;
 
 at::ScalarType out_dtype(int64_t out_kind) {
   switch (out_kind) {
@@ -39,46 +36,27 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
                 const std::optional<at::Tensor>& a_sum, const at::Tensor& weight,
                 const std::optional<at::Tensor>& groups, const at::Tensor& w_scale,
                 const std::optional<at::Tensor>& w_szero, int64_t out_kind, int64_t path) {
-  OMNI_CHECK(format >= 0 && format <= 2, "omniserve gemm: unknown weight format ", format);
+  const Format fmt = omniserve::gemm::checked_format(format);
   OMNI_CHECK(path >= 0 && path <= 2, "omniserve gemm: unknown kernel path ", path);
-  const Format fmt = static_cast<Format>(format);
-  const bool w4 = fmt != Format::kW8A8;
-  const char* fmt_name = fmt == Format::kW8A8             ? "W8A8"
-                         : fmt == Format::kW4A8PerChannel ? "W4A8 per-channel"
-                                                          : "W4A8 g128";
 
   OMNI_CHECK(x.is_cuda(), "omniserve gemm: activations must be on a CUDA device, got ",
              x.device());
   OMNI_CHECK(x.dim() == 2, "omniserve gemm: activations must be 2-D [M, K], got ", x.sizes());
   OMNI_CHECK(weight.dim() == 2, "omniserve gemm: weight must be 2-D, got ", weight.sizes());
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  OMNI_CHECK(k > 0 && k % 128 == 0 && k <= kMaxK, "omniserve gemm: K = ", k,
-             " must be a positive multiple of 128 and at most ", kMaxK);
-  OMNI_CHECK(n > 0 && n % 128 == 0, "omniserve gemm: N = ", n,
-             " must be a positive multiple of 128");
   OMNI_CHECK(m <= std::numeric_limits<int>::max() / 2, "omniserve gemm: M = ", m, " too large");
   OMNI_CHECK(static_cast<Path>(path) != Path::kSmallM || m <= omniserve::gemm::kSmallMMax,
              "omniserve gemm: the small-M kernel takes M <= ", omniserve::gemm::kSmallMMax,
              ", got ", m);
   const at::Device device = x.device();
+  GemmParams p{};
+  p.groups = omniserve::gemm::checked_packed_weight(fmt, weight, groups, n, k, device);
   check_tensor(x, "x_q", at::kChar, {m, k}, device);
   check_tensor(a_scale, "activation scales", at::kHalf, {m}, device);
-  check_tensor(weight, "packed weight", w4 ? at::kByte : at::kChar, {n, w4 ? k / 2 : k}, device);
   check_tensor(w_scale, "weight scales", at::kHalf, {n}, device);
-
-  GemmParams p{};
   if (fmt == Format::kW4A8PerChannel) {
-    const at::Tensor& sums = require(a_sum, "activation sums", fmt_name);
-    const at::Tensor& szero = require(w_szero, "scaled zeros (s1_szeros)", fmt_name);
-    check_tensor(sums, "activation sums", at::kInt, {m}, device);
-    check_tensor(szero, "scaled zeros (s1_szeros)", at::kHalf, {n}, device);
-    p.a_sum = sums.data_ptr<int32_t>();
-    p.w_szero = reinterpret_cast<const __half*>(szero.data_ptr<at::Half>());
-  }
-  if (fmt == Format::kW4A8G128) {
-    const at::Tensor& grp = require(groups, "group scales and zeros", fmt_name);
-    check_tensor(grp, "group scales and zeros", at::kByte, {k / 128, n, 2}, device);
-    p.groups = reinterpret_cast<const uint16_t*>(grp.data_ptr<uint8_t>());
+    std::tie(p.a_sum, p.w_szero) =
+        omniserve::gemm::checked_zero_point(a_sum, w_szero, m, n, device);
   }
 
   at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype(out_kind)));

@@ -111,6 +111,27 @@ __device__ __forceinline__ int visible_begin(int ctx, int window) {
   return window > 0 ? max(0, ctx - window) : 0;
 }
 
+// Issues this lane's loads for the next kUnroll tokens of its token group (tokens base +
+// u · kTokenGroups + token_group, those below n) before any is used: its chunk of each K or V row
+// and, for quantized rows, the row's (scale, zero).
+template <typename Cfg, bool kQuant>
+__device__ __forceinline__ void load_chunks(const uint8_t* rows, const __half2* params,
+                                            const uint32_t* s_row, int n, int base,
+                                            int token_group, int lane_in_token,
+                                            Chunk<Cfg::kLoadBytes> (&chunk)[Cfg::kUnroll],
+                                            float2 (&row_params)[Cfg::kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < Cfg::kUnroll; ++u) {
+    const int i = base + u * Cfg::kTokenGroups + token_group;
+    if (i < n) {
+      const uint32_t row = s_row[i];
+      chunk[u] = *reinterpret_cast<const Chunk<Cfg::kLoadBytes>*>(
+          rows + static_cast<int64_t>(row) * Cfg::kRowBytes + lane_in_token * Cfg::kLoadBytes);
+      if constexpr (kQuant) row_params[u] = __half22float2(params[row]);
+    }
+  }
+}
+
 // Phase 1 on CUDA cores: each group of kLanesPerToken lanes scores one token at a time, each lane
 // a dot product over its channel slice, summed across the group with shuffles.
 template <typename T, int Bits, int HeadDim, int Group>
@@ -152,16 +173,7 @@ __device__ __forceinline__ void scores_cuda_cores(const DecodeParams& p, const u
   for (int base = 0; base < n; base += Cfg::kUnroll * kGroups) {
     Chunk<Cfg::kLoadBytes> chunk[Cfg::kUnroll];
     float2 kp[Cfg::kUnroll];
-#pragma unroll
-    for (int u = 0; u < Cfg::kUnroll; ++u) {
-      const int i = base + u * kGroups + token_group;
-      if (i < n) {
-        const uint32_t row = s_row[i];
-        chunk[u] = *reinterpret_cast<const Chunk<Cfg::kLoadBytes>*>(
-            p.k + static_cast<int64_t>(row) * Cfg::kRowBytes + lane_in_token * Cfg::kLoadBytes);
-        if constexpr (kQuant) kp[u] = __half22float2(p.k_params[row]);
-      }
-    }
+    load_chunks<Cfg, kQuant>(p.k, p.k_params, s_row, n, base, token_group, lane_in_token, chunk, kp);
 #pragma unroll
     for (int u = 0; u < Cfg::kUnroll; ++u) {
       const int i = base + u * kGroups + token_group;
@@ -330,16 +342,7 @@ __device__ __forceinline__ void pv_cuda_cores(const DecodeParams& p, const uint3
   for (int base = 0; base < n; base += Cfg::kUnroll * kGroups) {
     Chunk<Cfg::kLoadBytes> chunk[Cfg::kUnroll];
     float2 vp[Cfg::kUnroll];
-#pragma unroll
-    for (int u = 0; u < Cfg::kUnroll; ++u) {
-      const int i = base + u * kGroups + token_group;
-      if (i < n) {
-        const uint32_t row = s_row[i];
-        chunk[u] = *reinterpret_cast<const Chunk<Cfg::kLoadBytes>*>(
-            p.v + static_cast<int64_t>(row) * Cfg::kRowBytes + lane_in_token * Cfg::kLoadBytes);
-        if constexpr (kQuant) vp[u] = __half22float2(p.v_params[row]);
-      }
-    }
+    load_chunks<Cfg, kQuant>(p.v, p.v_params, s_row, n, base, token_group, lane_in_token, chunk, vp);
 #pragma unroll
     for (int u = 0; u < Cfg::kUnroll; ++u) {
       const int i = base + u * kGroups + token_group;
