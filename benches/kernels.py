@@ -31,6 +31,7 @@ ATTENTION_VARIANTS = {
     "ours_fp16": "ours fp16",
     "ours_kv8": "ours KV8",
     "ours_kv4": "ours KV4",
+    "ours_kv8static": "ours KV8 static",
 }
 FUSED_OPS = ("quantize_per_token", "rmsnorm_quant", "silu_mul_quant")
 

@@ -1,25 +1,29 @@
 // Host side of the paged decode attention: checks every operand, sizes the split-K launch and
-// dispatches to the per-format instantiations (decode_attention_kv{16,8,4}.cu). The kernels and
-// their design are in common/decode_attention.cuh.
+// dispatches to the per-format instantiations (decode_attention_{kv16,kv8,kv4,kv8_static}.cu).
+// The kernels and their design are in common/decode_attention.cuh.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "common/check.h"
 #include "common/decode_attention.cuh"
+#include "common/kv_operands.h"
 
 namespace omniserve {
 namespace decode {
-#define OMNISERVE_DECLARE_FORMAT(T, BITS)                                                       \
-  extern template void launch_format<T, BITS>(const DecodeParams&, int, int, int, int, size_t, \
-                                              cudaStream_t);
-OMNISERVE_DECLARE_FORMAT(__half, 16)
-OMNISERVE_DECLARE_FORMAT(__half, 8)
-OMNISERVE_DECLARE_FORMAT(__half, 4)
-OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, 16)
-OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, 8)
-OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, 4)
+#define OMNISERVE_DECLARE_FORMAT(T, F)                                                           \
+  extern template void launch_format<T, KVFormat::F>(const DecodeParams&, int, int, int, int, \
+                                                     size_t, cudaStream_t);
+OMNISERVE_DECLARE_FORMAT(__half, kDense)
+OMNISERVE_DECLARE_FORMAT(__half, kKV8)
+OMNISERVE_DECLARE_FORMAT(__half, kKV4)
+OMNISERVE_DECLARE_FORMAT(__half, kStaticKV8)
+OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kDense)
+OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kKV8)
+OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kKV4)
+OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kStaticKV8)
 #undef OMNISERVE_DECLARE_FORMAT
 }  // namespace decode
 
@@ -38,6 +42,8 @@ void check_int32_vector(const at::Tensor& t, const char* name, int64_t size,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const std::optional<at::Tensor>& k_params,
                             const std::optional<at::Tensor>& v_params,
+                            const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale,
                             const at::Tensor& page_table, const at::Tensor& seq_rows,
                             const at::Tensor& context_lens, int64_t page_size,
                             int64_t num_kv_heads, int64_t max_context_len, int64_t window,
@@ -53,52 +59,34 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   OMNI_CHECK(page_size > 0, "page_size must be positive, got ", page_size);
   OMNI_CHECK(window >= 0, "window must be >= 0 (0: none), got ", window);
-  OMNI_CHECK(partition > 0 && partition % 32 == 0 && partition <= 2048,
-             "partition must be a multiple of 32 in [32, 2048], got ", partition);
   OMNI_CHECK(max_context_len >= 0, "max_context_len must be >= 0");
 
-  const bool quantized = k_params.has_value();
-  OMNI_CHECK(quantized == v_params.has_value(), "pass both k_params and v_params or neither");
-  for (const at::Tensor* t : {&k_cache, &v_cache}) {
-    OMNI_CHECK(t->device() == device, "the KV cache must be on ", device);
-    OMNI_CHECK(t->dim() == 2 && t->is_contiguous() && is_aligned16(t->data_ptr()),
-               "K/V cache rows must be contiguous, 16-byte aligned [rows, width], got shape ",
-               t->sizes());
-  }
-  OMNI_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
-             "K and V caches differ in shape or dtype");
+  const KVFormat format = check_kv_operands(k_cache, v_cache, k_params, v_params, k_scale,
+                                            v_scale, head_dim, q.scalar_type(), device);
   const int64_t rows = k_cache.size(0);
   OMNI_CHECK(rows % num_kv_heads == 0, "cache rows (", rows, ") must be a multiple of num_kv_heads");
   OMNI_CHECK(rows < (int64_t{1} << 32), "too many cache rows for 32-bit row indices");
-  int bits = 16;
-  if (quantized) {
-    OMNI_CHECK(k_cache.scalar_type() == at::kByte, "quantized caches hold uint8 codes, got ",
-               k_cache.scalar_type());
-    const int64_t width = k_cache.size(1);
-    OMNI_CHECK(width == head_dim || width * 2 == head_dim, "code rows of ", width,
-               " bytes fit neither KV8 nor KV4 with head_dim ", head_dim);
-    bits = width == head_dim ? 8 : 4;
-    for (const at::Tensor* t : {&*k_params, &*v_params}) {
-      OMNI_CHECK(t->device() == device && t->scalar_type() == at::kHalf && t->dim() == 2 &&
-                     t->size(0) == rows && t->size(1) == 2 && t->is_contiguous(),
-                 "k_params/v_params must be contiguous fp16 [", rows, ", 2] on ", device,
-                 ", got ", t->scalar_type(), " ", t->sizes());
-    }
-  } else {
-    OMNI_CHECK(k_cache.scalar_type() == q.scalar_type() && k_cache.size(1) == head_dim,
-               "a dense cache must be ", q.scalar_type(), " [rows, ", head_dim, "], got ",
-               k_cache.scalar_type(), " ", k_cache.sizes());
-  }
   OMNI_CHECK(page_table.device() == device && page_table.scalar_type() == at::kInt &&
                  page_table.dim() == 2 && page_table.stride(1) == 1,
              "page_table must be int32 [requests, pages] on ", device, " with contiguous rows");
   check_int32_vector(seq_rows, "seq_rows", batch, device);
   check_int32_vector(context_lens, "context_lens", batch, device);
 
+  // The three-phase kernel keeps a partition's scores in shared memory; KV4 streams its tiles.
+  const bool kv4 = format == KVFormat::kKV4;
+  const int64_t max_partition = kv4 ? 16384 : 2048;
+  OMNI_CHECK(partition > 0 && partition % 32 == 0 && partition <= max_partition,
+             "partition must be a multiple of 32 in [32, ", max_partition, "], got ", partition);
+  OMNI_CHECK(!kv4 || page_size % decode::kTileTokens == 0,
+             "a KV4 cache needs pages of a multiple of ", decode::kTileTokens, " tokens, got ",
+             page_size);
   OMNI_CHECK(batch <= 65535 && num_kv_heads <= 65535, "at most 65535 requests and KV heads");
   auto out = at::empty_like(q);
   if (batch == 0) return out;
-  const int64_t visible = window > 0 ? std::min(max_context_len, window) : max_context_len;
+  // Splits start at a tile boundary (decode::split_range): a window adds up to a tile's worth.
+  const int64_t visible = window > 0
+                              ? std::min(max_context_len, window) + decode::kTileTokens - 1
+                              : max_context_len;
   const int64_t num_splits = std::max<int64_t>(1, (visible + partition - 1) / partition);
   OMNI_CHECK(num_splits <= 65535, "context too long for the partition size");
   const int group = static_cast<int>(q_heads / num_kv_heads);
@@ -114,9 +102,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.q = q.data_ptr();
   p.k = static_cast<const uint8_t*>(k_cache.data_ptr());
   p.v = static_cast<const uint8_t*>(v_cache.data_ptr());
-  if (quantized) {
+  if (k_params.has_value()) {
     p.k_params = reinterpret_cast<const __half2*>(k_params->data_ptr());
     p.v_params = reinterpret_cast<const __half2*>(v_params->data_ptr());
+  }
+  if (format == KVFormat::kStaticKV8) {
+    p.k_scale = k_scale->data_ptr<float>();
+    p.v_scale = v_scale->data_ptr<float>();
   }
   p.page_table = page_table.data_ptr<int32_t>();
   p.seq_rows = seq_rows.data_ptr<int32_t>();
@@ -135,15 +127,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.num_splits = static_cast<int>(num_splits);
   p.scale_log2 = static_cast<float>(scale) * decode::kLog2e;
 
+  // Dynamic shared memory: the KV4 kernel's cache row per tile; the other's row per token and
+  // scores (or, later, per-warp outputs).
   const size_t scores = std::max<size_t>(group * partition, decode::kWarps * group * head_dim);
-  const size_t smem = partition * sizeof(uint32_t) + scores * sizeof(float);
+  const size_t smem = kv4 ? partition / decode::kTileTokens * sizeof(uint32_t)
+                          : partition * sizeof(uint32_t) + scores * sizeof(float);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
   OMNISERVE_DISPATCH_FLOAT16(q.scalar_type(), "decode_attention q", [&] {
-    switch (bits) {
-      case 16: return decode::launch_format<scalar_t, 16>(p, head_dim, group, batch, num_kv_heads, smem, stream);
-      case 8: return decode::launch_format<scalar_t, 8>(p, head_dim, group, batch, num_kv_heads, smem, stream);
-      default: return decode::launch_format<scalar_t, 4>(p, head_dim, group, batch, num_kv_heads, smem, stream);
+    const auto run = [&](auto format_constant) {
+      decode::launch_format<scalar_t, decltype(format_constant)::value>(
+          p, head_dim, group, batch, num_kv_heads, smem, stream);
+    };
+    switch (format) {
+      case KVFormat::kDense: return run(std::integral_constant<KVFormat, KVFormat::kDense>());
+      case KVFormat::kKV8: return run(std::integral_constant<KVFormat, KVFormat::kKV8>());
+      case KVFormat::kKV4: return run(std::integral_constant<KVFormat, KVFormat::kKV4>());
+      case KVFormat::kStaticKV8:
+        return run(std::integral_constant<KVFormat, KVFormat::kStaticKV8>());
     }
   });
   return out;

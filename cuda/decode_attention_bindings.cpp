@@ -7,6 +7,8 @@ namespace omniserve {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const std::optional<at::Tensor>& k_params,
                             const std::optional<at::Tensor>& v_params,
+                            const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale,
                             const at::Tensor& page_table, const at::Tensor& seq_rows,
                             const at::Tensor& context_lens, int64_t page_size,
                             int64_t num_kv_heads, int64_t max_context_len, int64_t window,
@@ -15,10 +17,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &omniserve::decode_attention,
-        "Paged decode attention over dense or KV8/KV4 cache rows; see decode_attention.cu",
+        "Paged decode attention over dense, KV8, KV4 or static KV8 cache rows; see "
+        "decode_attention.cu",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
-        pybind11::arg("k_params"), pybind11::arg("v_params"), pybind11::arg("page_table"),
-        pybind11::arg("seq_rows"), pybind11::arg("context_lens"), pybind11::arg("page_size"),
+        pybind11::arg("k_params"), pybind11::arg("v_params"), pybind11::arg("k_scale"),
+        pybind11::arg("v_scale"), pybind11::arg("page_table"), pybind11::arg("seq_rows"),
+        pybind11::arg("context_lens"), pybind11::arg("page_size"),
         pybind11::arg("num_kv_heads"), pybind11::arg("max_context_len"), pybind11::arg("window"),
         pybind11::arg("scale"), pybind11::arg("partition"));
 }

@@ -2,8 +2,8 @@
 #include "common/decode_attention.cuh"
 
 namespace omniserve::decode {
-template void launch_format<__half, 8>(const DecodeParams&, int, int, int, int, size_t,
-                                          cudaStream_t);
-template void launch_format<__nv_bfloat16, 8>(const DecodeParams&, int, int, int, int, size_t,
-                                                 cudaStream_t);
+template void launch_format<__half, KVFormat::kKV8>(const DecodeParams&, int, int, int, int,
+                                                    size_t, cudaStream_t);
+template void launch_format<__nv_bfloat16, KVFormat::kKV8>(const DecodeParams&, int, int, int,
+                                                           int, size_t, cudaStream_t);
 }  // namespace omniserve::decode

@@ -4,25 +4,30 @@
 //   q_out[t] = rope(q[t]) for every query head, and k_rot[t] = rope(k[t]) for every KV head
 //     (layers/rotary.apply_rotary: y1 = x1·cos − x2·sin, y2 = x2·cos + x1·sin on the two halves of
 //     head_dim, every product and sum rounded to the compute dtype, as each torch op rounds);
-//   K and V cache rows write_index[h, t] <- k_rot[t, h], v[t, h], in the cache's format: values in
-//     the compute dtype, or quant/kv.quantize_kv codes (uint8; KV4 packs channel pairs, even
-//     channel in the low nibble) with an fp16 (scale, zero) per row;
-//   k_out, v_out = what reads of those rows return (dequantize_kv of the stored codes; a dense
-//     cache returns k_rot and v themselves), which prefill attention consumes.
+//   K and V cache rows write_index[h, t] <- k_rot[t, h], v[t, h], in the cache's format (KVFormat):
+//     values in the compute dtype; quant/kv.quantize_kv codes (uint8; KV4 packs channel pairs,
+//     even channel in the low nibble) with an fp16 (scale, zero) per row; or per-tensor static
+//     KV8, quant/kv.quantize_kv_static int8 codes under the cache's one fp32 scale, which the
+//     kernel reads from device memory (no host sync, so the launch can be captured in a graph);
+//   k_out, v_out = what reads of those rows return (dequantize_kv or dequantize_kv_static of the
+//     stored codes; a dense cache returns k_rot and v themselves), which prefill attention
+//     consumes.
 // The arithmetic is the references' as torch runs them on the GPU, op for op: IEEE division and
 // explicitly rounded adds and multiplies (nothing contracted into an FMA or approximated), round
 // half to even, the same clamps, and (hi − lo) / Q as (hi − lo) · fl(1 / Q), because torch's CUDA
 // division by a Python number multiplies by its reciprocal (on the CPU it divides; the two can
-// differ in the last bit, and so, rarely, in the fp16 scale). Codes, parameters and outputs
-// therefore equal the reference's on the GPU bit for bit; the one freedom is the sign of a zero
-// `zero` parameter when a row's minimum is a signed zero, which torch itself leaves to its
-// reduction order (both signs dequantize to the same bits).
+// differ in the last bit, and so, rarely, in the fp16 scale). Division by the static scale, a
+// CUDA tensor, is a true division in torch (only a CPU scalar divisor takes the reciprocal path),
+// so the kernel divides there. Codes, parameters and outputs therefore equal the reference's on
+// the GPU bit for bit; the one freedom is the sign of a zero `zero` parameter when a row's
+// minimum is a signed zero, which torch itself leaves to its reduction order (both signs
+// dequantize to the same bits).
 //
 // Work split: a "row" is one head of one token, query, key or value (heads + 2·kv_heads rows per
 // token). A group of kLanes consecutive lanes owns a row; each lane holds kPerLane consecutive
 // channels of both halves, so it has both members of each rotation pair it computes and, kPerLane
-// being even, whole KV4 bytes. A quantized row's min and max reduce across its lane group by
-// shuffles. The grid is tokens × (row blocks), so a small decode batch still fills the GPU.
+// being even, whole KV4 bytes. A per-row quantized row's min and max reduce across its lane group
+// by shuffles. The grid is tokens × (row blocks), so a small decode batch still fills the GPU.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,12 +39,15 @@
 
 #include "common/check.h"
 #include "common/dtype.cuh"
+#include "common/kv_format.h"
+#include "common/kv_operands.h"
 #include "common/reduce.cuh"
 
 namespace omniserve {
 namespace {
 
 constexpr float kMinKVScale = 6.103515625e-05f;  // 2^-14, quant/kv.py's scale floor
+constexpr float kStaticKVQMax = 127.f;            // quant/kv.STATIC_KV_QMAX
 constexpr int kWarpsPerBlock = 4;
 
 template <typename T, int N>
@@ -65,8 +73,10 @@ struct RopeKVArgs {
   T* v_out;  // likewise; quantized caches only (a dense cache returns v itself)
   void* k_cache;  // [cache_rows, head_dim] values, or [cache_rows, packed] codes
   void* v_cache;
-  __half2* k_params;  // [cache_rows] (scale, zero), quantized caches only
+  __half2* k_params;  // [cache_rows] (scale, zero), per-row quantized caches only
   __half2* v_params;
+  const float* k_scale;  // the cache's scale, static KV8 only
+  const float* v_scale;
   int64_t cache_rows;
   int num_heads, num_kv_heads;
 };
@@ -94,8 +104,7 @@ __device__ __forceinline__ void store_floats(T* dst, const float* x) {
   *reinterpret_cast<Vec<T, N>*>(dst) = y;
 }
 
-// kBits: 0 for a cache in the compute dtype, else 8 or 4 (quantize_kv codes).
-template <typename T, int kHeadDim, int kBits>
+template <typename T, int kHeadDim, KVFormat kFormat>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     rope_kv_write_kernel(const RopeKVArgs<T> a) {
   constexpr int kHalf = kHeadDim / 2;
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
   const int64_t out_offset = (t * kv_heads + head) * kHeadDim;  // in k_out / v_out
 
-  if constexpr (kBits == 0) {
+  if constexpr (kFormat == KVFormat::kDense) {
     if (is_kv) {
       T* dst = static_cast<T*>(is_k ? a.k_cache : a.v_cache) + cache_row * kHeadDim;
       store_floats<T, kPerLane>(dst + c0, y);
@@ -166,28 +175,44 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       }
     }
   } else {
+    constexpr bool kPerRow = kFormat != KVFormat::kStaticKV8;
+    constexpr int kBits = kFormat == KVFormat::kKV4 ? 4 : 8;
     constexpr int kLevels = (1 << kBits) - 1;
     constexpr float kInvLevels = 1.0f / kLevels;  // rounded once, as torch rounds 1 / Q
     constexpr int kPackedDim = kHeadDim * kBits / 8;
     // Starting from 0 gives quantize_kv's range min(min(x), 0) .. max(max(x), 0) directly.
     float lo = 0.f, hi = 0.f;
+    if constexpr (kPerRow) {
 #pragma unroll
-    for (int i = 0; i < 2 * kPerLane; ++i) lo = fminf(lo, y[i]), hi = fmaxf(hi, y[i]);
-    lo = warp_reduce<kLanes>(lo, MinOp());
-    hi = warp_reduce<kLanes>(hi, MaxOp());
+      for (int i = 0; i < 2 * kPerLane; ++i) lo = fminf(lo, y[i]), hi = fmaxf(hi, y[i]);
+      lo = warp_reduce<kLanes>(lo, MinOp());
+      hi = warp_reduce<kLanes>(hi, MaxOp());
+    }
     if (is_kv) {
-      const __half scale_h = __float2half_rn(
-          fmaxf(__fmul_rn(__fsub_rn(hi, lo), kInvLevels), kMinKVScale));
-      const float scale = __half2float(scale_h);
-      const __half zero_h = __float2half_rn(__fdiv_rn(-lo, scale));
-      const float zero = __half2float(zero_h);
-      uint8_t q[2 * kPerLane];
+      uint8_t q[2 * kPerLane];  // code bytes (static KV8: the int8 codes' two's complement)
       float x_hat[2 * kPerLane];
+      __half scale_h, zero_h;  // per-row formats' parameters
+      if constexpr (kPerRow) {
+        scale_h = __float2half_rn(fmaxf(__fmul_rn(__fsub_rn(hi, lo), kInvLevels), kMinKVScale));
+        const float scale = __half2float(scale_h);
+        zero_h = __float2half_rn(__fdiv_rn(-lo, scale));
+        const float zero = __half2float(zero_h);
 #pragma unroll
-      for (int i = 0; i < 2 * kPerLane; ++i) {
-        const float c = rintf(__fadd_rn(__fdiv_rn(y[i], scale), zero));
-        q[i] = static_cast<uint8_t>(fminf(fmaxf(c, 0.f), static_cast<float>(kLevels)));
-        x_hat[i] = __fmul_rn(__fsub_rn(static_cast<float>(q[i]), zero), scale);
+        for (int i = 0; i < 2 * kPerLane; ++i) {
+          const float c = rintf(__fadd_rn(__fdiv_rn(y[i], scale), zero));
+          q[i] = static_cast<uint8_t>(fminf(fmaxf(c, 0.f), static_cast<float>(kLevels)));
+          x_hat[i] = __fmul_rn(__fsub_rn(static_cast<float>(q[i]), zero), scale);
+        }
+      } else {
+        const float scale = *(is_k ? a.k_scale : a.v_scale);
+#pragma unroll
+        for (int i = 0; i < 2 * kPerLane; ++i) {
+          const int code = static_cast<int>(
+              fminf(fmaxf(rintf(__fdiv_rn(y[i], scale)), -kStaticKVQMax), kStaticKVQMax));
+          q[i] = static_cast<uint8_t>(code);
+          // From the integer code, as a read dequantizes it: a y that rounds to −0 reads back +0.
+          x_hat[i] = __fmul_rn(static_cast<float>(code), scale);
+        }
       }
       uint8_t* dst = static_cast<uint8_t*>(is_k ? a.k_cache : a.v_cache) + cache_row * kPackedDim;
 #pragma unroll
@@ -205,8 +230,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           *reinterpret_cast<Vec<uint8_t, kPerLane / 2>*>(dst + (h * kHalf + c0) / 2) = bytes;
         }
       }
-      if (lane % kLanes == 0) {
-        (is_k ? a.k_params : a.v_params)[cache_row] = __halves2half2(scale_h, zero_h);
+      if constexpr (kPerRow) {
+        if (lane % kLanes == 0) {
+          (is_k ? a.k_params : a.v_params)[cache_row] = __halves2half2(scale_h, zero_h);
+        }
       }
       T* out = (is_k ? a.k_out : a.v_out) + out_offset;
       store_floats<T, kPerLane>(out + c0, x_hat);
@@ -215,24 +242,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-template <typename T, int kHeadDim, int kBits>
+template <typename T, int kHeadDim, KVFormat kFormat>
 void launch(const RopeKVArgs<T>& args, int64_t tokens, cudaStream_t stream) {
   constexpr int kPerLane = kHeadDim <= 128 ? 2 : kHeadDim / 64;
   constexpr int kRowsPerWarp = 32 / (kHeadDim / 2 / kPerLane);
   constexpr int kRowsPerBlock = kWarpsPerBlock * kRowsPerWarp;
   const int rows = args.num_heads + 2 * args.num_kv_heads;
   const dim3 grid(static_cast<unsigned>(tokens), (rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  rope_kv_write_kernel<T, kHeadDim, kBits><<<grid, kWarpsPerBlock * 32, 0, stream>>>(args);
+  rope_kv_write_kernel<T, kHeadDim, kFormat><<<grid, kWarpsPerBlock * 32, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int kBits>
+template <typename T, KVFormat kFormat>
 void launch_for_head_dim(const RopeKVArgs<T>& args, int64_t tokens, int64_t head_dim,
                          cudaStream_t stream) {
   switch (head_dim) {
-    case 64: return launch<T, 64, kBits>(args, tokens, stream);
-    case 128: return launch<T, 128, kBits>(args, tokens, stream);
-    case 256: return launch<T, 256, kBits>(args, tokens, stream);
+    case 64: return launch<T, 64, kFormat>(args, tokens, stream);
+    case 128: return launch<T, 128, kFormat>(args, tokens, stream);
+    case 256: return launch<T, 256, kFormat>(args, tokens, stream);
     default: OMNI_CHECK(false, "head_dim must be 64, 128 or 256, got ", head_dim);
   }
 }
@@ -279,7 +306,9 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& sin, const at::Tensor& write_index,
                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const std::optional<at::Tensor>& k_params,
-                                      const std::optional<at::Tensor>& v_params) {
+                                      const std::optional<at::Tensor>& v_params,
+                                      const std::optional<at::Tensor>& k_scale,
+                                      const std::optional<at::Tensor>& v_scale) {
   OMNI_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   OMNI_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
              "q must be float16 or bfloat16, got ", q.scalar_type());
@@ -304,41 +333,9 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
              q.device(), ", got ", write_index.scalar_type(), " ", write_index.sizes(), " on ",
              write_index.device());
 
-  const bool quantized = k_params.has_value();
-  OMNI_CHECK(quantized == v_params.has_value(), "pass both k_params and v_params or neither");
-  for (const at::Tensor* cache : {&k_cache, &v_cache}) {
-    OMNI_CHECK(cache->device() == q.device(), "the KV cache must be on ", q.device(), ", got ",
-               cache->device());
-    OMNI_CHECK(cache->dim() == 2 && cache->is_contiguous() && is_aligned16(cache->data_ptr()),
-               "KV cache rows must be a contiguous, 16-byte aligned 2-D tensor, got shape ",
-               cache->sizes(), " with strides ", cache->strides());
-  }
-  OMNI_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
-             "K and V caches must have the same shape and dtype, got ", k_cache.sizes(), " ",
-             k_cache.scalar_type(), " and ", v_cache.sizes(), " ", v_cache.scalar_type());
-  const int64_t width = k_cache.size(1);
-  int bits = 0;
-  if (quantized) {
-    OMNI_CHECK(k_cache.scalar_type() == at::kByte, "quantized caches hold uint8 codes, got ",
-               k_cache.scalar_type());
-    OMNI_CHECK(width == head_dim || width * 2 == head_dim, "code rows of ", width,
-               " bytes fit neither KV8 nor KV4 at head_dim ", head_dim);
-    bits = width == head_dim ? 8 : 4;
-    for (const std::optional<at::Tensor>* params : {&k_params, &v_params}) {
-      const at::Tensor& p = **params;
-      OMNI_CHECK(p.device() == q.device() && p.scalar_type() == at::kHalf && p.dim() == 2 &&
-                     p.size(0) == k_cache.size(0) && p.size(1) == 2 && p.is_contiguous() &&
-                     reinterpret_cast<std::uintptr_t>(p.data_ptr()) % 4 == 0,
-                 "KV params must be contiguous, 4-byte aligned float16 [", k_cache.size(0),
-                 ", 2] on ",
-                 q.device(), ", got ", p.scalar_type(), " ", p.sizes(), " on ", p.device());
-    }
-  } else {
-    OMNI_CHECK(k_cache.scalar_type() == q.scalar_type() && width == head_dim,
-               "a cache without params holds rows of q's dtype and head_dim: expected ",
-               q.scalar_type(), " [rows, ", head_dim, "], got ", k_cache.scalar_type(), " ",
-               k_cache.sizes());
-  }
+  const KVFormat format = check_kv_operands(k_cache, v_cache, k_params, v_params, k_scale,
+                                            v_scale, head_dim, q.scalar_type(), q.device());
+  const bool quantized = format != KVFormat::kDense;
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto q_out = at::empty({tokens, heads, head_dim}, q.options());
@@ -363,13 +360,20 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
         static_cast<T*>(k_out.data_ptr()),
         quantized ? static_cast<T*>(v_out.data_ptr()) : nullptr,
         k_cache.data_ptr(), v_cache.data_ptr(),
-        quantized ? reinterpret_cast<__half2*>(k_params->data_ptr()) : nullptr,
-        quantized ? reinterpret_cast<__half2*>(v_params->data_ptr()) : nullptr,
+        k_params ? reinterpret_cast<__half2*>(k_params->data_ptr()) : nullptr,
+        v_params ? reinterpret_cast<__half2*>(v_params->data_ptr()) : nullptr,
+        k_scale ? k_scale->data_ptr<float>() : nullptr,
+        v_scale ? v_scale->data_ptr<float>() : nullptr,
         k_cache.size(0), static_cast<int>(heads), static_cast<int>(kv_heads)};
-    switch (bits) {
-      case 0: return launch_for_head_dim<T, 0>(args, tokens, head_dim, stream);
-      case 8: return launch_for_head_dim<T, 8>(args, tokens, head_dim, stream);
-      default: return launch_for_head_dim<T, 4>(args, tokens, head_dim, stream);
+    switch (format) {
+      case KVFormat::kDense:
+        return launch_for_head_dim<T, KVFormat::kDense>(args, tokens, head_dim, stream);
+      case KVFormat::kKV8:
+        return launch_for_head_dim<T, KVFormat::kKV8>(args, tokens, head_dim, stream);
+      case KVFormat::kKV4:
+        return launch_for_head_dim<T, KVFormat::kKV4>(args, tokens, head_dim, stream);
+      case KVFormat::kStaticKV8:
+        return launch_for_head_dim<T, KVFormat::kStaticKV8>(args, tokens, head_dim, stream);
     }
   });
   return {q_out, k_out, v_out};

@@ -15,10 +15,21 @@ import torch
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.kernels import attention as kernel
-from omniserve.quant.kv import dequantize_kv, quantize_kv
+from omniserve.quant.kv import (
+    dequantize_kv,
+    dequantize_kv_static,
+    quantize_kv,
+    quantize_kv_static,
+)
+from omniserve.runner.kv_cache import StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
 from teacher_forcing import assert_greedy_agreement, teacher_forced_logits
-from tiny_models import FAMILIES, PagedRequests, save_servable
+from tiny_models import (
+    FAMILIES,
+    PagedRequests,
+    save_servable,
+    save_static_kv8_checkpoint,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +46,9 @@ CONTEXTS = {
     "b7-mixed": [1, 15, 16, 17, 1000, 4097, 33],
     "b64-random": torch.randint(1, 700, (64,), generator=torch.Generator().manual_seed(0)).tolist(),
 }
-KV_BITS = {"kv16": None, "kv8": 8, "kv4": 4}
+STATIC = "static"
+KV_BITS = {"kv16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC}
+"""Cache formats: dense, per-row KV8 and KV4 (`quantize_kv`), per-tensor static KV8."""
 TOLERANCE = {
     torch.float16: {"atol": 3e-3, "rtol": 1e-2},
     torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
@@ -47,7 +60,7 @@ class PagedCase:
     (the last one partly filled) at shuffled page-table rows, and queries."""
 
     def __init__(
-        self, layout: tuple[int, int, int], contexts: list[int], bits: int | None,
+        self, layout: tuple[int, int, int], contexts: list[int], bits: int | str | None,
         dtype: torch.dtype, page_size: int = 16, seed: int = 0,
     ) -> None:
         g = torch.Generator(device="cuda").manual_seed(seed)
@@ -75,6 +88,12 @@ class PagedCase:
             if bits is None:
                 self.operands.append((kv.to(dtype), None))
                 self.dequantized.append(kv.to(dtype).float())
+            elif bits == STATIC:
+                # Calibrated on 90% of the range: the largest values clamp, as in serving.
+                scale = 0.9 * kv.abs().amax() / 127
+                codes = quantize_kv_static(kv, scale)
+                self.operands.append((codes, scale))
+                self.dequantized.append(dequantize_kv_static(codes, scale, torch.float32))
             else:
                 codes, params = quantize_kv(kv, bits)
                 self.operands.append((codes, params))
@@ -116,7 +135,7 @@ def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("contexts", CONTEXTS.values(), ids=CONTEXTS.keys())
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_decode_attention_matches_reference(
-    layout: tuple[int, int, int], contexts: list[int], bits: int | None, dtype: torch.dtype
+    layout: tuple[int, int, int], contexts: list[int], bits: int | str | None, dtype: torch.dtype
 ) -> None:
     case = PagedCase(layout, contexts, bits, dtype)
     _check(case.run(), case.reference(), dtype)
@@ -124,14 +143,26 @@ def test_decode_attention_matches_reference(
 
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
 @pytest.mark.parametrize("partition", [32, 64, 512, 1024])
-def test_split_partitions_combine_exactly(bits: int | None, partition: int) -> None:
+def test_split_partitions_combine_exactly(bits: int | str | None, partition: int) -> None:
     case = PagedCase(LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], bits, torch.float16, page_size=64)
     _check(case.run(partition=partition), case.reference(), torch.float16)
 
 
+@pytest.mark.parametrize("partition", [2048, 4096, 16384])
+def test_kv4_streams_long_partitions(partition: int) -> None:
+    """The KV4 kernel keeps no per-token state in shared memory, so a split may be long; the
+    three-phase kernel's limit (2048) stays."""
+    case = PagedCase(LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], 4, torch.float16, page_size=64)
+    _check(case.run(partition=partition), case.reference(), torch.float16)
+    if partition > 2048:
+        dense = PagedCase(LAYOUTS["gqa32x8-d128"], [100], None, torch.float16)
+        with pytest.raises(RuntimeError, match=r"partition must be a multiple of 32 in \[32, 2048\]"):
+            dense.run(partition=partition)
+
+
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
 @pytest.mark.parametrize("window", [1, 8, 100, 5000])
-def test_sliding_window(bits: int | None, window: int) -> None:
+def test_sliding_window(bits: int | str | None, window: int) -> None:
     case = PagedCase(LAYOUTS["gqa4x2-d64"], [1, 7, 8, 9, 1000, 4097], bits, torch.bfloat16)
     _check(case.run(window=window), case.reference(window=window), torch.bfloat16)
 
@@ -151,16 +182,33 @@ def test_bad_inputs_are_named() -> None:
     k, v = case.operands[0][0], case.operands[1][0]
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128, got 32"):
         q = torch.zeros(1, 4, 32, device="cuda", dtype=torch.float16)
-        ops.decode_attention(q, k[:, :32].contiguous(), v[:, :32].contiguous(), None, None, *args)
+        ops.decode_attention(q, k[:, :32].contiguous(), v[:, :32].contiguous(), None, None, None, None, *args)
     with pytest.raises(RuntimeError, match="must be 1, 2, 4 or 8, got 6"):
-        ops.decode_attention(case.q[:, :3].repeat(1, 2, 1), k, v, None, None, *args[:4], 1, *args[5:])
-    dense = r"a dense cache must be Half \[rows, 64\], got BFloat16 \[\d+, 64\]"  # formatted shapes
+        ops.decode_attention(case.q[:, :3].repeat(1, 2, 1), k, v, None, None, None, None, *args[:4], 1, *args[5:])
+    dense = (r"a cache without params or scales holds rows of q's dtype and head_dim: expected "
+             r"Half \[rows, 64\], got BFloat16 \[\d+, 64\]")  # formatted dtypes and shapes
     with pytest.raises(RuntimeError, match=dense):
-        ops.decode_attention(case.q, k.bfloat16(), v.bfloat16(), None, None, *args)
+        ops.decode_attention(case.q, k.bfloat16(), v.bfloat16(), None, None, None, None, *args)
     with pytest.raises(RuntimeError, match="seq_rows must be int32, got Long"):
-        ops.decode_attention(case.q, k, v, None, None, case.page_table, case.seq_rows.long(), *args[2:])
+        ops.decode_attention(case.q, k, v, None, None, None, None, case.page_table, case.seq_rows.long(), *args[2:])
     with pytest.raises(RuntimeError, match="pass both k_params and v_params"):
-        ops.decode_attention(case.q, k, v, torch.zeros(k.shape[0], 2, device="cuda").half(), None, *args)
+        ops.decode_attention(case.q, k, v, torch.zeros(k.shape[0], 2, device="cuda").half(), None, None, None, *args)
+
+    kv4 = PagedCase(LAYOUTS["gqa4x2-d64"], [20], 4, torch.float16, page_size=16)
+    (k4, p4), (v4, q4) = kv4.operands
+    with pytest.raises(RuntimeError, match="KV4 cache needs pages of a multiple of 16 tokens, got 8"):
+        ops.decode_attention(kv4.q, k4, v4, p4, q4, None, None, *args[:3], 8, *args[4:])
+
+    static = PagedCase(LAYOUTS["gqa4x2-d64"], [20], STATIC, torch.float16)
+    (k8, ks), (v8, vs) = static.operands
+    with pytest.raises(RuntimeError, match="pass both k_scale and v_scale or neither"):
+        ops.decode_attention(case.q, k8, v8, None, None, ks, None, *args)
+    with pytest.raises(RuntimeError, match="not both"):
+        ops.decode_attention(case.q, k8, v8, p4, q4, ks, vs, *args)
+    with pytest.raises(RuntimeError, match=r"static KV8 cache must be int8 \[rows, 64\], got Byte"):
+        ops.decode_attention(case.q, k8.view(torch.uint8), v8.view(torch.uint8), None, None, ks, vs, *args)
+    with pytest.raises(RuntimeError, match=r"k_scale must be one fp32 value on cuda:0, got Half \[\]"):
+        ops.decode_attention(case.q, k8, v8, None, None, ks.half(), vs.half(), *args)
 
 
 def test_supports() -> None:
@@ -171,7 +219,10 @@ def test_supports() -> None:
     assert not kernel.supports(4, 2, 64, torch.float32)
 
 
-ENGINE_KV = ["auto", "int8", "int4"]
+ENGINE_KV_DTYPES = ["auto", "int8", "int4"]
+ENGINE_KV = [*ENGINE_KV_DTYPES, STATIC]
+"""The engine's KV cache formats: a `kv_cache_dtype`, or STATIC for a W8A8 checkpoint with
+per-tensor static KV8 scales."""
 DECODE_STEPS = 24
 LOGIT_TOLERANCE = 0.06
 """Largest logit difference between the two paths, as a fraction of the largest |logit| (of the
@@ -196,7 +247,8 @@ tokens."""
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp(request.param)
-    save_servable(request.param, directory, head_dim=64)  # a head_dim the kernel serves
+    hf = save_servable(request.param, directory, head_dim=64)  # a head_dim the kernel serves
+    save_static_kv8_checkpoint(directory, hf, directory / STATIC)
     return directory
 
 
@@ -205,15 +257,17 @@ def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_
     """Both attention backends decode the same token sequence (the torch path's greedy choices,
     fed to both): logits agree closely and greedy ids are equal except at numerical ties. The
     torch path rounds dequantized K/V and probabilities to fp16; the kernel keeps fp32."""
+    static = kv_cache_dtype == STATIC
     runners = {
         backend: ModelRunner(EngineConfig.from_kwargs(
-            str(checkpoint), device="cuda", dtype="float16", page_size=16, num_kv_pages=64,
-            max_num_seqs=8, max_num_batched_tokens=256, kv_cache_dtype=kv_cache_dtype,
-            attention_backend=backend,
+            str(checkpoint / STATIC if static else checkpoint), device="cuda", dtype="float16",
+            page_size=16, num_kv_pages=64, max_num_seqs=8, max_num_batched_tokens=256,
+            kv_cache_dtype="auto" if static else kv_cache_dtype, attention_backend=backend,
         ))
         for backend in ("auto", "torch")
     }
     assert runners["auto"]._inputs.decode_kernel and not runners["torch"]._inputs.decode_kernel
+    assert isinstance(runners["auto"].model.attention_layers[0].k_cache, StaticInt8Rows) == static
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 23, 40, 1)]
     requests = {backend: PagedRequests(16, 64) for backend in runners}
@@ -234,7 +288,7 @@ def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_
     assert ties <= TIE_RATE * compared
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV)
+@pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV_DTYPES)
 def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str) -> None:
     """The engine's greedy tokens with the decode kernel are the torch path's: the trained model,
     fp16, code prompts and a 2K-token passkey prompt (many pages per request). The torch path

@@ -20,7 +20,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -44,11 +43,16 @@ from omniserve.quant.kv import (
 )
 from omniserve.quant.kv_calibration import calibrate_kv_absmax
 from omniserve.quant.precision import parse
-from omniserve.quant.weight import quantize_weight
 from omniserve.runner.kv_cache import KVCacheSpec, StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
 from safetensors.torch import load_file, save_file
-from tiny_models import PagedRequests, hf_logits, save_servable
+from tiny_models import (
+    PagedRequests,
+    fake_quantized,
+    hf_logits,
+    save_servable,
+    save_static_kv8_checkpoint,
+)
 
 OPTIONS = {"device": "cpu", "dtype": "float32", "page_size": 16}
 
@@ -138,36 +142,6 @@ def test_calibration_matches_our_models_post_rope_kv(
         calibrate_kv_absmax(hf, [])
 
 
-def _write_static_checkpoint(
-    fp_dir: Path, hf: torch.nn.Module, out: Path, scale_factor: float = 1.0
-) -> Path:
-    """A W8A8 RTN checkpoint of `fp_dir` with per-tensor KV8 scales calibrated on the model that
-    the checkpoint computes (HF with Ŵ), times `scale_factor`."""
-    p = parse("w8a8")
-    source = load_file(str(fp_dir / "model.safetensors"))
-    linears = {
-        n.removesuffix(".weight"): quantize_weight(t.float(), p)
-        for n, t in source.items()
-        if n.startswith("model.layers.") and n.endswith("_proj.weight")
-    }
-    tensors = {n: t for n, t in source.items() if n.removesuffix(".weight") not in linears}
-    scales = static_kv_scales(calibrate_kv_absmax(_fake_quant(hf, linears), _prompts(7, (64,) * 4)))
-    config = json.loads((fp_dir / CONFIG_FILE).read_text())
-    write_checkpoint(out, config, p, linears, tensors, {"method": "rtn"}, scales * scale_factor)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((fp_dir / name).read_bytes())
-    return out
-
-
-def _fake_quant(hf: torch.nn.Module, linears: dict) -> torch.nn.Module:
-    model = copy.deepcopy(hf)
-    state = model.state_dict()
-    with torch.no_grad():
-        for prefix, weight in linears.items():
-            state[f"{prefix}.weight"].copy_(weight.dequantize())
-    return model
-
-
 def _decode_path_errors(runner: ModelRunner, reference: torch.nn.Module) -> tuple[float, float]:
     """(max relative error, min cosine) of the logits of a prefill and 7 teacher-forced decode
     steps of 6 requests against `reference` at the same positions."""
@@ -190,7 +164,7 @@ def test_engine_static_kv8_is_close_to_fp32(
     models: dict[str, tuple[Path, torch.nn.Module]], tmp_path: Path
 ) -> None:
     fp_dir, hf = models["llama3"]
-    path = _write_static_checkpoint(fp_dir, hf, tmp_path / "static")
+    path = save_static_kv8_checkpoint(fp_dir, hf, tmp_path / "static")
     ckpt = read_checkpoint(path)
     assert ckpt.quant.kv_granularity == PER_TENSOR and ckpt.kv_scales is not None
     runner = ModelRunner(EngineConfig.from_kwargs(str(path), **OPTIONS, num_kv_pages=64))
@@ -198,11 +172,11 @@ def test_engine_static_kv8_is_close_to_fp32(
     assert runner.kv_cache.storage.dtype == torch.int8 and runner.kv_cache.params is None
     assert isinstance(runner.model.attention_layers[1].v_cache, StaticInt8Rows)
     torch.testing.assert_close(runner.kv_cache.static_scales, ckpt.kv_scales)
-    reference = _fake_quant(hf, ckpt.linears)
+    reference = fake_quantized(hf, ckpt.linears)
     max_rel, min_cos = _decode_path_errors(runner, reference)
     assert max_rel <= 0.12 and min_cos >= 0.995, (max_rel, min_cos)
     # Scales far too small clamp nearly every cached value: the comparison can fail.
-    tiny = _write_static_checkpoint(fp_dir, hf, tmp_path / "tiny", scale_factor=1e-3)
+    tiny = save_static_kv8_checkpoint(fp_dir, hf, tmp_path / "tiny", scale_factor=1e-3)
     bad = ModelRunner(EngineConfig.from_kwargs(str(tiny), **OPTIONS, num_kv_pages=64))
     assert _decode_path_errors(bad, reference)[0] > 0.3
 
@@ -211,7 +185,7 @@ def test_static_kv8_tokens_do_not_depend_on_chunking_or_preemption(
     models: dict[str, tuple[Path, torch.nn.Module]], tmp_path: Path
 ) -> None:
     fp_dir, hf = models["mistral"]  # sliding window 8: the cache is read across windows too
-    path = _write_static_checkpoint(fp_dir, hf, tmp_path / "static")
+    path = save_static_kv8_checkpoint(fp_dir, hf, tmp_path / "static")
     prompts = _prompts(2, (30, 31, 17, 29, 25, 12, 70))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     plain = Engine.from_pretrained(path, **OPTIONS, num_kv_pages=256)
@@ -231,7 +205,7 @@ def test_checkpoint_field_and_errors(
     models: dict[str, tuple[Path, torch.nn.Module]], tmp_path: Path
 ) -> None:
     fp_dir, hf = models["llama3"]
-    path = _write_static_checkpoint(fp_dir, hf, tmp_path / "static")
+    path = save_static_kv8_checkpoint(fp_dir, hf, tmp_path / "static")
     block = json.loads((path / CONFIG_FILE).read_text())["quantization_config"]
     assert block["kv_granularity"] == "per_tensor" and block["kv_cache"] == "int8"
     stored = load_file(str(path / "model.safetensors"))

@@ -11,18 +11,26 @@ greedy continuations then do not hinge on float rounding, and every tensor is ex
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from omniserve.quant.checkpoint import CONFIG_FILE, write_checkpoint
+from omniserve.quant.kv import static_kv_scales
+from omniserve.quant.kv_calibration import calibrate_kv_absmax
+from omniserve.quant.precision import parse
+from omniserve.quant.weight import QuantizedWeight, quantize_weight
 from omniserve.runner.step_plan import (
     FLAG_NEEDS_LOGITS,
     FLAG_NEW_ROW,
     FLAG_PREFILL,
     StepPlan,
 )
+from safetensors.torch import load_file
 from tiny_tokenizer import build_tokenizer
 from transformers import (
     AutoModelForCausalLM,
@@ -116,6 +124,44 @@ def save_servable(
     serves text with."""
     model = save_checkpoint(family, directory, **kwargs)
     build_tokenizer(directory)
+    return model
+
+
+def save_static_kv8_checkpoint(
+    fp_dir: Path, hf: PreTrainedModel, out: Path, scale_factor: float = 1.0
+) -> Path:
+    """A W8A8 RTN checkpoint of the servable `fp_dir` (whose HF model is `hf`) with per-tensor
+    static KV8 scales calibrated on the model the checkpoint computes (`fake_quantized`), times
+    `scale_factor`; with the tokenizer, so engines serve it."""
+    precision = parse("w8a8")
+    source = load_file(str(fp_dir / "model.safetensors"))
+    linears = {
+        n.removesuffix(".weight"): quantize_weight(t.float(), precision)
+        for n, t in source.items()
+        if n.startswith("model.layers.") and n.endswith("_proj.weight")
+    }
+    tensors = {n: t for n, t in source.items() if n.removesuffix(".weight") not in linears}
+    g = torch.Generator().manual_seed(7)
+    windows = [torch.randint(3, VOCAB_SIZE, (64,), generator=g).tolist() for _ in range(4)]
+    scales = static_kv_scales(calibrate_kv_absmax(fake_quantized(hf, linears), windows))
+    config = json.loads((fp_dir / CONFIG_FILE).read_text())
+    write_checkpoint(
+        out, config, precision, linears, tensors, {"method": "rtn"}, scales * scale_factor
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((fp_dir / name).read_bytes())
+    return out
+
+
+def fake_quantized(
+    hf: PreTrainedModel, linears: dict[str, QuantizedWeight]
+) -> PreTrainedModel:
+    """A copy of `hf` computing with the dequantized weights Ŵ of `linears` (by module prefix)."""
+    model = copy.deepcopy(hf)
+    state = model.state_dict()
+    with torch.no_grad():
+        for prefix, weight in linears.items():
+            state[f"{prefix}.weight"].copy_(weight.dequantize())
     return model
 
 

@@ -24,6 +24,7 @@
 
 #include <type_traits>
 
+#include "common/async_copy.cuh"
 #include "gemm/params.h"
 
 namespace omniserve::gemm {
@@ -121,20 +122,6 @@ __device__ __forceinline__ void store_pair(const GemmParams& p, int row, int col
 
 __device__ __forceinline__ uint4 lds128(const void* smem) {
   return *reinterpret_cast<const uint4*>(smem);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* global, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;  // 0: zero-fill the 16 bytes (rows past M)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global),
-               "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 }  // namespace omniserve::gemm

@@ -2,11 +2,12 @@
 measured in the same run.
 
 Decode attention (Llama-3-8B heads: 32 query, 8 KV, head_dim 128; page size 64; every request at
-the same context length): our kernel over fp16, KV8 and KV4 paged caches, torch SDPA over the same
+the same context length): our kernel over fp16, KV8, KV4 and per-tensor static KV8 paged caches,
+torch SDPA over the same
 context as dense padded fp16 tensors [batch, kv_heads, context, 128] (flash/efficient backends with
 GQA), and the engine's torch decode path (`PagedAttention._decode`: gather + two batched matmuls).
 Bytes counted per call, all read once: K and V rows (fp16: 256 B each; KV8: 128 + 4 B of scale
-and zero; KV4: 64 + 4 B) for batch × 8 heads × context tokens, the queries and outputs
+and zero; KV4: 64 + 4 B; static KV8: 128 B) for batch × 8 heads × context tokens, the queries and outputs
 (batch × 32 × 128 × 2 B each), and the page-table entries read (4 B per page). For SDPA, the
 dense K/V plus queries and outputs. GB/s = bytes / time; the fraction is of 3.0 TB/s (the
 H100's measured copy rate).
@@ -24,14 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from omniserve.layers.attention import KernelRows
+
 COPY_CEILING_GBPS = 3000.0
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 64
-KV_FORMATS = {"fp16": None, "kv8": 8, "kv4": 4}
+STATIC_KV8 = "static"
+KV_FORMATS: dict[str, int | str | None] = {"fp16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC_KV8}
 
 
 def _time_us(fn: Callable[[], object], repeats: int) -> float:
@@ -55,11 +62,22 @@ def _free_bytes() -> int:
     return free
 
 
-def _row_bytes(bits: int | None) -> int:
-    return HEAD_DIM * 2 if bits is None else HEAD_DIM * bits // 8 + 4
+def _row_bytes(bits: int | str | None) -> int:
+    if bits is None:
+        return HEAD_DIM * 2
+    return HEAD_DIM if bits == STATIC_KV8 else HEAD_DIM * int(bits) // 8 + 4
+
+
+TORCH_PATH_SETTLE_S = 10.0
+"""Idle time after the engine's torch path before the next measurement. Its multi-GiB elementwise
+kernels leave the H100 slower for some seconds: KV4 at batch 64 x 4K took 135 us right after
+them and 121 us after 8 s idle (nvidia-smi read a 1980 MHz SM clock at both); SDPA at that point
+took 653 us right after the previous point's torch path, 362-364 us otherwise."""
 
 
 def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, Any]]:
+    """SDPA, then our kernel on every cache format, then the engine's torch path on each (last, and
+    followed by `TORCH_PATH_SETTLE_S` of idle time; its rows can be a little slow for it)."""
     rows_out: list[dict[str, Any]] = []
     tokens = batch * KV_HEADS * context
     io_bytes = 2 * batch * HEADS * HEAD_DIM * 2  # queries + outputs
@@ -68,10 +86,10 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
     num_slots = num_pages * PAGE_SIZE
     page_table = (1 + torch.randperm(num_pages - 1, device="cuda")).int().view(batch, pages_per_req)
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
-    base = {"batch": batch, "context": context}
+    base = {"batch": batch, "context": context, "op": "decode_attention"}
 
     def skip(variant: str, need: int) -> None:
-        rows_out.append({**base, "op": "decode_attention", "variant": variant,
+        rows_out.append({**base, "variant": variant,
                          "skipped": f"needs {need / 2**30:.1f} GiB, {_free_bytes() / 2**30:.1f} free"})
 
     sdpa_us: float | None = None
@@ -85,97 +103,123 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
             repeats,
         )
         nbytes = dense_kv + io_bytes
-        rows_out.append({**base, "op": "decode_attention", "variant": "torch_sdpa_fp16_dense",
+        rows_out.append({**base, "variant": "torch_sdpa_fp16_dense",
                          "us": sdpa_us, "bytes": nbytes, "gbps": nbytes / sdpa_us / 1e3,
                          "frac_of_copy_ceiling": nbytes / sdpa_us / 1e3 / COPY_CEILING_GBPS})
         del k, v, qs
     else:
         skip("torch_sdpa_fp16_dense", dense_kv)
 
-    for name, bits in KV_FORMATS.items():
+    case = _PagedCase(q, page_table, context, num_slots)
+    ours_us: dict[str, float] = {}
+    for seed, (name, bits) in enumerate(KV_FORMATS.items()):
         kv_bytes = 2 * tokens * _row_bytes(bits)
         if kv_bytes * 1.1 > _free_bytes():
             skip(f"ours_{name}", kv_bytes)
             continue
-        rows_out += _paged_rows(
-            name, bits, q, page_table, context, num_slots, sdpa_us, repeats, skip
-        )
+        cache = case.cache(bits, seed)
+        us = ours_us[name] = _time_us(partial(case.ours, cache), repeats)
+        nbytes = case.nbytes(bits)
+        rows_out.append({**base, "variant": f"ours_{name}", "us": us, "bytes": nbytes,
+                         "gbps": nbytes / us / 1e3,
+                         "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
+                         "speedup_vs_sdpa": None if sdpa_us is None else sdpa_us / us})
+        del cache
         torch.cuda.empty_cache()
+
+    # The engine's torch path on the same caches. Its transients: long indices, gathered codes,
+    # fp32 and fp16 K/V copies, fp32 scores.
+    gather_bytes = tokens * (8 + 2 * HEAD_DIM * 7) + batch * HEADS * context * 12
+    settle = 0.0
+    for seed, (name, bits) in enumerate(KV_FORMATS.items()):
+        if name not in ours_us:
+            continue
+        if (gather_bytes + 2 * tokens * _row_bytes(bits)) * 1.2 > _free_bytes():
+            skip(f"engine_torch_gather_{name}", gather_bytes)
+            continue
+        cache = case.cache(bits, seed)
+        gather = case.torch_path(cache)
+        # Same data: the two paths must agree (up to the torch path's fp16 roundings).
+        max_diff = (gather().float() - case.ours(cache).float()).abs().max().item()
+        g_us = _time_us(gather, repeats)
+        nbytes = case.nbytes(bits)
+        rows_out.append({**base, "variant": f"engine_torch_gather_{name}", "us": g_us,
+                         "bytes": nbytes, "gbps": nbytes / g_us / 1e3,
+                         "frac_of_copy_ceiling": nbytes / g_us / 1e3 / COPY_CEILING_GBPS,
+                         "ours_speedup": g_us / ours_us[name], "max_abs_diff_vs_ours": max_diff})
+        del cache, gather
+        torch.cuda.empty_cache()
+        settle = TORCH_PATH_SETTLE_S
+    time.sleep(settle)
     return rows_out
 
 
-def _paged_rows(
-    name: str,
-    bits: int | None,
-    q: torch.Tensor,
-    page_table: torch.Tensor,
-    context: int,
-    num_slots: int,
-    sdpa_us: float | None,
-    repeats: int,
-    skip: Callable[[str, int], None],
-) -> list[dict[str, Any]]:
-    """Our kernel and the engine's torch path over one paged cache format."""
-    from omniserve.kernels.attention import decode_attention
-    from omniserve.layers.attention import DecodeGroup, PagedAttention
-    from omniserve.runner.kv_cache import DenseRows, QuantizedRows
+CacheRowsPair = tuple["KernelRows", "KernelRows"]
+"""K and V cache rows of one format (`runner/kv_cache.py`)."""
 
-    batch = page_table.shape[0]
-    tokens = batch * KV_HEADS * context
-    base = {"batch": batch, "context": context, "op": "decode_attention"}
-    cache_rows: list[DenseRows | QuantizedRows] = []
-    for _ in range(2):
-        if bits is None:
-            data = torch.randn(KV_HEADS * num_slots, HEAD_DIM, device="cuda", dtype=torch.float16)
-            cache_rows.append(DenseRows(data))
-        else:
-            codes = torch.randint(0, 256, (KV_HEADS * num_slots, HEAD_DIM * bits // 8),
-                                  dtype=torch.uint8, device="cuda")
-            params = torch.rand(KV_HEADS * num_slots, 2, device="cuda").mul_(
-                torch.tensor([0.05, 2 ** (bits - 1)], device="cuda")).half()
-            cache_rows.append(QuantizedRows(codes, params, bits, torch.float16))
-    seq_rows = torch.arange(batch, dtype=torch.int32, device="cuda")
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
 
-    def ours() -> torch.Tensor:
+class _PagedCase:
+    """One batch x context point: queries, page table, and caches of each format over them."""
+
+    def __init__(
+        self, q: torch.Tensor, page_table: torch.Tensor, context: int, num_slots: int
+    ) -> None:
+        self.q, self.page_table, self.context, self.num_slots = q, page_table, context, num_slots
+        batch = q.shape[0]
+        self.seq_rows = torch.arange(batch, dtype=torch.int32, device="cuda")
+        self.lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+
+    def nbytes(self, bits: int | str | None) -> int:
+        tokens = self.q.shape[0] * KV_HEADS * self.context
+        return 2 * tokens * _row_bytes(bits) + 2 * self.q.nbytes + self.page_table.nbytes
+
+    def cache(self, bits: int | str | None, seed: int) -> CacheRowsPair:
+        """Random K and V rows of format `bits` (None: fp16, or STATIC_KV8), the same per seed."""
+        from omniserve.runner.kv_cache import DenseRows, QuantizedRows, StaticInt8Rows
+
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        rows = KV_HEADS * self.num_slots
+        pair = []
+        for _ in range(2):
+            if bits is None:
+                data = torch.randn(rows, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+                pair.append(DenseRows(data))
+            elif bits == STATIC_KV8:
+                codes = torch.randint(-127, 128, (rows, HEAD_DIM), dtype=torch.int8,
+                                      device="cuda", generator=g)
+                pair.append(StaticInt8Rows(codes, torch.tensor(0.02, device="cuda"), torch.float16))
+            else:
+                assert isinstance(bits, int)
+                codes = torch.randint(0, 256, (rows, HEAD_DIM * bits // 8), dtype=torch.uint8,
+                                      device="cuda", generator=g)
+                params = torch.rand(rows, 2, device="cuda", generator=g).mul_(
+                    torch.tensor([0.05, 2 ** (bits - 1)], device="cuda")).half()
+                pair.append(QuantizedRows(codes, params, bits, torch.float16))
+        return pair[0], pair[1]
+
+    def ours(self, cache: CacheRowsPair) -> torch.Tensor:
+        from omniserve.kernels.attention import decode_attention
+
+        k_rows, v_rows = cache
         return decode_attention(
-            q, cache_rows[0].kernel_operands(), cache_rows[1].kernel_operands(), page_table,
-            seq_rows, lens, page_size=PAGE_SIZE, num_kv_heads=KV_HEADS, max_context_len=context,
-            scale=HEAD_DIM**-0.5,
+            self.q, k_rows.kernel_operands(), v_rows.kernel_operands(), self.page_table,
+            self.seq_rows, self.lens, page_size=PAGE_SIZE, num_kv_heads=KV_HEADS,
+            max_context_len=self.context, scale=HEAD_DIM**-0.5,
         )
 
-    us = _time_us(ours, repeats)
-    nbytes = 2 * tokens * _row_bytes(bits) + 2 * q.nbytes + page_table.nbytes
-    rows = [{**base, "variant": f"ours_{name}", "us": us, "bytes": nbytes,
-             "gbps": nbytes / us / 1e3,
-             "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
-             "speedup_vs_sdpa": None if sdpa_us is None else sdpa_us / us}]
+    def torch_path(self, cache: CacheRowsPair) -> Callable[[], torch.Tensor]:
+        """The engine's torch decode path (`PagedAttention._decode`) over the same rows."""
+        from omniserve.layers.attention import DecodeGroup, PagedAttention
 
-    # The engine's torch path on the same cache. Its transients: long indices, gathered codes,
-    # fp32 and fp16 K/V copies, fp32 scores.
-    gather_bytes = tokens * (8 + 2 * HEAD_DIM * 7) + batch * HEADS * context * 12
-    if gather_bytes * 1.2 > _free_bytes():
-        skip(f"engine_torch_gather_{name}", gather_bytes)
-        return rows
-    layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, None)
-    layer.k_cache, layer.v_cache = cache_rows
-    pos = torch.arange(context, device="cuda")
-    slots = page_table[:, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
-    kv_index = torch.arange(KV_HEADS, device="cuda")[:, None, None] * num_slots + slots
-    group = DecodeGroup(torch.arange(batch, device="cuda"), kv_index,
-                        torch.ones(batch, context, dtype=torch.bool, device="cuda"))
-
-    def gather() -> torch.Tensor:
-        return layer._decode(q, group)
-
-    # Same data: the two paths must agree (up to the torch path's fp16 roundings).
-    max_diff = (gather().float() - ours().float()).abs().max().item()
-    g_us = _time_us(gather, repeats)
-    rows.append({**base, "variant": f"engine_torch_gather_{name}", "us": g_us, "bytes": nbytes,
-                 "gbps": nbytes / g_us / 1e3,
-                 "frac_of_copy_ceiling": nbytes / g_us / 1e3 / COPY_CEILING_GBPS,
-                 "ours_speedup": g_us / us, "max_abs_diff_vs_ours": max_diff})
-    return rows
+        batch = self.q.shape[0]
+        layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, None)
+        layer.k_cache, layer.v_cache = cache
+        pos = torch.arange(self.context, device="cuda")
+        slots = self.page_table[:, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+        kv_index = torch.arange(KV_HEADS, device="cuda")[:, None, None] * self.num_slots + slots
+        group = DecodeGroup(torch.arange(batch, device="cuda"), kv_index,
+                            torch.ones(batch, self.context, dtype=torch.bool, device="cuda"))
+        return partial(layer._decode, self.q, group)
 
 
 def _fused_rows(tokens: int, hidden: int, repeats: int) -> list[dict[str, Any]]:

@@ -14,12 +14,14 @@ from functools import cache
 import torch
 
 from omniserve.kernels.build import Extension
+from omniserve.quant.kv import row_params_or_scale
 
 EXTENSION = Extension(
     "omniserve_decode_attention",
     (
         "decode_attention.cu", "decode_attention_kv16.cu", "decode_attention_kv8.cu",
-        "decode_attention_kv4.cu", "decode_attention_bindings.cpp",
+        "decode_attention_kv4.cu", "decode_attention_kv8_static.cu",
+        "decode_attention_bindings.cpp",
     ),
     # Safe: the approximate exp2 and division err far below the fp16/bf16 rounding of the output,
     # and the code conversions are integer tricks that fast math does not touch.
@@ -30,10 +32,13 @@ HEAD_DIMS = (64, 128)
 GROUP_SIZES = (1, 2, 4, 8)
 """Query heads per KV head the kernel is instantiated for (MHA = 1)."""
 PARTITIONS = (1024, 512, 256, 128)
-"""Tokens per split, largest first. Longer partitions stream more bytes per block between
-synchronizations: on the H100 (benches/kernels.py, cold L2), allowing 1024 over 512 moved KV4 from
-67% to 74% of 3.0 TB/s at batch 256 x 32K (KV8 71% to 77%) and left batch 64 x 4K at 57%."""
-
+"""Tokens per split of the three-phase kernel (16-bit and KV8 rows), largest first. Longer
+partitions stream more bytes per block between synchronizations: on the H100 (benches/kernels.py,
+cold L2), allowing 1024 over 512 moved KV8 from 71% to 77% of 3.0 TB/s at batch 256 x 32K."""
+KV4_PARTITIONS = (4096, 2048, 1024, 512, 256, 128)
+"""Tokens per split of the streaming KV4 kernel, largest first. It keeps no per-token state, so a
+split may be long: on the H100 at batch 64 x 4K, one 4096-token split per request (512 blocks,
+one wave, no combine step) took 120 us against 130 us for 2048 and 132 us for 1024."""
 
 
 @cache
@@ -51,14 +56,17 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtyp
     )
 
 
-def choose_partition(batch: int, num_kv_heads: int, visible_len: int, device: torch.device) -> int:
-    """The largest partition that still gives every SM two blocks; small batches of long contexts
-    get more, shorter partitions (more parallelism, one more combine step)."""
-    target = 2 * _num_sms(device)
-    for partition in PARTITIONS:
-        if batch * num_kv_heads * math.ceil(visible_len / partition) >= target:
+def choose_partition(
+    batch: int, num_kv_heads: int, visible_len: int, device: torch.device, kv4: bool
+) -> int:
+    """The largest partition that still fills the GPU: for the three-phase kernel two blocks per
+    SM, for the KV4 kernel (which streams a split without pausing) one block per SM. Small batches
+    of long contexts get more, shorter partitions (more parallelism, one more combine step)."""
+    partitions, target = (KV4_PARTITIONS, 1) if kv4 else (PARTITIONS, 2)
+    for partition in partitions:
+        if batch * num_kv_heads * math.ceil(visible_len / partition) >= target * _num_sms(device):
             return partition
-    return PARTITIONS[-1]
+    return partitions[-1]
 
 
 def decode_attention(
@@ -78,18 +86,22 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged cache, [B, q_heads, head_dim].
 
-    q [B, q_heads, head_dim] fp16/bf16; k_rows / v_rows: (rows, params) of one layer's cache as in
-    `runner/kv_cache.py` (params None for a cache in q's dtype, else fp16 [rows, 2] scale and zero
-    beside uint8 codes); page_table int32 [R, max_pages]; seq_rows int32 [B] (each request's
-    page-table row); context_lens int32 [B] (tokens each request attends, its new token included,
-    all >= 1); max_context_len >= every context length (sizes the launch: a smaller value yields
-    NaN outputs, never a silent truncation); window: attend only the last `window` tokens.
+    q [B, q_heads, head_dim] fp16/bf16; k_rows / v_rows: (rows, params) of one layer's cache as
+    `KernelRows.kernel_operands` gives them (`runner/kv_cache.py`): params None for a cache in q's
+    dtype, fp16 [rows, 2] scale and zero beside uint8 codes, or a one-element fp32 scale beside the
+    int8 codes of per-tensor static KV8; page_table int32 [R, max_pages]; seq_rows int32 [B] (each
+    request's page-table row); context_lens int32 [B] (tokens each request attends, its new token
+    included, all >= 1); max_context_len >= every context length (sizes the launch: a smaller
+    value yields NaN outputs, never a silent truncation); window: attend only the last `window`
+    tokens.
     """
+    (k, k_params), (v, v_params) = k_rows, v_rows
+    kv4 = k.dtype == torch.uint8 and 2 * k.shape[-1] == q.shape[-1]
     visible = max_context_len if window is None else min(max_context_len, window)
     if partition is None:
-        partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device)
-    (k, k_params), (v, v_params) = k_rows, v_rows
+        partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device, kv4)
+    (k_params, k_scale), (v_params, v_scale) = map(row_params_or_scale, (k_params, v_params))
     return EXTENSION.load().decode_attention(
-        q, k, v, k_params, v_params, page_table, seq_rows, context_lens,
+        q, k, v, k_params, v_params, k_scale, v_scale, page_table, seq_rows, context_lens,
         page_size, num_kv_heads, max_context_len, window or 0, scale, partition,
     )

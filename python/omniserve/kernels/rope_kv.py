@@ -1,11 +1,13 @@
 """Fused RoPE + KV cache write (`cuda/rope_kv_write.cu`) next to its torch reference.
 
 The reference is `PagedAttention`'s own path: `layers/rotary.apply_rotary` on q and k, then each
-cache's `store` (`runner/kv_cache.py`: rows in the compute dtype, or `quant/kv.quantize_kv` codes
-with a (scale, zero) per row, returned through `dequantize_kv`). That is ~8 torch ops per RoPE and
-~25 per quantized store; the kernel does all of it for a layer in one launch, with the same
-roundings, so what it returns and stores equals the reference's bit for bit (up to the sign of a
-zero `zero` parameter, see the kernel). `applies` says when the attention layer may use it.
+cache's `store` (`runner/kv_cache.py`: rows in the compute dtype; `quant/kv.quantize_kv` codes
+with a (scale, zero) per row, returned through `dequantize_kv`; or per-tensor static KV8,
+`quantize_kv_static` codes under the layer's fixed K or V scale, returned through
+`dequantize_kv_static`). That is ~8 torch ops per RoPE and up to ~25 per quantized store; the
+kernel does all of it for a layer in one launch, with the same roundings, so what it returns and
+stores equals the reference's bit for bit (up to the sign of a zero `zero` parameter, see the
+kernel). `applies` says when the attention layer may use it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from omniserve.kernels.build import Extension, kernels_available
+from omniserve.quant.kv import row_params_or_scale
 
 if TYPE_CHECKING:
     from omniserve.layers.attention import CacheRows, KernelRows
@@ -30,8 +33,8 @@ HEAD_DIMS = (64, 128, 256)
 
 def applies(q: torch.Tensor, k_rows: CacheRows, v_rows: CacheRows) -> bool:
     """Whether the kernel serves a step with queries q [T, heads, head_dim] over these cache rows:
-    a Hopper GPU, fp16/bf16, a supported head_dim, and rows the kernel can write (dense or per-token
-    quantized; static per-tensor KV8 stays on the torch path)."""
+    a Hopper GPU, fp16/bf16, a supported head_dim, and rows with `kernel_operands` (every format
+    of `runner/kv_cache.py`: dense, per-token quantized, per-tensor static KV8)."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
@@ -58,9 +61,11 @@ def rope_kv_write(
     q, k and v may be strided views (e.g. of the fused qkv projection); channels must be
     contiguous. Returns (q rotated, k, v as reads of the cache return them), contiguous, except
     that a dense cache returns v itself."""
-    (k_data, k_params), (v_data, v_params) = k_rows.kernel_operands(), v_rows.kernel_operands()
+    (k_data, k_operand), (v_data, v_operand) = k_rows.kernel_operands(), v_rows.kernel_operands()
+    (k_params, k_scale), (v_params, v_scale) = map(row_params_or_scale, (k_operand, v_operand))
     cos, sin = rope
     q_rot, k_seen, v_seen = EXTENSION.load().rope_kv_write(
-        q, k, v, cos, sin, write_index, k_data, v_data, k_params, v_params
+        q, k, v, cos, sin, write_index, k_data, v_data, k_params, v_params, k_scale, v_scale
     )
     return q_rot, k_seen, v_seen
+

@@ -22,7 +22,7 @@ one quantize-dequantize of the step's own K/V.
 
 The model hands each layer its q and k before RoPE (`rotate_and_attend`): on a Hopper GPU one kernel
 (`kernels/rope_kv.py`) rotates q and k and writes K and V to the cache, dense or quantized, in one
-launch instead of dozens of small torch ops; elsewhere (and for static KV8) the reference,
+launch instead of dozens of small torch ops; elsewhere the reference,
 `apply_rotary` then the cache rows' `store`, does it, with bit-identical results.
 
 The runner builds the per-step `AttentionMetadata` (cache rows, masks, groups) once for all layers.
@@ -122,8 +122,9 @@ class KernelRows(CacheRows, Protocol):
     write (`kernels/rope_kv.py`) writes them."""
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rows [num_rows, width], params fp16 [num_rows, 2] or None): the storage itself, values
-        in the compute dtype (params None) or `quantize_kv` codes with (scale, zero) per row."""
+        """(rows [num_rows, width], params): the storage itself, values in the compute dtype
+        (params None), `quantize_kv` codes with fp16 (scale, zero) per row (params [num_rows, 2]),
+        or per-tensor static KV8's int8 codes with the layer's fp32 scale (params 0-d)."""
         ...
 
 
@@ -201,7 +202,7 @@ class PagedAttention(nn.Module):
 
         k_rows, v_rows = self.k_cache, self.v_cache
         if not (hasattr(k_rows, "kernel_operands") and hasattr(v_rows, "kernel_operands")):
-            return False  # a storage format the kernel does not read (e.g. static per-tensor KV8)
+            return False  # a storage format without kernel operands
         rows, _ = k_rows.kernel_operands()
         return kernels_available(rows.device) and kernel.supports(
             self.num_heads, self.num_kv_heads, self.head_dim, dtype

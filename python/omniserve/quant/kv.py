@@ -112,3 +112,14 @@ def dequantize_kv_static(
 ) -> torch.Tensor:
     """Inverse of `quantize_kv_static`: x̂ = scale · q in fp32, returned as `dtype`."""
     return codes.float().mul_(scale).to(dtype)
+
+
+def row_params_or_scale(
+    params: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A cache's kernel operand beside its rows (`KernelRows.kernel_operands`) as the kernels'
+    bindings take it, (per-row params, per-tensor scale): fp16 (scale, zero) rows are params, a
+    static KV8 cache's fp32 scale is the scale, and a dense cache has neither."""
+    if params is not None and params.dtype == torch.float32:
+        return None, params
+    return params, None

@@ -13,11 +13,13 @@ A quantized cache (KV8/KV4, `quant/kv.py`) keeps the same rows in two tensors: t
 head_dim bytes per row for KV8, head_dim / 2 for KV4) and each row's fp16 (scale, zero). Both are
 indexed by the same cache rows, so the page math is the same for every storage format; K and V are
 quantized when written and dequantized to the compute dtype when read. On a Hopper GPU the
-attention layer writes dense and per-token quantized rows with a fused kernel instead of `store`
-(`kernels/rope_kv.py`, through `kernel_operands`), producing the same bits.
+attention layer writes rows of every format with a fused kernel instead of `store`
+(`kernels/rope_kv.py`, through `kernel_operands`), producing the same bits, and decodes read them
+with the paged decode kernel (`kernels/attention.py`).
 
 Per-tensor static KV8 (`kv_granularity` "per_tensor") stores int8 codes only: each layer's K and V
-have one fixed scale (`static_scales`, from the checkpoint), so rows carry no parameters.
+have one fixed scale (`static_scales`, from the checkpoint), so rows carry no parameters; the
+kernels take that scale in place of per-row parameters.
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ class StaticInt8Rows:
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
         return dequantize_kv_static(self.codes[index], self.scale, self.dtype)
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes, self.scale
 
 
 class KVCache:
