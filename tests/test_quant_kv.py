@@ -34,7 +34,15 @@ from omniserve.cli.engine_args import add_engine_args, engine_kwargs
 from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
 from omniserve.layers.attention import PagedAttention
-from omniserve.quant.kv import dequantize_kv, pack_int4, quantize_kv, unpack_int4
+from omniserve.quant.kv import (
+    PER_TENSOR,
+    PER_TOKEN_HEAD,
+    dequantize_kv,
+    pack_int4,
+    quantize_kv,
+    row_params_or_scale,
+    unpack_int4,
+)
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_inputs import StepInputBuilder
@@ -289,3 +297,20 @@ def test_kv_cache_dtype_option() -> None:
     }
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "fp8"])
+
+
+
+@pytest.mark.parametrize("granularity", [PER_TOKEN_HEAD, PER_TENSOR])
+def test_kernel_operands_split_into_row_params_or_a_static_scale(granularity: str) -> None:
+    """What the kernels' bindings take from each quantized cache's `kernel_operands`: per-row
+    (scale, zero) params, or a static KV8 cache's per-tensor scale."""
+    spec = KVCacheSpec(2, 16, 2, 64, torch.float16, kv_bits=8, kv_granularity=granularity)
+    static = torch.ones(2, 2) if granularity == PER_TENSOR else None
+    cache = KVCache(spec, 4, 2, 4, torch.device("cpu"), static_scales=static)
+    _, operand = cache._rows(1, 0).kernel_operands()
+    params, scale = row_params_or_scale(operand)
+    if granularity == PER_TENSOR:
+        assert params is None and scale is operand and scale.dtype == torch.float32
+    else:
+        assert params is operand and params.dtype == torch.float16 and scale is None
+    assert row_params_or_scale(None) == (None, None)  # a dense cache

@@ -3,14 +3,13 @@ measured in the same run.
 
 Decode attention (Llama-3-8B heads: 32 query, 8 KV, head_dim 128; page size 64; every request at
 the same context length): our kernel over fp16, KV8, KV4 and per-tensor static KV8 paged caches,
-torch SDPA over the same
-context as dense padded fp16 tensors [batch, kv_heads, context, 128] (flash/efficient backends with
-GQA), and the engine's torch decode path (`PagedAttention._decode`: gather + two batched matmuls).
-Bytes counted per call, all read once: K and V rows (fp16: 256 B each; KV8: 128 + 4 B of scale
-and zero; KV4: 64 + 4 B; static KV8: 128 B) for batch × 8 heads × context tokens, the queries and outputs
-(batch × 32 × 128 × 2 B each), and the page-table entries read (4 B per page). For SDPA, the
-dense K/V plus queries and outputs. GB/s = bytes / time; the fraction is of 3.0 TB/s (the
-H100's measured copy rate).
+torch SDPA over the same context as dense padded fp16 tensors [batch, kv_heads, context, 128]
+(flash/efficient backends with GQA), and the engine's torch decode path (`PagedAttention._decode`:
+gather + two batched matmuls). Bytes counted per call, all read once: K and V rows (fp16: 256 B
+each; KV8: 128 + 4 B of scale and zero; KV4: 64 + 4 B; static KV8: 128 B) for batch × 8 heads ×
+context tokens, the queries and outputs (batch × 32 × 128 × 2 B each), and the page-table entries
+read (4 B per page). For SDPA, the dense K/V plus queries and outputs. GB/s = bytes / time; the
+fraction is of 3.0 TB/s (the H100's measured copy rate).
 
 Fused ops: per-token int8 quant, RMSNorm + quant, SiLU·mul + quant at T tokens × hidden; bytes =
 input (2 B per value; SiLU reads gate and up), weight (RMSNorm), int8 codes, 2 B scale and 4 B sum
@@ -38,7 +37,9 @@ if TYPE_CHECKING:
 COPY_CEILING_GBPS = 3000.0
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 64
 STATIC_KV8 = "static"
-KV_FORMATS: dict[str, int | str | None] = {"fp16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC_KV8}
+KV_FORMATS: dict[str, int | str | None] = {
+    "fp16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC_KV8,
+}
 
 
 def _time_us(fn: Callable[[], object], repeats: int) -> float:
