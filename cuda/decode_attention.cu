@@ -106,7 +106,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     p.k_params = reinterpret_cast<const __half2*>(k_params->data_ptr());
     p.v_params = reinterpret_cast<const __half2*>(v_params->data_ptr());
   }
-  if (format == KVFormat::kStaticKV8) {
+  if (k_scale.has_value()) {
     p.k_scale = k_scale->data_ptr<float>();
     p.v_scale = v_scale->data_ptr<float>();
   }

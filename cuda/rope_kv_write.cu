@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
   } else {
     constexpr bool kPerRow = kFormat != KVFormat::kStaticKV8;
-    constexpr int kBits = kFormat == KVFormat::kKV4 ? 4 : 8;
+    constexpr int kBits = kBitsOf<kFormat>;
     constexpr int kLevels = (1 << kBits) - 1;
     constexpr float kInvLevels = 1.0f / kLevels;  // rounded once, as torch rounds 1 / Q
     constexpr int kPackedDim = kHeadDim * kBits / 8;

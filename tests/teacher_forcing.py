@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+from omniserve import Engine, SamplingParams
+from omniserve.outputs import RequestOutput
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests
 
@@ -80,3 +82,27 @@ def assert_greedy_agreement(
     assert ties <= math.floor(max_tie_rate * positions), (
         f"path B chose another token at {ties} numerical ties of {positions} positions"
     )
+
+
+def assert_engines_agree(
+    generating: Engine,
+    scoring: Engine,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    logit_tolerance: float,
+    max_tie_rate: float,
+) -> list[RequestOutput]:
+    """Path A (`generating`) decodes `prompts` greedily; both engines then score A's sequences
+    through their own decode paths, and `assert_greedy_agreement` compares them. Returns A's
+    outputs."""
+    outputs = generating.generate(prompts, params, use_tqdm=False)
+    prompt_ids = [o.prompt_token_ids for o in outputs]
+    tokens = [o.token_ids for o in outputs]
+    assert_greedy_agreement(
+        tokens,
+        teacher_forced_logits(generating.runner, prompt_ids, tokens),
+        teacher_forced_logits(scoring.runner, prompt_ids, tokens),
+        logit_tolerance=logit_tolerance, max_tie_rate=max_tie_rate,
+    )
+    return outputs

@@ -19,7 +19,7 @@ from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.runner.decode_graphs import capture_sizes
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
-from teacher_forcing import assert_greedy_agreement, teacher_forced_logits
+from teacher_forcing import assert_engines_agree
 from test_kernels_attention import KV4_LOGIT_TOLERANCE
 
 
@@ -79,19 +79,16 @@ def test_graph_decode_matches_eager(kv_cache_dtype: str, batch: int) -> None:
     assert engines[True].runner._graphs is None
     graphs = engines[False].runner._graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16]
-    outputs = engines[True].generate(prompts, params, use_tqdm=False)
-    prompt_ids = [o.prompt_token_ids for o in outputs]
-    tokens = [o.token_ids for o in outputs]
     replays = []
     original = graphs.run
     graphs.run = lambda step: replays.append(step.input_ids.shape[0]) or original(step)  # type: ignore[method-assign]
-    logits = {e: teacher_forced_logits(engines[e].runner, prompt_ids, tokens) for e in engines}
-    assert replays == [batch] * (params.max_tokens - 1), "every decode step replays a graph"
-    assert_greedy_agreement(
-        tokens, logits[True], logits[False],
+    outputs = assert_engines_agree(  # the eager engine generates; only the graphs' scoring replays
+        engines[True], engines[False], prompts, params,
         logit_tolerance=KV4_LOGIT_TOLERANCE if kv_cache_dtype == "int4" else LOGIT_TOLERANCE,
         max_tie_rate=TIE_RATE,
     )
+    assert replays == [batch] * (params.max_tokens - 1), "every decode step replays a graph"
+    tokens = [o.token_ids for o in outputs]
     # And the engine itself, free-running on its graphs, generates the eager engine's tokens.
     again = engines[False].generate(prompts, params, use_tqdm=False)
     agree = sum(a == b for o, g in zip(outputs, again) for a, b in zip(o.token_ids, g.token_ids))

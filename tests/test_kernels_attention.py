@@ -23,7 +23,7 @@ from omniserve.quant.kv import (
 )
 from omniserve.runner.kv_cache import StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
-from teacher_forcing import assert_greedy_agreement, teacher_forced_logits
+from teacher_forcing import assert_engines_agree
 from tiny_models import (
     FAMILIES,
     PagedRequests,
@@ -308,13 +308,9 @@ def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str)
         for backend in ("auto", "torch")
     }
     assert all(e.runner._inputs.decode_kernel == (b == "auto") for b, e in engines.items())
-    outputs = engines["auto"].generate(prompts, params, use_tqdm=False)
-    assert all(len(o.token_ids) == params.max_tokens for o in outputs)
-    prompt_ids = [o.prompt_token_ids for o in outputs]
-    tokens = [o.token_ids for o in outputs]
-    logits = {b: teacher_forced_logits(e.runner, prompt_ids, tokens) for b, e in engines.items()}
-    assert_greedy_agreement(
-        tokens, logits["auto"], logits["torch"],
+    outputs = assert_engines_agree(
+        engines["auto"], engines["torch"], prompts, params,
         logit_tolerance=KV4_LOGIT_TOLERANCE if kv_cache_dtype == "int4" else LOGIT_TOLERANCE,
         max_tie_rate=TIE_RATE,
     )
+    assert all(len(o.token_ids) == params.max_tokens for o in outputs)

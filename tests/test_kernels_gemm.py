@@ -36,7 +36,7 @@ from omniserve.quant.weight import (
     quantize_w4a8_per_channel,
     quantize_w8a8,
 )
-from teacher_forcing import assert_greedy_agreement, teacher_forced_logits
+from teacher_forcing import assert_engines_agree
 
 QUANTIZERS = {
     "w8a8": quantize_w8a8,
@@ -320,12 +320,8 @@ def test_engine_greedy_on_kernels_equals_cpu_reference(
         # Which path ran: the reference on CPU, the CUDA kernels for every projection on CUDA.
         assert all(layer.uses_kernels == (device == "cuda") for layer in layers)
         engines[device] = engine
-    outputs = engines["cuda"].generate(prompts, params, use_tqdm=False)
-    assert all(len(o.token_ids) == params.max_tokens for o in outputs)
-    prompt_ids = [o.prompt_token_ids for o in outputs]
-    tokens = [o.token_ids for o in outputs]
-    logits = {d: teacher_forced_logits(e.runner, prompt_ids, tokens) for d, e in engines.items()}
-    assert_greedy_agreement(
-        tokens, logits["cuda"], logits["cpu"],
+    outputs = assert_engines_agree(
+        engines["cuda"], engines["cpu"], prompts, params,
         logit_tolerance=LOGIT_TOLERANCE, max_tie_rate=TIE_RATE,
     )
+    assert all(len(o.token_ids) == params.max_tokens for o in outputs)

@@ -43,9 +43,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMagic = 8388608.f;  // 2^23: a code c in the low mantissa bits reads 2^23 + c
 constexpr uint32_t kMagicBits = 0x4B000000u;
 
-template <KVFormat F>
-constexpr int kBitsOf = F == KVFormat::kDense ? 16 : F == KVFormat::kKV4 ? 4 : 8;
-
 template <int Bytes>
 struct alignas(Bytes) Chunk {
   uint32_t w[Bytes / 4];
@@ -123,6 +120,20 @@ struct DecodeParams {
 // Visible token range [begin, ctx) of request b.
 __device__ __forceinline__ int visible_begin(int ctx, int window) {
   return window > 0 ? max(0, ctx - window) : 0;
+}
+
+// The page-table row of request b.
+__device__ __forceinline__ const int32_t* request_pages(const DecodeParams& p, int b) {
+  return p.page_table + static_cast<int64_t>(p.seq_rows[b]) * p.page_table_stride;
+}
+
+// The cache row of KV head kv_head at position t of the request whose pages are `pages`
+// (runner/kv_cache.py: head * num_slots + page * page_size + offset).
+__device__ __forceinline__ uint32_t cache_row(const DecodeParams& p, const int32_t* pages,
+                                              int kv_head, int t) {
+  const uint32_t slot =
+      static_cast<uint32_t>(pages[t / p.page_size]) * p.page_size + t % p.page_size;
+  return kv_head * p.num_slots + slot;
 }
 
 // Splits cover [first, ctx) in `partition`-token spans, first being the visible begin rounded
@@ -372,13 +383,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const int n = range.hi - range.lo;
 
   // Phase 0: cache rows of the partition's tokens.
-  const int32_t* pages = p.page_table + static_cast<int64_t>(p.seq_rows[b]) * p.page_table_stride;
-  for (int i = tid; i < n; i += kThreads) {
-    const int t = range.lo + i;
-    const uint32_t slot =
-        static_cast<uint32_t>(pages[t / p.page_size]) * p.page_size + t % p.page_size;
-    s_row[i] = kv_head * p.num_slots + slot;
-  }
+  const int32_t* pages = request_pages(p, b);
+  for (int i = tid; i < n; i += kThreads) s_row[i] = cache_row(p, pages, kv_head, range.lo + i);
 
   __syncthreads();
 

@@ -262,11 +262,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kv4_kernel(const De
     return;
   }
   const int num_tiles = (range.hi - range.begin + kTileTokens - 1) / kTileTokens;
-  const int32_t* pages = p.page_table + static_cast<int64_t>(p.seq_rows[b]) * p.page_table_stride;
+  const int32_t* pages = request_pages(p, b);
   for (int i = tid; i < num_tiles; i += kThreads) {
-    const int t = range.begin + i * kTileTokens;
-    s_tile_row[i] = kv_head * p.num_slots +
-                    static_cast<uint32_t>(pages[t / p.page_size]) * p.page_size + t % p.page_size;
+    s_tile_row[i] = cache_row(p, pages, kv_head, range.begin + i * kTileTokens);
   }
   __syncthreads();
 

@@ -11,4 +11,8 @@ enum class KVFormat {
   kStaticKV8,  // quantize_kv_static int8 codes under one fp32 scale per layer for K and for V
 };
 
+// Bits per stored value.
+template <KVFormat F>
+constexpr int kBitsOf = F == KVFormat::kDense ? 16 : F == KVFormat::kKV4 ? 4 : 8;
+
 }  // namespace omniserve
