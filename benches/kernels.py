@@ -33,7 +33,7 @@ ATTENTION_VARIANTS = {
     "ours_kv4": "ours KV4",
     "ours_kv8static": "ours KV8 static",
 }
-FUSED_OPS = ("quantize_per_token", "rmsnorm_quant", "silu_mul_quant")
+FUSED_OPS = ("quantize_per_token", "rmsnorm_quant", "add_rmsnorm_quant", "silu_mul_quant")
 
 
 def load_rows(path: str | Path) -> list[Row]:
@@ -70,6 +70,10 @@ def _format(title: str, header: Sequence[str], body: Sequence[Sequence[str]],
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _cell(row: Row | None, fraction: Callable[[Row], float], notes: list[str], where: str) -> str:
@@ -166,7 +170,8 @@ def attention_table(rows: Sequence[Row]) -> str:
 
 def fused_tables(rows: Sequence[Row]) -> list[str]:
     """Per fused op: rows tokens x hidden; our kernel's µs and fraction of the copy rate, the
-    torch reference's µs, the speedup."""
+    torch reference's µs, the speedup; and, for an op that replaced an unfused path of the
+    engine (e.g. torch's add, then our RMSNorm + quant), that path's µs and the speedup."""
     from omniserve.bench.kernels_attention import COPY_CEILING_GBPS
 
     tables = []
@@ -174,14 +179,20 @@ def fused_tables(rows: Sequence[Row]) -> list[str]:
         mine = sorted((r for r in rows if r["op"] == op), key=lambda r: (r["hidden"], r["tokens"]))
         if not mine:
             continue
+        unfused = any("unfused_us" in r for r in mine)
         notes: list[str] = []
-        body = [
-            [str(r["tokens"]), str(r["hidden"]), _cell(r, _copy_fraction, notes, op),
-             f"{r['torch_reference_us']:.2f}", _ratio(r["speedup_vs_torch"])]
-            for r in mine
-        ]
+        body = []
+        for r in mine:
+            line = [str(r["tokens"]), str(r["hidden"]), _cell(r, _copy_fraction, notes, op),
+                    f"{r['torch_reference_us']:.2f}", _ratio(r["speedup_vs_torch"])]
+            if unfused:
+                line += [_us(r.get("unfused_us")), _ratio(r.get("speedup_vs_unfused"))]
+            body.append(line)
+        if unfused:
+            notes.append("unfused: the engine's path before this fusion, timed in the same run")
         title = f"{op}; ours: µs, then % of {COPY_CEILING_GBPS / 1000:.1f} TB/s for the bytes moved"
         header = ["tokens", "hidden", "ours", "torch µs", "vs torch"]
+        header += ["unfused µs", "vs unfused"] if unfused else []
         tables.append(_format(title, header, body, notes))
     return tables
 

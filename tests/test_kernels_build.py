@@ -101,9 +101,13 @@ def test_fused_ops_fall_back_to_the_references_off_gpu() -> None:
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(24, generator=g))
     norm = norm.to(torch.bfloat16)
+    residual, add_quantized = fused.add_rmsnorm_quant(x, x.flip(0), norm)
+    want_residual, want_add_quantized = activation.add_rmsnorm_quant(x, x.flip(0), norm)
+    assert torch.equal(residual, want_residual)
     for got, want in [
         (fused.quantize_per_token(x), activation.quantize_per_token(x)),
         (fused.rmsnorm_quant(x, norm), activation.rmsnorm_quant(x, norm)),
+        (add_quantized, want_add_quantized),
         (fused.silu_mul_quant(x), activation.silu_mul_quant(x)),
     ]:
         for a, b in zip(got, want):

@@ -1,11 +1,13 @@
-"""A W4A8/W8A8 decoder reads its projections' int8 inputs from the fused RMSNorm+quant and
-SiLU·mul+quant ops (models/llama.py `projection_input_ops`, kernels/fused.py), and QuantizedLinear
-takes those already-quantized activations.
+"""A W4A8/W8A8 decoder reads its projections' int8 inputs from the fused (residual add +)
+RMSNorm+quant and SiLU·mul+quant ops (models/llama.py `projection_input_ops`, kernels/fused.py),
+and QuantizedLinear takes those already-quantized activations.
 
-CPU (the reference path): the fused ops' references are norm → quantize_per_token and
+CPU (the reference path): the fused ops' references are add → norm → quantize_per_token and
 silu·mul → quantize_per_token, so the model's logits must be bit-identical to the unfused
-composition (the same quantized model whose norm and act emit floats for QuantizedLinear to
+composition (the same quantized model whose norms and act emit floats for QuantizedLinear to
 quantize, as before the fusion), in fp32 and bf16, and the fused ops must be the ones that ran.
+Moving each residual add into the norm after it must not change the logits either: they equal
+those of the layer structure before it (each layer adding its own outputs), quantized or not.
 
 GPU: the bf16 model on the kernels (fused ops + quantized GEMMs) against the CPU bf16 reference
 path. The two differ where CUDA rounds in another order (attention, lm_head, the GEMM epilogue's
@@ -29,6 +31,7 @@ from omniserve.kernels import fused
 from omniserve.kernels.build import kernels_available
 from omniserve.layers import quantized_linear
 from omniserve.layers.activation import SiluAndMul
+from omniserve.layers.attention import AttentionMetadata
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.models import llama
 from omniserve.quant.precision import parse
@@ -114,10 +117,11 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
     quantizer QuantizedLinear runs for float inputs."""
     out = {
         "rmsnorm_quant": _Spy(fused.rmsnorm_quant),
+        "add_rmsnorm_quant": _Spy(fused.add_rmsnorm_quant),
         "silu_mul_quant": _Spy(fused.silu_mul_quant),
         "quantize_per_token": _Spy(quantized_linear.quantize_per_token),
     }
-    for name in ("rmsnorm_quant", "silu_mul_quant"):
+    for name in ("rmsnorm_quant", "add_rmsnorm_quant", "silu_mul_quant"):
         monkeypatch.setattr(fused, name, out[name])
     monkeypatch.setattr(quantized_linear, "quantize_per_token", out["quantize_per_token"])
     return out
@@ -157,13 +161,16 @@ def test_fused_logits_equal_unfused_composition(
     _reset(spies)
     got = _step_logits(runner)
     # Per layer and step: two fused norms, one fused SiLU·mul; only o_proj quantizes for itself.
+    # Every norm but the first layer's input norm adds a residual first.
     assert _counts(spies) == {
-        "rmsnorm_quant": 2 * NUM_LAYERS * STEPS,
+        "rmsnorm_quant": STEPS,
+        "add_rmsnorm_quant": (2 * NUM_LAYERS - 1) * STEPS,
         "silu_mul_quant": NUM_LAYERS * STEPS,
         "quantize_per_token": NUM_LAYERS * STEPS,
     }
     model_dtype = getattr(torch, dtype)
-    assert set(spies["rmsnorm_quant"].calls) == {("cpu", model_dtype)}
+    for name in ("rmsnorm_quant", "add_rmsnorm_quant"):
+        assert set(spies[name].calls) == {("cpu", model_dtype)}
     assert all(m.dtype == model_dtype for m in runner.model.modules()
                if isinstance(m, QuantizedLinear))
 
@@ -171,10 +178,57 @@ def test_fused_logits_equal_unfused_composition(
     _reset(spies)
     want = _step_logits(unfused)
     assert _counts(spies) == {
-        "rmsnorm_quant": 0, "silu_mul_quant": 0, "quantize_per_token": 4 * NUM_LAYERS * STEPS
+        "rmsnorm_quant": 0, "add_rmsnorm_quant": 0, "silu_mul_quant": 0,
+        "quantize_per_token": 4 * NUM_LAYERS * STEPS,
     }
     for g, w in zip(got, want, strict=True):
         assert g.shape == (3, 384) and torch.equal(g, w)
+
+
+def _forward_adding_in_each_layer(
+    self: llama.LlamaModel,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """LlamaModel.forward as it was before the residual adds moved into the norms after them:
+    each layer adds its attention and MLP outputs itself, its norms only normalize."""
+    rope = self.rotary(positions)
+    x = self.embed_tokens(input_ids)
+    for layer in self.layers:
+        x = x + layer.self_attn(layer.normalize(x, layer.input_layernorm), rope, meta)
+        x = x + layer.mlp(layer.normalize(x, layer.post_attention_layernorm))
+    return self.norm(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("model", "quantization"),
+    [("qwen2", None), ("llama3", None), *((m, (p, g)) for m, p, g in CASES)],
+    ids=lambda v: "fp" if v is None else "-".join(map(str, v)) if isinstance(v, tuple) else v,
+)
+def test_logits_equal_layers_adding_their_own_outputs(
+    checkpoints: dict[str, Path],
+    spies: dict[str, _Spy],
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    quantization: tuple[str, int] | None,
+    dtype: str,
+) -> None:
+    path = checkpoints[model]
+    if quantization is not None:
+        path = _quantized(path, *quantization)
+    runner = _runner(path, "cpu", dtype)
+    _reset(spies)
+    got = _step_logits(runner)
+    fused_adds = 0 if quantization is None else (2 * NUM_LAYERS - 1) * STEPS
+    assert len(spies["add_rmsnorm_quant"].calls) == fused_adds
+    monkeypatch.setattr(llama.LlamaModel, "forward", _forward_adding_in_each_layer)
+    _reset(spies)
+    want = _step_logits(runner)
+    assert spies["add_rmsnorm_quant"].calls == []
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 def test_fp_model_keeps_float_ops(checkpoints: dict[str, Path], spies: dict[str, _Spy]) -> None:
@@ -182,7 +236,9 @@ def test_fp_model_keeps_float_ops(checkpoints: dict[str, Path], spies: dict[str,
     assert all(isinstance(layer.mlp.act, SiluAndMul) for layer in runner.model.model.layers)
     _reset(spies)
     _step_logits(runner)
-    assert _counts(spies) == {"rmsnorm_quant": 0, "silu_mul_quant": 0, "quantize_per_token": 0}
+    assert _counts(spies) == {
+        "rmsnorm_quant": 0, "add_rmsnorm_quant": 0, "silu_mul_quant": 0, "quantize_per_token": 0
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +332,9 @@ def test_cuda_model_with_fused_ops_near_cpu_reference(
     _reset(spies)
     got = _step_logits(runner)
     # CUDA bf16 inputs: kernels/fused.py runs its kernels for them (kernels are available).
-    assert spies["rmsnorm_quant"].calls == [("cuda", torch.bfloat16)] * (2 * NUM_LAYERS * STEPS)
+    assert spies["rmsnorm_quant"].calls == [("cuda", torch.bfloat16)] * STEPS
+    fused_adds = (2 * NUM_LAYERS - 1) * STEPS
+    assert spies["add_rmsnorm_quant"].calls == [("cuda", torch.bfloat16)] * fused_adds
     assert spies["silu_mul_quant"].calls == [("cuda", torch.bfloat16)] * (NUM_LAYERS * STEPS)
     reference = _step_logits(_runner(path, "cpu", "bfloat16"))
     exact = _step_logits(_runner(path, "cpu", "float32"))

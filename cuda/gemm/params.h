@@ -1,5 +1,6 @@
 // Host-visible interface of the quantized GEMMs: formats, parameters and the per-format launchers
-// (kernels in gemm/kernels.cuh, instantiated by gemm_<format>.cu; torch binding in gemm_ops.cpp).
+// (kernels in gemm/small_m.cuh and gemm/tensor_core.cuh, instantiated by gemm_<format>.cu; torch
+// binding in gemm_ops.cpp).
 #pragma once
 
 #include <cuda_fp16.h>

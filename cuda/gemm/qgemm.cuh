@@ -1,15 +1,18 @@
 // Quantized GEMMs y[M, N] = epilogue(x_q[M, K] · B[N, K]ᵀ) for W8A8, W4A8 per-channel and W4A8 g128
 // (python/omniserve/quant/gemm.py is the specification; kernels/gemm.py packs the weights).
 //
-// Both kernels run int8 x int8 → int32 mma.sync.m16n8k32 on tensor cores. Their shared idea is a
-// K order chosen so that every operand fragment is one 16-byte vector per lane:
+// Both kernels (gemm/small_m.cuh, gemm/tensor_core.cuh) compute int8 x int8 → int32 on tensor
+// cores. Their shared idea is a K order chosen so that every operand fragment of the mma.sync
+// m16n8k32 is one 16-byte vector per lane:
 //
 //   A sum over k is order-free, so inside each 128-wide K block (one g128 group) the m16n8k32 step
 //   s ∈ [0, 4) and register half h ∈ {0, 1} of lane (g = lane / 4, t = lane % 4) take the physical
 //   inputs  k = t·32 + s·8 + h·4 + i  (i = byte of the 32-bit register)  instead of the PTX order
 //   k = h·16 + t·4 + i. A and B agree on it, so the product is unchanged, and lane t then needs
 //   the 32 contiguous bytes [t·32, t·32 + 32) of each activation row: two 16-byte loads give the A
-//   registers of all four steps, straight from row-major x_q, without ldmatrix or a repack.
+//   registers of all four steps, straight from row-major x_q, without ldmatrix or a repack. The
+//   same order hands a lane channel g's bytes [t·32, t·32 + 32) in natural order, which is how the
+//   wgmma kernel expands a packed tile into a plain int8 one.
 //
 // B is packed at load time in the same order, in tiles of 8 output channels × 128 inputs, tiles
 // row-major over [N/8][K/128]; lane = g·4 + t owns channel g of the tile:

@@ -11,9 +11,11 @@ context tokens, the queries and outputs (batch × 32 × 128 × 2 B each), and th
 read (4 B per page). For SDPA, the dense K/V plus queries and outputs. GB/s = bytes / time; the
 fraction is of 3.0 TB/s (the H100's measured copy rate).
 
-Fused ops: per-token int8 quant, RMSNorm + quant, SiLU·mul + quant at T tokens × hidden; bytes =
-input (2 B per value; SiLU reads gate and up), weight (RMSNorm), int8 codes, 2 B scale and 4 B sum
-per token; the peer is the torch reference of `quant/activation.py` on the same GPU.
+Fused ops: per-token int8 quant, RMSNorm + quant, residual add + RMSNorm + quant, SiLU·mul + quant
+at T tokens × hidden; bytes = input (2 B per value; SiLU reads gate and up, the add x and delta),
+weight (RMSNorm), the residual the add writes, int8 codes, 2 B scale and 4 B sum per token; the
+peer is the torch reference of `quant/activation.py` on the same GPU. The fused add has a second
+peer, the path it replaces in the engine: torch's add, then our RMSNorm + quant kernel.
 
 Timing: CUDA events around each call, the L2 cache flushed before each (a 256 MiB write), the
 median of `--repeats` calls after warm-up.
@@ -27,7 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -223,33 +225,53 @@ class _PagedCase:
         return partial(layer._decode, self.q, group)
 
 
+class _FusedCase(NamedTuple):
+    ours: Callable[[], object]
+    reference: Callable[[], object]
+    """The op's torch reference (quant/activation.py)."""
+    nbytes: int
+    unfused: Callable[[], object] | None = None
+    """The engine's path before the fusion, where ours fuses more than one of our ops."""
+
+
 def _fused_rows(tokens: int, hidden: int, repeats: int) -> list[dict[str, Any]]:
     from omniserve.kernels import fused
     from omniserve.layers.norm import RMSNorm
     from omniserve.quant import activation
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn_like(x)
     gate_up = torch.randn(tokens, 2 * hidden, device="cuda", dtype=torch.bfloat16)
     norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
     with torch.no_grad():
         norm.weight.fill_(1.0)
     out_bytes = tokens * (hidden + 6)
+    norm_bytes = x.nbytes + hidden * 2 + out_bytes
     cases = {
-        "quantize_per_token": (lambda: fused.quantize_per_token(x),
-                               lambda: activation.quantize_per_token(x), x.nbytes + out_bytes),
-        "rmsnorm_quant": (lambda: fused.rmsnorm_quant(x, norm),
-                          lambda: activation.rmsnorm_quant(x, norm),
-                          x.nbytes + hidden * 2 + out_bytes),
-        "silu_mul_quant": (lambda: fused.silu_mul_quant(gate_up),
-                           lambda: activation.silu_mul_quant(gate_up), gate_up.nbytes + out_bytes),
+        "quantize_per_token": _FusedCase(lambda: fused.quantize_per_token(x),
+                                         lambda: activation.quantize_per_token(x),
+                                         x.nbytes + out_bytes),
+        "rmsnorm_quant": _FusedCase(lambda: fused.rmsnorm_quant(x, norm),
+                                    lambda: activation.rmsnorm_quant(x, norm), norm_bytes),
+        "add_rmsnorm_quant": _FusedCase(lambda: fused.add_rmsnorm_quant(x, delta, norm),
+                                        lambda: activation.add_rmsnorm_quant(x, delta, norm),
+                                        norm_bytes + 2 * x.nbytes,  # delta read, residual written
+                                        lambda: fused.rmsnorm_quant(x + delta, norm)),
+        "silu_mul_quant": _FusedCase(lambda: fused.silu_mul_quant(gate_up),
+                                     lambda: activation.silu_mul_quant(gate_up),
+                                     gate_up.nbytes + out_bytes),
     }
     rows_out = []
-    for op, (ours, reference, nbytes) in cases.items():
-        us, ref_us = _time_us(ours, repeats), _time_us(reference, repeats)
-        rows_out.append({"op": op, "tokens": tokens, "hidden": hidden, "us": us, "bytes": nbytes,
-                         "gbps": nbytes / us / 1e3,
-                         "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
-                         "torch_reference_us": ref_us, "speedup_vs_torch": ref_us / us})
+    for op, case in cases.items():
+        us, ref_us = _time_us(case.ours, repeats), _time_us(case.reference, repeats)
+        gbps = case.nbytes / us / 1e3
+        row = {"op": op, "tokens": tokens, "hidden": hidden, "us": us, "bytes": case.nbytes,
+               "gbps": gbps, "frac_of_copy_ceiling": gbps / COPY_CEILING_GBPS,
+               "torch_reference_us": ref_us, "speedup_vs_torch": ref_us / us}
+        if case.unfused is not None:
+            unfused_us = _time_us(case.unfused, repeats)
+            row |= {"unfused_us": unfused_us, "speedup_vs_unfused": unfused_us / us}
+        rows_out.append(row)
     return rows_out
 
 
@@ -270,9 +292,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if "fused" in args.parts:
             for hidden in args.hidden:
                 for tokens in args.tokens:
-                    rows += _fused_rows(tokens, hidden, args.repeats)
+                    fused_rows = _fused_rows(tokens, hidden, args.repeats)
+                    rows += fused_rows
                     if args.verbose:
-                        for row in rows[-3:]:
+                        for row in fused_rows:
                             print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:

@@ -4,7 +4,8 @@ Each op runs the CUDA kernel for CUDA tensors on a GPU the kernels support and t
 (`omniserve.quant.activation`) otherwise. The kernels reproduce the references' arithmetic (fp16
 scale rounded up, IEEE division, round half to even), so codes, scales and sums are equal to the
 reference's on the same device; RMSNorm's sum of squares is reduced in another order than
-torch's, so a normalized value can differ in its last bit and move a code by one (rarely).
+torch's, so a normalized value can differ in its last bit and move a code by one (rarely). The
+residual add before it rounds as torch's does: that residual equals `x + delta` bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def rmsnorm_quant(x: torch.Tensor, norm: RMSNorm) -> QuantizedActivation:
     if not _use_kernel(x):
         return reference.rmsnorm_quant(x, norm)
     return QuantizedActivation(*EXTENSION.load().rmsnorm_quant(x, norm.weight, norm.eps))
+
+
+def add_rmsnorm_quant(
+    x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+) -> tuple[torch.Tensor, QuantizedActivation]:
+    """residual = x + delta, then RMSNorm + per-token int8 of it: (residual, quantized)
+    (reference: `quant.activation.add_rmsnorm_quant`)."""
+    if not _use_kernel(x):
+        return reference.add_rmsnorm_quant(x, delta, norm)
+    residual, *quantized = EXTENSION.load().add_rmsnorm_quant(x, delta, norm.weight, norm.eps)
+    return residual, QuantizedActivation(*quantized)
 
 
 def silu_mul_quant(gate_up: torch.Tensor) -> QuantizedActivation:

@@ -1,8 +1,8 @@
 """Quantized GEMMs on CUDA (W8A8, W4A8 per-channel, W4A8 g128) next to their references.
 
 The references are `omniserve.quant.gemm` (exact integer cores + float epilogues); the CUDA kernels
-(`cuda/gemm_*.cu`; design in `cuda/gemm/qgemm.cuh`, kernels in `cuda/gemm/kernels.cuh`, choice
-in `cuda/gemm/dispatch.cuh`; from `gemm_cutlass.MIN_M` tokens, CUTLASS on the weight expanded to
+(`cuda/gemm_*.cu`; design in `cuda/gemm/qgemm.cuh`, kernels in `cuda/gemm/small_m.cuh` and
+`cuda/gemm/tensor_core.cuh`, choice in `cuda/gemm/dispatch.cuh`; from `gemm_cutlass.MIN_M` tokens, CUTLASS on the weight expanded to
 int8, kernels/gemm_cutlass.py) compute the same int32 accumulators exactly and the same fp32
 epilogue in the same operation order, then round once to the output dtype.
 
@@ -60,9 +60,10 @@ MAX_G128_SCALE = 17
 """The kernel multiplies four codes per 32-bit word by s2; q · s2 ≤ 15 · 17 < 256 keeps lanes apart."""
 
 KernelPath = Literal["auto", "small_m", "tensor_core", "cutlass"]
-"""Which kernel runs: the dispatcher's choice (the memory-bound kernel for M ≤ 64, the mma.sync
-tensor-core kernel above, and from `gemm_cutlass.MIN_M` the CUTLASS path on the weight expanded
-to int8, where CUTLASS is installed), or a forced one."""
+"""Which kernel runs: the dispatcher's choice (the memory-bound mma.sync kernel for M ≤ 32, and to
+M = 64 where the tensor-core grid would be small; the wgmma tensor-core kernel above; from
+`gemm_cutlass.MIN_M` the CUTLASS path on the weight expanded to int8, where CUTLASS is installed),
+or a forced one."""
 _PATHS: dict[str, int] = {"auto": 0, "small_m": 1, "tensor_core": 2}
 """Paths of the packed-weight extension (cuda/gemm/params.h `Path`); "cutlass" is its own."""
 _FORMATS: dict[type, int] = {W8A8Weight: 0, W4A8PerChannelWeight: 1, W4A8PerGroupWeight: 2}

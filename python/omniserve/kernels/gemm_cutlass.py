@@ -42,10 +42,11 @@ EXTENSION = Extension(
 )
 
 MIN_M = 512
-"""Smallest M the automatic dispatch sends here. On the H100 (Llama-3-8B projections, sum of the
-four, W4A8 per-channel) the expansion costs ~135 µs and the GEMM 256 µs at M = 512, together
-below the packed tensor-core kernel's 473 µs; at M = 256 the expansion alone is half of that
-kernel's 269 µs."""
+"""Smallest M the automatic dispatch sends here. Summed over the four Llama-3-8B projections on an
+H200, expansion included, at M = 512 this path takes 337 / 376 / 367 µs for W4A8 g128 / W8A8 /
+W4A8 per-channel against the packed wgmma kernel's 389 / 390 / 341 µs (one threshold for all
+three: the formats cross over between 256 and 1024); at M = 1024 it is ahead for all three
+(437-478 against 580-730 µs, before that kernel's last tuning)."""
 
 _lock = threading.Lock()
 _workspaces: dict[torch.device, list[torch.Tensor]] = {}

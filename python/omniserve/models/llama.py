@@ -91,23 +91,36 @@ class ProjectionInputOps(NamedTuple):
     """The ops whose outputs the decoder's projections read."""
 
     norm: Callable[[torch.Tensor, RMSNorm], ProjectionInput]
-    """x, norm → the normalized residual stream, before qkv_proj and gate_up_proj."""
+    """x, norm → the normalized residual stream, before the first layer's qkv_proj."""
+    add_norm: Callable[[torch.Tensor, torch.Tensor, RMSNorm], tuple[torch.Tensor, ProjectionInput]]
+    """x, delta, norm → (x + delta, the normalized sum): a residual add and the norm after it,
+    before every other qkv_proj and every gate_up_proj."""
     act: Callable[[torch.Tensor], ProjectionInput]
     """silu(gate)·up of gate_up_proj's output, before down_proj."""
 
 
 def projection_input_ops(fmt: WeightFormat) -> ProjectionInputOps:
-    """Quantized projections read per-token int8, so the ops before them emit it: RMSNorm and
-    SiLU·mul fused with the quantizer (kernels/fused.py), one launch each where the float op takes
-    several and the projection's quantizer one more. Their references are exactly that
-    composition, so outputs do not change. o_proj reads the attention output, which stays float."""
+    """Quantized projections read per-token int8, so the ops before them emit it: RMSNorm (with
+    the residual add before it) and SiLU·mul fused with the quantizer (kernels/fused.py), one
+    launch each where the float ops take several and the projection's quantizer one more. Their
+    references are exactly that composition, so outputs do not change. o_proj reads the attention
+    output, which stays float."""
     if fmt is None:
-        return ProjectionInputOps(norm=_rmsnorm, act=SiluAndMul())
-    return ProjectionInputOps(norm=fused.rmsnorm_quant, act=fused.silu_mul_quant)
+        return ProjectionInputOps(norm=_rmsnorm, add_norm=_add_rmsnorm, act=SiluAndMul())
+    return ProjectionInputOps(
+        norm=fused.rmsnorm_quant, add_norm=fused.add_rmsnorm_quant, act=fused.silu_mul_quant
+    )
 
 
 def _rmsnorm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
     return norm(x)
+
+
+def _add_rmsnorm(
+    x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = x + delta
+    return residual, norm(residual)
 
 
 class LlamaAttention(nn.Module):
@@ -168,13 +181,27 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, sliding_window, fmt)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, fmt)
-        self.normalize = projection_input_ops(fmt).norm
+        ops = projection_input_ops(fmt)
+        self.normalize, self.add_normalize = ops.norm, ops.add_norm
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.normalize(x, self.input_layernorm), rope, meta)
-        return x + self.mlp(self.normalize(x, self.post_attention_layernorm))
+        self,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream `residual + delta` (delta: the previous layer's MLP
+        output, None for the first layer). Each residual add is left to the norm after it, so that
+        the quantized path fuses the two: returns the stream after attention and this layer's MLP
+        output, which the next layer's input norm (or the model's final norm) adds."""
+        if delta is None:
+            h = self.normalize(residual, self.input_layernorm)
+        else:
+            residual, h = self.add_normalize(residual, delta, self.input_layernorm)
+        attn_out = self.self_attn(h, rope, meta)
+        residual, h = self.add_normalize(residual, attn_out, self.post_attention_layernorm)
+        return residual, self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -196,10 +223,11 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         rope = self.rotary(positions)  # once per step, shared by every layer
-        x = self.embed_tokens(input_ids)
+        residual, delta = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return self.norm(x)
+            residual, delta = layer(residual, delta, rope, meta)
+        assert delta is not None  # a model has layers
+        return self.norm(residual + delta)  # the last layer's MLP add, then the float norm
 
 
 class LlamaForCausalLM(nn.Module):

@@ -57,6 +57,20 @@ def rmsnorm_quant(x: torch.Tensor, norm: RMSNorm) -> QuantizedActivation:
     return quantize_per_token(norm(x))
 
 
+def add_rmsnorm_quant(
+    x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+) -> tuple[torch.Tensor, QuantizedActivation]:
+    """A decoder's residual add fused with the RMSNorm + quant after it: residual = x + delta
+    (torch's add, rounded once to x's dtype) and rmsnorm_quant(residual)."""
+    if delta.shape != x.shape or delta.dtype != x.dtype:
+        raise ValueError(
+            f"delta must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+            f"{tuple(delta.shape)} {delta.dtype}"
+        )
+    residual = x + delta
+    return residual, rmsnorm_quant(residual, norm)
+
+
 def silu_mul_quant(gate_up: torch.Tensor) -> QuantizedActivation:
     """silu(gate)·up of the fused gate_up output [T, 2I] (in its dtype, as QServe's two-kernel path
     rounds to fp16 between them), then per-token int8 [T, I]."""
