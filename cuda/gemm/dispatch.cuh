@@ -7,7 +7,7 @@
 namespace omniserve::gemm {
 
 // Auto: the memory-bound kernel up to M = 32, and up to kSmallMMax while the tensor-core grid
-// would fill under a third of the SMs (on the H100/H200 at M = 64: 29 vs 59 µs for N = 4096,
+// would fill under a third of the SMs (on an H200 at M = 64: 29 vs 59 µs for N = 4096,
 // K = 14336; 48 vs 83 µs for N = 28672, K = 4096 the other way); the tensor-core kernel above.
 inline bool small_m_wins(const GemmParams& p) {
   const int tensor_core_blocks = (p.m + kWgTokens - 1) / kWgTokens * (p.n / kBlockN);

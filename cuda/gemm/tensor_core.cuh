@@ -68,8 +68,8 @@ struct StageLoader {
   int a_dst;                  // offset of copy 0 in the stage
   const uint8_t* b;           // copy 0 at K block 0
   int64_t b_step;             // between copies
-  const uint16_t* groups;     // g128: this thread's 16 bytes of the block's group row, K block 0
-  int64_t groups_step;
+  const uint16_t* groups = nullptr;  // g128: this thread's 16 bytes of the group row, K block 0
+  int64_t groups_step = 0;           // g128: between K blocks' group rows
 
   __device__ __forceinline__ StageLoader(const GemmParams& p, int m0, int n0) {
     const int row = threadIdx.x / 8, c = threadIdx.x % 8;
@@ -86,8 +86,10 @@ struct StageLoader {
     const int tile = threadIdx.x / chunks_per_tile, chunk = threadIdx.x % chunks_per_tile;
     b = p.b + size_t(n0 / 8 + tile) * k_blocks * kTileBytes<F> + chunk * 16;
     b_step = int64_t(kThreads / chunks_per_tile) * k_blocks * kTileBytes<F>;
-    groups = p.groups + n0 + threadIdx.x * 8;
-    groups_step = p.n;
+    if constexpr (F == Format::kW4A8G128) {
+      groups = p.groups + n0 + threadIdx.x * 8;
+      groups_step = p.n;
+    }
   }
 
   __device__ __forceinline__ void load(uint8_t* stage, int kb) const {
