@@ -80,7 +80,7 @@ struct StageLoader {
       a_valid |= uint32_t(m < p.m) << i;
     }
     a_dst = swizzled(row, c);
-    // Copy i is byte chunk threadIdx.x + i·kThreads of the block's contiguous stage image.
+    // Weight copy i is 16-byte chunk threadIdx.x + i·kThreads of the stage's packed tiles.
     constexpr int chunks_per_tile = kTileBytes<F> / 16;
     const int k_blocks = p.k / kBlockK;
     const int tile = threadIdx.x / chunks_per_tile, chunk = threadIdx.x % chunks_per_tile;
