@@ -2,6 +2,7 @@
 // Large M goes to the CUTLASS path (kernels/gemm_cutlass.py) before reaching this extension.
 #pragma once
 
+#include "gemm/small_m.cuh"
 #include "gemm/tensor_core.cuh"
 
 namespace omniserve::gemm {

@@ -1,5 +1,5 @@
 // The memory-bound quantized GEMM for decode-sized M (qgemm.cuh: formats, K order, packed
-// layout) and the launch helpers both GEMM kernels share.
+// layout).
 //
 // small_m_kernel (M ≤ 64): reads each packed weight byte once, straight from global memory into
 //   registers (one 16-byte load per lane per tile, several tiles in flight per warp), activations
@@ -9,16 +9,10 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <stdexcept>
-#include <string>
-
+#include "gemm/launch.h"
 #include "gemm/qgemm.cuh"
 
 namespace omniserve::gemm {
-
-// ------------------------------------------------------------------------------------------------
-// Memory-bound kernel.
 
 constexpr int kSmallWarps = 8;
 constexpr int kSmallTilesN = 4;  // 8-channel tiles per block: 32 channels
@@ -128,30 +122,6 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
       if (row < p.m) store_pair<F, OutT>(p, row, col, acc[mt][j][0], acc[mt][j][1]);
       if (row + 8 < p.m) store_pair<F, OutT>(p, row + 8, col, acc[mt][j][2], acc[mt][j][3]);
     }
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Launch.
-
-inline void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("omniserve gemm: launching ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
-
-// Opts `kernel` into `bytes` of dynamic shared memory, once per kernel (the first call's answer is
-// kept, so a failure is reported on every launch).
-template <auto kernel>
-void reserve_shared_memory(int bytes) {
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (attr != cudaSuccess) {
-    throw std::runtime_error(std::string("omniserve gemm: cannot reserve ") +
-                             std::to_string(bytes) + " B of shared memory: " +
-                             cudaGetErrorString(attr));
   }
 }
 

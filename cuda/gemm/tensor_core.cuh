@@ -19,7 +19,8 @@
 
 #include <algorithm>
 
-#include "gemm/small_m.cuh"
+#include "gemm/launch.h"
+#include "gemm/qgemm.cuh"
 
 namespace omniserve::gemm {
 
