@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from omniserve.engine.engine import Engine, bundled_model_path
 from omniserve.eval.niah import run_niah
 from omniserve.eval.perplexity import perplexity, read_text
@@ -68,7 +69,9 @@ def main() -> None:
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--clip-steps", type=int, default=11)
     p.add_argument("--max-rows", type=int, default=1024)
-    p.add_argument("--niah-lengths", type=_ints, default=None, help="e.g. 1024,8192 (default: no NIAH)")
+    p.add_argument(
+        "--niah-lengths", type=_ints, default=None, help="e.g. 1024,8192 (default: no NIAH)"
+    )
     p.add_argument("--niah-depths", type=_floats, default=[0.0, 0.5, 1.0])
     p.add_argument("--niah-samples", type=int, default=2)
     p.add_argument("--output", type=Path, default=None, help="JSON file")
@@ -83,13 +86,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         calib_file = Path(tmp) / "calibration.txt"
         calib_file.write_text(calibration_text(args.calib_bytes), encoding="utf-8")
-        calibration = load_calibration(calib_file, tokenizer, args.calib_samples, args.calib_seq_len)
+        calibration = load_calibration(
+            calib_file, tokenizer, args.calib_samples, args.calib_seq_len
+        )
 
         def evaluate(model: Path, precision: str, group_size: int, row: dict, key: str) -> None:
             """row[key] = perplexity; row["niah"] = the NIAH grid when one was asked for."""
             engine = Engine.from_pretrained(
-                model, precision=precision, group_size=group_size, device=args.device,
-                dtype=args.dtype, max_num_batched_tokens=8192,
+                model,
+                precision=precision,
+                group_size=group_size,
+                device=args.device,
+                dtype=args.dtype,
+                max_num_batched_tokens=8192,
             )
             row[key] = perplexity(engine, text, args.seq_len, args.max_windows).perplexity
             if key != "rtn" and args.niah_lengths:
@@ -103,11 +112,19 @@ def main() -> None:
             if not precision.quantized_weights:
                 evaluate(args.model, name, group_size, row, "fp_weights")
             else:
-                rtn_dir, qoq_dir = Path(tmp) / f"rtn-{name}-{group_size}", Path(tmp) / f"qoq-{name}-{group_size}"
+                rtn_dir, qoq_dir = (
+                    Path(tmp) / f"rtn-{name}-{group_size}",
+                    Path(tmp) / f"qoq-{name}-{group_size}",
+                )
                 write_rtn_checkpoint(args.model, rtn_dir, precision)
                 evaluate(rtn_dir, name, group_size, row, "rtn")
                 quantize_checkpoint(
-                    args.model, qoq_dir, precision, calibration, options, torch.device(args.device),
+                    args.model,
+                    qoq_dir,
+                    precision,
+                    calibration,
+                    options,
+                    torch.device(args.device),
                     progress=False,
                 )
                 evaluate(qoq_dir, name, group_size, row, "qoq")
@@ -122,9 +139,13 @@ def main() -> None:
         print(f"| {r['precision']} | {group} | " + " | ".join(cells) + " |")
     if args.niah_lengths:
         lengths = " | ".join(str(n) for n in args.niah_lengths)
-        print(f"\nNIAH (fp weights or QoQ), accuracy per context length over depths "
-              f"{args.niah_depths}, {args.niah_samples} needles per cell\n")
-        print(f"| precision | group | {lengths} | all |\n|" + " --- |" * (len(args.niah_lengths) + 3))
+        print(
+            f"\nNIAH (fp weights or QoQ), accuracy per context length over depths "
+            f"{args.niah_depths}, {args.niah_samples} needles per cell\n"
+        )
+        print(
+            f"| precision | group | {lengths} | all |\n|" + " --- |" * (len(args.niah_lengths) + 3)
+        )
         for r in results:
             acc = r["niah"]["accuracy"]
             cells = " | ".join(f"{sum(row) / len(row):.0%}" for row in acc)

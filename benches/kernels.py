@@ -57,8 +57,9 @@ def _kind(row: Row) -> str:
     raise ValueError(f"a row of no known benchmark: {json.dumps(row)[:200]}")
 
 
-def _format(title: str, header: Sequence[str], body: Sequence[Sequence[str]],
-            notes: Sequence[str]) -> str:
+def _format(
+    title: str, header: Sequence[str], body: Sequence[Sequence[str]], notes: Sequence[str]
+) -> str:
     """A right-aligned text table. Columns are at least two spaces apart and cells hold at most
     single spaces, so a column stays one column for a reader (and a parser splitting on two)."""
     widths = [max(len(header[i]), *(len(line[i]) for line in body)) for i in range(len(header))]
@@ -77,7 +78,7 @@ def _us(value: float | None) -> str:
 
 
 def _cell(row: Row | None, fraction: Callable[[Row], float], notes: list[str], where: str) -> str:
-    """"µs  %" of one measurement; a skipped or failed one says so, and why in a note."""
+    """ "µs  %" of one measurement; a skipped or failed one says so, and why in a note."""
     if row is None:
         return "-"
     for key in ("error", "skipped"):
@@ -117,8 +118,11 @@ def gemm_tables(rows: Sequence[Row]) -> list[str]:
     tables = [legend]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for path in paths:
-            at = {(r["op"], r["m"]): r for r in rows
-                  if r["shape"] == shape and r.get("path", "") in ("", path)}
+            at = {
+                (r["op"], r["m"]): r
+                for r in rows
+                if r["shape"] == shape and r.get("path", "") in ("", path)
+            }
             ms = sorted({m for op, m in at if op in GEMM_OURS} or {m for _, m in at})
             if not ms:
                 continue
@@ -127,10 +131,14 @@ def gemm_tables(rows: Sequence[Row]) -> list[str]:
             body = []
             for m in ms:
                 line = [str(m)]
-                line += [_cell(at.get((op, m)), _roofline_fraction, notes, f"{names[op]} at M={m}")
-                         for op in ops]
-                line += [_ratio(at.get((ours, m), {}).get(f"speedup_vs_{peer}"))
-                         for ours, peer in speedups]
+                line += [
+                    _cell(at.get((op, m)), _roofline_fraction, notes, f"{names[op]} at M={m}")
+                    for op in ops
+                ]
+                line += [
+                    _ratio(at.get((ours, m), {}).get(f"speedup_vs_{peer}"))
+                    for ours, peer in speedups
+                ]
                 body.append(line)
             if any("*" in cell for line in body for cell in line):
                 notes.append("*: the peer ran at a larger M it accepts (m_run in the JSON)")
@@ -157,13 +165,21 @@ def attention_table(rows: Sequence[Row]) -> str:
     body = []
     for batch, context in sorted({(b, c) for b, c, _ in at}):
         line = [str(batch), str(context)]
-        line += [_cell(at.get((batch, context, variant)), _copy_fraction, notes,
-                       f"{name} at batch {batch}, context {context}")
-                 for variant, name in ATTENTION_VARIANTS.items()]
+        line += [
+            _cell(
+                at.get((batch, context, variant)),
+                _copy_fraction,
+                notes,
+                f"{name} at batch {batch}, context {context}",
+            )
+            for variant, name in ATTENTION_VARIANTS.items()
+        ]
         line.append(_ratio(at.get((batch, context, "ours_kv4"), {}).get("speedup_vs_sdpa")))
         body.append(line)
-    title = (f"Decode attention, {HEADS} query and {KV_HEADS} KV heads of {HEAD_DIM}; cells: µs, "
-             f"then % of {COPY_CEILING_GBPS / 1000:.1f} TB/s for the bytes moved")
+    title = (
+        f"Decode attention, {HEADS} query and {KV_HEADS} KV heads of {HEAD_DIM}; cells: µs, "
+        f"then % of {COPY_CEILING_GBPS / 1000:.1f} TB/s for the bytes moved"
+    )
     header = ["batch", "context", *ATTENTION_VARIANTS.values(), "KV4 vs SDPA"]
     return _format(title, header, body, notes)
 
@@ -183,8 +199,13 @@ def fused_tables(rows: Sequence[Row]) -> list[str]:
         notes: list[str] = []
         body = []
         for r in mine:
-            line = [str(r["tokens"]), str(r["hidden"]), _cell(r, _copy_fraction, notes, op),
-                    f"{r['torch_reference_us']:.2f}", _ratio(r["speedup_vs_torch"])]
+            line = [
+                str(r["tokens"]),
+                str(r["hidden"]),
+                _cell(r, _copy_fraction, notes, op),
+                f"{r['torch_reference_us']:.2f}",
+                _ratio(r["speedup_vs_torch"]),
+            ]
             if unfused:
                 line += [_us(r.get("unfused_us")), _ratio(r.get("speedup_vs_unfused"))]
             body.append(line)
@@ -228,11 +249,13 @@ def _run_sweeps(ops: Sequence[str]) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", default=",".join(SWEEPS),
-                        help=f"comma-separated, of {list(SWEEPS)}")
+    parser.add_argument(
+        "--ops", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}"
+    )
     parser.add_argument("--json", help="write all rows to this file")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="print the tables of a saved JSON file; run nothing")
+    parser.add_argument(
+        "--from-json", metavar="FILE", help="print the tables of a saved JSON file; run nothing"
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         if args.json:

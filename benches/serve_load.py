@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
 
 

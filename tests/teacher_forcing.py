@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.outputs import RequestOutput
 from omniserve.runner.model_runner import ModelRunner
@@ -35,8 +36,11 @@ def teacher_forced_logits(
         for i, row_logits in zip(idx.tolist(), step_logits.float().cpu()):
             logits[chunks[i][0]].append(row_logits)
         step += 1
-        chunks = [(row, [tokens[step - 1]]) for row, tokens in enumerate(continuations)
-                  if step < len(tokens)]
+        chunks = [
+            (row, [tokens[step - 1]])
+            for row, tokens in enumerate(continuations)
+            if step < len(tokens)
+        ]
     return [torch.stack(row) for row in logits]
 
 
@@ -103,6 +107,7 @@ def assert_engines_agree(
         tokens,
         teacher_forced_logits(generating.runner, prompt_ids, tokens),
         teacher_forced_logits(scoring.runner, prompt_ids, tokens),
-        logit_tolerance=logit_tolerance, max_tie_rate=max_tie_rate,
+        logit_tolerance=logit_tolerance,
+        max_tie_rate=max_tie_rate,
     )
     return outputs

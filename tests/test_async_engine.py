@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.errors import (
     EngineDeadError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from omniserve.layers.attention import PagedAttention
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.step_inputs import StepInputBuilder
@@ -13,8 +14,9 @@ PAGE_SIZE, NUM_PAGES, HEAD_DIM = 16, 40, 8
 CPU = torch.device("cpu")
 
 
-def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos0: int,
-               window: int | None) -> torch.Tensor:
+def _reference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos0: int, window: int | None
+) -> torch.Tensor:
     """Attention of queries [n, heads, dim] at positions pos0.. over all of their request's keys
     [pos0 + n, kv_heads, dim], with an explicit causal (and sliding-window) mask."""
     group = q.shape[1] // keys.shape[1]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve.bench.throughput import preset_config
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import Engine
@@ -36,8 +37,13 @@ from omniserve.sampling_params import SamplingParams
 
 SYSTEMS = [("w4a8kv4", -1), ("w4a8kv4", 128), ("w8a8kv8", -1)]
 PROJECTIONS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 )
 PROMPTS = [list(range(20, 37)), list(range(300, 309))]
 OUTPUT_LEN = 8
@@ -55,11 +61,21 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _engine(directory: Path, precision: str, group_size: int, seed: int) -> Engine:
-    return Engine(EngineConfig.from_kwargs(
-        str(directory), load_format="dummy", precision=precision, group_size=group_size,
-        seed=seed, device="cpu", skip_tokenizer_init=True, page_size=16, num_kv_pages=16,
-        max_num_seqs=4, max_model_len=64,
-    ))
+    return Engine(
+        EngineConfig.from_kwargs(
+            str(directory),
+            load_format="dummy",
+            precision=precision,
+            group_size=group_size,
+            seed=seed,
+            device="cpu",
+            skip_tokenizer_init=True,
+            page_size=16,
+            num_kv_pages=16,
+            max_num_seqs=4,
+            max_model_len=64,
+        )
+    )
 
 
 def _greedy(engine: Engine) -> list[list[int]]:
@@ -134,7 +150,9 @@ def test_dummy_quantized_weights_are_rtn_in_the_precision_format(
 
 def test_dummy_quantized_shape_errors_name_the_format(tmp_path: Path) -> None:
     narrow = _config_dir(tmp_path, hidden_size=64, head_dim=16)
-    with pytest.raises(CheckpointError, match="W4A8PerGroupWeight needs N a positive multiple of 32 and K of 128"):
+    with pytest.raises(
+        CheckpointError, match="W4A8PerGroupWeight needs N a positive multiple of 32 and K of 128"
+    ):
         _engine(narrow, "w4a8kv4", 128, seed=0)
 
 
@@ -151,8 +169,13 @@ def test_llama3_8b_dummy_quantized_on_gpu(tmp_path: Path, precision: str, group_
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     model = load_model(
-        str(directory), load_hf_config(str(directory)), device=device, dtype=torch.bfloat16,
-        max_positions=8192, precision=parse(precision, group_size), dummy_seed=0,
+        str(directory),
+        load_hf_config(str(directory)),
+        device=device,
+        dtype=torch.bfloat16,
+        max_positions=8192,
+        precision=parse(precision, group_size),
+        dummy_seed=0,
     ).model
     torch.cuda.synchronize(device)
     held = torch.cuda.memory_allocated(device) - base

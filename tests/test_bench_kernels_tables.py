@@ -22,12 +22,19 @@ ATTENTION_FILE = ROOT / "benches" / "results" / "h100-kernels-attention.json"
 FUSED_OPS = ("quantize_per_token", "rmsnorm_quant", "add_rmsnorm_quant", "silu_mul_quant")
 UNFUSED_NOTE = "unfused: the engine's path before this fusion, timed in the same run"
 GEMM_COLUMNS = {
-    "w4a8_per_channel": "W4A8", "w4a8_g128": "W4A8-g128", "w8a8": "W8A8",
-    "bf16_matmul": "bf16", "int8_int_mm": "int8", "fp8_scaled_mm": "fp8",
+    "w4a8_per_channel": "W4A8",
+    "w4a8_g128": "W4A8-g128",
+    "w8a8": "W8A8",
+    "bf16_matmul": "bf16",
+    "int8_int_mm": "int8",
+    "fp8_scaled_mm": "fp8",
 }
 DECODE_COLUMNS = {
-    "torch_sdpa_fp16_dense": "SDPA fp16", "ours_fp16": "ours fp16",
-    "ours_kv8": "ours KV8", "ours_kv4": "ours KV4", "ours_kv8static": "ours KV8 static",
+    "torch_sdpa_fp16_dense": "SDPA fp16",
+    "ours_fp16": "ours fp16",
+    "ours_kv8": "ours KV8",
+    "ours_kv4": "ours KV4",
+    "ours_kv8static": "ours KV8 static",
 }
 
 
@@ -165,7 +172,8 @@ def test_fused_op_with_an_unfused_peer_gets_its_columns(
     rows = [r for r in _rows(ATTENTION_FILE.name) if r["op"] in FUSED_OPS]
     added = [
         {**r, "op": "add_rmsnorm_quant", "unfused_us": 1.7 * r["us"], "speedup_vs_unfused": 1.7}
-        for r in rows if r["op"] == "rmsnorm_quant"
+        for r in rows
+        if r["op"] == "rmsnorm_quant"
     ]
     path = tmp_path / "fused.json"
     path.write_text(json.dumps(rows + added))
@@ -185,15 +193,21 @@ def test_the_commands_own_file_with_skipped_and_failed_rows(tmp_path: Path) -> N
         del failed[key]
     failed["error"] = "RuntimeError: no int8 kernel"
     point = ("ours_kv8", 64, 4096)
-    skipped = next(r for r in attention if (r.get("variant"), r.get("batch"), r.get("context")) == point)
+    skipped = next(
+        r for r in attention if (r.get("variant"), r.get("batch"), r.get("context")) == point
+    )
     for key in ("us", "bytes", "gbps", "frac_of_copy_ceiling", "speedup_vs_sdpa"):
         del skipped[key]
     skipped["skipped"] = "needs 9.0 GiB, 1.0 free"
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps(gemm + attention))
     # As a user runs it: a process of its own, here on a machine without a GPU.
-    text = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(path)],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from-json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert text.index("GEMM qkv") < text.index("Decode attention") < text.index("rmsnorm_quant;")
     tables = _tables(text)
     o_table = tables[_gemm_title(failed, "auto")]

@@ -9,28 +9,55 @@ import re
 from pathlib import Path
 
 import pytest
+
 from omniserve.bench import throughput
 from omniserve.cli.main import main
 from tiny_models import save_checkpoint
 
 TINY = [
-    "--model-config", "tiny-llama", "--device", "cpu", "--page-size", "16", "--num-kv-pages", "16",
-    "--max-model-len", "64",
+    "--model-config",
+    "tiny-llama",
+    "--device",
+    "cpu",
+    "--page-size",
+    "16",
+    "--num-kv-pages",
+    "16",
+    "--max-model-len",
+    "64",
 ]
 
 
-def test_bench_throughput_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_throughput_writes_json_and_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main([
-        "bench", "throughput", *TINY, "--batch", "2", "3", "--input-len", "16", "--output-len", "6",
-        "--output-json", str(report), "--output-png", str(png),
-    ])
+    code = main(
+        [
+            "bench",
+            "throughput",
+            *TINY,
+            "--batch",
+            "2",
+            "3",
+            "--input-len",
+            "16",
+            "--output-len",
+            "6",
+            "--output-json",
+            str(report),
+            "--output-png",
+            str(png),
+        ]
+    )
     assert code == 0
     data = json.loads(report.read_text())
     rows = {(r["system"], r["precision"], r["batch"]): r for r in data["results"]}
     assert set(rows) == {
-        ("omniserve", "w16a16", 2), ("omniserve", "w16a16", 3),
-        ("hf-transformers", "w16a16", 2), ("hf-transformers", "w16a16", 3),
+        ("omniserve", "w16a16", 2),
+        ("omniserve", "w16a16", 3),
+        ("hf-transformers", "w16a16", 2),
+        ("hf-transformers", "w16a16", 3),
     }
     assert all(r["tokens_per_s"] > 0 and r["dtype"] == "float32" for r in rows.values())
     for b in (2, 3):
@@ -41,14 +68,32 @@ def test_bench_throughput_writes_json_and_png(tmp_path: Path, capsys: pytest.Cap
     assert "omniserve w16a16" in capsys.readouterr().out
 
 
-def test_bench_throughput_several_precisions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_throughput_several_precisions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Quantized systems in the engine's dtype (float32 on CPU), `bf16` in bfloat16, and the HF
     peer once, in the dtype of the w16 system."""
     report = tmp_path / "bench.json"
-    code = main([
-        "bench", "throughput", *TINY, "--batch", "2", "--input-len", "16", "--output-len", "4",
-        "--precisions", "w4a8kv4", "w4a8kv4:g128", "w8a8kv8", "bf16", "--output-json", str(report),
-    ])
+    code = main(
+        [
+            "bench",
+            "throughput",
+            *TINY,
+            "--batch",
+            "2",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--precisions",
+            "w4a8kv4",
+            "w4a8kv4:g128",
+            "w8a8kv8",
+            "bf16",
+            "--output-json",
+            str(report),
+        ]
+    )
     assert code == 0
     data = json.loads(report.read_text())
     rows = [(r["system"], r["precision"], r["group_size"], r["dtype"]) for r in data["results"]]
@@ -64,7 +109,12 @@ def test_bench_throughput_several_precisions(tmp_path: Path, capsys: pytest.Capt
     engines = [(e["precision"], e["group_size"], e["dtype"]) for e in data["engines"]]
     assert engines == [row[1:] for row in rows[:4]]
     assert all(e["weights"] > 0 and e["preemptions"] == 0 for e in data["engines"])
-    assert [s["precision"] for s in data["setting"]["systems"]] == ["w4a8kv4", "w4a8kv4", "w8a8kv8", "w16a16"]
+    assert [s["precision"] for s in data["setting"]["systems"]] == [
+        "w4a8kv4",
+        "w4a8kv4",
+        "w8a8kv8",
+        "w16a16",
+    ]
     out = capsys.readouterr().out
     assert "omniserve w4a8kv4 g128" in out and "hf-transformers w16a16" in out
 
@@ -72,7 +122,10 @@ def test_bench_throughput_several_precisions(tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (["w4a9"], r"--precisions 'w4a9': unknown precision 'w4a9'; valid choices: w4a8kv4, .*, or bf16"),
+        (
+            ["w4a9"],
+            r"--precisions 'w4a9': unknown precision 'w4a9'; valid choices: w4a8kv4, .*, or bf16",
+        ),
         (["bf16", "w8a8kv8:g128"], r"'w8a8kv8:g128': group_size 128 is only valid for W4A8"),
         (["w4a8kv4:g64"], r"'w4a8kv4:g64': group_size 64 is not supported"),
         (["w4a8kv4:128"], r"'w4a8kv4:128': expected PRECISION or PRECISION:gGROUP"),
@@ -96,7 +149,9 @@ def test_bench_throughput_checks_every_system_before_measuring(
         raise AssertionError("a system was measured before all were checked")
 
     monkeypatch.setattr(throughput, "bench_omniserve", never)
-    assert main(["bench", "throughput", *TINY, "--precisions", "w4a8kv4", "--precision", "w8a8"]) == 2
+    assert (
+        main(["bench", "throughput", *TINY, "--precisions", "w4a8kv4", "--precision", "w8a8"]) == 2
+    )
     assert "--precisions names each system's precision and group size" in capsys.readouterr().err
     # The KV cache dtype applies to every system and contradicts the second one.
     args = ["--precisions", "w8a8kv8", "w4a8kv4", "--kv-cache-dtype", "int8"]
@@ -114,13 +169,20 @@ def test_progress_gets_the_report_after_each_system() -> None:
     after each system."""
     reports: list[dict] = []
     final = throughput.run(
-        model=None, preset="tiny-llama", batches=[1], input_len=8, output_len=2, peers=["hf"],
-        seed=0, engine_options={"device": "cpu", "page_size": 16, "num_kv_pages": 8},
+        model=None,
+        preset="tiny-llama",
+        batches=[1],
+        input_len=8,
+        output_len=2,
+        peers=["hf"],
+        seed=0,
+        engine_options={"device": "cpu", "page_size": 16, "num_kv_pages": 8},
         systems=[throughput.parse_system("w8a8kv8"), throughput.parse_system("fp32")],
         progress=reports.append,
     )
     assert [[r["precision"] for r in report["results"]] for report in reports] == [
-        ["w8a8kv8"], ["w8a8kv8", "w16a16"],
+        ["w8a8kv8"],
+        ["w8a8kv8", "w16a16"],
     ]
     assert all(r["speedup_vs_hf"] is None for report in reports for r in report["results"])
     assert [r["system"] for r in final["results"]] == ["omniserve", "omniserve", "hf-transformers"]

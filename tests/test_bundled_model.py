@@ -17,6 +17,7 @@ import hashlib
 import json
 
 import pytest
+
 from omniserve import Engine, SamplingParams
 from omniserve.cli.main import main as cli_main
 from omniserve.engine.engine import bundled_model_path
@@ -24,13 +25,24 @@ from omniserve.engine.engine import bundled_model_path
 MODEL = bundled_model_path()
 REFERENCE = json.loads((MODEL / "eval_reference.json").read_text())
 # Small KV cache and step budget: quick to allocate, and plenty for 2048-token prompts on 2 cores.
-ENGINE_ARGS = ["--device", "cpu", "--dtype", "float32", "--num-kv-pages", "160", "--max-num-batched-tokens", "4096"]
+ENGINE_ARGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--num-kv-pages",
+    "160",
+    "--max-num-batched-tokens",
+    "4096",
+]
 PPL_TOLERANCE = 0.01
 
 
 def test_reference_belongs_to_the_shipped_weights():
     digest = hashlib.sha256((MODEL / REFERENCE["weights"]).read_bytes()).hexdigest()
-    assert digest == REFERENCE["weights_sha256"], "eval_reference.json is stale: rerun omniserve.training.reference"
+    assert digest == REFERENCE["weights_sha256"], (
+        "eval_reference.json is stale: rerun omniserve.training.reference"
+    )
 
 
 def test_default_engine_is_the_bundled_model_and_generates():
@@ -43,11 +55,22 @@ def test_default_engine_is_the_bundled_model_and_generates():
 def test_eval_ppl_matches_the_reference(tmp_path):
     ref = REFERENCE["perplexity"]
     out = tmp_path / "ppl.json"
-    argv = ["eval", "ppl", "--seq-len", str(ref["seq_len"]), "--max-windows", str(ref["max_windows"]),
-            "--output-json", str(out), *ENGINE_ARGS]
+    argv = [
+        "eval",
+        "ppl",
+        "--seq-len",
+        str(ref["seq_len"]),
+        "--max-windows",
+        str(ref["max_windows"]),
+        "--output-json",
+        str(out),
+        *ENGINE_ARGS,
+    ]
     assert cli_main(argv) == 0
     got = json.loads(out.read_text())
-    assert got["data"] == str(MODEL / ref["data"])  # the bundled held-out sample is the default data
+    assert got["data"] == str(
+        MODEL / ref["data"]
+    )  # the bundled held-out sample is the default data
     assert (got["windows"], got["tokens_scored"]) == (ref["windows"], ref["tokens_scored"])
     assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=PPL_TOLERANCE)
 
@@ -55,12 +78,30 @@ def test_eval_ppl_matches_the_reference(tmp_path):
 def test_eval_niah_matches_the_reference(tmp_path):
     ref = REFERENCE["niah"]
     out_json, out_png = tmp_path / "niah.json", tmp_path / "niah.png"
-    argv = ["eval", "niah", "--lengths", ",".join(map(str, ref["lengths"])),
-            "--depths", ",".join(map(str, ref["depths"])), "--samples", str(ref["samples"]),
-            "--filler", ref["filler"], "--output-json", str(out_json), "--output-png", str(out_png), *ENGINE_ARGS]
+    argv = [
+        "eval",
+        "niah",
+        "--lengths",
+        ",".join(map(str, ref["lengths"])),
+        "--depths",
+        ",".join(map(str, ref["depths"])),
+        "--samples",
+        str(ref["samples"]),
+        "--filler",
+        ref["filler"],
+        "--output-json",
+        str(out_json),
+        "--output-png",
+        str(out_png),
+        *ENGINE_ARGS,
+    ]
     assert cli_main(argv) == 0
     got = json.loads(out_json.read_text())
-    assert (got["lengths"], got["depths"], got["samples"]) == (ref["lengths"], ref["depths"], ref["samples"])
+    assert (got["lengths"], got["depths"], got["samples"]) == (
+        ref["lengths"],
+        ref["depths"],
+        ref["samples"],
+    )
     one_needle = 1 / ref["samples"]
     for got_row, ref_row in zip(got["accuracy"], ref["accuracy"], strict=True):
         for got_cell, ref_cell in zip(got_row, ref_row, strict=True):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from omniserve.cli.main import build_parser, main
 from tiny_models import save_servable
 
@@ -25,7 +26,9 @@ def _subcommands(parser: object, prefix: tuple[str, ...] = ()) -> list[tuple[str
 
 
 @pytest.mark.parametrize("command", _subcommands(build_parser()), ids=" ".join)
-def test_every_command_has_help(command: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_has_help(
+    command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
     assert exc.value.code == 0
@@ -34,7 +37,10 @@ def test_every_command_has_help(command: tuple[str, ...], capsys: pytest.Capture
 
 def test_console_script_entry_point() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "omniserve.cli.main", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "omniserve.cli.main", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "generate" in out.stdout and "bench" in out.stdout
 
@@ -43,10 +49,23 @@ def test_generate_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     save_servable("llama3", tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n\nimport os\n")
-    code = main([
-        "generate", "hello", "--prompts-file", str(prompts), "--model", str(tmp_path),
-        "--device", "cpu", "--page-size", "16", "--max-tokens", "5", "--json",
-    ])
+    code = main(
+        [
+            "generate",
+            "hello",
+            "--prompts-file",
+            str(prompts),
+            "--model",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--page-size",
+            "16",
+            "--max-tokens",
+            "5",
+            "--json",
+        ]
+    )
     assert code == 0
     outs = json.loads(capsys.readouterr().out)
     assert [len(o["token_ids"]) <= 5 for o in outs] == [True] * 3

@@ -15,6 +15,7 @@ import itertools
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.runner.decode_graphs import capture_sizes
@@ -35,7 +36,9 @@ def test_capture_sizes() -> None:
 
 def test_null_rows_are_slot_zero_of_the_null_page() -> None:
     spec = KVCacheSpec(num_layers=1, page_size=16, num_kv_heads=3, head_dim=8, dtype=torch.float32)
-    cache = KVCache(spec, num_pages=5, max_num_seqs=2, max_pages_per_seq=2, device=torch.device("cpu"))
+    cache = KVCache(
+        spec, num_pages=5, max_num_seqs=2, max_pages_per_seq=2, device=torch.device("cpu")
+    )
     rows = cache.null_rows(4)
     assert rows.shape == (3, 4) and rows.dtype == torch.long
     # Page 0, offset 0 of each head: what `index` gives for position 0 of a row with no pages.
@@ -71,8 +74,13 @@ def test_graph_decode_matches_eager(kv_cache_dtype: str, batch: int) -> None:
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     engines = {
         eager: Engine.from_pretrained(
-            device="cuda", dtype="float16", page_size=16, num_kv_pages=512, max_num_seqs=16,
-            kv_cache_dtype=kv_cache_dtype, enforce_eager=eager,
+            device="cuda",
+            dtype="float16",
+            page_size=16,
+            num_kv_pages=512,
+            max_num_seqs=16,
+            kv_cache_dtype=kv_cache_dtype,
+            enforce_eager=eager,
         )
         for eager in (True, False)
     }
@@ -83,7 +91,10 @@ def test_graph_decode_matches_eager(kv_cache_dtype: str, batch: int) -> None:
     original = graphs.run
     graphs.run = lambda step: replays.append(step.input_ids.shape[0]) or original(step)  # type: ignore[method-assign]
     outputs = assert_engines_agree(  # the eager engine generates; only the graphs' scoring replays
-        engines[True], engines[False], prompts, params,
+        engines[True],
+        engines[False],
+        prompts,
+        params,
         logit_tolerance=KV4_LOGIT_TOLERANCE if kv_cache_dtype == "int4" else LOGIT_TOLERANCE,
         max_tie_rate=TIE_RATE,
     )

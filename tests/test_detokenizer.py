@@ -12,7 +12,6 @@ import json
 import random
 
 import pytest
-from omniserve.engine.detokenizer import DetokResult, IncrementalDetokenizer
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -22,6 +21,8 @@ from tokenizers import (
     trainers,
 )
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from omniserve.engine.detokenizer import DetokResult, IncrementalDetokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. Stop here, or don't stop at all!",
@@ -67,9 +68,7 @@ def _unigram_metaspace() -> PreTrainedTokenizerFast:
 def _llama_byte_fallback_bpe() -> PreTrainedTokenizerFast:
     # Trained on ASCII text only, so every other character falls back to <0xXX> byte tokens.
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-    )
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.errors import (
     ConfigError,
@@ -67,12 +68,19 @@ def test_greedy_matches_transformers_batched(tmp_path: Path, family: str, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_chunked_prefill_gives_the_same_tokens(llama: tuple[Path, torch.nn.Module], device: str) -> None:
+def test_chunked_prefill_gives_the_same_tokens(
+    llama: tuple[Path, torch.nn.Module], device: str
+) -> None:
     path, hf = llama
     prompts = _prompts(1, (70, 33, 9))
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     engine = _engine(
-        path, device=device, max_num_seqs=8, max_num_batched_tokens=24, long_prefill_token_threshold=7, max_partial_prefills=2
+        path,
+        device=device,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        long_prefill_token_threshold=7,
+        max_partial_prefills=2,
     )
     outs = engine.generate(prompts, _greedy(), use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
@@ -162,14 +170,22 @@ def test_stop_strings_never_leak(llama: tuple[Path, torch.nn.Module]) -> None:
     assert len(full.text) > 6
     stop = full.text[3:6]
     cut = engine.generate(
-        [prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]), use_tqdm=False
+        [prompt],
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
     )[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == full.text[: full.text.index(stop)]
     assert stop not in cut.text
     kept = engine.generate(
         [prompt],
-        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+        SamplingParams(
+            max_tokens=24,
+            temperature=0.0,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
         use_tqdm=False,
     )[0]
     assert kept.text == full.text[: full.text.index(stop) + len(stop)]
@@ -183,14 +199,18 @@ def test_stop_token_and_min_tokens(llama: tuple[Path, torch.nn.Module]) -> None:
     free = engine.generate([prompt], _greedy(16), use_tqdm=False)[0].token_ids
     stop_id = free[4]
     out = engine.generate(
-        [prompt], SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(stop_id,)), use_tqdm=False
+        [prompt],
+        SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(stop_id,)),
+        use_tqdm=False,
     )[0]
     first = free.index(stop_id)
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
     assert out.token_ids == free[: first + 1]
     late = engine.generate(
         [prompt],
-        SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(stop_id,), min_tokens=first + 2),
+        SamplingParams(
+            max_tokens=16, temperature=0.0, stop_token_ids=(stop_id,), min_tokens=first + 2
+        ),
         use_tqdm=False,
     )[0]
     assert len(late.token_ids) >= first + 2
@@ -214,7 +234,11 @@ def test_logprobs(llama: tuple[Path, torch.nn.Module]) -> None:
     path, hf = llama
     prompt = _prompts(7, (9,))[0]
     engine = _engine(path)
-    out = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2), use_tqdm=False)[0]
+    out = engine.generate(
+        [prompt],
+        SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2),
+        use_tqdm=False,
+    )[0]
     assert out.logprobs is not None and len(out.logprobs) == 3
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1].float(), -1)
@@ -275,7 +299,11 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_preemption(
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             logits = hf(torch.tensor([prompt])).logits[0].float()
-        ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+        ref = (
+            torch.log_softmax(logits, -1)[:-1]
+            .gather(1, torch.tensor(prompt[1:])[:, None])
+            .squeeze(1)
+        )
         assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
         assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), ref, atol=1e-4)
     assert engine.stats().num_preemptions > 0

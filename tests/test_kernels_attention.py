@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.kernels import attention as kernel
@@ -60,8 +61,13 @@ class PagedCase:
     (the last one partly filled) at shuffled page-table rows, and queries."""
 
     def __init__(
-        self, layout: tuple[int, int, int], contexts: list[int], bits: int | str | None,
-        dtype: torch.dtype, page_size: int = 16, seed: int = 0,
+        self,
+        layout: tuple[int, int, int],
+        contexts: list[int],
+        bits: int | str | None,
+        dtype: torch.dtype,
+        page_size: int = 16,
+        seed: int = 0,
     ) -> None:
         g = torch.Generator(device="cuda").manual_seed(seed)
         cpu = torch.Generator().manual_seed(seed)
@@ -98,16 +104,30 @@ class PagedCase:
                 codes, params = quantize_kv(kv, bits)
                 self.operands.append((codes, params))
                 self.dequantized.append(dequantize_kv(codes, params, bits, torch.float32))
-        self.q = (2 * torch.randn(batch, self.heads, self.head_dim, generator=g, device="cuda")).to(dtype)
+        self.q = (2 * torch.randn(batch, self.heads, self.head_dim, generator=g, device="cuda")).to(
+            dtype
+        )
         self.scale = self.head_dim**-0.5
 
-    def run(self, window: int | None = None, max_context_len: int | None = None,
-            partition: int | None = None) -> torch.Tensor:
+    def run(
+        self,
+        window: int | None = None,
+        max_context_len: int | None = None,
+        partition: int | None = None,
+    ) -> torch.Tensor:
         return kernel.decode_attention(
-            self.q, self.operands[0], self.operands[1], self.page_table, self.seq_rows,
-            self.context_lens, page_size=self.page_size, num_kv_heads=self.kv_heads,
+            self.q,
+            self.operands[0],
+            self.operands[1],
+            self.page_table,
+            self.seq_rows,
+            self.context_lens,
+            page_size=self.page_size,
+            num_kv_heads=self.kv_heads,
             max_context_len=max(self.contexts) if max_context_len is None else max_context_len,
-            scale=self.scale, window=window, partition=partition,
+            scale=self.scale,
+            window=window,
+            partition=partition,
         )
 
     def reference(self, window: int | None = None) -> torch.Tensor:
@@ -144,7 +164,9 @@ def test_decode_attention_matches_reference(
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
 @pytest.mark.parametrize("partition", [32, 64, 512, 1024])
 def test_split_partitions_combine_exactly(bits: int | str | None, partition: int) -> None:
-    case = PagedCase(LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], bits, torch.float16, page_size=64)
+    case = PagedCase(
+        LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], bits, torch.float16, page_size=64
+    )
     _check(case.run(partition=partition), case.reference(), torch.float16)
 
 
@@ -156,7 +178,9 @@ def test_kv4_streams_long_partitions(partition: int) -> None:
     _check(case.run(partition=partition), case.reference(), torch.float16)
     if partition > 2048:
         dense = PagedCase(LAYOUTS["gqa32x8-d128"], [100], None, torch.float16)
-        with pytest.raises(RuntimeError, match=r"partition must be a multiple of 32 in \[32, 2048\]"):
+        with pytest.raises(
+            RuntimeError, match=r"partition must be a multiple of 32 in \[32, 2048\]"
+        ):
             dense.run(partition=partition)
 
 
@@ -182,21 +206,33 @@ def test_bad_inputs_are_named() -> None:
     k, v = case.operands[0][0], case.operands[1][0]
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128, got 32"):
         q = torch.zeros(1, 4, 32, device="cuda", dtype=torch.float16)
-        ops.decode_attention(q, k[:, :32].contiguous(), v[:, :32].contiguous(), None, None, None, None, *args)
+        ops.decode_attention(
+            q, k[:, :32].contiguous(), v[:, :32].contiguous(), None, None, None, None, *args
+        )
     with pytest.raises(RuntimeError, match="must be 1, 2, 4 or 8, got 6"):
-        ops.decode_attention(case.q[:, :3].repeat(1, 2, 1), k, v, None, None, None, None, *args[:4], 1, *args[5:])
-    dense = (r"a cache without params or scales holds rows of q's dtype and head_dim: expected "
-             r"Half \[rows, 64\], got BFloat16 \[\d+, 64\]")  # formatted dtypes and shapes
+        ops.decode_attention(
+            case.q[:, :3].repeat(1, 2, 1), k, v, None, None, None, None, *args[:4], 1, *args[5:]
+        )
+    dense = (
+        r"a cache without params or scales holds rows of q's dtype and head_dim: expected "
+        r"Half \[rows, 64\], got BFloat16 \[\d+, 64\]"
+    )  # formatted dtypes and shapes
     with pytest.raises(RuntimeError, match=dense):
         ops.decode_attention(case.q, k.bfloat16(), v.bfloat16(), None, None, None, None, *args)
     with pytest.raises(RuntimeError, match="seq_rows must be int32, got Long"):
-        ops.decode_attention(case.q, k, v, None, None, None, None, case.page_table, case.seq_rows.long(), *args[2:])
+        ops.decode_attention(
+            case.q, k, v, None, None, None, None, case.page_table, case.seq_rows.long(), *args[2:]
+        )
     with pytest.raises(RuntimeError, match="pass both k_params and v_params"):
-        ops.decode_attention(case.q, k, v, torch.zeros(k.shape[0], 2, device="cuda").half(), None, None, None, *args)
+        ops.decode_attention(
+            case.q, k, v, torch.zeros(k.shape[0], 2, device="cuda").half(), None, None, None, *args
+        )
 
     kv4 = PagedCase(LAYOUTS["gqa4x2-d64"], [20], 4, torch.float16, page_size=16)
     (k4, p4), (v4, q4) = kv4.operands
-    with pytest.raises(RuntimeError, match="KV4 cache needs pages of a multiple of 16 tokens, got 8"):
+    with pytest.raises(
+        RuntimeError, match="KV4 cache needs pages of a multiple of 16 tokens, got 8"
+    ):
         ops.decode_attention(kv4.q, k4, v4, p4, q4, None, None, *args[:3], 8, *args[4:])
 
     static = PagedCase(LAYOUTS["gqa4x2-d64"], [20], STATIC, torch.float16)
@@ -206,8 +242,12 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(RuntimeError, match="not both"):
         ops.decode_attention(case.q, k8, v8, p4, q4, ks, vs, *args)
     with pytest.raises(RuntimeError, match=r"static KV8 cache must be int8 \[rows, 64\], got Byte"):
-        ops.decode_attention(case.q, k8.view(torch.uint8), v8.view(torch.uint8), None, None, ks, vs, *args)
-    with pytest.raises(RuntimeError, match=r"k_scale must be one fp32 value on cuda:0, got Half \[\]"):
+        ops.decode_attention(
+            case.q, k8.view(torch.uint8), v8.view(torch.uint8), None, None, ks, vs, *args
+        )
+    with pytest.raises(
+        RuntimeError, match=r"k_scale must be one fp32 value on cuda:0, got Half \[\]"
+    ):
         ops.decode_attention(case.q, k8, v8, None, None, ks.half(), vs.half(), *args)
 
 
@@ -259,11 +299,19 @@ def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_
     torch path rounds dequantized K/V and probabilities to fp16; the kernel keeps fp32."""
     static = kv_cache_dtype == STATIC
     runners = {
-        backend: ModelRunner(EngineConfig.from_kwargs(
-            str(checkpoint / STATIC if static else checkpoint), device="cuda", dtype="float16",
-            page_size=16, num_kv_pages=64, max_num_seqs=8, max_num_batched_tokens=256,
-            kv_cache_dtype="auto" if static else kv_cache_dtype, attention_backend=backend,
-        ))
+        backend: ModelRunner(
+            EngineConfig.from_kwargs(
+                str(checkpoint / STATIC if static else checkpoint),
+                device="cuda",
+                dtype="float16",
+                page_size=16,
+                num_kv_pages=64,
+                max_num_seqs=8,
+                max_num_batched_tokens=256,
+                kv_cache_dtype="auto" if static else kv_cache_dtype,
+                attention_backend=backend,
+            )
+        )
         for backend in ("auto", "torch")
     }
     assert runners["auto"]._inputs.decode_kernel and not runners["torch"]._inputs.decode_kernel
@@ -302,14 +350,21 @@ def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     engines = {
         backend: Engine.from_pretrained(
-            device="cuda", dtype="float16", page_size=16, num_kv_pages=1024,
-            kv_cache_dtype=kv_cache_dtype, attention_backend=backend,
+            device="cuda",
+            dtype="float16",
+            page_size=16,
+            num_kv_pages=1024,
+            kv_cache_dtype=kv_cache_dtype,
+            attention_backend=backend,
         )
         for backend in ("auto", "torch")
     }
     assert all(e.runner._inputs.decode_kernel == (b == "auto") for b, e in engines.items())
     outputs = assert_engines_agree(
-        engines["auto"], engines["torch"], prompts, params,
+        engines["auto"],
+        engines["torch"],
+        prompts,
+        params,
         logit_tolerance=KV4_LOGIT_TOLERANCE if kv_cache_dtype == "int4" else LOGIT_TOLERANCE,
         max_tie_rate=TIE_RATE,
     )

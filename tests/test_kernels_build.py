@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve.cli.main import main
 from omniserve.kernels import (
     EXTENSION_MODULES,
@@ -89,7 +90,9 @@ def test_build_kernels_skips_what_lacks_its_requirement(
     assert '"skipped"' in out and "nvidia-cutlass" in out
 
 
-def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cache_root_follows_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("OMNISERVE_KERNEL_CACHE", str(tmp_path))
     assert build.cache_root() == tmp_path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from omniserve.kernels import fused
 from omniserve.layers.norm import RMSNorm
 from omniserve.quant import activation

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.engine.engine import bundled_model_path
 from omniserve.kernels import gemm as gk
@@ -50,9 +51,10 @@ def _weight(fmt: str, n: int, k: int, seed: int, device: str = "cpu") -> Quantiz
     g = torch.Generator(device=device).manual_seed(seed)
     # Rows of varied scale and offset, so codes, zeros and group scales all vary.
     w = torch.randn(n, k, generator=g, device=device)
-    w = w * torch.rand(n, 1, generator=g, device=device).add(0.1) + torch.randn(
-        n, 1, generator=g, device=device
-    ) * 0.3
+    w = (
+        w * torch.rand(n, 1, generator=g, device=device).add(0.1)
+        + torch.randn(n, 1, generator=g, device=device) * 0.3
+    )
     return QUANTIZERS[fmt](w)
 
 
@@ -153,7 +155,9 @@ def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="N a multiple of 8"):
         gk.pack(_weight("w8a8", 36, 128, seed=0))
     w = _weight("w4a8_g128", 32, 128, seed=0)
-    too_big = W4A8PerGroupWeight(w.qweight, w.s1_scales, torch.full_like(w.s2_scales, 18), w.s2_zeros)
+    too_big = W4A8PerGroupWeight(
+        w.qweight, w.s1_scales, torch.full_like(w.s2_scales, 18), w.s2_zeros
+    )
     with pytest.raises(ValueError, match=r"group scales must lie in \[1, 17\]"):
         gk.pack(too_big)
     with pytest.raises(ValueError, match="cannot fuse"):
@@ -224,7 +228,9 @@ LLAMA2_7B = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
 def test_llama_shapes(fmt: str, shape: tuple[int, int], m: int) -> None:
     n, k = shape
     w, packed, x = _cuda_case(fmt, m, n, k, seed=n + k + m)
-    assert torch.equal(gk.int_accumulator(x, packed).to(torch.int64), int_matmul(x.q, _int_weight(w)))
+    assert torch.equal(
+        gk.int_accumulator(x, packed).to(torch.int64), int_matmul(x.q, _int_weight(w))
+    )
     _assert_matches_reference(gk.quantized_gemm(x, packed, torch.bfloat16), quantized_linear(x, w))
 
 
@@ -243,7 +249,10 @@ def test_kernel_rejects_bad_input() -> None:
     n_96 = gk.pack(_weight("w8a8", 96, 256, 0, "cuda"))
     with pytest.raises(RuntimeError, match="N = 96 must be a positive multiple of 128"):
         gk.quantized_gemm(x, n_96, torch.float16)
-    assert gk.quantized_gemm(_activation(0, 256, 0, "cuda"), packed, torch.float16).shape == (0, 128)
+    assert gk.quantized_gemm(_activation(0, 256, 0, "cuda"), packed, torch.float16).shape == (
+        0,
+        128,
+    )
 
 
 @gpu
@@ -312,8 +321,13 @@ def test_engine_greedy_on_kernels_equals_cpu_reference(
     engines = {}
     for device in ("cpu", "cuda"):
         engine = Engine.from_pretrained(
-            q_dir, device=device, dtype="float32", page_size=16, num_kv_pages=64,
-            precision=precision, group_size=group_size,
+            q_dir,
+            device=device,
+            dtype="float32",
+            page_size=16,
+            num_kv_pages=64,
+            precision=precision,
+            group_size=group_size,
         )
         layers = [m for m in engine.runner.model.modules() if isinstance(m, QuantizedLinear)]
         assert len(layers) == 4 * engine.runner.hf_config.num_hidden_layers
@@ -321,7 +335,11 @@ def test_engine_greedy_on_kernels_equals_cpu_reference(
         assert all(layer.uses_kernels == (device == "cuda") for layer in layers)
         engines[device] = engine
     outputs = assert_engines_agree(
-        engines["cuda"], engines["cpu"], prompts, params,
-        logit_tolerance=LOGIT_TOLERANCE, max_tie_rate=TIE_RATE,
+        engines["cuda"],
+        engines["cpu"],
+        prompts,
+        params,
+        logit_tolerance=LOGIT_TOLERANCE,
+        max_tie_rate=TIE_RATE,
     )
     assert all(len(o.token_ids) == params.max_tokens for o in outputs)

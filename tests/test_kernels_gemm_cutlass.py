@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve.kernels import build, gemm_cutlass
 from omniserve.kernels import gemm as gk
 from omniserve.quant.gemm import quantized_linear
@@ -79,7 +80,6 @@ def test_workspace_grows_and_keeps_what_it_handed_out(monkeypatch) -> None:
 # GPU
 
 
-
 gpu = pytest.mark.gpu
 needs_cutlass = pytest.mark.skipif(
     not torch.cuda.is_available() or not gemm_cutlass.available(),
@@ -135,11 +135,41 @@ def test_bad_input_is_rejected() -> None:
         gk.quantized_gemm(_activation(4, 128, 0, "cuda"), packed, torch.float16, "cutlass")
     ext = gemm_cutlass.EXTENSION.load()
     with pytest.raises(RuntimeError, match="workspace must be a contiguous int8 tensor"):
-        ext.gemm(1, x.q, x.scales, x.sums, packed.weight, None, packed.scales, packed.szeros, 2,
-                 torch.empty(16, dtype=torch.int8, device="cuda"))
+        ext.gemm(
+            1,
+            x.q,
+            x.scales,
+            x.sums,
+            packed.weight,
+            None,
+            packed.scales,
+            packed.szeros,
+            2,
+            torch.empty(16, dtype=torch.int8, device="cuda"),
+        )
     with pytest.raises(RuntimeError, match="needs activation sums"):
-        ext.gemm(1, x.q, x.scales, None, packed.weight, None, packed.scales, packed.szeros, 2,
-                 gemm_cutlass.workspace(x.q.device, 128 * 256))
+        ext.gemm(
+            1,
+            x.q,
+            x.scales,
+            None,
+            packed.weight,
+            None,
+            packed.scales,
+            packed.szeros,
+            2,
+            gemm_cutlass.workspace(x.q.device, 128 * 256),
+        )
     with pytest.raises(RuntimeError, match="out kind 0"):
-        ext.gemm(1, x.q, x.scales, x.sums, packed.weight, None, packed.scales, packed.szeros, 0,
-                 gemm_cutlass.workspace(x.q.device, 128 * 256))
+        ext.gemm(
+            1,
+            x.q,
+            x.scales,
+            x.sums,
+            packed.weight,
+            None,
+            packed.scales,
+            packed.szeros,
+            0,
+            gemm_cutlass.workspace(x.q.device, 128 * 256),
+        )

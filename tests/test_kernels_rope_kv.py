@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve.config import EngineConfig
 from omniserve.kernels import KernelUnavailableError, rope_kv
 from omniserve.layers.attention import AttentionMetadata, CacheRows, PagedAttention
@@ -53,9 +54,7 @@ ROPE = {"rope_type": "default", "rope_theta": 500000.0}
 MAX_POSITIONS = 8192
 
 
-def _spec(
-    kv_heads: int, head_dim: int, dtype: torch.dtype, fmt: int | str | None
-) -> KVCacheSpec:
+def _spec(kv_heads: int, head_dim: int, dtype: torch.dtype, fmt: int | str | None) -> KVCacheSpec:
     if fmt == STATIC:
         return KVCacheSpec(1, PAGE_SIZE, kv_heads, head_dim, dtype, 8, PER_TENSOR)
     assert not isinstance(fmt, str)
@@ -63,16 +62,25 @@ def _spec(
 
 
 def _cache(
-    kv_heads: int, head_dim: int, dtype: torch.dtype, fmt: int | str | None, tokens: int,
-    seed: int, static_scales: torch.Tensor | None = None,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    fmt: int | str | None,
+    tokens: int,
+    seed: int,
+    static_scales: torch.Tensor | None = None,
 ) -> KVCache:
     """A cache with room for 1.5x the step's tokens (plus the null page), every byte random, so
     the step fills pages partly and must leave the other rows as they are. `static_scales`
     ([1, 2] fp32) are the (K, V) scales of a static KV8 cache."""
     num_pages = 2 + (3 * tokens // 2) // PAGE_SIZE
     cache = KVCache(
-        _spec(kv_heads, head_dim, dtype, fmt), num_pages, max_num_seqs=1, max_pages_per_seq=1,
-        device=torch.device("cuda"), static_scales=static_scales,
+        _spec(kv_heads, head_dim, dtype, fmt),
+        num_pages,
+        max_num_seqs=1,
+        max_pages_per_seq=1,
+        device=torch.device("cuda"),
+        static_scales=static_scales,
     )
     g = torch.Generator(device="cuda").manual_seed(seed)
     if fmt is None:
@@ -114,7 +122,12 @@ def _rope(tokens: int, head_dim: int, dtype: torch.dtype, seed: int) -> tuple[to
 
 
 def _qkv(
-    tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
+    tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    seed: int,
     pad: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v as views into one fused projection output [T, (H + 2 KVH) D] (rows strided), with
@@ -135,8 +148,13 @@ def _qkv(
 
 
 def _reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-    write_index: torch.Tensor, k_rows: CacheRows, v_rows: CacheRows,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    write_index: torch.Tensor,
+    k_rows: CacheRows,
+    v_rows: CacheRows,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `PagedAttention.forward` does before attending, after `apply_rotary` on q and k."""
     q_rot, k_rot = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -156,7 +174,9 @@ def _assert_same_outputs(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor
 
 
 def _assert_same(
-    got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], got_cache: KVCache,
+    got: tuple[torch.Tensor, ...],
+    want: tuple[torch.Tensor, ...],
+    got_cache: KVCache,
     want_cache: KVCache,
 ) -> None:
     _assert_same_outputs(got, want)
@@ -169,8 +189,13 @@ def _assert_same(
 
 
 def _run_both(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-    fmt: int | str | None, seed: int, static_scales: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    fmt: int | str | None,
+    seed: int,
+    static_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel against reference on two equal caches. A static KV8 cache takes `static_scales`
     ([1, 2]), by default `_calibrated` on k and v. Returns the rows the kernel wrote,
@@ -324,7 +349,13 @@ def test_empty_step() -> None:
     layer = _bound(cache, 4)
     index = torch.empty(2, 0, dtype=torch.long, device="cuda")
     q_rot, k_seen, v_seen = rope_kv.rope_kv_write(
-        q, k, v, _rope(0, 64, torch.float16, 0), index, layer.k_cache, layer.v_cache  # type: ignore[arg-type]
+        q,
+        k,
+        v,
+        _rope(0, 64, torch.float16, 0),
+        index,
+        layer.k_cache,
+        layer.v_cache,  # type: ignore[arg-type]
     )
     assert q_rot.shape == (0, 4, 64) and k_seen.shape == v_seen.shape == (0, 2, 64)
     assert torch.equal(cache.storage, before)
@@ -336,7 +367,8 @@ def test_every_cache_format_takes_the_kernel_but_unsupported_shapes_do_not() -> 
     dense = _bound(_cache(2, 64, torch.float16, None, 16, seed=0), 4)
     assert rope_kv.applies(q, dense.k_cache, dense.v_cache)
     static = StaticInt8Rows(
-        torch.zeros(64, 64, dtype=torch.int8, device="cuda"), torch.tensor(0.1, device="cuda"),
+        torch.zeros(64, 64, dtype=torch.int8, device="cuda"),
+        torch.tensor(0.1, device="cuda"),
         torch.float16,
     )
     assert rope_kv.applies(q, static, static)
@@ -355,8 +387,18 @@ def test_bad_inputs_are_named() -> None:
     index = _write_index(cache, tokens, seed=0)
 
     valid = {
-        "q": q, "k": k, "v": v, "cos": cos, "sin": sin, "write_index": index, "k_cache": codes,
-        "v_cache": codes, "k_params": params, "v_params": params, "k_scale": None, "v_scale": None,
+        "q": q,
+        "k": k,
+        "v": v,
+        "cos": cos,
+        "sin": sin,
+        "write_index": index,
+        "k_cache": codes,
+        "v_cache": codes,
+        "k_params": params,
+        "v_params": params,
+        "k_scale": None,
+        "v_scale": None,
     }
 
     def call(**changes: object) -> None:
@@ -369,8 +411,10 @@ def test_bad_inputs_are_named() -> None:
         ({"k": k.bfloat16()}, "k must have q's dtype Half, got BFloat16"),
         ({"v": v[:, :1]}, r"v must be \[tokens, heads, head_dim\] matching q"),
         ({"k": k.transpose(1, 2).contiguous().transpose(1, 2)}, "k must have contiguous channels"),
-        ({"q": torch.zeros(tokens, heads, 96, dtype=torch.float16, device="cuda")},
-         "head_dim must be 64, 128 or 256, got 96"),
+        (
+            {"q": torch.zeros(tokens, heads, 96, dtype=torch.float16, device="cuda")},
+            "head_dim must be 64, 128 or 256, got 96",
+        ),
         ({"cos": cos[:, :, :16]}, r"cos must be \[tokens, 1, head_dim / 2\] = \[5, 1, 32\]"),
         ({"sin": sin.float()}, "sin must have q's dtype Half"),
         ({"write_index": index.int()}, r"write_index must be int64 \[kv_heads, tokens\]"),
@@ -380,9 +424,13 @@ def test_bad_inputs_are_named() -> None:
         ({"v_cache": codes[:-16]}, "K and V caches must have the same shape and dtype"),
         ({"v_params": None}, "pass both k_params and v_params or neither"),
         ({"k_params": params.float()}, "KV params must be contiguous, 4-byte aligned float16"),
-        ({"k_params": None, "v_params": None},
-         (r"a cache without params or scales holds rows of q's dtype and head_dim: expected Half "
-          r"\[rows, 64\], got Byte")),
+        (
+            {"k_params": None, "v_params": None},
+            (
+                r"a cache without params or scales holds rows of q's dtype and head_dim: expected Half "
+                r"\[rows, 64\], got Byte"
+            ),
+        ),
     ]
     for changes, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -393,28 +441,50 @@ def test_bad_inputs_are_named() -> None:
 
     # Static KV8: int8 codes with one fp32 scale each for K and V instead of per-row params.
     signed, scale = codes.view(torch.int8), torch.tensor(0.05, device="cuda")
-    static = {"k_cache": signed, "v_cache": signed, "k_params": None, "v_params": None,
-              "k_scale": scale, "v_scale": scale}
+    static = {
+        "k_cache": signed,
+        "v_cache": signed,
+        "k_params": None,
+        "v_params": None,
+        "k_scale": scale,
+        "v_scale": scale,
+    }
     call(**static)  # valid
     narrow_signed = torch.zeros(codes.shape[0], 32, dtype=torch.int8, device="cuda")
     static_cases: list[tuple[dict[str, object], str]] = [
         ({"v_scale": None}, "pass both k_scale and v_scale or neither"),
-        ({"k_params": params, "v_params": params},
-         "pass per-row k_params/v_params or per-tensor k_scale/v_scale, not both"),
-        ({"k_cache": codes, "v_cache": codes},
-         r"a per-tensor static KV8 cache must be int8 \[rows, 64\], got Byte \[\d+, 64\]"),
-        ({"k_cache": narrow_signed, "v_cache": narrow_signed.clone()},
-         r"static KV8 cache must be int8 \[rows, 64\], got Char \[\d+, 32\]"),
+        (
+            {"k_params": params, "v_params": params},
+            "pass per-row k_params/v_params or per-tensor k_scale/v_scale, not both",
+        ),
+        (
+            {"k_cache": codes, "v_cache": codes},
+            r"a per-tensor static KV8 cache must be int8 \[rows, 64\], got Byte \[\d+, 64\]",
+        ),
+        (
+            {"k_cache": narrow_signed, "v_cache": narrow_signed.clone()},
+            r"static KV8 cache must be int8 \[rows, 64\], got Char \[\d+, 32\]",
+        ),
         ({"k_scale": scale.half()}, r"k_scale must be one fp32 value on cuda:0, got Half \[\]"),
-        ({"v_scale": scale.repeat(2)},
-         r"v_scale must be one fp32 value on cuda:0, got Float \[2\] on cuda:0"),
-        ({"k_scale": scale.cpu()},
-         r"k_scale must be one fp32 value on cuda:0, got Float \[\] on cpu"),
-        ({"k_scale": None, "v_scale": None},
-         (r"a cache without params or scales holds rows of q's dtype and head_dim: expected Half "
-          r"\[rows, 64\], got Char")),
-        ({"k_scale": None, "v_scale": None, "k_params": params, "v_params": params},
-         "quantized caches hold uint8 codes, got Char"),
+        (
+            {"v_scale": scale.repeat(2)},
+            r"v_scale must be one fp32 value on cuda:0, got Float \[2\] on cuda:0",
+        ),
+        (
+            {"k_scale": scale.cpu()},
+            r"k_scale must be one fp32 value on cuda:0, got Float \[\] on cpu",
+        ),
+        (
+            {"k_scale": None, "v_scale": None},
+            (
+                r"a cache without params or scales holds rows of q's dtype and head_dim: expected Half "
+                r"\[rows, 64\], got Char"
+            ),
+        ),
+        (
+            {"k_scale": None, "v_scale": None, "k_params": params, "v_params": params},
+            "quantized caches hold uint8 codes, got Char",
+        ),
     ]
     for changes, message in static_cases:
         with pytest.raises(RuntimeError, match=message):
@@ -434,8 +504,12 @@ def _cpu_step_layers(
     layers = []
     for _ in range(2):
         cache = KVCache(
-            _spec(2, 16, dtype, fmt), NUM_PAGES, max_num_seqs=6, max_pages_per_seq=8,
-            device=torch.device("cpu"), static_scales=scales,
+            _spec(2, 16, dtype, fmt),
+            NUM_PAGES,
+            max_num_seqs=6,
+            max_pages_per_seq=8,
+            device=torch.device("cpu"),
+            static_scales=scales,
         )
         layer = PagedAttention(4, 2, 16, None)
         cache.bind([layer])
@@ -475,7 +549,9 @@ def test_cpu_layer_rotates_then_stores(dtype: torch.dtype, fmt: int | str | None
 
 
 def _rope_in_the_model(
-    self: LlamaAttention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    self: LlamaAttention,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
     meta: AttentionMetadata,
 ) -> torch.Tensor:
     """LlamaAttention.forward before the fusion: RoPE in the model, then the layer stores and
@@ -505,10 +581,16 @@ def _logits_over_steps(runner: ModelRunner) -> list[torch.Tensor]:
 
 
 def _runner(directory: Path, **options: object) -> ModelRunner:
-    return ModelRunner(EngineConfig.from_kwargs(
-        str(directory), page_size=PAGE_SIZE, num_kv_pages=NUM_PAGES, max_num_seqs=4,
-        max_num_batched_tokens=128, **options,
-    ))
+    return ModelRunner(
+        EngineConfig.from_kwargs(
+            str(directory),
+            page_size=PAGE_SIZE,
+            num_kv_pages=NUM_PAGES,
+            max_num_seqs=4,
+            max_num_batched_tokens=128,
+            **options,
+        )
+    )
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "int4"])

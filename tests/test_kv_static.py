@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
@@ -45,7 +47,6 @@ from omniserve.quant.kv_calibration import calibrate_kv_absmax
 from omniserve.quant.precision import parse
 from omniserve.runner.kv_cache import KVCacheSpec, StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
-from safetensors.torch import load_file, save_file
 from tiny_models import (
     PagedRequests,
     fake_quantized,
@@ -125,6 +126,7 @@ def test_calibration_matches_our_models_post_rope_kv(
             _, k, v, _ = args
             seen[layer, 0] = max(seen[layer, 0], float(k.abs().max()))
             seen[layer, 1] = max(seen[layer, 1], float(v.abs().max()))
+
         return hook
 
     handles = [
@@ -150,7 +152,11 @@ def _decode_path_errors(runner: ModelRunner, reference: torch.nn.Module) -> tupl
     reqs = PagedRequests(16, 64)
     steps = [runner.compute_logits(reqs.step(list(enumerate(prompts))))[1]]
     for t in range(7):
-        steps.append(runner.compute_logits(reqs.step([(i, f[t : t + 1]) for i, f in enumerate(followers)]))[1])
+        steps.append(
+            runner.compute_logits(reqs.step([(i, f[t : t + 1]) for i, f in enumerate(followers)]))[
+                1
+            ]
+        )
     rel, cos = [], []
     for i, (prompt, follow) in enumerate(zip(prompts, followers)):
         refs = hf_logits(reference, prompt + follow[:7])[len(prompt) - 1 :]
@@ -191,8 +197,14 @@ def test_static_kv8_tokens_do_not_depend_on_chunking_or_preemption(
     plain = Engine.from_pretrained(path, **OPTIONS, num_kv_pages=256)
     expected = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     squeezed = Engine.from_pretrained(
-        path, **OPTIONS, num_kv_pages=13, watermark=0.0, max_num_seqs=8,
-        max_num_batched_tokens=24, long_prefill_token_threshold=7, max_partial_prefills=2,
+        path,
+        **OPTIONS,
+        num_kv_pages=13,
+        watermark=0.0,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        long_prefill_token_threshold=7,
+        max_partial_prefills=2,
     )
     outs = squeezed.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
@@ -215,7 +227,11 @@ def test_checkpoint_field_and_errors(
     ckpt = read_checkpoint(path)
     with pytest.raises(ConfigError, match="'per_tensor' .* needs a KV8 precision, but w8a8kv4"):
         write_checkpoint(
-            tmp_path / "kv4", ckpt.hf_config, parse("w8a8kv4"), ckpt.linears, ckpt.tensors,
+            tmp_path / "kv4",
+            ckpt.hf_config,
+            parse("w8a8kv4"),
+            ckpt.linears,
+            ckpt.tensors,
             kv_scales=ckpt.kv_scales,
         )
     with pytest.raises(ConfigError, match="requested precision w8a8kv4"):
@@ -239,14 +255,38 @@ def test_checkpoint_field_and_errors(
         return out
 
     cases = [
-        (edited("json_kv4", {"precision": "w8a8kv4"}), "quantization_config: kv_granularity 'per_tensor'.*w8a8kv4"),
-        (edited("unknown", {"kv_granularity": "per_head"}), "kv_granularity 'per_head' is not supported"),
-        (edited("missing", tensor_edit={kv_scale_key(1): None}), f"tensor {kv_scale_key(1)} is missing"),
-        (edited("shape", tensor_edit={kv_scale_key(0): torch.ones(3)}), f"tensor {kv_scale_key(0)}: expected a float tensor of shape \\[2\\]"),
-        (edited("dtype", tensor_edit={kv_scale_key(0): torch.ones(2, dtype=torch.int32)}), "torch.int32"),
-        (edited("zero", tensor_edit={kv_scale_key(0): torch.tensor([0.1, 0.0])}), "positive and finite"),
-        (edited("extra", tensor_edit={kv_scale_key(5): torch.ones(2)}), f"tensor {kv_scale_key(5)} names no layer"),
-        (edited("not_static", {"kv_granularity": "per_token_head"}), "holds static KV scales, but .*kv_granularity is not 'per_tensor'"),
+        (
+            edited("json_kv4", {"precision": "w8a8kv4"}),
+            "quantization_config: kv_granularity 'per_tensor'.*w8a8kv4",
+        ),
+        (
+            edited("unknown", {"kv_granularity": "per_head"}),
+            "kv_granularity 'per_head' is not supported",
+        ),
+        (
+            edited("missing", tensor_edit={kv_scale_key(1): None}),
+            f"tensor {kv_scale_key(1)} is missing",
+        ),
+        (
+            edited("shape", tensor_edit={kv_scale_key(0): torch.ones(3)}),
+            f"tensor {kv_scale_key(0)}: expected a float tensor of shape \\[2\\]",
+        ),
+        (
+            edited("dtype", tensor_edit={kv_scale_key(0): torch.ones(2, dtype=torch.int32)}),
+            "torch.int32",
+        ),
+        (
+            edited("zero", tensor_edit={kv_scale_key(0): torch.tensor([0.1, 0.0])}),
+            "positive and finite",
+        ),
+        (
+            edited("extra", tensor_edit={kv_scale_key(5): torch.ones(2)}),
+            f"tensor {kv_scale_key(5)} names no layer",
+        ),
+        (
+            edited("not_static", {"kv_granularity": "per_token_head"}),
+            "holds static KV scales, but .*kv_granularity is not 'per_tensor'",
+        ),
     ]
     for broken, message in cases:
         with pytest.raises(CheckpointError, match=message):

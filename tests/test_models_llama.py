@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from transformers import PreTrainedModel
+
 from omniserve.config import EngineConfig
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_plan import StepPlan
 from omniserve.sampling_params import SamplingParams
 from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_checkpoint
-from transformers import PreTrainedModel
 
 PAGE_SIZE = 16
 NUM_PAGES = 96
@@ -37,8 +38,12 @@ def pair(
     directory = tmp_path_factory.mktemp(request.param)
     hf = save_checkpoint(request.param, directory)
     config = EngineConfig(
-        model=str(directory), device="cpu", page_size=PAGE_SIZE, num_kv_pages=NUM_PAGES,
-        max_num_seqs=8, max_num_batched_tokens=256,
+        model=str(directory),
+        device="cpu",
+        page_size=PAGE_SIZE,
+        num_kv_pages=NUM_PAGES,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
     )
     yield Pair(hf, ModelRunner(config))
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError
 from omniserve.models.loader import load_hf_config, load_model
 from omniserve.runner.model_runner import ModelRunner
-from safetensors.torch import load_file, save_file
 from tiny_models import PagedRequests, hf_logits, save_checkpoint, tiny_config
 
 CPU = torch.device("cpu")
@@ -20,8 +21,13 @@ CPU = torch.device("cpu")
 
 def _runner(directory: Path, **kwargs: object) -> ModelRunner:
     config = EngineConfig.from_kwargs(
-        str(directory), device="cpu", page_size=16, num_kv_pages=16, max_num_seqs=4,
-        max_num_batched_tokens=64, **kwargs,
+        str(directory),
+        device="cpu",
+        page_size=16,
+        num_kv_pages=16,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        **kwargs,
     )
     return ModelRunner(config)
 
@@ -31,8 +37,13 @@ def _last_logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
 
 
 def _load(directory: Path) -> None:
-    load_model(str(directory), load_hf_config(str(directory)), device=CPU, dtype=torch.float32,
-               max_positions=64)
+    load_model(
+        str(directory),
+        load_hf_config(str(directory)),
+        device=CPU,
+        dtype=torch.float32,
+        max_positions=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +108,9 @@ def test_integer_tensor_is_named(single: Path, tmp_path: Path) -> None:
 def test_bf16_checkpoint_loads_into_fp32(single: Path, tmp_path: Path) -> None:
     tensors = load_file(single / "model.safetensors")
     half = _edited_copy(single, tmp_path / "bf16", {n: t.bfloat16() for n, t in tensors.items()})
-    model = load_model(str(half), load_hf_config(str(half)), device=CPU, dtype=torch.float32,
-                       max_positions=64).model
+    model = load_model(
+        str(half), load_hf_config(str(half)), device=CPU, dtype=torch.float32, max_positions=64
+    ).model
     expected = tensors["model.layers.0.self_attn.v_proj.weight"].bfloat16().float()
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight[-32:], expected)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from omniserve import Engine, SamplingParams
 from omniserve.cli.main import main
 from omniserve.config import EngineConfig
@@ -33,7 +35,6 @@ from omniserve.quant.qoq.quantizer import QoQReport
 from omniserve.quant.rtn_model import write_rtn_checkpoint
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests, save_servable
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 BUNDLED = bundled_model_path()
 FAST = {"clip_steps": 6, "max_rows": 512}
@@ -100,20 +101,43 @@ def test_qoq_beats_rtn_per_layer_and_at_the_logits(
     assert _mean(qoq) < 0.9 * _mean(rtn), (_mean(qoq), _mean(rtn))
 
     fp = _heldout_nll(BUNDLED, None, -1)
-    excess = {name: _heldout_nll(tmp_path / name, precision, group_size) - fp for name in ("rtn", "qoq")}
-    print(f"{p.name} g{group_size}: mean layer error rtn {_mean(rtn):.4f} qoq {_mean(qoq):.4f}; "
-          f"excess held-out NLL rtn {excess['rtn']:.4f} qoq {excess['qoq']:.4f}")
+    excess = {
+        name: _heldout_nll(tmp_path / name, precision, group_size) - fp for name in ("rtn", "qoq")
+    }
+    print(
+        f"{p.name} g{group_size}: mean layer error rtn {_mean(rtn):.4f} qoq {_mean(qoq):.4f}; "
+        f"excess held-out NLL rtn {excess['rtn']:.4f} qoq {excess['qoq']:.4f}"
+    )
     assert 0 < excess["qoq"] <= LOGIT_RATIO * excess["rtn"], excess
 
 
 @pytest.mark.slow
 def test_cli_quantize_end_to_end_with_gptq(tmp_path: Path, calib_file: Path) -> None:
     out = tmp_path / "w4a8kv4-g128"
-    rc = main([
-        "quantize", "--model", str(BUNDLED), "--output", str(out), "--precision", "w4a8kv4",
-        "--group-size", "128", "--calib", str(calib_file), "--num-samples", "4",
-        "--seq-len", "128", "--gptq", "--clip-steps", "3", "--max-rows", "256",
-    ])
+    rc = main(
+        [
+            "quantize",
+            "--model",
+            str(BUNDLED),
+            "--output",
+            str(out),
+            "--precision",
+            "w4a8kv4",
+            "--group-size",
+            "128",
+            "--calib",
+            str(calib_file),
+            "--num-samples",
+            "4",
+            "--seq-len",
+            "128",
+            "--gptq",
+            "--clip-steps",
+            "3",
+            "--max-rows",
+            "256",
+        ]
+    )
     assert rc == 0
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False  # rotation untied lm_head from the embedding
@@ -160,8 +184,13 @@ def test_static_kv_scales_are_the_calibration_absmax(tmp_path: Path, bundled_cal
     """With every transform off, the static KV8 scales are HF's post-RoPE K and V maxima over
     the calibration windows / 127 (kv_calibration.py measures them through HF's cache)."""
     report = quantize_checkpoint(
-        BUNDLED, tmp_path / "q", parse("w8a8kv8"), bundled_calibration, QoQOptions.rtn(),
-        progress=False, kv_granularity="per_tensor",
+        BUNDLED,
+        tmp_path / "q",
+        parse("w8a8kv8"),
+        bundled_calibration,
+        QoQOptions.rtn(),
+        progress=False,
+        kv_granularity="per_tensor",
     )
     assert report.recipe["kv_cache"]["granularity"] == "per_tensor"
     hf = AutoModelForCausalLM.from_pretrained(str(BUNDLED), torch_dtype=torch.float32)
@@ -178,7 +207,12 @@ def test_qoq_static_kv8_checkpoint_serves(tmp_path: Path, bundled_calibration) -
     p = parse("w8a8kv8")
     for name, options in (("rtn", QoQOptions.rtn()), ("qoq", QoQOptions(**FAST))):
         quantize_checkpoint(
-            BUNDLED, tmp_path / name, p, bundled_calibration, options, progress=False,
+            BUNDLED,
+            tmp_path / name,
+            p,
+            bundled_calibration,
+            options,
+            progress=False,
             kv_granularity="per_tensor",
         )
     scales = {name: read_checkpoint(tmp_path / name).kv_scales for name in ("rtn", "qoq")}
@@ -198,7 +232,10 @@ def test_qoq_static_kv8_checkpoint_serves(tmp_path: Path, bundled_calibration) -
         (["--precision", "w8a8", "--group-size", "128"], "group_size 128 is only valid for W4A8"),
         (["--precision", "w4a8", "--group-size", "64"], "group_size 64 is not supported"),
         (["--precision", "w16a16kv4"], "keeps the model's fp weights"),
-        (["--precision", "w4a8", "--calib", "/nonexistent/c.txt"], "calibration file /nonexistent/c.txt does not exist"),
+        (
+            ["--precision", "w4a8", "--calib", "/nonexistent/c.txt"],
+            "calibration file /nonexistent/c.txt does not exist",
+        ),
         (["--precision", "w4a8", "--model", "/tmp"], "no config.json"),
         (["--precision", "w4a8", "--clip-min", "0"], "clip min ratio must be in \\(0, 1\\]"),
         (["--precision", "w4a8", "--num-samples", "100000"], "fewer than num_samples"),
@@ -206,7 +243,10 @@ def test_qoq_static_kv8_checkpoint_serves(tmp_path: Path, bundled_calibration) -
     ],
 )
 def test_cli_rejects_bad_arguments(
-    tmp_path: Path, calib_file: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+    tmp_path: Path,
+    calib_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
     message: str,
 ) -> None:
     base = {"--model": str(BUNDLED), "--output": str(tmp_path / "out"), "--calib": str(calib_file)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from omniserve.quant.precision import parse
 from omniserve.quant.qoq.clip import (
     channel_errors,
@@ -88,15 +89,20 @@ def test_rotations_are_orthogonal_and_seeded() -> None:
         assert torch.equal(r, random_rotation(n, seed=3))
         assert not torch.equal(r, random_rotation(n, seed=4))
     # power of two: every entry ±1/√n, the most even spreading of an outlier channel
-    assert torch.allclose(random_rotation(64, 0).abs(), torch.full((64, 64), 1 / 8.0, dtype=torch.float64))
+    assert torch.allclose(
+        random_rotation(64, 0).abs(), torch.full((64, 64), 1 / 8.0, dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard(12)
 
 
 @pytest.mark.parametrize(
     ("family", "overrides"),
-    [("llama3", {}), ("qwen2", {}), ("llama3", {"hidden_size": 96, "num_attention_heads": 6,
-                                                 "num_key_value_heads": 2})],
+    [
+        ("llama3", {}),
+        ("qwen2", {}),
+        ("llama3", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2}),
+    ],
 )
 def test_rotation_with_folded_norms_preserves_logits(
     tmp_path: Path, family: str, overrides: dict[str, int]
@@ -111,7 +117,9 @@ def test_rotation_with_folded_norms_preserves_logits(
     assert (rotated - plain).norm() / plain.norm() < 2e-5
 
 
-def _layer_run(source: SourceModel, layer: dict, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, dict]:
+def _layer_run(
+    source: SourceModel, layer: dict, x: torch.Tensor, rope: tuple
+) -> tuple[torch.Tensor, dict]:
     seen: dict[str, torch.Tensor] = {}
 
     def observe(point: str, a: torch.Tensor) -> None:
@@ -143,7 +151,10 @@ def test_smooth_attention_preserves_attention_and_flattens_keys(llama_layer: tup
     fold_smooth_attention(smoothed, lam, g)
     out2, seen2 = _layer_run(source, smoothed, x, rope)
     assert (out2 - out).norm() / out.norm() < 1e-5  # q · k unchanged
-    spread = lambda k: float(k.max() / k.mean())
+
+    def spread(k: torch.Tensor) -> float:
+        return float(k.max() / k.mean())
+
     assert spread(seen2[KEYS]) < 0.5 * spread(seen[KEYS])
     # a λ not shared by the pair does not commute with RoPE: the same check catches it
     broken = {k: v.clone() for k, v in layer.items()}
@@ -210,7 +221,9 @@ def test_gptq_lowers_output_error_on_the_same_grid(precision: str, group_size: i
     assert torch.allclose(w_gptq, grid.dequantize(codes, 0))
     if isinstance(stored, W4A8PerGroupWeight):  # GPTQ keeps RTN's scales: same stored grid
         rtn = quantize_weight(w, p)
-        assert torch.equal(stored.s2_scales, rtn.s2_scales) and torch.equal(stored.s1_scales, rtn.s1_scales)
+        assert torch.equal(stored.s2_scales, rtn.s2_scales) and torch.equal(
+            stored.s1_scales, rtn.s1_scales
+        )
     rtn_error = float((x @ (w - grid.fake_quantize(w)).t()).norm())
     gptq_error = float((x @ (w - w_gptq).t()).norm())
     assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)

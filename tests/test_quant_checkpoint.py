@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from omniserve.errors import CheckpointError, ConfigError
 from omniserve.quant.checkpoint import (
     CONFIG_FILE,
@@ -16,7 +18,6 @@ from omniserve.quant.checkpoint import (
 )
 from omniserve.quant.precision import Precision, parse
 from omniserve.quant.weight import quantize_w8a8, quantize_weight
-from safetensors.torch import load_file, save_file
 
 HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_hidden_layers": 1}
 LINEARS = {

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.cli.main import main
 from omniserve.config import EngineConfig
@@ -84,8 +85,10 @@ def _codes_and_weight(
     s2 = torch.randint(1, 9, (n, groups), generator=g).float()  # |s2 · (q − z)| ≤ 120
     s1 = (0.004 + 0.002 * torch.rand(n, generator=g)).half().float()
     w8 = (s2[..., None] * (q.reshape(n, groups, 128) - z[..., None])).reshape(n, k)
-    entries = {"weight.scale.0": s1.half().reshape(n, 1, 1, 1),
-               "weight.scale.1": s2.half().reshape(n, 1, groups, 1)}
+    entries = {
+        "weight.scale.0": s1.half().reshape(n, 1, 1, 1),
+        "weight.scale.1": s2.half().reshape(n, 1, groups, 1),
+    }
     if zero_style == "scaled_zero":
         entries["weight.scaled_zero"] = (z * s2).half().reshape(n, 1, groups, 1)
     else:
@@ -114,13 +117,17 @@ def _write_dump(
     torch.save(state, dump / "model.pt")
     torch.save(scales, dump / "scale.pt")
     acts = {}
-    for i in range(hf.config.num_hidden_layers):  # the lmquant layout for layer 0, DeepCompressor's after
+    for i in range(
+        hf.config.num_hidden_layers
+    ):  # the lmquant layout for layer 0, DeepCompressor's after
         k_max, v_max = torch.tensor(3.0 + i), torch.tensor([0.5, -2.5 - i])
         if i == 0:
             acts[f"model.layers.{i}.self_attn.k_rotary_emb.output"] = {"dynamic_range.0.max": k_max}
             acts[f"model.layers.{i}.self_attn.v_proj.output"] = {"dynamic_range.0.max": v_max}
         else:
-            acts[f"model.layers.{i}.self_attn.k_rotary_emb.output"] = {"dynamic_range": [{"max": k_max}]}
+            acts[f"model.layers.{i}.self_attn.k_rotary_emb.output"] = {
+                "dynamic_range": [{"max": k_max}]
+            }
             acts[f"model.layers.{i}.self_attn.v_proj.output"] = {"dynamic_range": [{"max": v_max}]}
     torch.save(acts, dump / "acts.pt")
     return codes, state
@@ -165,8 +172,10 @@ def test_golden_conversion_is_exact_and_serves_like_hf(
     assert max_rel <= 0.12 and min_cos >= 0.995, (max_rel, min_cos)
     del runner
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 384, (int(n),), generator=g).tolist()
-               for n in torch.randint(1, 60, (32,), generator=g)]
+    prompts = [
+        torch.randint(3, 384, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 60, (32,), generator=g)
+    ]
     engine = Engine.from_pretrained(tmp_path / "out", **OPTIONS)
     outs = engine.generate(
         prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False
@@ -195,7 +204,9 @@ def test_zero_point_variants_give_the_same_checkpoint(
         _write_dump(hf, tmp_path / "plain", p, "zero", seed=group_size)
         _write_dump(hf, tmp_path / zero_style, p, zero_style, seed=group_size)
         convert_deepcompressor(src, tmp_path / "plain", tmp_path / f"out-plain{group_size}", p)
-        convert_deepcompressor(src, tmp_path / zero_style, tmp_path / f"out-{zero_style}{group_size}", p)
+        convert_deepcompressor(
+            src, tmp_path / zero_style, tmp_path / f"out-{zero_style}{group_size}", p
+        )
         a = read_checkpoint(tmp_path / f"out-plain{group_size}")
         b = read_checkpoint(tmp_path / f"out-{zero_style}{group_size}")
         for prefix, weight in a.linears.items():
@@ -217,15 +228,25 @@ def test_per_tensor_kv_scales_from_acts(
     assert ckpt.quant.kv_granularity == PER_TENSOR
     torch.testing.assert_close(ckpt.kv_scales, expected)
     torch.testing.assert_close(
-        static_kv_scales(kv_absmax_from_acts(torch.load(tmp_path / "dump" / "acts.pt"), 2)), expected
+        static_kv_scales(kv_absmax_from_acts(torch.load(tmp_path / "dump" / "acts.pt"), 2)),
+        expected,
     )
     engine = Engine.from_pretrained(tmp_path / "out", **OPTIONS)
-    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    out = engine.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
     assert len(out[0].token_ids) == 4
-    with pytest.raises(CheckpointError, match="entry model.layers.1.self_attn.v_proj.output is missing"):
-        kv_absmax_from_acts({"model.layers.0.self_attn.k_rotary_emb.output": {"dynamic_range.0.max": 1.0},
-                             "model.layers.0.self_attn.v_proj.output": {"dynamic_range.0.max": 1.0},
-                             "model.layers.1.self_attn.k_rotary_emb.output": {"dynamic_range.0.max": 1.0}}, 2)
+    with pytest.raises(
+        CheckpointError, match="entry model.layers.1.self_attn.v_proj.output is missing"
+    ):
+        kv_absmax_from_acts(
+            {
+                "model.layers.0.self_attn.k_rotary_emb.output": {"dynamic_range.0.max": 1.0},
+                "model.layers.0.self_attn.v_proj.output": {"dynamic_range.0.max": 1.0},
+                "model.layers.1.self_attn.k_rotary_emb.output": {"dynamic_range.0.max": 1.0},
+            },
+            2,
+        )
     with pytest.raises(CheckpointError, match="has neither 'dynamic_range.0.max'"):
         kv_absmax_from_acts({"model.layers.0.self_attn.k_rotary_emb.output": {"max": 1.0}}, 1)
 
@@ -270,25 +291,92 @@ def test_broken_dumps_are_named(hf_dir: tuple[Path, torch.nn.Module], tmp_path: 
     off_grid = state[f"{layer}.weight"].clone()
     off_grid[3, 7] += 0.4 * float(torch.load(dump / "scale.pt")[f"{layer}.weight.scale.0"][3])
     cases: list[tuple[Path, Precision, str, type[Exception], str]] = [
-        (_edit(dump, tmp_path / "grid", "model.pt", {f"{layer}.weight": off_grid}), w4, PER_TOKEN_HEAD,
-         CheckpointError, f"{layer}: the fake-quant weight is not on the quantization grid"),
-        (_edit(dump, tmp_path / "noscale", "scale.pt", {f"{layer}.weight.scale.0": None}), w4, PER_TOKEN_HEAD,
-         CheckpointError, f"{layer}.weight.scale.0 is missing"),
-        (_edit(dump, tmp_path / "nozero", "scale.pt", {f"{layer}.weight.zero": None}), w4, PER_TOKEN_HEAD,
-         CheckpointError, f"{layer}.weight.zero \\(or .weight.scaled_zero\\) is missing"),
-        (_edit(dump, tmp_path / "shape", "scale.pt", {f"{layer}.weight.scale.0": torch.ones(7).half()}), w4,
-         PER_TOKEN_HEAD, CheckpointError, f"{layer}.weight.scale.0 has shape \\[7\\]; expected 128 values"),
-        (_edit(dump, tmp_path / "noweight", "model.pt", {f"{layer}.weight": None}), w4, PER_TOKEN_HEAD,
-         CheckpointError, f"{layer}.weight.scale.0 belongs to no weight in model.pt"),
-        (_edit(dump, tmp_path / "stray", "scale.pt", {"model.norm.weight.scale.0": torch.ones(1)}), w4,
-         PER_TOKEN_HEAD, CheckpointError, "scales for model.norm, which are not decoder projections"),
-        (_edit(dump, tmp_path / "key", "scale.pt", {"lm_head.bias": torch.ones(1)}), w4, PER_TOKEN_HEAD,
-         CheckpointError, "entry 'lm_head.bias' is not a weight scale or zero tensor"),
-        (_edit(dump, tmp_path / "intw", "model.pt", {f"{layer}.weight": off_grid.to(torch.int8)}), w4,
-         PER_TOKEN_HEAD, CheckpointError, f"{layer}.weight must be a float \\[N, K\\] weight, found torch.int8"),
-        (dump, parse("w8a8"), PER_TOKEN_HEAD, ConfigError, "has zero points \\(a W4 dump\\), but the requested precision is w8a8kv8"),
-        (dump, parse("w4a8", 128), PER_TOKEN_HEAD, ConfigError, "the dump is per-channel, use --group-size -1"),
-        (dump, w4, PER_TENSOR, ConfigError, "kv_granularity 'per_tensor' .* needs a KV8 precision, but w4a8kv4"),
+        (
+            _edit(dump, tmp_path / "grid", "model.pt", {f"{layer}.weight": off_grid}),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            f"{layer}: the fake-quant weight is not on the quantization grid",
+        ),
+        (
+            _edit(dump, tmp_path / "noscale", "scale.pt", {f"{layer}.weight.scale.0": None}),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            f"{layer}.weight.scale.0 is missing",
+        ),
+        (
+            _edit(dump, tmp_path / "nozero", "scale.pt", {f"{layer}.weight.zero": None}),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            f"{layer}.weight.zero \\(or .weight.scaled_zero\\) is missing",
+        ),
+        (
+            _edit(
+                dump,
+                tmp_path / "shape",
+                "scale.pt",
+                {f"{layer}.weight.scale.0": torch.ones(7).half()},
+            ),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            f"{layer}.weight.scale.0 has shape \\[7\\]; expected 128 values",
+        ),
+        (
+            _edit(dump, tmp_path / "noweight", "model.pt", {f"{layer}.weight": None}),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            f"{layer}.weight.scale.0 belongs to no weight in model.pt",
+        ),
+        (
+            _edit(
+                dump, tmp_path / "stray", "scale.pt", {"model.norm.weight.scale.0": torch.ones(1)}
+            ),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            "scales for model.norm, which are not decoder projections",
+        ),
+        (
+            _edit(dump, tmp_path / "key", "scale.pt", {"lm_head.bias": torch.ones(1)}),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            "entry 'lm_head.bias' is not a weight scale or zero tensor",
+        ),
+        (
+            _edit(
+                dump, tmp_path / "intw", "model.pt", {f"{layer}.weight": off_grid.to(torch.int8)}
+            ),
+            w4,
+            PER_TOKEN_HEAD,
+            CheckpointError,
+            f"{layer}.weight must be a float \\[N, K\\] weight, found torch.int8",
+        ),
+        (
+            dump,
+            parse("w8a8"),
+            PER_TOKEN_HEAD,
+            ConfigError,
+            "has zero points \\(a W4 dump\\), but the requested precision is w8a8kv8",
+        ),
+        (
+            dump,
+            parse("w4a8", 128),
+            PER_TOKEN_HEAD,
+            ConfigError,
+            "the dump is per-channel, use --group-size -1",
+        ),
+        (
+            dump,
+            w4,
+            PER_TENSOR,
+            ConfigError,
+            "kv_granularity 'per_tensor' .* needs a KV8 precision, but w4a8kv4",
+        ),
         (dump, parse("w16a16"), PER_TOKEN_HEAD, ConfigError, "w16a16 keeps fp weights"),
     ]
     for i, (d, p, granularity, error, message) in enumerate(cases):
@@ -296,7 +384,9 @@ def test_broken_dumps_are_named(hf_dir: tuple[Path, torch.nn.Module], tmp_path: 
             convert_deepcompressor(src, d, tmp_path / f"out{i}", p, granularity)
     no_acts = _edit(dump, tmp_path / "noacts", "", {})
     (no_acts / "acts.pt").unlink()
-    with pytest.raises(CheckpointError, match="acts.pt does not exist \\(per-tensor KV scales need it\\)"):
+    with pytest.raises(
+        CheckpointError, match="acts.pt does not exist \\(per-tensor KV scales need it\\)"
+    ):
         convert_deepcompressor(src, no_acts, tmp_path / "o1", parse("w4a8kv8"), PER_TENSOR)
     truncated = _edit(dump, tmp_path / "truncated", "", {})
     data = (truncated / "model.pt").read_bytes()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
@@ -40,7 +42,6 @@ from omniserve.quant.rtn_model import (
 )
 from omniserve.quant.weight import quantize_weight
 from omniserve.runner.model_runner import ModelRunner
-from safetensors.torch import load_file
 from tiny_models import PagedRequests, hf_logits, save_servable
 
 # precision → (max relative logit error, min cosine) vs fp32; see the module doc.
@@ -101,9 +102,7 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 23, 40, 70, 33, 9)]
 
 
-def _first_step_errors(
-    runner: ModelRunner, reference: torch.nn.Module
-) -> tuple[float, float]:
+def _first_step_errors(runner: ModelRunner, reference: torch.nn.Module) -> tuple[float, float]:
     """(max relative error, min cosine) of the prefill logits of `_prompts()` vs `reference`."""
     prompts = _prompts()
     _, logits = runner.compute_logits(PagedRequests(16, 64).step(list(enumerate(prompts))))
@@ -135,8 +134,13 @@ def test_first_step_logits_close_to_fp32(
 
 @pytest.mark.parametrize(
     ("model", "precision", "group_size"),
-    [("llama3", "w4a8kv8", -1), ("qwen2", "w4a8kv8", -1), ("llama3_h128", "w4a8kv8", 128),
-     ("llama3", "w8a8kv8", -1), ("qwen2", "w8a8kv8", -1)],
+    [
+        ("llama3", "w4a8kv8", -1),
+        ("qwen2", "w4a8kv8", -1),
+        ("llama3_h128", "w4a8kv8", 128),
+        ("llama3", "w8a8kv8", -1),
+        ("qwen2", "w8a8kv8", -1),
+    ],
 )
 def test_quantized_compute_matches_dequantized_weights(
     models: dict[str, tuple[Path, torch.nn.Module]], model: str, precision: str, group_size: int
@@ -180,8 +184,9 @@ def test_rtn_checkpoint_round_trips(
     runner = _runner(path)
     assert runner.precision == p and runner._kv_spec.kv_bits == p.kv_bits
     fp_bytes = sum(t.numel() * 4 for n, t in source.items() if is_quantized_projection(n))
-    q_bytes = sum(m.quantized_nbytes for m in runner.model.modules()
-                  if isinstance(m, QuantizedLinear))
+    q_bytes = sum(
+        m.quantized_nbytes for m in runner.model.modules() if isinstance(m, QuantizedLinear)
+    )
     assert q_bytes < fp_bytes / 3  # 1 (int8) or 1/2 (uint4) byte per weight + scales, vs 4
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from omniserve.config import EngineConfig
 from omniserve.kernels import fused
 from omniserve.kernels.build import kernels_available
@@ -171,14 +172,17 @@ def test_fused_logits_equal_unfused_composition(
     model_dtype = getattr(torch, dtype)
     for name in ("rmsnorm_quant", "add_rmsnorm_quant"):
         assert set(spies[name].calls) == {("cpu", model_dtype)}
-    assert all(m.dtype == model_dtype for m in runner.model.modules()
-               if isinstance(m, QuantizedLinear))
+    assert all(
+        m.dtype == model_dtype for m in runner.model.modules() if isinstance(m, QuantizedLinear)
+    )
 
     unfused = _unfused_runner(path, dtype, monkeypatch)
     _reset(spies)
     want = _step_logits(unfused)
     assert _counts(spies) == {
-        "rmsnorm_quant": 0, "add_rmsnorm_quant": 0, "silu_mul_quant": 0,
+        "rmsnorm_quant": 0,
+        "add_rmsnorm_quant": 0,
+        "silu_mul_quant": 0,
         "quantize_per_token": 4 * NUM_LAYERS * STEPS,
     }
     for g, w in zip(got, want, strict=True):
@@ -237,7 +241,10 @@ def test_fp_model_keeps_float_ops(checkpoints: dict[str, Path], spies: dict[str,
     _reset(spies)
     _step_logits(runner)
     assert _counts(spies) == {
-        "rmsnorm_quant": 0, "add_rmsnorm_quant": 0, "silu_mul_quant": 0, "quantize_per_token": 0
+        "rmsnorm_quant": 0,
+        "add_rmsnorm_quant": 0,
+        "silu_mul_quant": 0,
+        "quantize_per_token": 0,
     }
 
 

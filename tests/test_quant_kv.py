@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
 from omniserve.config import EngineConfig
@@ -171,8 +172,11 @@ def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     "kv_cache_dtype,max_rel_error,min_cosine", [("int8", 4e-2, 0.999), ("int4", 0.5, 0.9)]
 )
 def test_decode_logits_along_a_fixed_path_are_close_to_fp32(
-    llama: tuple[Path, torch.nn.Module], kv_cache_dtype: str, max_rel_error: float,
-    min_cosine: float, device: str,
+    llama: tuple[Path, torch.nn.Module],
+    kv_cache_dtype: str,
+    max_rel_error: float,
+    min_cosine: float,
+    device: str,
 ) -> None:
     """Prefill, then 8 decode steps fed fixed tokens (teacher forcing, so near-ties cannot make
     the paths part): every step's logits against HF's fp32 logits at the same position."""
@@ -240,8 +244,14 @@ def test_quantized_tokens_do_not_depend_on_chunking_or_preemption(
     expected = [o.token_ids for o in plain.generate(prompts, _greedy(40), use_tqdm=False)]
     # 12 usable pages of 16 tokens for requests of 3-7 pages, prompts cut into chunks of <= 7.
     squeezed = _engine(
-        path, device=device, kv_cache_dtype=kv_cache_dtype, num_kv_pages=13, watermark=0.0,
-        max_num_seqs=8, max_num_batched_tokens=24, long_prefill_token_threshold=7,
+        path,
+        device=device,
+        kv_cache_dtype=kv_cache_dtype,
+        num_kv_pages=13,
+        watermark=0.0,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        long_prefill_token_threshold=7,
         max_partial_prefills=2,
     )
     outs = squeezed.generate(prompts, _greedy(40), use_tqdm=False)
@@ -255,6 +265,7 @@ def test_quantized_tokens_do_not_depend_on_chunking_or_preemption(
 def test_bytes_per_page_include_scales_and_zeros() -> None:
     """Llama-3-8B's shape (32 layers, 8 KV heads, head_dim 128, 64-token pages), study §3.2: a KV4
     layer page is 32768 B of K codes + 2048 B of scales and zeros, and as much for V."""
+
     def page_bytes(dtype: torch.dtype, kv_bits: int | None) -> int:
         return KVCacheSpec(32, 64, 8, 128, dtype, kv_bits).bytes_per_page
 
@@ -297,7 +308,6 @@ def test_kv_cache_dtype_option() -> None:
     }
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "fp8"])
-
 
 
 @pytest.mark.parametrize("granularity", [PER_TOKEN_HEAD, PER_TENSOR])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from omniserve.quant.packing import (
     pack_w4,
     permute_group_columns,

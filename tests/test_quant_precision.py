@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from omniserve.errors import ConfigError
 from omniserve.quant.precision import PRECISION_CHOICES, Precision, parse
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from omniserve.errors import CheckpointError
 from omniserve.quant.checkpoint import linear_from_qserve
 from omniserve.quant.packing import unpack_w4, unpermute_group_columns

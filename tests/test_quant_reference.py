@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from omniserve.layers.norm import RMSNorm
 from omniserve.quant.activation import (
     add_rmsnorm_quant,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
@@ -51,8 +52,14 @@ def _zoo_tensors(weight: object) -> dict[str, torch.Tensor]:
     return _qserve_from_linear(weight.dequantize(), s1, zeros, s2)
 
 
-def _write_zoo(ours: Path, zoo: Path, *, fused: bool, file: str = "pytorch_model.bin",
-               kv_scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def _write_zoo(
+    ours: Path,
+    zoo: Path,
+    *,
+    fused: bool,
+    file: str = "pytorch_model.bin",
+    kv_scales: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """A zoo directory with the weights of our checkpoint `ours`; returns its state dict."""
     ckpt = read_checkpoint(ours)
     state: dict[str, torch.Tensor] = {n: t.half() for n, t in ckpt.tensors.items()}
@@ -86,9 +93,11 @@ def ours(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     llama = tmp_path_factory.mktemp("llama3")
     save_servable("llama3", llama, hidden_size=128, intermediate_size=256)
     out = {}
-    for name, src, precision, group in [("w4-qwen2", qwen, "w4a8kv4", -1),
-                                        ("g128-llama3", llama, "w4a8kv8", 128),
-                                        ("w8-llama3", llama, "w8a8kv8", -1)]:
+    for name, src, precision, group in [
+        ("w4-qwen2", qwen, "w4a8kv4", -1),
+        ("g128-llama3", llama, "w4a8kv8", 128),
+        ("w8-llama3", llama, "w8a8kv8", -1),
+    ]:
         out[name] = src.parent / f"{src.name}-{name}"
         write_rtn_checkpoint(src, out[name], parse(precision, group))
         # fp tensors in fp16, as the zoo stores them, so both directories hold the same values.
@@ -106,8 +115,12 @@ def _logits(path: Path, **options: object) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("name", "fused", "file"),
-    [("w4-qwen2", False, "pytorch_model.bin"), ("w4-qwen2", True, "quant_model.pt"),
-     ("g128-llama3", True, "pytorch_model.bin"), ("w8-llama3", True, "quant_model.pt")],
+    [
+        ("w4-qwen2", False, "pytorch_model.bin"),
+        ("w4-qwen2", True, "quant_model.pt"),
+        ("g128-llama3", True, "pytorch_model.bin"),
+        ("w8-llama3", True, "quant_model.pt"),
+    ],
 )
 def test_zoo_checkpoint_equals_ours(
     ours: dict[str, Path], tmp_path: Path, name: str, fused: bool, file: str
@@ -124,28 +137,41 @@ def test_zoo_checkpoint_equals_ours(
     request = {"precision": p.name, "group_size": p.group_size}
     assert torch.equal(_logits(zoo, **request), _logits(ours[name]))
     engine = Engine.from_pretrained(zoo, **OPTIONS, **request)
-    outs = engine.generate(["hello world", "a b c"], SamplingParams(max_tokens=6, ignore_eos=True),
-                           use_tqdm=False)
+    outs = engine.generate(
+        ["hello world", "a b c"], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False
+    )
     assert [len(o.token_ids) for o in outs] == [6, 6] and outs[0].text
 
 
-def test_zoo_precision_follows_the_request_and_kv_scales(ours: dict[str, Path], tmp_path: Path) -> None:
+def test_zoo_precision_follows_the_request_and_kv_scales(
+    ours: dict[str, Path], tmp_path: Path
+) -> None:
     _write_zoo(ours["w4-qwen2"], tmp_path / "w4", fused=True)
     # No precision stored: W4A8 defaults to QServe's KV4; a kv8 request is honoured.
-    assert ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w4"), **OPTIONS)).precision == parse("w4a8kv4")
-    kv8 = ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w4"), **OPTIONS, precision="w4a8kv8"))
+    assert ModelRunner(
+        EngineConfig.from_kwargs(str(tmp_path / "w4"), **OPTIONS)
+    ).precision == parse("w4a8kv4")
+    kv8 = ModelRunner(
+        EngineConfig.from_kwargs(str(tmp_path / "w4"), **OPTIONS, precision="w4a8kv8")
+    )
     assert kv8._kv_spec.kv_bits == 8
     with pytest.raises(ConfigError, match="requested precision w8a8kv8 .* holds w4a8kv8"):
         ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w4"), **OPTIONS, precision="w8a8"))
     with pytest.raises(ConfigError, match="group_size 128, but the checkpoint .* group_size -1"):
-        ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w4"), **OPTIONS, precision="w4a8", group_size=128))
+        ModelRunner(
+            EngineConfig.from_kwargs(
+                str(tmp_path / "w4"), **OPTIONS, precision="w4a8", group_size=128
+            )
+        )
     # LServe-style W8A8 with per-tensor KV8 scales (stored as fp16, read as fp32).
     scales = torch.tensor([[0.05, 0.03], [0.04, 0.02]])
     _write_zoo(ours["w8-llama3"], tmp_path / "w8", fused=False, kv_scales=scales)
     runner = ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w8"), **OPTIONS))
     assert runner._kv_spec.kv_granularity == "per_tensor"
     torch.testing.assert_close(runner.kv_cache.static_scales, scales.half().float())
-    with pytest.raises(ConfigError, match="holds per-tensor static KV8 scales .* request a kv8 precision"):
+    with pytest.raises(
+        ConfigError, match="holds per-tensor static KV8 scales .* request a kv8 precision"
+    ):
         ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w8"), **OPTIONS, precision="w8a8kv4"))
 
 
@@ -168,29 +194,65 @@ def test_broken_zoo_checkpoints_are_named(ours: dict[str, Path], tmp_path: Path)
         return path
 
     cases = [
-        (broken("missing", {f"{down}.s2_zeros": None}), CheckpointError, f"linear {down}: QServe tensor s2_zeros is missing"),
-        (broken("dtype", {f"{down}.s1_scales": good[f"{down}.s1_scales"].float()}), CheckpointError,
-         f"linear {down}: .*s1_scales: expected torch.float16"),
-        (broken("shape", {f"{down}.s2_scales": good[f"{down}.s2_scales"][:1]}), CheckpointError,
-         f"linear {down}: .*s2_scales: expected torch.int8"),
-        (broken("fused", {f"{qkv}.s1_scales": good[f"{qkv}.s1_scales"][:64]}), CheckpointError,
-         f"tensor {qkv}.s1_scales: a fused qkv_proj of 128\\+64\\+64 output channels"),
-        (broken("extra", {f"{down}.s1_szeros": torch.zeros(128).half()}), CheckpointError,
-         f"linear {down} has s1_szeros, which w4a8kv8 with group_size 128 does not store"),
-        (broken("mixed", {f"{down}.dequant_scale": torch.ones(128).half()}), CheckpointError,
-         "mixes W4A8 .* and W8A8"),
-        (broken("nolinear", {f"{o_proj}.{n}": None for n in ("qweight", "s1_scales", "s2_scales", "s2_zeros")}),
-         CheckpointError, f"missing quantized linears: {o_proj}"),
-        (broken("kvscale", {kv_scale_key(0): torch.ones(3), kv_scale_key(1): torch.ones(2)}), CheckpointError,
-         f"tensor {kv_scale_key(0)}: expected a float tensor of shape \\[2\\]"),
-        (broken("norm", {"model.norm.weight": None}), CheckpointError, "missing tensors: model.norm.weight"),
+        (
+            broken("missing", {f"{down}.s2_zeros": None}),
+            CheckpointError,
+            f"linear {down}: QServe tensor s2_zeros is missing",
+        ),
+        (
+            broken("dtype", {f"{down}.s1_scales": good[f"{down}.s1_scales"].float()}),
+            CheckpointError,
+            f"linear {down}: .*s1_scales: expected torch.float16",
+        ),
+        (
+            broken("shape", {f"{down}.s2_scales": good[f"{down}.s2_scales"][:1]}),
+            CheckpointError,
+            f"linear {down}: .*s2_scales: expected torch.int8",
+        ),
+        (
+            broken("fused", {f"{qkv}.s1_scales": good[f"{qkv}.s1_scales"][:64]}),
+            CheckpointError,
+            f"tensor {qkv}.s1_scales: a fused qkv_proj of 128\\+64\\+64 output channels",
+        ),
+        (
+            broken("extra", {f"{down}.s1_szeros": torch.zeros(128).half()}),
+            CheckpointError,
+            f"linear {down} has s1_szeros, which w4a8kv8 with group_size 128 does not store",
+        ),
+        (
+            broken("mixed", {f"{down}.dequant_scale": torch.ones(128).half()}),
+            CheckpointError,
+            "mixes W4A8 .* and W8A8",
+        ),
+        (
+            broken(
+                "nolinear",
+                {f"{o_proj}.{n}": None for n in ("qweight", "s1_scales", "s2_scales", "s2_zeros")},
+            ),
+            CheckpointError,
+            f"missing quantized linears: {o_proj}",
+        ),
+        (
+            broken("kvscale", {kv_scale_key(0): torch.ones(3), kv_scale_key(1): torch.ones(2)}),
+            CheckpointError,
+            f"tensor {kv_scale_key(0)}: expected a float tensor of shape \\[2\\]",
+        ),
+        (
+            broken("norm", {"model.norm.weight": None}),
+            CheckpointError,
+            "missing tensors: model.norm.weight",
+        ),
     ]
     for path, error, message in cases:
         with pytest.raises(error, match=message):
-            ModelRunner(EngineConfig.from_kwargs(str(path), **OPTIONS, precision="w4a8kv8", group_size=128))
+            ModelRunner(
+                EngineConfig.from_kwargs(str(path), **OPTIONS, precision="w4a8kv8", group_size=128)
+            )
     truncated = tmp_path / "truncated"
     shutil.copytree(tmp_path / "good", truncated)
     data = (truncated / "pytorch_model.bin").read_bytes()
     (truncated / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match="pytorch_model.bin cannot be read as a torch state dict"):
+    with pytest.raises(
+        CheckpointError, match="pytorch_model.bin cannot be read as a torch state dict"
+    ):
         ModelRunner(EngineConfig.from_kwargs(str(truncated), **OPTIONS))

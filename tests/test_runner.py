@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
 from omniserve.runner.model_runner import ModelRunner

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, PreTrainedModel
+
 from omniserve.config import EngineConfig
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.sampling_params import SamplingParams
 from tiny_models import FAMILIES, PagedRequests, hf_greedy, hf_logits, save_checkpoint
-from transformers import LlamaConfig, PreTrainedModel
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
@@ -29,8 +30,12 @@ def checkpoint(
 
 def _runner(directory: Path, **kwargs: object) -> ModelRunner:
     options = {
-        "device": "cuda", "page_size": PAGE_SIZE, "num_kv_pages": NUM_PAGES, "max_num_seqs": 8,
-        "max_num_batched_tokens": 256, **kwargs,
+        "device": "cuda",
+        "page_size": PAGE_SIZE,
+        "num_kv_pages": NUM_PAGES,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 256,
+        **kwargs,
     }
     return ModelRunner(EngineConfig.from_kwargs(str(directory), **options))
 
@@ -93,7 +98,10 @@ def test_fp32_greedy_ids_equal_hf(checkpoint: tuple[Path, PreTrainedModel]) -> N
 def test_memory_profile_sizes_the_cache(checkpoint: tuple[Path, PreTrainedModel]) -> None:
     directory, _ = checkpoint
     runner = _runner(
-        directory, num_kv_pages=None, gpu_memory_utilization=0.2, max_num_seqs=64,
+        directory,
+        num_kv_pages=None,
+        gpu_memory_utilization=0.2,
+        max_num_seqs=64,
         max_num_batched_tokens=2048,
     )
     report = runner.memory_report()
@@ -109,9 +117,16 @@ def test_llama3_8b_dummy(tmp_path: Path) -> None:
     """Llama-3-8B's config with random weights: loads onto the GPU directly, profiles, and runs a
     long prefill and batched decode with finite logits."""
     LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        bos_token_id=128000,
+        eos_token_id=128001,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ).save_pretrained(str(tmp_path))
     runner = ModelRunner(EngineConfig(model=str(tmp_path), load_format="dummy"))

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from omniserve.layers.sampler import Sampler
 from omniserve.sampling_params import SamplingParams
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from omniserve.errors import InvalidRequestError
 from omniserve.sampling_params import SamplingParams
 

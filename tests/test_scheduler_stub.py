@@ -12,7 +12,11 @@ STUB = Path(ext.__file__).with_name("_scheduler.pyi")
 
 def _members(nodes: list[ast.stmt]) -> set[str]:
     names = {n.name for n in nodes if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-    names |= {n.target.id for n in nodes if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    names |= {
+        n.target.id
+        for n in nodes
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
     return {n for n in names if not n.startswith("_")}
 
 
@@ -20,7 +24,9 @@ def test_stub_matches_the_extension() -> None:
     tree = ast.parse(STUB.read_text())
     assert _members(tree.body) == {n for n in dir(ext) if not n.startswith("_")}
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and not issubclass(getattr(ext, node.name), BaseException):
+        if isinstance(node, ast.ClassDef) and not issubclass(
+            getattr(ext, node.name), BaseException
+        ):
             real = {n for n in dir(getattr(ext, node.name)) if not n.startswith("_")}
             assert _members(node.body) == real, node.name
 

@@ -18,12 +18,13 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+
 from omniserve.cli import serve
 from omniserve.cli.engine_args import engine_kwargs
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.engine import EngineStats
 from omniserve.server.app import create_app
-from starlette.applications import Starlette
 from tiny_models import save_servable
 
 MODEL = "tiny-llama"

@@ -18,9 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
 from omniserve.training.corpus import (
     STDLIB,
     TokenStream,
@@ -40,12 +37,16 @@ from omniserve.training.tokenizer import (
     train_tokenizer,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def small_corpus():
     corpus = load_corpus(stdlib_dir(), 1_500_000, held_out_percent=10)
     tok = train_tokenizer([f.text for f in corpus.train], vocab_size=1024)
-    stream = TokenStream(encode_documents(tok, [f.text for f in corpus.train]), (PAD_ID, BOS_ID, EOS_ID))
+    stream = TokenStream(
+        encode_documents(tok, [f.text for f in corpus.train]), (PAD_ID, BOS_ID, EOS_ID)
+    )
     return corpus, tok, stream
 
 
@@ -56,7 +57,11 @@ def test_corpus_split_depends_only_on_the_path(small_corpus):
     # A file keeps its side of the split whatever else is in the corpus (another Python version).
     assert {f.rel_path for f in corpus.held_out} <= {f.rel_path for f in bigger.held_out}
     assert {f.rel_path for f in corpus.train} <= {f.rel_path for f in bigger.train}
-    assert all("site-packages" not in f.rel_path for f in bigger.train + bigger.held_out if f.source == STDLIB)
+    assert all(
+        "site-packages" not in f.rel_path
+        for f in bigger.train + bigger.held_out
+        if f.source == STDLIB
+    )
 
 
 def _metadata(**fields: str | list[str]) -> Message:
@@ -67,29 +72,77 @@ def _metadata(**fields: str | list[str]) -> Message:
     return meta
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"License_Expression": "BSD-3-Clause"}, "BSD-3-Clause"),
-    ({"License_Expression": "Apache-2.0 WITH LLVM-exception AND MIT"}, "Apache-2.0 WITH LLVM-exception AND MIT"),
-    ({"License_Expression": "MPL-2.0 AND MIT"}, None),
-    ({"License_Expression": "LicenseRef-NVIDIA-Proprietary"}, None),
-    # PEP 639: the expression wins over classifiers.
-    ({"License_Expression": "GPL-3.0-only", "Classifier": "License :: OSI Approved :: MIT License"}, None),
-    ({"Classifier": ["License :: OSI Approved", "License :: OSI Approved :: BSD License"]}, "BSD"),
-    ({"License": "Apache 2.0", "Classifier": "License :: OSI Approved :: Apache Software License"}, "Apache"),
-    ({"License": "ISC license"}, "ISC"),
-    ({"License": "Simplified BSD"}, "BSD"),  # "mpl" inside a word is not the MPL
-    ({"License": "LGPLv3+"}, None),
-    ({"License": "GNU General Public License", "Classifier": "License :: OSI Approved :: MIT License"}, None),
-    ({"License": "Dual License", "Classifier": ["License :: OSI Approved :: BSD License",
-                                                "License :: OSI Approved :: Apache Software License"]}, "Apache, BSD"),
-    ({"License": "public domain, Python, 2-Clause BSD, GPL 3"}, None),
-    ({"Classifier": ["License :: OSI Approved :: BSD License", "License :: OSI Approved :: GNU General Public License (GPL)"]}, None),
-    ({"Classifier": "License :: Other/Proprietary License"}, None),
-    ({"License": "UNKNOWN"}, None),
-    ({}, None),
-    # A licence's full text is for people to read: it is not interpreted, so this one is unknown.
-    ({"License": "Permission is hereby granted, free of charge,\nto any person obtaining a copy"}, None),
-])
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"License_Expression": "BSD-3-Clause"}, "BSD-3-Clause"),
+        (
+            {"License_Expression": "Apache-2.0 WITH LLVM-exception AND MIT"},
+            "Apache-2.0 WITH LLVM-exception AND MIT",
+        ),
+        ({"License_Expression": "MPL-2.0 AND MIT"}, None),
+        ({"License_Expression": "LicenseRef-NVIDIA-Proprietary"}, None),
+        # PEP 639: the expression wins over classifiers.
+        (
+            {
+                "License_Expression": "GPL-3.0-only",
+                "Classifier": "License :: OSI Approved :: MIT License",
+            },
+            None,
+        ),
+        (
+            {"Classifier": ["License :: OSI Approved", "License :: OSI Approved :: BSD License"]},
+            "BSD",
+        ),
+        (
+            {
+                "License": "Apache 2.0",
+                "Classifier": "License :: OSI Approved :: Apache Software License",
+            },
+            "Apache",
+        ),
+        ({"License": "ISC license"}, "ISC"),
+        ({"License": "Simplified BSD"}, "BSD"),  # "mpl" inside a word is not the MPL
+        ({"License": "LGPLv3+"}, None),
+        (
+            {
+                "License": "GNU General Public License",
+                "Classifier": "License :: OSI Approved :: MIT License",
+            },
+            None,
+        ),
+        (
+            {
+                "License": "Dual License",
+                "Classifier": [
+                    "License :: OSI Approved :: BSD License",
+                    "License :: OSI Approved :: Apache Software License",
+                ],
+            },
+            "Apache, BSD",
+        ),
+        ({"License": "public domain, Python, 2-Clause BSD, GPL 3"}, None),
+        (
+            {
+                "Classifier": [
+                    "License :: OSI Approved :: BSD License",
+                    "License :: OSI Approved :: GNU General Public License (GPL)",
+                ]
+            },
+            None,
+        ),
+        ({"Classifier": "License :: Other/Proprietary License"}, None),
+        ({"License": "UNKNOWN"}, None),
+        ({}, None),
+        # A licence's full text is for people to read: it is not interpreted, so this one is unknown.
+        (
+            {
+                "License": "Permission is hereby granted, free of charge,\nto any person obtaining a copy"
+            },
+            None,
+        ),
+    ],
+)
 def test_permissive_licence(fields, expected):
     assert permissive_licence(_metadata(**fields)) == expected
 
@@ -98,13 +151,17 @@ def test_corpus_adds_permissive_packages_after_the_stdlib(tmp_path):
     (tmp_path / "pkg").mkdir()
     for i in range(40):  # a toy stdlib: the packages fill the rest of the budget
         (tmp_path / "pkg" / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
-    (tmp_path / "pkg" / "copy.py").write_text("def f0(x):\n    return x + 0\n")  # same text as mod0.py
+    (tmp_path / "pkg" / "copy.py").write_text(
+        "def f0(x):\n    return x + 0\n"
+    )  # same text as mod0.py
     budget = 2_000_000
     corpus = load_corpus(tmp_path, budget, held_out_percent=10)
     assert corpus == load_corpus(tmp_path, budget, held_out_percent=10)  # deterministic
     files = corpus.train + corpus.held_out
     assert sum(len(f.text.encode()) for f in files) <= budget
-    assert corpus.sources[0].name == STDLIB and corpus.sources[0].files == 40  # one of the two copies
+    assert (
+        corpus.sources[0].name == STDLIB and corpus.sources[0].files == 40
+    )  # one of the two copies
     packages = {s.name: s for s in corpus.sources[1:]}
     assert packages and all(s.licence and s.files and s.bytes for s in packages.values())
     skipped = {s["name"] for s in corpus.skipped}
@@ -113,7 +170,9 @@ def test_corpus_adds_permissive_packages_after_the_stdlib(tmp_path):
     for f in files:
         if f.source != STDLIB:
             parts = f.rel_path.split("/")
-            assert parts[0] == "site-packages" and not {"_vendor", "third_party"} & set(parts), f.rel_path
+            assert parts[0] == "site-packages" and not {"_vendor", "third_party"} & set(parts), (
+                f.rel_path
+            )
     # Held-out files, by path and by text, never reach training.
     assert {f.rel_path for f in corpus.train}.isdisjoint(f.rel_path for f in corpus.held_out)
     assert {f.text for f in corpus.train}.isdisjoint(f.text for f in corpus.held_out)
@@ -142,7 +201,15 @@ def test_heldout_sample_takes_whole_files_within_its_cap(tmp_path, small_corpus)
 
 def test_digits_are_single_tokens(small_corpus):
     _, tok, _ = small_corpus
-    assert tok.encode("key 90210.", add_special_tokens=False).tokens[-7:] == ["Ġ", "9", "0", "2", "1", "0", "."]
+    assert tok.encode("key 90210.", add_special_tokens=False).tokens[-7:] == [
+        "Ġ",
+        "9",
+        "0",
+        "2",
+        "1",
+        "0",
+        ".",
+    ]
     assert tok.encode("x").ids[0] == BOS_ID
 
 
@@ -166,7 +233,10 @@ def test_passkey_documents(small_corpus, filler):
                 longest = max(builder.classic.cont_len.max(), builder.sentences.cont_len.max())
                 assert len(doc.ids) >= length - 2 * longest - 2
             if depth == 0.0:
-                assert text.split("\n")[1] == f"The pass key is {key}. Remember it. {key} is the pass key."
+                assert (
+                    text.split("\n")[1]
+                    == f"The pass key is {key}. Remember it. {key} is the pass key."
+                )
 
 
 def test_smoke_training_writes_a_loadable_hf_llama(tmp_path):
@@ -174,19 +244,41 @@ def test_smoke_training_writes_a_loadable_hf_llama(tmp_path):
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     pkg = tmp_path / "src" / "omniserve"
-    shutil.copytree(ROOT / "python" / "omniserve" / "training", pkg / "training",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "python" / "omniserve" / "training",
+        pkg / "training",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     (pkg / "__init__.py").write_text("raise ImportError('the engine is not available here')\n")
     out = tmp_path / "model"
     proc = subprocess.run(
-        [sys.executable, str(pkg / "training" / "train_small_model.py"), "--smoke", "--output", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
+        [
+            sys.executable,
+            str(pkg / "training" / "train_small_model.py"),
+            "--smoke",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passkey [classic]" in proc.stdout
 
-    names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-             "tokenizer_config.json", "MODEL_CARD.md", "training_log.json", "heldout.txt", "eval_reference.json"}
+    names = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "MODEL_CARD.md",
+        "training_log.json",
+        "heldout.txt",
+        "eval_reference.json",
+    }
     assert names == {p.name for p in out.iterdir()}
 
     config = AutoConfig.from_pretrained(out)
@@ -197,7 +289,9 @@ def test_smoke_training_writes_a_loadable_hf_llama(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
     ids = tok("def f():\n    return 42").input_ids
-    assert ids[0] == BOS_ID and tok.decode(ids, skip_special_tokens=True) == "def f():\n    return 42"
+    assert (
+        ids[0] == BOS_ID and tok.decode(ids, skip_special_tokens=True) == "def f():\n    return 42"
+    )
 
     tensors = load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.float16 for t in tensors.values())
@@ -216,17 +310,31 @@ def test_smoke_training_writes_a_loadable_hf_llama(tmp_path):
     assert log["training"]["steps"] == 4 and log["training"]["tokens"] > 0
     assert np.isfinite(log["held_out"]["loss"]) and log["held_out"]["perplexity"] > 1
     grid = log["niah"]["classic"]["grid"]
-    assert list(grid) == ["256", "512"] and list(grid["256"]) == ["0.0", "0.25", "0.5", "0.75", "1.0"]
+    assert list(grid) == ["256", "512"] and list(grid["256"]) == [
+        "0.0",
+        "0.25",
+        "0.5",
+        "0.75",
+        "1.0",
+    ]
     assert {"seed", "torch_version", "samples", "total_wall_s"} <= set(log)
-    assert log["data"]["sources"][0]["name"] == "stdlib" and log["data"]["heldout_file"]["bytes"] > 0
+    assert (
+        log["data"]["sources"][0]["name"] == "stdlib" and log["data"]["heldout_file"]["bytes"] > 0
+    )
     # The toy model cannot pass the passkey check, so the final weights are exported.
-    assert log["selection"]["chosen_step"] == 4 and log["selection"]["heldout_curve"][-1]["candidate"] is False
+    assert (
+        log["selection"]["chosen_step"] == 4
+        and log["selection"]["heldout_curve"][-1]["candidate"] is False
+    )
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Passkey retrieval" in card and "## Reference numbers for the engine" in card
 
     reference = json.loads((out / "eval_reference.json").read_text())
     assert reference == log["reference"]
-    assert reference["perplexity"]["windows"] == 16 and reference["perplexity"]["tokens_scored"] == 16 * 511
+    assert (
+        reference["perplexity"]["windows"] == 16
+        and reference["perplexity"]["tokens_scored"] == 16 * 511
+    )
     assert reference["niah"]["lengths"] == [256, 512] and len(reference["niah"]["accuracy"]) == 2
 
 
@@ -240,9 +348,21 @@ def test_selector_exports_the_lowest_loss_checkpoint_that_retrieves(monkeypatch)
     losses = iter(s[1] for s in script)
     passkeys = iter(s[2] for s in script if s[2] is not None)
     monkeypatch.setattr(tsm, "heldout_loss", lambda *a, **k: (next(losses), 0))
-    monkeypatch.setattr(tsm, "passkey_accuracy", lambda *a, **k: {"classic": {"overall": next(passkeys)}})
-    model = LlamaLM(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                                num_kv_heads=1, head_dim=8, max_position_embeddings=64))
+    monkeypatch.setattr(
+        tsm, "passkey_accuracy", lambda *a, **k: {"classic": {"overall": next(passkeys)}}
+    )
+    model = LlamaLM(
+        ModelConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=8,
+            max_position_embeddings=64,
+        )
+    )
     args = tsm.parse_args(["--output", "unused", "--smoke"])
     selector = tsm.Selector(model, None, None, None, args, torch.autocast("cpu", enabled=False))
     for step, (progress, _, _) in enumerate(script, start=1):

@@ -19,6 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
 from omniserve.quant.checkpoint import CONFIG_FILE, write_checkpoint
 from omniserve.quant.kv import static_kv_scales
 from omniserve.quant.kv_calibration import calibrate_kv_absmax
@@ -30,16 +40,7 @@ from omniserve.runner.step_plan import (
     FLAG_PREFILL,
     StepPlan,
 )
-from safetensors.torch import load_file
 from tiny_tokenizer import build_tokenizer
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-)
 
 VOCAB_SIZE = 384
 """Matches tests/tiny_tokenizer.py; its special ids are pad 0, bos 1, eos 2."""
@@ -62,8 +63,12 @@ def _llama3(**kw: Any) -> PretrainedConfig:
     # original_max_position_embeddings is small so that all three frequency bands of the Llama 3.1
     # scaling (kept, interpolated, divided) occur at head_dim 16.
     rope = {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
     }
     return LlamaConfig(**{**_COMMON, "rope_parameters": rope, **kw})
 
@@ -73,8 +78,12 @@ FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {
     "llama3": _llama3,
     # Llama 2 style MHA with linear RoPE scaling.
     "llama_linear_mha": lambda **kw: LlamaConfig(
-        **{**_COMMON, "num_key_value_heads": 4,
-           "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, **kw}
+        **{
+            **_COMMON,
+            "num_key_value_heads": 4,
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+            **kw,
+        }
     ),
     # head_dim 32 while hidden / heads = 16.
     "llama_head_dim": lambda **kw: LlamaConfig(**{**_COMMON, "head_dim": 32, **kw}),
@@ -82,8 +91,14 @@ FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {
     "mistral": lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": 8, **kw}),
     # q/k/v biases, tied embeddings, the second layer with a sliding window.
     "qwen2": lambda **kw: Qwen2Config(
-        **{**_COMMON, "tie_word_embeddings": True, "use_sliding_window": True,
-           "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"], **kw}
+        **{
+            **_COMMON,
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "layer_types": ["full_attention", "sliding_attention"],
+            **kw,
+        }
     ),
 }
 
@@ -153,9 +168,7 @@ def save_static_kv8_checkpoint(
     return out
 
 
-def fake_quantized(
-    hf: PreTrainedModel, linears: dict[str, QuantizedWeight]
-) -> PreTrainedModel:
+def fake_quantized(hf: PreTrainedModel, linears: dict[str, QuantizedWeight]) -> PreTrainedModel:
     """A copy of `hf` computing with the dequantized weights Ŵ of `linears` (by module prefix)."""
     model = copy.deepcopy(hf)
     state = model.state_dict()
@@ -176,10 +189,13 @@ def hf_greedy(model: PreTrainedModel, ids: Sequence[int], num_tokens: int) -> li
     """HF `generate` greedy continuation of exactly `num_tokens` tokens (eos does not stop it)."""
     device = next(model.parameters()).device
     out = model.generate(
-        torch.tensor([list(ids)], device=device), do_sample=False, max_new_tokens=num_tokens,
-        eos_token_id=None, pad_token_id=0,
+        torch.tensor([list(ids)], device=device),
+        do_sample=False,
+        max_new_tokens=num_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 MIXED_STEPS: list[list[tuple[int, int]]] = [

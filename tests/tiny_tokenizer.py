@@ -39,9 +39,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 384) -> PreTrainedT
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
-    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(directory))
     return hf

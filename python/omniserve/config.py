@@ -111,7 +111,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.page_size % 16:
             raise ConfigError(f"page_size must be a multiple of 16, got {self.page_size}")
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
-            raise ConfigError(f"num_kv_pages must be >= 2 (page 0 is reserved), got {self.num_kv_pages}")
+            raise ConfigError(
+                f"num_kv_pages must be >= 2 (page 0 is reserved), got {self.num_kv_pages}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -132,7 +134,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if requested is not None:
             check_kv_cache_dtype(self.kv_cache_dtype, requested)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+            raise ConfigError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
 
     def requested_precision(self) -> Precision | None:
         """The parsed `precision` option (ConfigError naming the valid choices), None if unset."""

@@ -40,7 +40,10 @@ COPY_CEILING_GBPS = 3000.0
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 64
 STATIC_KV8 = "static"
 KV_FORMATS: dict[str, int | str | None] = {
-    "fp16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC_KV8,
+    "fp16": None,
+    "kv8": 8,
+    "kv4": 4,
+    "kv8static": STATIC_KV8,
 }
 
 
@@ -92,8 +95,13 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
     base = {"batch": batch, "context": context, "op": "decode_attention"}
 
     def skip(variant: str, need: int) -> None:
-        rows_out.append({**base, "variant": variant,
-                         "skipped": f"needs {need / 2**30:.1f} GiB, {_free_bytes() / 2**30:.1f} free"})
+        rows_out.append(
+            {
+                **base,
+                "variant": variant,
+                "skipped": f"needs {need / 2**30:.1f} GiB, {_free_bytes() / 2**30:.1f} free",
+            }
+        )
 
     sdpa_us: float | None = None
     dense_kv = 2 * tokens * HEAD_DIM * 2
@@ -106,9 +114,16 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
             repeats,
         )
         nbytes = dense_kv + io_bytes
-        rows_out.append({**base, "variant": "torch_sdpa_fp16_dense",
-                         "us": sdpa_us, "bytes": nbytes, "gbps": nbytes / sdpa_us / 1e3,
-                         "frac_of_copy_ceiling": nbytes / sdpa_us / 1e3 / COPY_CEILING_GBPS})
+        rows_out.append(
+            {
+                **base,
+                "variant": "torch_sdpa_fp16_dense",
+                "us": sdpa_us,
+                "bytes": nbytes,
+                "gbps": nbytes / sdpa_us / 1e3,
+                "frac_of_copy_ceiling": nbytes / sdpa_us / 1e3 / COPY_CEILING_GBPS,
+            }
+        )
         del k, v, qs
     else:
         skip("torch_sdpa_fp16_dense", dense_kv)
@@ -123,10 +138,17 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
         cache = case.cache(bits, seed)
         us = ours_us[name] = _time_us(partial(case.ours, cache), repeats)
         nbytes = case.nbytes(bits)
-        rows_out.append({**base, "variant": f"ours_{name}", "us": us, "bytes": nbytes,
-                         "gbps": nbytes / us / 1e3,
-                         "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
-                         "speedup_vs_sdpa": None if sdpa_us is None else sdpa_us / us})
+        rows_out.append(
+            {
+                **base,
+                "variant": f"ours_{name}",
+                "us": us,
+                "bytes": nbytes,
+                "gbps": nbytes / us / 1e3,
+                "frac_of_copy_ceiling": nbytes / us / 1e3 / COPY_CEILING_GBPS,
+                "speedup_vs_sdpa": None if sdpa_us is None else sdpa_us / us,
+            }
+        )
         del cache
         torch.cuda.empty_cache()
 
@@ -146,10 +168,18 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
         max_diff = (gather().float() - case.ours(cache).float()).abs().max().item()
         g_us = _time_us(gather, repeats)
         nbytes = case.nbytes(bits)
-        rows_out.append({**base, "variant": f"engine_torch_gather_{name}", "us": g_us,
-                         "bytes": nbytes, "gbps": nbytes / g_us / 1e3,
-                         "frac_of_copy_ceiling": nbytes / g_us / 1e3 / COPY_CEILING_GBPS,
-                         "ours_speedup": g_us / ours_us[name], "max_abs_diff_vs_ours": max_diff})
+        rows_out.append(
+            {
+                **base,
+                "variant": f"engine_torch_gather_{name}",
+                "us": g_us,
+                "bytes": nbytes,
+                "gbps": nbytes / g_us / 1e3,
+                "frac_of_copy_ceiling": nbytes / g_us / 1e3 / COPY_CEILING_GBPS,
+                "ours_speedup": g_us / ours_us[name],
+                "max_abs_diff_vs_ours": max_diff,
+            }
+        )
         del cache, gather
         torch.cuda.empty_cache()
         settle = TORCH_PATH_SETTLE_S
@@ -188,15 +218,25 @@ class _PagedCase:
                 data = torch.randn(rows, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
                 pair.append(DenseRows(data))
             elif bits == STATIC_KV8:
-                codes = torch.randint(-127, 128, (rows, HEAD_DIM), dtype=torch.int8,
-                                      device="cuda", generator=g)
+                codes = torch.randint(
+                    -127, 128, (rows, HEAD_DIM), dtype=torch.int8, device="cuda", generator=g
+                )
                 pair.append(StaticInt8Rows(codes, torch.tensor(0.02, device="cuda"), torch.float16))
             else:
                 assert isinstance(bits, int)
-                codes = torch.randint(0, 256, (rows, HEAD_DIM * bits // 8), dtype=torch.uint8,
-                                      device="cuda", generator=g)
-                params = torch.rand(rows, 2, device="cuda", generator=g).mul_(
-                    torch.tensor([0.05, 2 ** (bits - 1)], device="cuda")).half()
+                codes = torch.randint(
+                    0,
+                    256,
+                    (rows, HEAD_DIM * bits // 8),
+                    dtype=torch.uint8,
+                    device="cuda",
+                    generator=g,
+                )
+                params = (
+                    torch.rand(rows, 2, device="cuda", generator=g)
+                    .mul_(torch.tensor([0.05, 2 ** (bits - 1)], device="cuda"))
+                    .half()
+                )
                 pair.append(QuantizedRows(codes, params, bits, torch.float16))
         return pair[0], pair[1]
 
@@ -205,9 +245,16 @@ class _PagedCase:
 
         k_rows, v_rows = cache
         return decode_attention(
-            self.q, k_rows.kernel_operands(), v_rows.kernel_operands(), self.page_table,
-            self.seq_rows, self.lens, page_size=PAGE_SIZE, num_kv_heads=KV_HEADS,
-            max_context_len=self.context, scale=HEAD_DIM**-0.5,
+            self.q,
+            k_rows.kernel_operands(),
+            v_rows.kernel_operands(),
+            self.page_table,
+            self.seq_rows,
+            self.lens,
+            page_size=PAGE_SIZE,
+            num_kv_heads=KV_HEADS,
+            max_context_len=self.context,
+            scale=HEAD_DIM**-0.5,
         )
 
     def torch_path(self, cache: CacheRowsPair) -> Callable[[], torch.Tensor]:
@@ -220,8 +267,11 @@ class _PagedCase:
         pos = torch.arange(self.context, device="cuda")
         slots = self.page_table[:, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
         kv_index = torch.arange(KV_HEADS, device="cuda")[:, None, None] * self.num_slots + slots
-        group = DecodeGroup(torch.arange(batch, device="cuda"), kv_index,
-                            torch.ones(batch, self.context, dtype=torch.bool, device="cuda"))
+        group = DecodeGroup(
+            torch.arange(batch, device="cuda"),
+            kv_index,
+            torch.ones(batch, self.context, dtype=torch.bool, device="cuda"),
+        )
         return partial(layer._decode, self.q, group)
 
 
@@ -248,26 +298,43 @@ def _fused_rows(tokens: int, hidden: int, repeats: int) -> list[dict[str, Any]]:
     out_bytes = tokens * (hidden + 6)
     norm_bytes = x.nbytes + hidden * 2 + out_bytes
     cases = {
-        "quantize_per_token": _FusedCase(lambda: fused.quantize_per_token(x),
-                                         lambda: activation.quantize_per_token(x),
-                                         x.nbytes + out_bytes),
-        "rmsnorm_quant": _FusedCase(lambda: fused.rmsnorm_quant(x, norm),
-                                    lambda: activation.rmsnorm_quant(x, norm), norm_bytes),
-        "add_rmsnorm_quant": _FusedCase(lambda: fused.add_rmsnorm_quant(x, delta, norm),
-                                        lambda: activation.add_rmsnorm_quant(x, delta, norm),
-                                        norm_bytes + 2 * x.nbytes,  # delta read, residual written
-                                        lambda: fused.rmsnorm_quant(x + delta, norm)),
-        "silu_mul_quant": _FusedCase(lambda: fused.silu_mul_quant(gate_up),
-                                     lambda: activation.silu_mul_quant(gate_up),
-                                     gate_up.nbytes + out_bytes),
+        "quantize_per_token": _FusedCase(
+            lambda: fused.quantize_per_token(x),
+            lambda: activation.quantize_per_token(x),
+            x.nbytes + out_bytes,
+        ),
+        "rmsnorm_quant": _FusedCase(
+            lambda: fused.rmsnorm_quant(x, norm),
+            lambda: activation.rmsnorm_quant(x, norm),
+            norm_bytes,
+        ),
+        "add_rmsnorm_quant": _FusedCase(
+            lambda: fused.add_rmsnorm_quant(x, delta, norm),
+            lambda: activation.add_rmsnorm_quant(x, delta, norm),
+            norm_bytes + 2 * x.nbytes,  # delta read, residual written
+            lambda: fused.rmsnorm_quant(x + delta, norm),
+        ),
+        "silu_mul_quant": _FusedCase(
+            lambda: fused.silu_mul_quant(gate_up),
+            lambda: activation.silu_mul_quant(gate_up),
+            gate_up.nbytes + out_bytes,
+        ),
     }
     rows_out = []
     for op, case in cases.items():
         us, ref_us = _time_us(case.ours, repeats), _time_us(case.reference, repeats)
         gbps = case.nbytes / us / 1e3
-        row = {"op": op, "tokens": tokens, "hidden": hidden, "us": us, "bytes": case.nbytes,
-               "gbps": gbps, "frac_of_copy_ceiling": gbps / COPY_CEILING_GBPS,
-               "torch_reference_us": ref_us, "speedup_vs_torch": ref_us / us}
+        row = {
+            "op": op,
+            "tokens": tokens,
+            "hidden": hidden,
+            "us": us,
+            "bytes": case.nbytes,
+            "gbps": gbps,
+            "frac_of_copy_ceiling": gbps / COPY_CEILING_GBPS,
+            "torch_reference_us": ref_us,
+            "speedup_vs_torch": ref_us / us,
+        }
         if case.unfused is not None:
             unfused_us = _time_us(case.unfused, repeats)
             row |= {"unfused_us": unfused_us, "speedup_vs_unfused": unfused_us / us}
@@ -304,8 +371,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", nargs="+", default=["attention", "fused"],
-                        choices=["attention", "fused"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["attention", "fused"], choices=["attention", "fused"]
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 32768])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256, 4096, 16384])

@@ -188,12 +188,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES), help="token counts M")
     parser.add_argument(
-        "--shapes", nargs="+", default=list(LLAMA3_8B_SHAPES), choices=list(LLAMA3_8B_SHAPES),
+        "--shapes",
+        nargs="+",
+        default=list(LLAMA3_8B_SHAPES),
+        choices=list(LLAMA3_8B_SHAPES),
         help="Llama-3-8B projections (N x K)",
     )
     parser.add_argument("--ops", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument(
-        "--paths", nargs="+", default=["auto"],
+        "--paths",
+        nargs="+",
+        default=["auto"],
         choices=["auto", "small_m", "tensor_core", "cutlass"],
         help="our kernels' paths to time (small_m only where M <= 64): tunes the dispatch",
     )

@@ -113,7 +113,9 @@ class EngineRun(NamedTuple):
 
 def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise ValueError(f"unknown model config preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(
+            f"unknown model config preset {name!r}; choose one of {', '.join(PRESETS)}"
+        )
     path = resources.files("omniserve") / "bench" / "model_configs" / f"{name}.json"
     return json.loads(path.read_text())
 
@@ -188,8 +190,15 @@ def bench_omniserve(
         generated = sum(o.num_generated_tokens for o in outs)
         results.append(
             RunResult(
-                OMNISERVE, precision.name, precision.group_size, info["dtype"], batch,
-                input_len, output_len, wall, generated / wall,
+                OMNISERVE,
+                precision.name,
+                precision.group_size,
+                info["dtype"],
+                batch,
+                input_len,
+                output_len,
+                wall,
+                generated / wall,
             )
         )
     info["preemptions"] = engine.stats().num_preemptions
@@ -215,10 +224,20 @@ def bench_transformers(
 
     hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
 
-    def result(batch: int, wall: float | None, tps: float | None, error: str | None = None) -> RunResult:
+    def result(
+        batch: int, wall: float | None, tps: float | None, error: str | None = None
+    ) -> RunResult:
         name = _dtype_name(dtype)
         return RunResult(
-            HF_TRANSFORMERS, "w16a16", PER_CHANNEL, name, batch, input_len, output_len, wall, tps,
+            HF_TRANSFORMERS,
+            "w16a16",
+            PER_CHANNEL,
+            name,
+            batch,
+            input_len,
+            output_len,
+            wall,
+            tps,
             error=error,
         )
 
@@ -291,7 +310,8 @@ def run(
             **engine_options,
         }
         configs = [
-            EngineConfig.from_kwargs(model_dir, **{**options, **s.engine_options()}) for s in systems
+            EngineConfig.from_kwargs(model_dir, **{**options, **s.engine_options()})
+            for s in systems
         ]
         for config in configs:  # fail before the first (long) measurement, not in the middle
             resolve_precision(
@@ -384,15 +404,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, system in enumerate(systems):
         values = [
-            next((r["tokens_per_s"] or 0.0 for r in report["results"] if label(r) == system and r["batch"] == b), 0.0)
+            next(
+                (
+                    r["tokens_per_s"] or 0.0
+                    for r in report["results"]
+                    if label(r) == system and r["batch"] == b
+                ),
+                0.0,
+            )
             for b in batches
         ]
         ax.bar([j + i * width for j in range(len(batches))], values, width, label=system)
-    ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(batches))], [str(b) for b in batches])
+    ax.set_xticks(
+        [j + width * (len(systems) - 1) / 2 for j in range(len(batches))], [str(b) for b in batches]
+    )
     ax.set_xlabel("batch")
     ax.set_ylabel("generated tokens / s")
     s = report["setting"]
-    ax.set_title(f"{s['model']}, {s['input_len']} in / {s['output_len']} out, {report['environment']['device']}")
+    ax.set_title(
+        f"{s['model']}, {s['input_len']} in / {s['output_len']} out, {report['environment']['device']}"
+    )
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -24,7 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     from omniserve.bench.throughput import DTYPE_SYSTEMS, PRESETS
 
-    t.add_argument("--model-config", choices=PRESETS, default="llama-3-8b", help="model shape preset (ignored with --model)")
+    t.add_argument(
+        "--model-config",
+        choices=PRESETS,
+        default="llama-3-8b",
+        help="model shape preset (ignored with --model)",
+    )
     t.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="batch sizes")
     t.add_argument("--input-len", type=int, default=1024)
     t.add_argument("--output-len", type=int, default=512)
@@ -38,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "use --dtype); replaces --precision/--group-size. Default: one system from the engine "
         "options",
     )
-    t.add_argument("--peer", choices=["hf", "none"], default="hf", help="peer measured in the same run")
+    t.add_argument(
+        "--peer", choices=["hf", "none"], default="hf", help="peer measured in the same run"
+    )
     t.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     t.add_argument("--output-json", type=Path, default=None, help="write the report here")
     t.add_argument("--output-png", type=Path, default=None, help="write a bar chart here")

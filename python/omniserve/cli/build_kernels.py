@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default=None, help="comma-separated extension names (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object per extension")
     p.add_argument(
-        "--jobs", type=int, default=0,
+        "--jobs",
+        type=int,
+        default=0,
         help="extensions built at once, each in its own process (default: all of them; an "
         "extension has few sources, so one build alone leaves most cores idle)",
     )

@@ -19,16 +19,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "scale.pt, and acts.pt for per-tensor KV8) exactly, verify every weight is on its grid, "
         "and write a checkpoint that Engine.from_pretrained serves.",
     )
-    p.add_argument("--model", type=Path, required=True, help="the HF model directory (config.json, tokenizer)")
-    p.add_argument("--dump", type=Path, required=True, help="directory with model.pt, scale.pt [, acts.pt]")
-    p.add_argument("--output", type=Path, required=True, help="directory to write the checkpoint to")
+    p.add_argument(
+        "--model", type=Path, required=True, help="the HF model directory (config.json, tokenizer)"
+    )
+    p.add_argument(
+        "--dump", type=Path, required=True, help="directory with model.pt, scale.pt [, acts.pt]"
+    )
+    p.add_argument(
+        "--output", type=Path, required=True, help="directory to write the checkpoint to"
+    )
     p.add_argument("--precision", required=True, choices=PRECISION_CHOICES, help="w4a8* or w8a8*")
     p.add_argument(
-        "--group-size", type=int, default=PER_CHANNEL, choices=GROUP_SIZE_CHOICES,
+        "--group-size",
+        type=int,
+        default=PER_CHANNEL,
+        choices=GROUP_SIZE_CHOICES,
         help="-1 (per-channel, default) or 128 (W4A8 g128)",
     )
     p.add_argument(
-        "--kv-granularity", default=PER_TOKEN_HEAD, choices=KV_GRANULARITIES,
+        "--kv-granularity",
+        default=PER_TOKEN_HEAD,
+        choices=KV_GRANULARITIES,
         help=f"default {PER_TOKEN_HEAD}; per_tensor stores static KV8 scales from acts.pt",
     )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

@@ -25,20 +25,49 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="accuracy: perplexity, needle in a haystack", description="Accuracy through the engine.")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy: perplexity, needle in a haystack",
+        description="Accuracy through the engine.",
+    )
     kinds = p.add_subparsers(dest="eval", required=True, metavar="EVAL")
 
-    ppl = kinds.add_parser("ppl", help="perplexity of a text file", description="Perplexity over consecutive windows of a text file, each led by <s>.")
-    ppl.add_argument("--data", type=Path, default=None, help="text file (default: the bundled model's held-out sample)")
+    ppl = kinds.add_parser(
+        "ppl",
+        help="perplexity of a text file",
+        description="Perplexity over consecutive windows of a text file, each led by <s>.",
+    )
+    ppl.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="text file (default: the bundled model's held-out sample)",
+    )
     ppl.add_argument("--seq-len", type=int, default=512, help="tokens per window, <s> included")
-    ppl.add_argument("--max-windows", type=int, default=None, help="score N windows spread evenly over the text")
+    ppl.add_argument(
+        "--max-windows", type=int, default=None, help="score N windows spread evenly over the text"
+    )
     ppl.add_argument("--output-json", type=Path, default=None)
     add_engine_args(ppl)
     ppl.set_defaults(func=run_ppl)
 
-    niah = kinds.add_parser("niah", help="needle in a haystack (passkey retrieval)", description="Passkey retrieval accuracy per context length and needle depth.")
-    niah.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="comma-separated context lengths")
-    niah.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="comma-separated depths in [0, 1]")
+    niah = kinds.add_parser(
+        "niah",
+        help="needle in a haystack (passkey retrieval)",
+        description="Passkey retrieval accuracy per context length and needle depth.",
+    )
+    niah.add_argument(
+        "--lengths",
+        type=_ints,
+        default=[1024, 2048, 4096, 8192],
+        help="comma-separated context lengths",
+    )
+    niah.add_argument(
+        "--depths",
+        type=_floats,
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="comma-separated depths in [0, 1]",
+    )
     niah.add_argument("--samples", type=int, default=4, help="needles per cell")
     niah.add_argument("--filler", choices=["sentences", "classic"], default="sentences")
     niah.add_argument("--output-json", type=Path, default=None)
@@ -59,9 +88,13 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     data = args.data or bundled_model_path() / "heldout.txt"
     result = perplexity(_engine(args), read_text(data), args.seq_len, args.max_windows)
-    print(f"perplexity {result.perplexity:.3f} (mean NLL {result.mean_nll:.4f}) over {result.tokens_scored} tokens in {result.windows} windows of {result.seq_len}")
+    print(
+        f"perplexity {result.perplexity:.3f} (mean NLL {result.mean_nll:.4f}) over {result.tokens_scored} tokens in {result.windows} windows of {result.seq_len}"
+    )
     if args.output_json is not None:
-        args.output_json.write_text(json.dumps({"data": str(data), **msgspec.to_builtins(result)}, indent=2))
+        args.output_json.write_text(
+            json.dumps({"data": str(data), **msgspec.to_builtins(result)}, indent=2)
+        )
     return 0
 
 
@@ -77,5 +110,7 @@ def run_niah(args: argparse.Namespace) -> int:
     if args.output_json is not None:
         args.output_json.write_text(json.dumps(msgspec.to_builtins(result), indent=2))
     if args.output_png is not None:
-        plot_heatmap(result, args.output_png, f"passkey retrieval ({args.model or 'bundled model'})")
+        plot_heatmap(
+            result, args.output_png, f"passkey retrieval ({args.model or 'bundled model'})"
+        )
     return 0

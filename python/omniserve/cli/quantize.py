@@ -23,26 +23,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", type=Path, required=True, help="HF fp checkpoint directory")
     p.add_argument("--output", type=Path, required=True, help="directory to write")
-    p.add_argument("--precision", required=True, help=f"one of {', '.join(PRECISION_CHOICES)} with quantized weights (w4a8*, w8a8*)")
-    p.add_argument("--group-size", type=int, default=PER_CHANNEL, help=f"{' or '.join(map(str, GROUP_SIZE_CHOICES))} (-1 = per-channel; 128 for w4a8 only)")
-    p.add_argument("--kv-granularity", choices=KV_GRANULARITIES, default=PER_TOKEN_HEAD, help="per_token_head: dynamic KV scales at run time; per_tensor: static per-layer KV8 scales calibrated here (kv8 precisions)")
+    p.add_argument(
+        "--precision",
+        required=True,
+        help=f"one of {', '.join(PRECISION_CHOICES)} with quantized weights (w4a8*, w8a8*)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=PER_CHANNEL,
+        help=f"{' or '.join(map(str, GROUP_SIZE_CHOICES))} (-1 = per-channel; 128 for w4a8 only)",
+    )
+    p.add_argument(
+        "--kv-granularity",
+        choices=KV_GRANULARITIES,
+        default=PER_TOKEN_HEAD,
+        help="per_token_head: dynamic KV scales at run time; per_tensor: static per-layer KV8 scales calibrated here (kv8 precisions)",
+    )
     p.add_argument("--calib", type=Path, required=True, help="calibration text file (UTF-8)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, <s> included")
-    p.add_argument("--device", default="cpu", help="where each layer is calibrated (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--device", default="cpu", help="where each layer is calibrated (cpu, cuda, cuda:1, ...)"
+    )
     p.add_argument("--no-rotation", action="store_true", help="skip the Hadamard rotation")
     p.add_argument("--rotation-seed", type=int, default=0)
-    p.add_argument("--no-smooth", action="store_true", help="skip down_proj and o_proj input smoothing")
+    p.add_argument(
+        "--no-smooth", action="store_true", help="skip down_proj and o_proj input smoothing"
+    )
     p.add_argument("--no-smooth-attention", action="store_true", help="skip SmoothAttention on q/k")
     p.add_argument("--smooth-attention-alpha", type=float, default=0.5)
     p.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     p.add_argument("--clip-min", type=float, default=0.5, help="smallest clipping ratio searched")
-    p.add_argument("--clip-steps", type=int, default=21, help="clipping ratios searched in [clip-min, 1]")
+    p.add_argument(
+        "--clip-steps", type=int, default=21, help="clipping ratios searched in [clip-min, 1]"
+    )
     p.add_argument("--no-reorder", action="store_true", help="skip g128 channel reordering")
     p.add_argument("--gptq", action="store_true", help="choose the codes with GPTQ")
-    p.add_argument("--max-rows", type=int, default=2048, help="calibration rows kept per linear for the searches")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=2048,
+        help="calibration rows kept per linear for the searches",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
-    p.add_argument("--json", action="store_true", help="print the recipe and per-linear errors as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the recipe and per-linear errors as JSON"
+    )
     p.set_defaults(func=run)
 
 
@@ -89,8 +116,14 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"cannot load the tokenizer of {args.model}: {exc}") from None
     calibration = load_calibration(args.calib, tokenizer, args.num_samples, args.seq_len)
     report = quantize_checkpoint(
-        args.model, args.output, precision, calibration, options, device,
-        progress=not args.json, kv_granularity=args.kv_granularity,
+        args.model,
+        args.output,
+        precision,
+        calibration,
+        options,
+        device,
+        progress=not args.json,
+        kv_granularity=args.kv_granularity,
     )
     if args.json:
         print(json.dumps({"recipe": report.recipe, "errors": report.errors}, indent=2))

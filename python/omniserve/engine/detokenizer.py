@@ -124,9 +124,7 @@ class IncrementalDetokenizer:
         if self._prefix_text is None:
             self._prefix_text = self._decode(self._ids[: self._read_offset])
         window_text = self._decode(self._ids)
-        incomplete = len(window_text) <= len(self._prefix_text) or window_text.endswith(
-            _INCOMPLETE
-        )
+        incomplete = len(window_text) <= len(self._prefix_text) or window_text.endswith(_INCOMPLETE)
         if incomplete and not final:
             return ""
         delta = window_text[len(self._prefix_text) :]

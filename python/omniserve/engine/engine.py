@@ -161,7 +161,9 @@ class Engine:
         params = params if params is not None else SamplingParams()
         prompt_ids = self._prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer (engine runs with skip_tokenizer_init)")
+            raise InvalidRequestError(
+                "stop strings need a tokenizer (engine runs with skip_tokenizer_init)"
+            )
         stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self._eos_ids)
         ext_id = next(self._next_ext_id)
         self._io.scheduler.add_request(
@@ -265,12 +267,11 @@ class Engine:
             req.logprobs.append(_token_logprob(result, k, token, req.params.logprobs or 0))
         stop_token = code == _scheduler.FINISH_STOP
         stop_string = None
-        if req.detok is not None:
-            # The stop token's own text is not part of the output (as vLLM does) unless asked.
-            if not stop_token or req.params.include_stop_str_in_output:
-                delta = req.detok.push([token])
-                req.text += delta.delta_text
-                stop_string = delta.stop_reason
+        # The stop token's own text is not part of the output (as vLLM does) unless asked.
+        if req.detok is not None and (not stop_token or req.params.include_stop_str_in_output):
+            delta = req.detok.push([token])
+            req.text += delta.delta_text
+            stop_string = delta.stop_reason
         if stop_string is not None:
             if code == _scheduler.FINISH_NONE:
                 self._io.scheduler.finish(req.ext_id)
@@ -402,7 +403,9 @@ class Engine:
         vocab = self.runner.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(
+                f"prompt token id {bad} is outside the vocabulary [0, {vocab})"
+            )
         return ids
 
 

@@ -33,7 +33,9 @@ class StepIO:
     def __init__(self, scheduler: _scheduler.Scheduler) -> None:
         self.scheduler = scheduler
         self._views: dict[str, torch.Tensor] = {
-            name: torch.frombuffer(buf, dtype=torch.int64 if name in _INT64_BUFFERS else torch.int32)
+            name: torch.frombuffer(
+                buf, dtype=torch.int64 if name in _INT64_BUFFERS else torch.int32
+            )
             for name, buf in scheduler.buffers().items()
         }
 
@@ -59,7 +61,9 @@ class StepIO:
     def aborted(self, counts: StepCounts) -> list[int]:
         return self._views["aborted_ids"][: counts.num_aborted].tolist()
 
-    def update(self, sampled_idx: torch.Tensor, token_ids: torch.Tensor) -> tuple[list[int], list[int], list[int], list[int]]:
+    def update(
+        self, sampled_idx: torch.Tensor, token_ids: torch.Tensor
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
         """Hand the sampled tokens to the scheduler; returns (req_ids, tokens, schedule indices,
         finish codes), one entry per token the scheduler appended."""
         self._views["sampled"][sampled_idx] = token_ids

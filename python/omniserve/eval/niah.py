@@ -56,7 +56,12 @@ def run_niah(
         hits[needle.length_index, needle.depth_index] += retrieved(out.text, needle.key)
     accuracy = hits / samples
     return NiahResult(
-        list(lengths), list(depths), samples, filler, accuracy.round(4).tolist(), float(accuracy.mean())
+        list(lengths),
+        list(depths),
+        samples,
+        filler,
+        accuracy.round(4).tolist(),
+        float(accuracy.mean()),
     )
 
 

@@ -22,7 +22,9 @@ class PerplexityResult(msgspec.Struct, frozen=True):
     seq_len: int
 
 
-def perplexity(engine: Engine, text: str, seq_len: int, max_windows: int | None = None) -> PerplexityResult:
+def perplexity(
+    engine: Engine, text: str, seq_len: int, max_windows: int | None = None
+) -> PerplexityResult:
     if engine.tokenizer is None:
         raise ConfigError("perplexity needs the model's tokenizer")
     if seq_len > engine.max_model_len:

@@ -19,8 +19,11 @@ from omniserve.quant.kv import row_params_or_scale
 EXTENSION = Extension(
     "omniserve_decode_attention",
     (
-        "decode_attention.cu", "decode_attention_kv16.cu", "decode_attention_kv8.cu",
-        "decode_attention_kv4.cu", "decode_attention_kv8_static.cu",
+        "decode_attention.cu",
+        "decode_attention_kv16.cu",
+        "decode_attention_kv8.cu",
+        "decode_attention_kv4.cu",
+        "decode_attention_kv8_static.cu",
         "decode_attention_bindings.cpp",
     ),
     # Safe: the approximate exp2 and division err far below the fp16/bf16 rounding of the output,
@@ -102,6 +105,20 @@ def decode_attention(
         partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device, kv4)
     (k_params, k_scale), (v_params, v_scale) = map(row_params_or_scale, (k_params, v_params))
     return EXTENSION.load().decode_attention(
-        q, k, v, k_params, v_params, k_scale, v_scale, page_table, seq_rows, context_lens,
-        page_size, num_kv_heads, max_context_len, window or 0, scale, partition,
+        q,
+        k,
+        v,
+        k_params,
+        v_params,
+        k_scale,
+        v_scale,
+        page_table,
+        seq_rows,
+        context_lens,
+        page_size,
+        num_kv_heads,
+        max_context_len,
+        window or 0,
+        scale,
+        partition,
     )

@@ -187,8 +187,11 @@ def _build_hash(
     # Headers are included by path, so every header under cuda/ is part of every build's identity.
     headers = sorted(p for p in CUDA_SOURCE_DIR.rglob("*") if p.suffix in (".cuh", ".h"))
     for path in [*paths, *headers]:
-        digest.update(str(path.relative_to(CUDA_SOURCE_DIR) if path.is_relative_to(CUDA_SOURCE_DIR)
-                          else path).encode())
+        digest.update(
+            str(
+                path.relative_to(CUDA_SOURCE_DIR) if path.is_relative_to(CUDA_SOURCE_DIR) else path
+            ).encode()
+        )
         digest.update(path.read_bytes())
     for part in (*cuda_flags, *BASE_CXX_FLAGS, torch.__version__, str(torch.version.cuda)):
         digest.update(part.encode())

@@ -24,7 +24,6 @@ EXTENSION = Extension(
 )
 
 
-
 def _use_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels_available(x.device)
 

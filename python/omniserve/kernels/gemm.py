@@ -104,7 +104,9 @@ class PackedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         named = {"weight": self.weight, "scales": self.scales}
-        named.update({k: v for k, v in (("szeros", self.szeros), ("groups", self.groups)) if v is not None})
+        named.update(
+            {k: v for k, v in (("szeros", self.szeros), ("groups", self.groups)) if v is not None}
+        )
         return named
 
 
@@ -188,8 +190,9 @@ def concat(parts: Sequence[PackedWeight]) -> PackedWeight:
     return PackedWeight(fmt, cat("weight", 0), cat("scales", 0), cat("szeros", 0), cat("groups", 1))
 
 
-
-def _run(x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath) -> torch.Tensor:
+def _run(
+    x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath
+) -> torch.Tensor:
     if out_dtype not in _OUT_KINDS:
         raise ValueError(f"output dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
     if path not in (*_PATHS, "cutlass"):

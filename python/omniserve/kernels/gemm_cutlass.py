@@ -84,6 +84,14 @@ def gemm(fmt_index: int, x: QuantizedActivation, w: PackedWeight, out_kind: int)
     (cuda/gemm/params.h OutKind: fp32, fp16 or bf16)."""
     n, k = w.shape
     return EXTENSION.load().gemm(
-        fmt_index, x.q, x.scales, x.sums if w.szeros is not None else None, w.weight, w.groups,
-        w.scales, w.szeros, out_kind, workspace(x.q.device, n * k),
+        fmt_index,
+        x.q,
+        x.scales,
+        x.sums if w.szeros is not None else None,
+        w.weight,
+        w.groups,
+        w.scales,
+        w.szeros,
+        out_kind,
+        workspace(x.q.device, n * k),
     )

@@ -68,4 +68,3 @@ def rope_kv_write(
         q, k, v, cos, sin, write_index, k_data, v_data, k_params, v_params, k_scale, v_scale
     )
     return q_rot, k_seen, v_seen
-

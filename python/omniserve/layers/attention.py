@@ -163,7 +163,13 @@ class PagedAttention(nn.Module):
         it) receives the rotated q and k."""
         if rope_kv.applies(q, self.k_cache, self.v_cache):
             q, k, v = rope_kv.rope_kv_write(
-                q, k, v, rope, meta.write_index, self.k_cache, self.v_cache  # type: ignore[arg-type]
+                q,
+                k,
+                v,
+                rope,
+                meta.write_index,
+                self.k_cache,
+                self.v_cache,  # type: ignore[arg-type]
             )
             return self(q, k, v, meta, stored=True)
         return self(apply_rotary(q, *rope), apply_rotary(k, *rope), v, meta)
@@ -214,10 +220,17 @@ class PagedAttention(nn.Module):
         k_rows: KernelRows = self.k_cache  # type: ignore[assignment]  # decode_kernel_applies
         v_rows: KernelRows = self.v_cache  # type: ignore[assignment]
         return decode_attention(
-            q[batch.token_idx], k_rows.kernel_operands(), v_rows.kernel_operands(),
-            batch.page_table, batch.seq_rows, batch.context_lens,
-            page_size=batch.page_size, num_kv_heads=self.num_kv_heads,
-            max_context_len=batch.max_context_len, scale=self.scale, window=self.sliding_window,
+            q[batch.token_idx],
+            k_rows.kernel_operands(),
+            v_rows.kernel_operands(),
+            batch.page_table,
+            batch.seq_rows,
+            batch.context_lens,
+            page_size=batch.page_size,
+            num_kv_heads=self.num_kv_heads,
+            max_context_len=batch.max_context_len,
+            scale=self.scale,
+            window=self.sliding_window,
         )
 
     def _prefill(
@@ -239,7 +252,12 @@ class PagedAttention(nn.Module):
             # Causal with the queries at the end of the keys; kernels take it without a dense mask.
             mask = causal_lower_right(qc.shape[2], kc.shape[2])
         o = F.scaled_dot_product_attention(
-            qc, kc, vc, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            qc,
+            kc,
+            vc,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return o[0].transpose(0, 1)

@@ -46,9 +46,7 @@ class Linear(nn.Module):
         self.out_sizes = tuple(out_sizes)
         self.shard_names = checked_shard_names(out_sizes, shard_names)
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
-        )
+        self.bias = nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

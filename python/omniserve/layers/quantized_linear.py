@@ -68,9 +68,7 @@ class QuantizedLinear(nn.Module):
         # CUDA path: shards in the kernels' layout until all are loaded, then their concatenation.
         self._packed_shards: list[gemm_kernels.PackedWeight | None] = [None] * len(self.out_sizes)
         self.packed: gemm_kernels.PackedWeight | None = None
-        self.bias = (
-            nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
-        )
+        self.bias = nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         """y [T, N] of float activations x [T, K] (quantized here; y in x's dtype), or of per-token

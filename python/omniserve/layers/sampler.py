@@ -340,7 +340,7 @@ def _checked_ids(ids: Sequence[int], vocab_size: int, what: str) -> np.ndarray:
     """Token ids as int64, refusing ids outside the vocabulary: on CUDA they would become a
     device-side assert that takes every other request down with this one."""
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if arr.size and not (0 <= arr.min() and arr.max() < vocab_size):
+    if arr.size and not (arr.min() >= 0 and arr.max() < vocab_size):
         raise ValueError(
             f"{what} must be token ids in [0, {vocab_size}), got {arr.min()}..{arr.max()}"
         )

@@ -162,9 +162,7 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
         hidden, inter = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = _projection(
-            hidden, [inter, inter], bias, fmt, ("gate_proj", "up_proj")
-        )
+        self.gate_up_proj = _projection(hidden, [inter, inter], bias, fmt, ("gate_proj", "up_proj"))
         self.act = projection_input_ops(fmt).act
         self.down_proj = _projection(inter, [hidden], bias, fmt)
 

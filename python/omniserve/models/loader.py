@@ -273,7 +273,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     single = path / _SINGLE_FILE
     if single.is_file():
         with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     hint = " (PyTorch .bin weights are not supported)" if any(path.glob("*.bin")) else ""
     raise CheckpointError(f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE}{hint}")
 

@@ -163,7 +163,11 @@ def copy_side_files(source: Path, out: Path) -> None:
     quantized checkpoint `out`: every file but the weights and config.json, which the writer
     produced."""
     for extra in source.iterdir():
-        if extra.is_file() and extra.name != CONFIG_FILE and not extra.name.endswith(_WEIGHT_SUFFIXES):
+        if (
+            extra.is_file()
+            and extra.name != CONFIG_FILE
+            and not extra.name.endswith(_WEIGHT_SUFFIXES)
+        ):
             shutil.copy2(extra, out / extra.name)
 
 

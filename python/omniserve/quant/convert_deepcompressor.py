@@ -174,7 +174,9 @@ def _dynamic_range_max(entry: Any, key: str) -> float:
 def _read_config(source: Path) -> dict[str, Any]:
     path = source / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"{source}: no {CONFIG_FILE} (--model must be the HF model directory)")
+        raise CheckpointError(
+            f"{source}: no {CONFIG_FILE} (--model must be the HF model directory)"
+        )
     config = json.loads(path.read_text())
     if "quantization_config" in config:
         raise CheckpointError(f"{path} already has a quantization_config; give the fp model's")
@@ -261,7 +263,9 @@ def _check_dump_kind(d: _LinearDump, precision: Precision) -> None:
             f"{precision.name} weights are asymmetric uint4"
         )
     if d.zero is not None and d.scaled_zero is not None:
-        raise CheckpointError(f"{SCALES_FILE}: {d.name} has both .weight.zero and .weight.scaled_zero")
+        raise CheckpointError(
+            f"{SCALES_FILE}: {d.name} has both .weight.zero and .weight.scaled_zero"
+        )
     if precision.group_size == GROUP_SIZE_128 and d.scale1 is None:
         raise ConfigError(
             f"{d.name} has no level-1 group scale ({d.name}.weight.scale.1): the dump is "
@@ -274,7 +278,9 @@ def _check_dump_kind(d: _LinearDump, precision: Precision) -> None:
         )
 
 
-def _check_all_projections(dumps: dict[str, _LinearDump], config: dict[str, Any], dump: Path) -> None:
+def _check_all_projections(
+    dumps: dict[str, _LinearDump], config: dict[str, Any], dump: Path
+) -> None:
     projections = [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projections += [("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")]
     for i in range(int(config["num_hidden_layers"])):
@@ -323,7 +329,9 @@ def _convert_g128(
     n, k = w.shape
     g = k // GROUP_SIZE_128
     assert d.scale1 is not None  # _check_dump_kind
-    s2 = _integers(_values(d.scale1, (n, g), f"{d.name}.weight.scale.1"), f"{d.name}.weight.scale.1")
+    s2 = _integers(
+        _values(d.scale1, (n, g), f"{d.name}.weight.scale.1"), f"{d.name}.weight.scale.1"
+    )
     _check_range(s2, 1, 127, d.name, "group scale (weight.scale.1)")
     x1 = w / s1[:, None]
     w8 = _codes(x1, d.name, "level-1 int8 code")
@@ -403,4 +411,3 @@ def _check_range(q: torch.Tensor, lo: int, hi: int, layer: str, what: str) -> No
 
 def _residual(x: torch.Tensor, q: torch.Tensor) -> float:
     return float((x - q).abs().max()) if x.numel() else 0.0
-

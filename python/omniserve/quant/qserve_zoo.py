@@ -138,7 +138,9 @@ def _load_state_dict(root: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{file} holds a {type(part).__name__}, not a state dict")
         for name, t in part.items():
             if not isinstance(t, torch.Tensor):
-                raise CheckpointError(f"{file}: entry {name!r} is a {type(t).__name__}, not a tensor")
+                raise CheckpointError(
+                    f"{file}: entry {name!r} is a {type(t).__name__}, not a tensor"
+                )
             if name in state:
                 raise CheckpointError(f"tensor {name} is stored twice (again in {file.name})")
             state[name] = t

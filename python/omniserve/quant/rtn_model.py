@@ -29,9 +29,7 @@ RECIPE: dict[str, Any] = {"method": "rtn"}
 def is_quantized_projection(name: str) -> bool:
     """Whether checkpoint tensor `name` is a decoder projection weight that W4A8/W8A8 quantize."""
     parts = name.split(".")
-    return (
-        name.startswith("model.layers.") and parts[-1] == "weight" and parts[-2] in _PROJECTIONS
-    )
+    return name.startswith("model.layers.") and parts[-1] == "weight" and parts[-2] in _PROJECTIONS
 
 
 def write_rtn_checkpoint(src: str | Path, dst: str | Path, precision: Precision) -> None:
@@ -66,4 +64,3 @@ def write_rtn_checkpoint(src: str | Path, dst: str | Path, precision: Precision)
                     ) from None
     write_checkpoint(out, config, precision, linears, tensors, RECIPE)
     copy_side_files(source, out)
-

@@ -196,9 +196,7 @@ class KVCache:
             return DenseRows(self.storage[layer, kv])
         bits = self.spec.kv_bits
         assert bits is not None
-        return QuantizedRows(
-            self.storage[layer, kv], self.params[layer, kv], bits, self.spec.dtype
-        )
+        return QuantizedRows(self.storage[layer, kv], self.params[layer, kv], bits, self.spec.dtype)
 
     def apply_page_updates(self, updates: torch.Tensor) -> None:
         """Write (row, column, page) triples [k, 3] (on the cache's device) into the page table."""

@@ -61,7 +61,8 @@ class ModelRunner:
             # Correct but slow (quantized GEMMs run as exact float64 matmuls): say so once.
             warnings.warn(
                 f"omniserve CUDA kernels unavailable ({reason}); running the torch reference ops",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
         self.hf_config = load_hf_config(config.model)
         model_limit = self.hf_config.max_position_embeddings
@@ -109,7 +110,10 @@ class ModelRunner:
         if self._uses_graphs(self._inputs):
             with torch.inference_mode():
                 self._graphs = DecodeGraphs(
-                    self.model, self.kv_cache, self._inputs.windows, config.max_num_seqs,
+                    self.model,
+                    self.kv_cache,
+                    self._inputs.windows,
+                    config.max_num_seqs,
                     self.max_model_len,
                 )
 
@@ -197,8 +201,12 @@ class ModelRunner:
 
     def _make_cache(self, num_pages: int) -> tuple[KVCache, StepInputBuilder]:
         cache = KVCache(
-            self._kv_spec, num_pages, self.config.max_num_seqs, self._max_pages_per_seq,
-            self.device, self._kv_scales,
+            self._kv_spec,
+            num_pages,
+            self.config.max_num_seqs,
+            self._max_pages_per_seq,
+            self.device,
+            self._kv_scales,
         )
         cache.bind(self.model.attention_layers)
         inputs = StepInputBuilder(
@@ -209,7 +217,9 @@ class ModelRunner:
             self._gather_budget,
             self.device,
             decode_kernel=self.config.attention_backend == "auto"
-            and all(layer.decode_kernel_applies(self.dtype) for layer in self.model.attention_layers),
+            and all(
+                layer.decode_kernel_applies(self.dtype) for layer in self.model.attention_layers
+            ),
         )
         return cache, inputs
 

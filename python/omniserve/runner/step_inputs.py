@@ -76,8 +76,14 @@ class StepInputBuilder:
         sampled_idx = ((plan.flags & FLAG_NEEDS_LOGITS) != 0).nonzero().squeeze(1)
 
         parts = [
-            plan.input_ids, plan.rows, plan.pos0, plan.num_new, plan.qstart,
-            order.int(), sampled_idx.int(), plan.page_updates.flatten(),
+            plan.input_ids,
+            plan.rows,
+            plan.pos0,
+            plan.num_new,
+            plan.qstart,
+            order.int(),
+            sampled_idx.int(),
+            plan.page_updates.flatten(),
         ]
         sizes = [p.numel() for p in parts]
         total = sum(sizes)
@@ -102,8 +108,12 @@ class StepInputBuilder:
         # (request index, pos0, num_new, first token) of each prefill chunk, as Python ints.
         prefill = (plan.num_new > 1).nonzero().squeeze(1)
         prefill_reqs = list(
-            zip(prefill.tolist(), plan.pos0[prefill].tolist(), plan.num_new[prefill].tolist(),
-                plan.qstart[prefill].tolist())
+            zip(
+                prefill.tolist(),
+                plan.pos0[prefill].tolist(),
+                plan.num_new[prefill].tolist(),
+                plan.qstart[prefill].tolist(),
+            )
         )
         decode_ctx = ctx[order].tolist()
         decode_batch = None
@@ -120,7 +130,8 @@ class StepInputBuilder:
         by_window = {
             w: AttentionBatches(
                 self._prefills(prefill_reqs, rows, w),
-                [] if self.decode_kernel
+                []
+                if self.decode_kernel
                 else self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w),
             )
             for w in self.windows
@@ -179,4 +190,3 @@ class StepInputBuilder:
             groups.append(DecodeGroup(qstart[reqs], kv_index, mask))
             start = end
         return groups
-

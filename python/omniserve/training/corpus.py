@@ -32,8 +32,19 @@ STDLIB = "stdlib"
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "lib-dynload"})
 # Code copied into a distribution from other projects keeps those projects' licences, which the
 # distribution's metadata does not declare: left out.
-_VENDORED_DIRS = frozenset({"_vendor", "vendor", "_vendored", "vendored", "third_party", "_third_party",
-                            "thirdparty", "extern", "_extern"})
+_VENDORED_DIRS = frozenset(
+    {
+        "_vendor",
+        "vendor",
+        "_vendored",
+        "vendored",
+        "third_party",
+        "_third_party",
+        "thirdparty",
+        "extern",
+        "_extern",
+    }
+)
 # Larger files, or files with very long lines on average, are generated tables (Unicode data, AWS
 # policies, lexer maps), not code anyone writes.
 MAX_FILE_BYTES = 1_000_000
@@ -43,15 +54,32 @@ MAX_MEAN_LINE_CHARS = 200
 # equally permissive ones that large scientific distributions declare for bundled components
 # (numpy: 0BSD, Zlib, CC0-1.0; torch: Zlib, BSL-1.0; regex: CNRI-Python) and without which they
 # would be left out whole. Exceptions after WITH only add permissions, so they are not checked.
-PERMISSIVE_SPDX = frozenset(s.lower() for s in (
-    "MIT", "MIT-0", "MIT-CMU", "BSD-2-Clause", "BSD-3-Clause", "0BSD", "Apache-2.0", "PSF-2.0", "Python-2.0",
-    "CNRI-Python", "ISC", "Zlib", "BSL-1.0", "CC0-1.0",
-))
+PERMISSIVE_SPDX = frozenset(
+    s.lower()
+    for s in (
+        "MIT",
+        "MIT-0",
+        "MIT-CMU",
+        "BSD-2-Clause",
+        "BSD-3-Clause",
+        "0BSD",
+        "Apache-2.0",
+        "PSF-2.0",
+        "Python-2.0",
+        "CNRI-Python",
+        "ISC",
+        "Zlib",
+        "BSL-1.0",
+        "CC0-1.0",
+    )
+)
 # Free-text `License` fields and trove classifiers, by licence family. The not-permissive pattern is
 # checked first, so "BSD or GPL" counts as not permissive.
-_NOT_PERMISSIVE = re.compile(r"\b(?:[al]?gpl|mpl|eupl|epl|cddl|sspl|busl|cc-by)|mozilla|eclipse|proprietary|"
-                             r"general public|affero|commercial|artistic|creative commons|public domain|unlicense",
-                             re.IGNORECASE)
+_NOT_PERMISSIVE = re.compile(
+    r"\b(?:[al]?gpl|mpl|eupl|epl|cddl|sspl|busl|cc-by)|mozilla|eclipse|proprietary|"
+    r"general public|affero|commercial|artistic|creative commons|public domain|unlicense",
+    re.IGNORECASE,
+)
 _FAMILIES = (
     ("MIT", re.compile(r"\bmit\b", re.IGNORECASE)),
     ("BSD", re.compile(r"bsd", re.IGNORECASE)),
@@ -91,8 +119,13 @@ class Source:
     bytes: int = 0
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "licence": self.licence, "files": self.files,
-                "bytes": self.bytes}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "licence": self.licence,
+            "files": self.files,
+            "bytes": self.bytes,
+        }
 
 
 @dataclass
@@ -101,7 +134,9 @@ class Corpus:
     train: list[SourceFile]
     held_out: list[SourceFile]
     sources: list[Source]  # the stdlib first, then distributions with at least one file taken
-    skipped: list[dict] = field(default_factory=list)  # distributions left out: name, version, reason
+    skipped: list[dict] = field(
+        default_factory=list
+    )  # distributions left out: name, version, reason
 
     @property
     def train_bytes(self) -> int:
@@ -154,7 +189,9 @@ def _readable_code(path: Path) -> str | None:
 
 def _stdlib_paths(root: Path) -> Iterator[tuple[str, Path]]:
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith("config-"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith("config-")
+        )
         for name in sorted(filenames):
             if name.endswith(".py"):
                 path = Path(dirpath) / name
@@ -167,8 +204,10 @@ def _package_paths() -> tuple[list[tuple[str, Path, Source]], list[dict]]:
     files: list[tuple[str, Path, Source]] = []
     skipped: list[dict] = []
     seen: set[str] = set()
-    dists = sorted(importlib.metadata.distributions(),
-                   key=lambda d: re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "").lower()))
+    dists = sorted(
+        importlib.metadata.distributions(),
+        key=lambda d: re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "").lower()),
+    )
     for dist in dists:  # stable sort: for one name, sys.path order is kept
         name, version = dist.metadata["Name"] or "", dist.metadata["Version"] or ""
         key = re.sub(r"[-_.]+", "-", name.lower())
@@ -178,20 +217,33 @@ def _package_paths() -> tuple[list[tuple[str, Path, Source]], list[dict]]:
         licence = permissive_licence(dist.metadata)
         if licence is None:
             declared = dist.metadata.get("License-Expression") or dist.metadata.get("License") or ""
-            skipped.append({"name": name, "version": version, "reason": "licence not permissive or unknown",
-                            "declared": declared.strip().split("\n")[0][:80]})
+            skipped.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "reason": "licence not permissive or unknown",
+                    "declared": declared.strip().split("\n")[0][:80],
+                }
+            )
             continue
         site = Path(dist.locate_file(""))
         source = Source(name, version, licence)
         for rel in dist.files or []:
             parts = rel.parts
-            if rel.suffix != ".py" or ".." in parts or _VENDORED_DIRS & set(parts) or "__pycache__" in parts:
+            if (
+                rel.suffix != ".py"
+                or ".." in parts
+                or _VENDORED_DIRS & set(parts)
+                or "__pycache__" in parts
+            ):
                 continue
             files.append(("site-packages/" + rel.as_posix(), site / rel, source))
     return files, skipped
 
 
-def load_corpus(root: Path, max_bytes: int, held_out_percent: int, site_packages: bool = True) -> Corpus:
+def load_corpus(
+    root: Path, max_bytes: int, held_out_percent: int, site_packages: bool = True
+) -> Corpus:
     """The stdlib under `root`, then (with `site_packages`) package files, up to `max_bytes` in all.
 
     Files come in path-hash order within each of the two parts, and the corpus is the longest
@@ -226,14 +278,20 @@ def load_corpus(root: Path, max_bytes: int, held_out_percent: int, site_packages
     held = [f for f in files if f.digest % 100 < held_out_percent]
     train = [f for f in files if f.digest % 100 >= held_out_percent]
     if not train or not held:
-        raise ValueError(f"corpus under {root} too small to split: {len(train)} train / {len(held)} held-out files")
-    packages = {id(source): source for _, _, source in candidates if source.files and source is not stdlib}
+        raise ValueError(
+            f"corpus under {root} too small to split: {len(train)} train / {len(held)} held-out files"
+        )
+    packages = {
+        id(source): source for _, _, source in candidates if source.files and source is not stdlib
+    }
     sources = [stdlib, *sorted(packages.values(), key=lambda s: s.name.lower())]
     return Corpus(root, train, held, sources, skipped)
 
 
-def _read_in_order(candidates: list[tuple[str, Path, Source]], batch: int = 512,
-                   ) -> Iterator[tuple[tuple[str, Path, Source], str | None]]:
+def _read_in_order(
+    candidates: list[tuple[str, Path, Source]],
+    batch: int = 512,
+) -> Iterator[tuple[tuple[str, Path, Source], str | None]]:
     """Candidates with their text (None: not usable), read ahead by a thread pool in batches: tens
     of thousands of small files on a cold disk, of which the caller may need only the first part."""
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:

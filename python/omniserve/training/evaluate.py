@@ -18,8 +18,9 @@ from .needles import PasskeyBuilder, random_key
 from .tokenizer import BOS_ID, EOS_ID, encode_plain
 
 
-def text_windows(token_ids: list[int], seq_len: int, bos_id: int | None,
-                 max_windows: int | None) -> list[list[int]]:
+def text_windows(
+    token_ids: list[int], seq_len: int, bos_id: int | None, max_windows: int | None
+) -> list[list[int]]:
     """Consecutive, non-overlapping windows of a text's tokens, each led by <s> when the model has
     one: every text token is scored once, given at most seq_len - 1 tokens before it; a last
     partial window is dropped. `max_windows` keeps that many, spread evenly from the first to the
@@ -42,32 +43,47 @@ def text_windows(token_ids: list[int], seq_len: int, bos_id: int | None,
 
 
 @torch.no_grad()
-def heldout_loss(model: LlamaLM, stream: TokenStream, window: int, max_windows: int | None = None,
-                 batch: int = 8) -> tuple[float, int]:
+def heldout_loss(
+    model: LlamaLM, stream: TokenStream, window: int, max_windows: int | None = None, batch: int = 8
+) -> tuple[float, int]:
     """Mean next-token cross-entropy over consecutive `window`-token pieces of the stream, each fed
     as `<s> piece` like the code rows of training; `max_windows` takes that many pieces spread
     evenly over the stream (a quick estimate). Returns (loss, tokens scored)."""
     device = next(model.parameters()).device
     n = (len(stream) - 1) // window
     if n == 0:
-        raise ValueError(f"held-out stream of {len(stream)} tokens is shorter than one {window}-token window")
+        raise ValueError(
+            f"held-out stream of {len(stream)} tokens is shorter than one {window}-token window"
+        )
     pieces = np.arange(n)
     if max_windows is not None and max_windows < n:
         pieces = np.linspace(0, n - 1, max_windows).round().astype(int)
     total, count = 0.0, 0
     for first in range(0, len(pieces), batch):
-        rows = [np.concatenate([[BOS_ID], stream.ids[i * window : (i + 1) * window]])
-                for i in pieces[first : first + batch]]
+        rows = [
+            np.concatenate([[BOS_ID], stream.ids[i * window : (i + 1) * window]])
+            for i in pieces[first : first + batch]
+        ]
         ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         logits = model.logits(model(ids[:, :-1])).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+        ).item()
         count += ids[:, 1:].numel()
     return total / count, count
 
 
 @torch.no_grad()
-def passkey_accuracy(model: LlamaLM, tok: Tokenizer, builder: PasskeyBuilder, lengths: list[int],
-                     depths: list[float], fillers: list[str], samples: int, seed: int) -> dict:
+def passkey_accuracy(
+    model: LlamaLM,
+    tok: Tokenizer,
+    builder: PasskeyBuilder,
+    lengths: list[int],
+    depths: list[float],
+    fillers: list[str],
+    samples: int,
+    seed: int,
+) -> dict:
     """Greedy retrieval accuracy per filler, context length and depth, on fresh 5-digit keys.
 
     Prompts go through text and the tokenizer, as a user's prompt would. Returns
@@ -90,10 +106,16 @@ def passkey_accuracy(model: LlamaLM, tok: Tokenizer, builder: PasskeyBuilder, le
                     ids = torch.tensor([prompt + answer], device=device)
                     hidden = model(ids)[0, len(prompt) - 1 :]
                     pred = model.logits(hidden).argmax(-1)
-                    hits += bool(pred[:-1].tolist() == answer and not torch.isin(pred[-1], digit_ids))
+                    hits += bool(
+                        pred[:-1].tolist() == answer and not torch.isin(pred[-1], digit_ids)
+                    )
                 grid[str(length)][str(depth)] = hits / samples
         by_length = {L: sum(row.values()) / len(row) for L, row in grid.items()}
-        result[filler] = {"by_length": by_length, "grid": grid, "overall": sum(by_length.values()) / len(by_length)}
+        result[filler] = {
+            "by_length": by_length,
+            "grid": grid,
+            "overall": sum(by_length.values()) / len(by_length),
+        }
     return result
 
 

@@ -33,7 +33,11 @@ TASK = (
     "I will quiz you about the important information there."
 )
 CLASSIC_FILLER = (
-    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
 )
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -44,37 +48,107 @@ EVAL_SEED = 20_261_127
 EVAL_KEY_DIGITS = 5
 
 _SUBJECTS = (
-    "The old fisherman", "A young teacher", "My neighbour", "The little dog", "A tired traveller", "The baker",
-    "Our team", "The city council", "A curious child", "The gardener", "An old friend", "The musician",
-    "A quiet student", "The farmer", "The pilot", "A stray cat", "The librarian", "The doctor", "My sister",
+    "The old fisherman",
+    "A young teacher",
+    "My neighbour",
+    "The little dog",
+    "A tired traveller",
+    "The baker",
+    "Our team",
+    "The city council",
+    "A curious child",
+    "The gardener",
+    "An old friend",
+    "The musician",
+    "A quiet student",
+    "The farmer",
+    "The pilot",
+    "A stray cat",
+    "The librarian",
+    "The doctor",
+    "My sister",
     "The captain",
 )
 _VERBS = (
-    "painted", "repaired", "found", "carried", "sold", "watched", "described", "forgot", "cleaned", "borrowed",
-    "opened", "visited", "counted", "admired", "built", "lost", "planted", "measured", "wrapped", "followed",
+    "painted",
+    "repaired",
+    "found",
+    "carried",
+    "sold",
+    "watched",
+    "described",
+    "forgot",
+    "cleaned",
+    "borrowed",
+    "opened",
+    "visited",
+    "counted",
+    "admired",
+    "built",
+    "lost",
+    "planted",
+    "measured",
+    "wrapped",
+    "followed",
 )
 _OBJECTS = (
-    "a wooden boat", "the blue door", "an empty basket", "the long letter", "a small garden", "the heavy box",
-    "a red umbrella", "the broken clock", "a warm coat", "the narrow bridge", "an old map", "the quiet river",
-    "a bright lamp", "the stone wall", "a paper kite", "the morning train", "a silver spoon", "the tall tree",
-    "a green bottle", "the last page",
+    "a wooden boat",
+    "the blue door",
+    "an empty basket",
+    "the long letter",
+    "a small garden",
+    "the heavy box",
+    "a red umbrella",
+    "the broken clock",
+    "a warm coat",
+    "the narrow bridge",
+    "an old map",
+    "the quiet river",
+    "a bright lamp",
+    "the stone wall",
+    "a paper kite",
+    "the morning train",
+    "a silver spoon",
+    "the tall tree",
+    "a green bottle",
+    "the last page",
 )
 _PLACES = (
-    "near the harbour", "after the rain", "before lunch", "in the village", "on a cold morning",
-    "behind the station", "during the summer", "at the market", "by the lake", "without a word",
-    "under the bridge", "in the evening", "along the road", "for the first time", "at the end of the day",
-    "with great care", "next to the school", "in the spring", "after a long walk", "on the hill",
+    "near the harbour",
+    "after the rain",
+    "before lunch",
+    "in the village",
+    "on a cold morning",
+    "behind the station",
+    "during the summer",
+    "at the market",
+    "by the lake",
+    "without a word",
+    "under the bridge",
+    "in the evening",
+    "along the road",
+    "for the first time",
+    "at the end of the day",
+    "with great care",
+    "next to the school",
+    "in the spring",
+    "after a long walk",
+    "on the hill",
 )
 
 
 def random_sentences(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
-    parts = [rng.integers(0, len(words), size=n) for words in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES)]
+    parts = [
+        rng.integers(0, len(words), size=n) for words in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES)
+    ]
     return [f"{_SUBJECTS[a]} {_VERBS[b]} {_OBJECTS[c]} {_PLACES[d]}." for a, b, c, d in zip(*parts)]
 
 
 def random_key(rng: np.random.Generator, digits: int) -> str:
-    return str(int(rng.integers(1, 10))) + "".join(str(d) for d in rng.integers(0, 10, size=digits - 1))
+    return str(int(rng.integers(1, 10))) + "".join(
+        str(d) for d in rng.integers(0, 10, size=digits - 1)
+    )
 
 
 @dataclass(frozen=True)
@@ -109,7 +183,9 @@ class _Sentences:
 class PasskeyBuilder:
     """Builds passkey documents of an exact token budget, as ids (training) or text (evaluation)."""
 
-    def __init__(self, tok: Tokenizer, code: TokenStream | None = None, sentence_bank: int = 4096) -> None:
+    def __init__(
+        self, tok: Tokenizer, code: TokenStream | None = None, sentence_bank: int = 4096
+    ) -> None:
         self.tok = tok
         self.code = code
         self.nl = encode_plain(tok, "\n")
@@ -123,7 +199,9 @@ class PasskeyBuilder:
         # Fixed seed: the bank is part of the document format, the same in training and evaluation.
         self.sentences = _Sentences(tok, random_sentences(sentence_bank, seed=0))
 
-    def build(self, length: int, depth: float, key: str, filler: str, rng: np.random.Generator) -> PasskeyDoc:
+    def build(
+        self, length: int, depth: float, key: str, filler: str, rng: np.random.Generator
+    ) -> PasskeyDoc:
         """A document of at most `length` tokens (<s> to </s>), filler up to the budget, needle at
         `depth` (0 = right after the task line, 1 = right before the question)."""
         needle = encode_plain(self.tok, NEEDLE.format(key=key))
@@ -131,7 +209,9 @@ class PasskeyBuilder:
         fixed = self._fixed_length(needle, answer)
         budget = length - fixed - 2 * len(self.nl)  # two more breaks around the filler lines
         if length < fixed:
-            raise ValueError(f"a passkey document needs at least {fixed} tokens, asked for {length}")
+            raise ValueError(
+                f"a passkey document needs at least {fixed} tokens, asked for {length}"
+            )
         before, after = self._filler(max(budget, 0), depth, filler, rng)
         pieces: list[np.ndarray] = [np.array([BOS_ID], dtype=np.int32)]
         pos, needle_start = 1, 0
@@ -143,27 +223,42 @@ class PasskeyBuilder:
                 needle_start = pos
             pieces.append(line)
             pos += len(line)
-        ids = np.concatenate([*pieces, answer, self.period, np.array([EOS_ID], dtype=np.int32)]).astype(np.int32)
+        ids = np.concatenate(
+            [*pieces, answer, self.period, np.array([EOS_ID], dtype=np.int32)]
+        ).astype(np.int32)
         key_positions = needle_start + np.flatnonzero(np.isin(needle, self.digit_ids))[: len(key)]
         return PasskeyDoc(ids, key, key_positions, pos, pos + len(answer))
 
     def min_length(self, key_digits: int) -> int:
         """Tokens of a document without filler (the shortest `build` accepts)."""
         key = "1" * key_digits  # every digit is one token: the value does not change the count
-        return self._fixed_length(encode_plain(self.tok, NEEDLE.format(key=key)), encode_plain(self.tok, " " + key))
+        return self._fixed_length(
+            encode_plain(self.tok, NEEDLE.format(key=key)), encode_plain(self.tok, " " + key)
+        )
 
     def _fixed_length(self, needle: np.ndarray, answer: np.ndarray) -> int:
         # <s> </s>, the lines other than filler, their two line breaks, the answer and its period
-        return 2 + len(self.task) + len(needle) + len(self.question) + 2 * len(self.nl) + len(answer) + len(self.period)
+        return (
+            2
+            + len(self.task)
+            + len(needle)
+            + len(self.question)
+            + 2 * len(self.nl)
+            + len(answer)
+            + len(self.period)
+        )
 
-    def prompt(self, length: int, depth: float, key: str, filler: str, rng: np.random.Generator) -> str:
+    def prompt(
+        self, length: int, depth: float, key: str, filler: str, rng: np.random.Generator
+    ) -> str:
         """The prompt text (without <s>, which the tokenizer adds) of a document of `length` tokens:
         prompt plus answer fit in `length` positions. Greedy decoding should continue with " {key}"."""
         doc = self.build(length, depth, key, filler, rng)
         return self.tok.decode(doc.prompt_ids[1:].tolist(), skip_special_tokens=False)
 
-    def _filler(self, budget: int, depth: float, filler: str,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _filler(
+        self, budget: int, depth: float, filler: str, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         if filler == "code":
             if self.code is None:
                 raise ValueError("code filler needs a token stream")
@@ -200,8 +295,14 @@ class Needle:
     prompt: str  # text without <s>; greedy decoding should continue with " {key}"
 
 
-def eval_needles(builder: PasskeyBuilder, lengths: list[int], depths: list[float], samples: int, filler: str,
-                 seed: int = EVAL_SEED) -> list[Needle]:
+def eval_needles(
+    builder: PasskeyBuilder,
+    lengths: list[int],
+    depths: list[float],
+    samples: int,
+    filler: str,
+    seed: int = EVAL_SEED,
+) -> list[Needle]:
     """The prompts of an evaluation grid, `samples` per (length, depth) cell, in a fixed order: the
     engine's `omniserve eval niah` and the training code's reference numbers use these same prompts."""
     rng = np.random.default_rng(seed)

@@ -40,7 +40,9 @@ NIAH_SAMPLES = 2
 NIAH_FILLER = "sentences"  # `omniserve eval niah`'s default
 
 
-def write_heldout(directory: Path, files: list[SourceFile], max_bytes: int = HELDOUT_MAX_BYTES) -> dict:
+def write_heldout(
+    directory: Path, files: list[SourceFile], max_bytes: int = HELDOUT_MAX_BYTES
+) -> dict:
     """Whole held-out files, in the given order, while they fit in `max_bytes`, one blank line
     between files. Returns what was written (files, bytes, their paths)."""
     parts, paths, total = [], [], 0
@@ -57,26 +59,48 @@ def write_heldout(directory: Path, files: list[SourceFile], max_bytes: int = HEL
 
 
 @torch.no_grad()
-def reference_perplexity(model: LlamaLM, tok: Tokenizer, text: str, seq_len: int = PPL_SEQ_LEN,
-                         max_windows: int | None = PPL_MAX_WINDOWS, batch: int = 4) -> dict:
+def reference_perplexity(
+    model: LlamaLM,
+    tok: Tokenizer,
+    text: str,
+    seq_len: int = PPL_SEQ_LEN,
+    max_windows: int | None = PPL_MAX_WINDOWS,
+    batch: int = 4,
+) -> dict:
     """`omniserve eval ppl`'s number: mean NLL of every window token after the leading <s>."""
     device = next(model.parameters()).device
-    windows = text_windows(tok.encode(text, add_special_tokens=False).ids, seq_len, BOS_ID, max_windows)
+    windows = text_windows(
+        tok.encode(text, add_special_tokens=False).ids, seq_len, BOS_ID, max_windows
+    )
     total, count = 0.0, 0
     for first in range(0, len(windows), batch):
         ids = torch.tensor(windows[first : first + batch], device=device)
         logits = model.logits(model(ids[:, :-1])).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+        ).item()
         count += ids[:, 1:].numel()
     nll = total / count
-    return {"seq_len": seq_len, "max_windows": max_windows, "windows": len(windows), "tokens_scored": count,
-            "mean_nll": nll, "perplexity": math.exp(nll)}
+    return {
+        "seq_len": seq_len,
+        "max_windows": max_windows,
+        "windows": len(windows),
+        "tokens_scored": count,
+        "mean_nll": nll,
+        "perplexity": math.exp(nll),
+    }
 
 
 @torch.no_grad()
-def reference_niah(model: LlamaLM, tok: Tokenizer, lengths: tuple[int, ...] = NIAH_LENGTHS,
-                   depths: tuple[float, ...] = NIAH_DEPTHS, samples: int = NIAH_SAMPLES,
-                   filler: str = NIAH_FILLER, seed: int = EVAL_SEED) -> dict:
+def reference_niah(
+    model: LlamaLM,
+    tok: Tokenizer,
+    lengths: tuple[int, ...] = NIAH_LENGTHS,
+    depths: tuple[float, ...] = NIAH_DEPTHS,
+    samples: int = NIAH_SAMPLES,
+    filler: str = NIAH_FILLER,
+    seed: int = EVAL_SEED,
+) -> dict:
     """`omniserve eval niah`'s numbers: greedy completions of the same prompts, scored the same way."""
     needles = eval_needles(PasskeyBuilder(tok), list(lengths), list(depths), samples, filler, seed)
     hits = [[0] * len(depths) for _ in lengths]
@@ -85,11 +109,20 @@ def reference_niah(model: LlamaLM, tok: Tokenizer, lengths: tuple[int, ...] = NI
         hits[needle.length_index][needle.depth_index] += retrieved(completion, needle.key)
     accuracy = [[round(h / samples, 4) for h in row] for row in hits]
     overall = sum(map(sum, hits)) / (samples * len(lengths) * len(depths))
-    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "filler": filler, "seed": seed,
-            "accuracy": accuracy, "overall": overall}
+    return {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "samples": samples,
+        "filler": filler,
+        "seed": seed,
+        "accuracy": accuracy,
+        "overall": overall,
+    }
 
 
-def compute_reference(directory: Path, device: torch.device, niah_lengths: tuple[int, ...] = NIAH_LENGTHS) -> dict:
+def compute_reference(
+    directory: Path, device: torch.device, niah_lengths: tuple[int, ...] = NIAH_LENGTHS
+) -> dict:
     """Both reference numbers of the model in `directory`, written to its `eval_reference.json`."""
     t0 = time.perf_counter()
     model = load_exported(directory, device, torch.float32)
@@ -102,7 +135,9 @@ def compute_reference(directory: Path, device: torch.device, niah_lengths: tuple
         "computed_with": {
             "code": "omniserve.training.reference (the training model code, not the engine)",
             "dtype": "float32 (the fp16 weights upcast)",
-            "device": str(device), "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "device": str(device),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
         },
         "perplexity": {"data": HELDOUT_FILE, **reference_perplexity(model, tok, text)},
         "niah": reference_niah(model, tok, niah_lengths),
@@ -113,7 +148,9 @@ def compute_reference(directory: Path, device: torch.device, niah_lengths: tuple
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", type=Path, help="model directory with heldout.txt")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)

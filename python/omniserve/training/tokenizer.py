@@ -20,7 +20,10 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # order of `special_tokens` in the trainer bel
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -43,7 +46,9 @@ def encode_plain(tok: Tokenizer, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 
-def encode_documents(tok: Tokenizer, texts: Sequence[str], chunk_chars: int = 16_000_000) -> np.ndarray:
+def encode_documents(
+    tok: Tokenizer, texts: Sequence[str], chunk_chars: int = 16_000_000
+) -> np.ndarray:
     """`<s> text </s>` for each text, concatenated (the batch encode runs on all cores).
 
     Texts go to the tokenizer in chunks of about `chunk_chars` characters: each `Encoding` keeps its
@@ -79,8 +84,14 @@ def save_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) -> No
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for i, t in enumerate((PAD, BOS, EOS))
         },
     }

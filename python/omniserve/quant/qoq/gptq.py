@@ -38,9 +38,7 @@ def gptq_codes(
     w[:, dead] = 0.0
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     # Upper Cholesky factor of H⁻¹: row i holds the updates quantizing column i implies.
-    hinv = torch.linalg.cholesky(
-        torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True
-    )
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes: torch.Tensor | None = None
     for start in range(0, k, block):
         end = min(start + block, k)

@@ -32,7 +32,7 @@ from omniserve.models.loader import load_hf_config
 from omniserve.quant.checkpoint import CONFIG_FILE
 
 # Decoder-layer tensor names, relative to `model.layers.{i}.`.
-Q, K, V, O = (f"self_attn.{p}_proj" for p in "qkvo")
+Q, K, V, O = (f"self_attn.{p}_proj" for p in "qkvo")  # noqa: E741 (the paper's names)
 GATE, UP, DOWN = (f"mlp.{p}_proj" for p in ("gate", "up", "down"))
 PROJECTIONS = (Q, K, V, O, GATE, UP, DOWN)
 INPUT_NORM, POST_NORM = "input_layernorm.weight", "post_attention_layernorm.weight"
@@ -152,7 +152,9 @@ class SourceModel:
             required += [f"model.layers.{i}.{p}.weight" for p in PROJECTIONS]
         missing = [n for n in required if n not in self._files]
         if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            shown = ", ".join(missing[:8]) + (
+                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            )
             raise CheckpointError(f"{self.path}: missing tensors: {shown}")
 
 
@@ -218,4 +220,3 @@ def _attention_mask(seq: int, window: int | None, device: torch.device) -> torch
     distance = torch.arange(seq, device=device)[:, None] - torch.arange(seq, device=device)[None]
     allowed = distance >= 0
     return allowed if window is None else allowed & (distance < window)
-

@@ -120,8 +120,13 @@ class QoQOptions:
     def rtn(cls) -> QoQOptions:
         """Every transform off: plain round-to-nearest."""
         return cls(
-            rotation=False, smooth_down=False, smooth_out=False, smooth_attention=False,
-            clip=False, reorder=False, gptq=False,
+            rotation=False,
+            smooth_down=False,
+            smooth_out=False,
+            smooth_attention=False,
+            clip=False,
+            reorder=False,
+            gptq=False,
         )
 
     def __post_init__(self) -> None:
@@ -202,7 +207,11 @@ class _Quantizer:
         self.device = device
         self.geometry: Geometry = source.geometry
         self.errors: dict[str, float] = {}
-        self.choices: dict[str, dict[int, Any]] = {"smooth_down": {}, "smooth_out": {}, "reorder": {}}
+        self.choices: dict[str, dict[int, Any]] = {
+            "smooth_down": {},
+            "smooth_out": {},
+            "reorder": {},
+        }
         vocab = int(source.config.vocab_size)
         if int(calibration.ids.max()) >= vocab:
             raise ConfigError(
@@ -210,8 +219,7 @@ class _Quantizer:
                 f"vocabulary of {vocab}: was the calibration set tokenized for another model?"
             )
         self.rotation = (
-            random_rotation(self.geometry.hidden, options.rotation_seed)
-            .to(device, torch.float32)
+            random_rotation(self.geometry.hidden, options.rotation_seed).to(device, torch.float32)
             if options.rotation
             else None
         )
@@ -235,26 +243,39 @@ class _Quantizer:
             "smooth_down": self._smooth_recipe(o.smooth_down, "smooth_down", "up_proj"),
             "smooth_out": self._smooth_recipe(o.smooth_out, "smooth_out", "v_proj"),
             "clip": (
-                {"objective": "output_mse", "granularity": "per_channel",
-                 "grid": [round(r, 6) for r in self.clip_ratios]}
+                {
+                    "objective": "output_mse",
+                    "granularity": "per_channel",
+                    "grid": [round(r, 6) for r in self.clip_ratios],
+                }
                 if o.clip
                 else None
             ),
             "reorder": (
-                {"metric": "input_absmax", "linears": "down_proj",
-                 "layers": sorted(i for i, kept in self.choices["reorder"].items() if kept)}
+                {
+                    "metric": "input_absmax",
+                    "linears": "down_proj",
+                    "layers": sorted(i for i, kept in self.choices["reorder"].items() if kept),
+                }
                 if self.reorder_enabled
                 else None
             ),
             "gptq": (
-                {"damp": o.gptq_damp, "block": o.gptq_block, "grid": "rtn_static_groups",
-                 "act_order": False}
+                {
+                    "damp": o.gptq_damp,
+                    "block": o.gptq_block,
+                    "grid": "rtn_static_groups",
+                    "act_order": False,
+                }
                 if o.gptq
                 else None
             ),
             "kv_cache": (
-                {"granularity": PER_TENSOR, "scale": "absmax / 127 of the transformed layer's "
-                 "post-RoPE keys and values over the calibration set"}
+                {
+                    "granularity": PER_TENSOR,
+                    "scale": "absmax / 127 of the transformed layer's "
+                    "post-RoPE keys and values over the calibration set",
+                }
                 if self.kv_absmax is not None
                 else {"granularity": PER_TOKEN_HEAD, "scale": "dynamic"}
             ),
@@ -339,7 +360,9 @@ class _Quantizer:
         with torch.no_grad():
             for start in range(0, x.shape[0], self.opts.batch_size):
                 end = start + self.opts.batch_size
-                out[start:end] = layer_forward(self.geometry, index, layer, x[start:end], rope, stats)
+                out[start:end] = layer_forward(
+                    self.geometry, index, layer, x[start:end], rope, stats
+                )
             self._transform(index, layer, stats)
             if self.kv_absmax is not None:
                 self.kv_absmax.append(self._kv_absmax(index, layer, x, rope))
@@ -350,7 +373,10 @@ class _Quantizer:
                 rows_hat = runtime_input(rows, self.precision)
                 for proj in readers:
                     quantized[proj] = self._quantize(
-                        f"model.layers.{index}.{proj}", layer[f"{proj}.weight"], rows, rows_hat,
+                        f"model.layers.{index}.{proj}",
+                        layer[f"{proj}.weight"],
+                        rows,
+                        rows_hat,
                         p.hessian,
                     )
         return out, quantized
@@ -384,8 +410,13 @@ class _Quantizer:
         if self.opts.smooth_down:
             down = points[DOWN_INPUT]
             scale = self._search_smoothing(
-                "smooth_down", index, layer[f"{DOWN}.weight"], down.rows(), down.absmax,
-                down_weight_absmax(layer), lambda s: s,
+                "smooth_down",
+                index,
+                layer[f"{DOWN}.weight"],
+                down.rows(),
+                down.absmax,
+                down_weight_absmax(layer),
+                lambda s: s,
             )
             if scale is not None:
                 fold_down(layer, scale)
@@ -394,8 +425,12 @@ class _Quantizer:
             o = points[O_INPUT]
             assert o.absmax is not None
             kv_scale = self._search_smoothing(
-                "smooth_out", index, layer[f"{O}.weight"], o.rows(),
-                query_to_kv_max(o.absmax, g), out_weight_absmax(layer, g),
+                "smooth_out",
+                index,
+                layer[f"{O}.weight"],
+                o.rows(),
+                query_to_kv_max(o.absmax, g),
+                out_weight_absmax(layer, g),
                 lambda s: kv_to_query_channels(s, g),
             )
             if kv_scale is not None:
@@ -482,4 +517,3 @@ def _divide_inputs(point: PointStatistics, scale: torch.Tensor) -> None:
     point.absmax = point.absmax / scale
     if point.hessian is not None:
         point.hessian = point.hessian / scale.unsqueeze(0) / scale.unsqueeze(1)
-

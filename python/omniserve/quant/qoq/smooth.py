@@ -27,7 +27,9 @@ MIN_STAT = 1e-5
 """Floor of activation and weight maxima, so that a dead channel gets a finite scale."""
 
 
-def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+def smoothing_scale(
+    act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """s = max|X|^α / max|W|^(1−α) per input channel (both [K])."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
