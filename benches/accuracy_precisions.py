@@ -26,9 +26,9 @@ import torch
 from omniserve.engine.engine import Engine, bundled_model_path
 from omniserve.eval.niah import run_niah
 from omniserve.eval.perplexity import perplexity, read_text
-from omniserve.quant.precision import PER_CHANNEL, parse
-from omniserve.quant.qoq import QoQOptions, load_calibration, quantize_checkpoint
-from omniserve.quant.rtn_model import write_rtn_checkpoint
+from omniserve.formats.precision import PER_CHANNEL, parse
+from omniserve.quantize.qoq import QoQOptions, load_calibration, quantize_checkpoint
+from omniserve.quantize.rtn_model import write_rtn_checkpoint
 from omniserve.training.corpus import load_corpus, stdlib_dir
 
 ROWS: tuple[tuple[str, int], ...] = (

@@ -1,4 +1,4 @@
-// Per-token int8 quantization of activations (+ code sums): omniserve.quant.activation.
+// Per-token int8 quantization of activations (+ code sums): omniserve.formats.activation.
 // quantize_per_token.
 #include "common/act_quant.cuh"
 

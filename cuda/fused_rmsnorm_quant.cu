@@ -1,4 +1,4 @@
-// RMSNorm then per-token int8 quantization (+ code sums): omniserve.quant.activation.
+// RMSNorm then per-token int8 quantization (+ code sums): omniserve.formats.activation.
 // rmsnorm_quant, and the same fused with the residual add before it (add_rmsnorm_quant).
 // y = w * (T)(h * rsqrt(mean(h²) + eps)), with the roundings of layers/norm.py, of h = x, or of
 // h = (T)(x + delta) (torch's add, rounded once to T) which is also written out as the residual.

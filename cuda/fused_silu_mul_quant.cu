@@ -1,5 +1,5 @@
 // silu(gate) * up of the fused gate_up projection, then per-token int8 quantization (+ code
-// sums): omniserve.quant.activation.silu_mul_quant. silu is rounded to the activation dtype
+// sums): omniserve.formats.activation.silu_mul_quant. silu is rounded to the activation dtype
 // before the product, as torch's two ops (F.silu, then *) round.
 #include "common/act_quant.cuh"
 #include "common/check.h"

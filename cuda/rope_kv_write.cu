@@ -5,9 +5,9 @@
 //     (layers/rotary.apply_rotary: y1 = x1·cos − x2·sin, y2 = x2·cos + x1·sin on the two halves of
 //     head_dim, every product and sum rounded to the compute dtype, as each torch op rounds);
 //   K and V cache rows write_index[h, t] <- k_rot[t, h], v[t, h], in the cache's format (KVFormat):
-//     values in the compute dtype; quant/kv.quantize_kv codes (uint8; KV4 packs channel pairs,
+//     values in the compute dtype; formats/kv.quantize_kv codes (uint8; KV4 packs channel pairs,
 //     even channel in the low nibble) with an fp16 (scale, zero) per row; or per-tensor static
-//     KV8, quant/kv.quantize_kv_static int8 codes under the cache's one fp32 scale, which the
+//     KV8, formats/kv.quantize_kv_static int8 codes under the cache's one fp32 scale, which the
 //     kernel reads from device memory (no host sync, so the launch can be captured in a graph);
 //   k_out, v_out = what reads of those rows return (dequantize_kv or dequantize_kv_static of the
 //     stored codes; a dense cache returns k_rot and v themselves), which prefill attention
@@ -46,8 +46,8 @@
 namespace omniserve {
 namespace {
 
-constexpr float kMinKVScale = 6.103515625e-05f;  // 2^-14, quant/kv.py's scale floor
-constexpr float kStaticKVQMax = 127.f;            // quant/kv.STATIC_KV_QMAX
+constexpr float kMinKVScale = 6.103515625e-05f;  // 2^-14, formats/kv.py's scale floor
+constexpr float kStaticKVQMax = 127.f;            // formats/kv.STATIC_KV_QMAX
 constexpr int kWarpsPerBlock = 4;
 
 template <typename T, int N>

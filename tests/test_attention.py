@@ -40,7 +40,7 @@ def test_paged_attention_matches_dense_reference(
     torch.manual_seed(0)
     spec = KVCacheSpec(1, PAGE_SIZE, num_kv_heads, HEAD_DIM, torch.float32)
     cache = KVCache(spec, NUM_PAGES, max_num_seqs=6, max_pages_per_seq=8, device=CPU)
-    layer = PagedAttention(num_heads, num_kv_heads, HEAD_DIM, window)
+    layer = PagedAttention(num_heads, num_kv_heads, HEAD_DIM, window, fused_rope_kv=False)
     cache.bind([layer])
     # A budget of 24 slots splits the decode batch into several groups (one per long request).
     inputs = StepInputBuilder(cache, frozenset({window}), 6, 128, gather_budget, CPU)

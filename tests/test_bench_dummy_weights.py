@@ -14,24 +14,26 @@ from omniserve.bench.throughput import preset_config
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import Engine
 from omniserve.errors import CheckpointError
-from omniserve.kernels.build import kernels_available
-from omniserve.layers.norm import RMSNorm
-from omniserve.layers.quantized_linear import QuantizedLinear
-from omniserve.models.loader import (
-    DUMMY_INIT_STD,
-    load_hf_config,
-    load_model,
-    quantized_slots,
-)
-from omniserve.quant.packing import unpack_w4
-from omniserve.quant.precision import parse
-from omniserve.quant.weight import (
+from omniserve.formats.packing import unpack_w4
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import (
     PROTECTIVE_QMAX,
     W8_QMAX,
     W4A8PerChannelWeight,
     W4A8PerGroupWeight,
     W8A8Weight,
     weight_format,
+)
+from omniserve.kernels import dispatch
+from omniserve.kernels.build import kernels_available
+from omniserve.layers.norm import RMSNorm
+from omniserve.layers.quantized_linear import QuantizedLinear
+from omniserve.models.llama import kernel_shape
+from omniserve.models.loader import (
+    DUMMY_INIT_STD,
+    load_hf_config,
+    load_model,
+    quantized_slots,
 )
 from omniserve.sampling_params import SamplingParams
 
@@ -131,7 +133,7 @@ def test_dummy_quantized_weights_are_rtn_in_the_precision_format(
         deq = w.dequantize()
         assert abs(deq.std().item() / DUMMY_INIT_STD - 1) < 0.1, name
         assert abs(deq.mean().item()) < 0.1 * DUMMY_INIT_STD, name
-        # RTN puts each row's extremes at the ends of the code range (quant/weight.py).
+        # RTN puts each row's extremes at the ends of the code range (formats/weight.py).
         if isinstance(w, W8A8Weight):
             assert (w.weight.abs().amax(1) == W8_QMAX).all(), name
         elif isinstance(w, W4A8PerChannelWeight):
@@ -168,13 +170,21 @@ def test_llama3_8b_dummy_quantized_on_gpu(tmp_path: Path, precision: str, group_
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
+    hf_config, p = load_hf_config(str(directory)), parse(precision, group_size)
+    kernels = dispatch.decide(
+        device=device,
+        dtype=torch.bfloat16,
+        attention_backend="auto",
+        shape=kernel_shape(hf_config, p),
+    )
     model = load_model(
         str(directory),
-        load_hf_config(str(directory)),
+        hf_config,
         device=device,
         dtype=torch.bfloat16,
         max_positions=8192,
-        precision=parse(precision, group_size),
+        kernels=kernels,
+        precision=p,
         dummy_seed=0,
     ).model
     torch.cuda.synchronize(device)
@@ -184,4 +194,5 @@ def test_llama3_8b_dummy_quantized_on_gpu(tmp_path: Path, precision: str, group_
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(linears) == 4 * 32  # qkv (fused), o_proj, gate/up (fused), down_proj per layer
     if kernels_available(device):
+        assert all(choice.kernel for choice in kernels.gemm.values())
         assert all(m.uses_kernels and m.packed is not None for m in linears)

@@ -2,7 +2,7 @@
 cache rows, and the engine with the kernel against its torch attention path, on the GPU.
 
 The reference gathers each request's rows through its page table and attends in fp32 to the
-exactly dequantized K/V (`quant/kv.py`), which is the math of `PagedAttention`'s decode path
+exactly dequantized K/V (`formats/kv.py`), which is the math of `PagedAttention`'s decode path
 without its rounding of K/V and probabilities to the compute dtype."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch
 
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
-from omniserve.kernels import attention as kernel
-from omniserve.quant.kv import (
+from omniserve.formats.kv import (
     dequantize_kv,
     dequantize_kv_static,
     quantize_kv,
     quantize_kv_static,
 )
+from omniserve.kernels import attention as kernel
 from omniserve.runner.kv_cache import StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
 from teacher_forcing import assert_engines_agree
@@ -251,12 +251,12 @@ def test_bad_inputs_are_named() -> None:
         ops.decode_attention(case.q, k8, v8, None, None, ks.half(), vs.half(), *args)
 
 
-def test_supports() -> None:
-    assert kernel.supports(32, 8, 128, torch.bfloat16)
-    assert kernel.supports(4, 4, 64, torch.float16)
-    assert not kernel.supports(28, 4, 128, torch.bfloat16)  # 7 query heads per KV head
-    assert not kernel.supports(4, 2, 32, torch.float16)
-    assert not kernel.supports(4, 2, 64, torch.float32)
+def test_unsupported() -> None:
+    assert kernel.unsupported(32, 8, 128, torch.bfloat16) is None
+    assert kernel.unsupported(4, 4, 64, torch.float16) is None
+    assert "28 query heads over 4 KV heads" in str(kernel.unsupported(28, 4, 128, torch.bfloat16))
+    assert "head_dim 32" in str(kernel.unsupported(4, 2, 32, torch.float16))
+    assert "torch.float32" in str(kernel.unsupported(4, 2, 64, torch.float32))
 
 
 ENGINE_KV_DTYPES = ["auto", "int8", "int4"]

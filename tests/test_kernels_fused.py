@@ -1,5 +1,5 @@
 """Fused activation-quantization kernels (cuda/fused_*.cu) against their torch references
-(quant/activation.py) on the GPU: per-token int8 quantization and SiLU·mul + quant give equal codes,
+(formats/activation.py) on the GPU: per-token int8 quantization and SiLU·mul + quant give equal codes,
 scales and sums; RMSNorm + quant may move a code by one where its fp32 sum of squares, reduced in
 another order than torch's, rounds a normalized value differently (bounded below). The residual
 add fused before RMSNorm + quant gives torch's sum bit for bit, and then exactly what the unfused
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from omniserve.formats import activation
+from omniserve.formats.activation import QuantizedActivation
 from omniserve.kernels import fused
 from omniserve.layers.norm import RMSNorm
-from omniserve.quant import activation
-from omniserve.quant.activation import QuantizedActivation
 
 pytestmark = pytest.mark.gpu
 
@@ -98,7 +98,10 @@ def _assert_rmsnorm_quant_close(
 def test_rmsnorm_quant_matches_reference(tokens: int, hidden: int, dtype: torch.dtype) -> None:
     x = _activations(tokens, hidden, dtype, seed=7 * tokens + hidden)
     norm = _norm(hidden, dtype)
-    got, want = fused.rmsnorm_quant(x, norm), activation.rmsnorm_quant(x, norm)
+    got, want = (
+        fused.rmsnorm_quant(x, norm.weight, norm.eps),
+        activation.rmsnorm_quant(x, norm.weight, norm.eps),
+    )
     _assert_rmsnorm_quant_close(got, want, norm(x))
 
 
@@ -111,13 +114,13 @@ def test_add_rmsnorm_quant_matches_reference(tokens: int, hidden: int, dtype: to
     if tokens > 1:
         delta[-1] = -x[-1]  # a row that cancels to zeros: the smallest scale, all codes zero
     norm = _norm(hidden, dtype)
-    residual, got = fused.add_rmsnorm_quant(x, delta, norm)
-    want_residual, want = activation.add_rmsnorm_quant(x, delta, norm)
+    residual, got = fused.add_rmsnorm_quant(x, delta, norm.weight, norm.eps)
+    want_residual, want = activation.add_rmsnorm_quant(x, delta, norm.weight, norm.eps)
     assert residual.dtype == dtype and residual.is_contiguous()
     assert torch.equal(residual, want_residual)
     _assert_rmsnorm_quant_close(got, want, norm(want_residual))
     # Bit for bit the unfused kernel's output for the sum: the engine's numbers did not change.
-    _assert_equal(got, fused.rmsnorm_quant(want_residual, norm))
+    _assert_equal(got, fused.rmsnorm_quant(want_residual, norm.weight, norm.eps))
     if tokens > 1:
         assert not got.q[-1].any() and got.scales[-1] == 2.0**-14 and got.sums[-1] == 0
 
@@ -128,9 +131,9 @@ def test_strided_rows_are_read_in_place() -> None:
     _assert_equal(fused.quantize_per_token(x), activation.quantize_per_token(x.contiguous()))
     delta = _activations(9, 2 * 4096, torch.bfloat16, seed=2)[:, 4096:]  # another row stride
     norm = _norm(4096, torch.bfloat16)
-    residual, got = fused.add_rmsnorm_quant(x, delta, norm)
+    residual, got = fused.add_rmsnorm_quant(x, delta, norm.weight, norm.eps)
     assert residual.is_contiguous() and torch.equal(residual, x + delta)
-    _assert_equal(got, fused.rmsnorm_quant(residual, norm))
+    _assert_equal(got, fused.rmsnorm_quant(residual, norm.weight, norm.eps))
 
 
 def test_bad_inputs_are_named() -> None:
@@ -165,5 +168,6 @@ def test_empty_batch() -> None:
     x = torch.empty(0, 64, device="cuda", dtype=torch.float16)
     got = fused.quantize_per_token(x)
     assert got.q.shape == (0, 64) and got.scales.shape == (0,) and got.sums.shape == (0,)
-    residual, got = fused.add_rmsnorm_quant(x, x, _norm(64, torch.float16))
+    norm = _norm(64, torch.float16)
+    residual, got = fused.add_rmsnorm_quant(x, x, norm.weight, norm.eps)
     assert residual.shape == (0, 64) and got.q.shape == (0, 64) and got.sums.shape == (0,)

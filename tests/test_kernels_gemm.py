@@ -1,4 +1,4 @@
-"""CUDA quantized GEMMs (kernels/gemm.py, cuda/gemm_*.cu) against the references of quant/gemm.py.
+"""CUDA quantized GEMMs (kernels/gemm.py, cuda/gemm_*.cu) against the references of formats/gemm.py.
 
 CPU (always run): the load-time repack is an exact bijection with the stored formats, its layout is
 the one the kernels read (an independent torch emulation of the kernels' fragment order, which must
@@ -21,15 +21,11 @@ import torch
 
 from omniserve import Engine, SamplingParams
 from omniserve.engine.engine import bundled_model_path
-from omniserve.kernels import gemm as gk
-from omniserve.kernels.gemm import KernelPath
-from omniserve.layers.quantized_linear import QuantizedLinear
-from omniserve.quant.activation import QuantizedActivation, quantize_per_token
-from omniserve.quant.gemm import int_matmul, quantized_linear
-from omniserve.quant.packing import unpack_w4
-from omniserve.quant.precision import parse
-from omniserve.quant.rtn_model import write_rtn_checkpoint
-from omniserve.quant.weight import (
+from omniserve.formats.activation import QuantizedActivation, quantize_per_token
+from omniserve.formats.gemm import int_matmul, quantized_linear
+from omniserve.formats.packing import unpack_w4
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import (
     QuantizedWeight,
     W4A8PerGroupWeight,
     W8A8Weight,
@@ -37,6 +33,11 @@ from omniserve.quant.weight import (
     quantize_w4a8_per_channel,
     quantize_w8a8,
 )
+from omniserve.kernels import gemm as gk
+from omniserve.kernels.gemm import KernelPath
+from omniserve.kernels.packed_weight import PackedWeight
+from omniserve.layers.quantized_linear import QuantizedLinear
+from omniserve.quantize.rtn_model import write_rtn_checkpoint
 from teacher_forcing import assert_engines_agree
 
 QUANTIZERS = {
@@ -93,7 +94,7 @@ def test_pack_round_trip_is_exact(fmt: str) -> None:
     assert _tensors_equal(gk.unpack(packed), w)
 
 
-def _emulate_kernel_accumulator(x_q: torch.Tensor, p: gk.PackedWeight) -> torch.Tensor:
+def _emulate_kernel_accumulator(x_q: torch.Tensor, p: PackedWeight) -> torch.Tensor:
     """Σ over the kernels' (K block, lane t, step s, half h, byte i) of A·B, each operand read
     where the kernels read it (module doc of kernels/gemm.py): int64 [M, N]."""
     n, k = p.shape
@@ -162,10 +163,10 @@ def test_bad_input_is_rejected() -> None:
         gk.pack(too_big)
     with pytest.raises(ValueError, match="cannot fuse"):
         gk.concat([gk.pack(_weight("w8a8", 8, 128, 0)), gk.pack(_weight("w8a8", 8, 256, 0))])
-    assert gk.supports((4096, 1024, 1024), 4096)
-    assert not gk.supports((4096, 1024, 1024 + 64), 4096)  # N not a multiple of 128
-    assert not gk.supports((124, 4), 4096)  # shards not packable
-    assert not gk.supports((4096,), 4096 + 64)
+    assert gk.unsupported((4096, 1024, 1024), 4096) is None
+    assert "[6208, 4096]" in str(gk.unsupported((4096, 1024, 1024 + 64), 4096))  # N % 128
+    assert "shards of N [124, 4]" in str(gk.unsupported((124, 4), 4096))  # not packable
+    assert "[4096, 4160]" in str(gk.unsupported((4096,), 4096 + 64))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +269,15 @@ def test_quantized_linear_fuses_shards_for_the_kernels(fmt: str) -> None:
     bias = torch.randn(sum(sizes))
     layers = {}
     for device in ("cpu", "cuda"):
-        layer = QuantizedLinear(k, sizes, type(shards[0]), bias=True, shard_names=("q", "k", "v"))
+        layer = QuantizedLinear(
+            k,
+            sizes,
+            type(shards[0]),
+            bias=True,
+            shard_names=("q", "k", "v"),
+            kernel=device == "cuda",
+            quantize=quantize_per_token,
+        )
         with torch.no_grad():
             layer.bias.copy_(bias)
         layer.to(device=device, dtype=dtype)

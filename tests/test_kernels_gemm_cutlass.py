@@ -3,7 +3,7 @@
 CPU (always run): where the CUTLASS headers are looked for and what is said when they are missing;
 which M the automatic dispatch sends to this path.
 GPU (`gpu` marker, and the CUTLASS headers installed): the expansion equals the integer core's B of
-`quant.gemm` exactly; outputs equal the reference epilogue rounded once to fp32/fp16/bf16 (same op
+`formats.gemm` exactly; outputs equal the reference epilogue rounded once to fp32/fp16/bf16 (same op
 order, no FMA contraction: asserted to one ulp, as for the other kernels) at M around and far above
 the dispatch threshold, on the Llama-3-8B and Llama-2-7B shapes; bad input is rejected.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from omniserve.formats.gemm import quantized_linear
 from omniserve.kernels import build, gemm_cutlass
 from omniserve.kernels import gemm as gk
-from omniserve.quant.gemm import quantized_linear
 from test_kernels_gemm import (
     FORMATS,
     LLAMA2_7B,

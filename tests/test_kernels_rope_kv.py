@@ -1,5 +1,6 @@
 """Fused RoPE + KV cache write (cuda/rope_kv_write.cu, kernels/rope_kv.py) against its reference,
-`apply_rotary` then the cache rows' torch `store`, and the attention layer's choice between them.
+`apply_rotary` then the cache rows' torch `store`, and the attention layer on either (the choice
+itself is kernels/dispatch.py's, tests/test_kernels_dispatch.py).
 
 GPU: everything the kernel produces is compared exactly, for every cache format (dense, per-row
 KV8/KV4, per-tensor static KV8). Rotated q and the returned k/v are compared bit for bit; the whole
@@ -11,23 +12,24 @@ with cos/sin from a real RotaryEmbedding at random positions, written to random 
 cache already holding other data. Static KV8 scales are calibrated below the step's largest
 magnitudes, so its largest values clamp, as values beyond calibration do in serving.
 
-CPU (CI): the layer takes the reference path, and a tiny model's logits equal, bit for bit, those
-of RoPE applied in the model before the layer stores and attends (the formulation before fusion).
+CPU (CI): the layer's reference path, and a tiny model's logits equal, bit for bit, those of RoPE
+applied in the model before the layer stores and attends (the formulation before fusion).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from omniserve.config import EngineConfig
-from omniserve.kernels import KernelUnavailableError, rope_kv
-from omniserve.layers.attention import AttentionMetadata, CacheRows, PagedAttention
+from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD, CacheRows, static_kv_scales
+from omniserve.kernels import KernelUnavailableError, dispatch, rope_kv
+from omniserve.layers.attention import AttentionMetadata, PagedAttention
 from omniserve.layers.rotary import RotaryEmbedding, apply_rotary
 from omniserve.models.llama import LlamaAttention
-from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_inputs import StepInputBuilder
@@ -102,7 +104,10 @@ def _calibrated(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _bound(cache: KVCache, heads: int) -> PagedAttention:
-    layer = PagedAttention(heads, cache.spec.num_kv_heads, cache.spec.head_dim, None)
+    """A layer bound to `cache`, for its rows (the tests call the kernel and the reference)."""
+    layer = PagedAttention(
+        heads, cache.spec.num_kv_heads, cache.spec.head_dim, None, fused_rope_kv=False
+    )
     cache.bind([layer])
     return layer
 
@@ -208,8 +213,7 @@ def _run_both(
     )
     got_layer, want_layer = _bound(got_cache, heads), _bound(want_cache, heads)
     index = _write_index(got_cache, tokens, seed)
-    assert rope_kv.applies(q, got_layer.k_cache, got_layer.v_cache)
-    got = rope_kv.rope_kv_write(q, k, v, rope, index, got_layer.k_cache, got_layer.v_cache)  # type: ignore[arg-type]
+    got = rope_kv.rope_kv_write(q, k, v, rope, index, got_layer.k_cache, got_layer.v_cache)
     want = _reference(q, k, v, rope, index, want_layer.k_cache, want_layer.v_cache)
     _assert_same(got, want, got_cache, want_cache)
     return got_cache.storage[0, :, index]
@@ -335,7 +339,6 @@ def test_static_rows_built_directly() -> None:
     (got_k, got_v), (want_k, want_v) = rows(), rows()
     index = torch.randperm(slots, generator=g, device="cuda")[:tokens]
     index = torch.arange(kv_heads, device="cuda")[:, None] * slots + index
-    assert rope_kv.applies(q, got_k, got_v)
     got = rope_kv.rope_kv_write(q, k, v, rope, index, got_k, got_v)
     _assert_same_outputs(got, _reference(q, k, v, rope, index, want_k, want_v))
     assert torch.equal(got_k.codes, want_k.codes) and torch.equal(got_v.codes, want_v.codes)
@@ -355,25 +358,10 @@ def test_empty_step() -> None:
         _rope(0, 64, torch.float16, 0),
         index,
         layer.k_cache,
-        layer.v_cache,  # type: ignore[arg-type]
+        layer.v_cache,
     )
     assert q_rot.shape == (0, 4, 64) and k_seen.shape == v_seen.shape == (0, 2, 64)
     assert torch.equal(cache.storage, before)
-
-
-@gpu
-def test_every_cache_format_takes_the_kernel_but_unsupported_shapes_do_not() -> None:
-    q = torch.zeros(3, 4, 64, dtype=torch.float16, device="cuda")
-    dense = _bound(_cache(2, 64, torch.float16, None, 16, seed=0), 4)
-    assert rope_kv.applies(q, dense.k_cache, dense.v_cache)
-    static = StaticInt8Rows(
-        torch.zeros(64, 64, dtype=torch.int8, device="cuda"),
-        torch.tensor(0.1, device="cuda"),
-        torch.float16,
-    )
-    assert rope_kv.applies(q, static, static)
-    assert not rope_kv.applies(q.float(), dense.k_cache, dense.v_cache)
-    assert not rope_kv.applies(q[..., :32], dense.k_cache, dense.v_cache)
 
 
 @gpu
@@ -511,7 +499,7 @@ def _cpu_step_layers(
             device=torch.device("cpu"),
             static_scales=scales,
         )
-        layer = PagedAttention(4, 2, 16, None)
+        layer = PagedAttention(4, 2, 16, None, fused_rope_kv=False)
         cache.bind([layer])
         inputs = StepInputBuilder(cache, frozenset({None}), 6, 128, 4096, torch.device("cpu"))
         layers.append((layer, cache, inputs))
@@ -521,7 +509,8 @@ def _cpu_step_layers(
 @pytest.mark.parametrize("fmt", KV_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_layer_rotates_then_stores(dtype: torch.dtype, fmt: int | str | None) -> None:
-    """On the CPU `rotate_and_attend` is `apply_rotary` then `forward`, which stores and attends:
+    """Without the fused kernel `rotate_and_attend` is `apply_rotary` then `forward`, which stores
+    and attends:
     equal outputs and caches over prefill, chunked prefill and decode steps, and hooks on the
     layer see the rotated q and k."""
     layers, reqs = _cpu_step_layers(dtype, fmt)
@@ -537,7 +526,6 @@ def test_cpu_layer_rotates_then_stores(dtype: torch.dtype, fmt: int | str | None
         t = plan.num_tokens
         q = torch.randn(t, 4, 16, generator=g).to(dtype)
         k, v = (torch.randn(t, 2, 16, generator=g).to(dtype) for _ in range(2))
-        assert not rope_kv.applies(q, fused.k_cache, fused.v_cache)
         got = fused.rotate_and_attend(q, k, v, rope, step_inputs.attn)
         q_rot, k_rot = apply_rotary(q, *rope), apply_rotary(k, *rope)
         want = plain(q_rot, k_rot, v, plain_inputs.build(plan).attn)
@@ -627,10 +615,19 @@ def test_gpu_model_logits_equal_the_torch_path(
     calls = []
     real_write = rope_kv.rope_kv_write
     monkeypatch.setattr(rope_kv, "rope_kv_write", lambda *a: calls.append(1) or real_write(*a))
-    got = _logits_over_steps(_runner(directory, **options))
+    runner = _runner(directory, **options)
+    assert runner.kernels.rope_kv.kernel and runner.kernels.decode_attention.kernel
+    got = _logits_over_steps(runner)
     assert calls, "the fused kernel was not used"
-    monkeypatch.setattr(rope_kv, "applies", lambda *_: False)
+    real_decide = dispatch.decide  # the same choices but the reference RoPE + KV write
+    monkeypatch.setattr(
+        dispatch,
+        "decide",
+        lambda **kw: replace(real_decide(**kw), rope_kv=dispatch.reference("forced by the test")),
+    )
+    calls.clear()
     want = _logits_over_steps(_runner(directory, **options))
+    assert not calls
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
 
@@ -639,10 +636,9 @@ def test_gpu_model_logits_equal_the_torch_path(
 def test_kernel_without_cuda_says_why() -> None:
     q = torch.zeros(1, 4, 64, dtype=torch.float16)
     cache = KVCache(KVCacheSpec(1, PAGE_SIZE, 2, 64, torch.float16), 2, 1, 1, torch.device("cpu"))
-    layer = PagedAttention(4, 2, 64, None)
+    layer = PagedAttention(4, 2, 64, None, fused_rope_kv=False)
     cache.bind([layer])
-    assert not rope_kv.applies(q, layer.k_cache, layer.v_cache)
     rope = RotaryEmbedding(64, 16, ROPE).to(torch.float16)(torch.zeros(1, dtype=torch.long))
     index = torch.zeros(2, 1, dtype=torch.long)
     with pytest.raises(KernelUnavailableError, match="no CUDA device is visible"):
-        rope_kv.rope_kv_write(q, q[:, :2], q[:, :2], rope, index, layer.k_cache, layer.v_cache)  # type: ignore[arg-type]
+        rope_kv.rope_kv_write(q, q[:, :2], q[:, :2], rope, index, layer.k_cache, layer.v_cache)

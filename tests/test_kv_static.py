@@ -30,21 +30,21 @@ from safetensors.torch import load_file, save_file
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.layers.attention import PagedAttention
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     CONFIG_FILE,
     kv_scale_key,
     read_checkpoint,
     write_checkpoint,
 )
-from omniserve.quant.kv import (
+from omniserve.formats.kv import (
     PER_TENSOR,
     dequantize_kv_static,
     quantize_kv_static,
     static_kv_scales,
 )
-from omniserve.quant.kv_calibration import calibrate_kv_absmax
-from omniserve.quant.precision import parse
+from omniserve.formats.precision import parse
+from omniserve.layers.attention import PagedAttention
+from omniserve.quantize.kv_calibration import calibrate_kv_absmax
 from omniserve.runner.kv_cache import KVCacheSpec, StaticInt8Rows
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import (

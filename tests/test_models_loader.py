@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig
 
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError
+from omniserve.kernels import dispatch
+from omniserve.kernels.dispatch import KernelChoices
+from omniserve.models.llama import kernel_shape
 from omniserve.models.loader import load_hf_config, load_model
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests, hf_logits, save_checkpoint, tiny_config
@@ -37,12 +41,23 @@ def _last_logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
 
 
 def _load(directory: Path) -> None:
+    hf_config = load_hf_config(str(directory))
     load_model(
         str(directory),
-        load_hf_config(str(directory)),
+        hf_config,
         device=CPU,
         dtype=torch.float32,
         max_positions=64,
+        kernels=_cpu_kernels(hf_config),
+    )
+
+
+def _cpu_kernels(hf_config: PretrainedConfig) -> KernelChoices:
+    return dispatch.decide(
+        device=CPU,
+        dtype=torch.float32,
+        attention_backend="auto",
+        shape=kernel_shape(hf_config, None),
     )
 
 
@@ -108,8 +123,14 @@ def test_integer_tensor_is_named(single: Path, tmp_path: Path) -> None:
 def test_bf16_checkpoint_loads_into_fp32(single: Path, tmp_path: Path) -> None:
     tensors = load_file(single / "model.safetensors")
     half = _edited_copy(single, tmp_path / "bf16", {n: t.bfloat16() for n, t in tensors.items()})
+    hf_config = load_hf_config(str(half))
     model = load_model(
-        str(half), load_hf_config(str(half)), device=CPU, dtype=torch.float32, max_positions=64
+        str(half),
+        hf_config,
+        device=CPU,
+        dtype=torch.float32,
+        max_positions=64,
+        kernels=_cpu_kernels(hf_config),
     ).model
     expected = tensors["model.layers.0.self_attn.v_proj.weight"].bfloat16().float()
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight[-32:], expected)

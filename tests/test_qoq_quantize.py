@@ -26,13 +26,13 @@ from omniserve.cli.main import main
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import bundled_model_path
 from omniserve.eval.perplexity import perplexity
-from omniserve.quant.checkpoint import read_checkpoint
-from omniserve.quant.kv import static_kv_scales
-from omniserve.quant.kv_calibration import calibrate_kv_absmax
-from omniserve.quant.precision import parse
-from omniserve.quant.qoq import QoQOptions, load_calibration, quantize_checkpoint
-from omniserve.quant.qoq.quantizer import QoQReport
-from omniserve.quant.rtn_model import write_rtn_checkpoint
+from omniserve.formats.checkpoint import read_checkpoint
+from omniserve.formats.kv import static_kv_scales
+from omniserve.formats.precision import parse
+from omniserve.quantize.kv_calibration import calibrate_kv_absmax
+from omniserve.quantize.qoq import QoQOptions, load_calibration, quantize_checkpoint
+from omniserve.quantize.qoq.quantizer import QoQReport
+from omniserve.quantize.rtn_model import write_rtn_checkpoint
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests, save_servable
 

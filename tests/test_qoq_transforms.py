@@ -16,15 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omniserve.quant.precision import parse
-from omniserve.quant.qoq.clip import (
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import W4A8PerGroupWeight, quantize_weight, weight_grid
+from omniserve.quantize.qoq.clip import (
     channel_errors,
     clip_grid,
     runtime_input,
     search_clip,
 )
-from omniserve.quant.qoq.gptq import gptq_codes
-from omniserve.quant.qoq.model import (
+from omniserve.quantize.qoq.gptq import gptq_codes
+from omniserve.quantize.qoq.model import (
     DOWN_INPUT,
     EMBED,
     FINAL_NORM,
@@ -35,14 +36,14 @@ from omniserve.quant.qoq.model import (
     layer_forward,
     rope_tables,
 )
-from omniserve.quant.qoq.reorder import fold_down_permutation, salience_order
-from omniserve.quant.qoq.rotation import (
+from omniserve.quantize.qoq.reorder import fold_down_permutation, salience_order
+from omniserve.quantize.qoq.rotation import (
     fold_norm,
     hadamard,
     random_rotation,
     rotate_layer,
 )
-from omniserve.quant.qoq.smooth import (
+from omniserve.quantize.qoq.smooth import (
     down_weight_absmax,
     fold_down,
     fold_out,
@@ -52,7 +53,6 @@ from omniserve.quant.qoq.smooth import (
     smooth_attention_scale,
     smoothing_scale,
 )
-from omniserve.quant.weight import W4A8PerGroupWeight, quantize_weight, weight_grid
 from tiny_models import hf_logits, save_checkpoint
 
 CPU = torch.device("cpu")

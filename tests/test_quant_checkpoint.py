@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     read_checkpoint,
     write_checkpoint,
 )
-from omniserve.quant.precision import Precision, parse
-from omniserve.quant.weight import quantize_w8a8, quantize_weight
+from omniserve.formats.precision import Precision, parse
+from omniserve.formats.weight import quantize_w8a8, quantize_weight
 
 HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_hidden_layers": 1}
 LINEARS = {

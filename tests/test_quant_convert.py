@@ -1,6 +1,7 @@
 """`omniserve convert`: DeepCompressor fake-quant dumps → our checkpoint, exactly.
 
-Each dump is synthetic, built here with DeepCompressor's names, dtypes and shapes (study §4.3;
+Each dump is synthetic, built here with DeepCompressor's names, dtypes and shapes
+(docs/formats.md#deepcompressor-dumps;
 scales keep DeepCompressor's broadcast dims): random integer codes, zero points and scales, and
 model.pt's projections set to the fake-quant weights they define, rounded to fp16 as a dump is:
 
@@ -31,16 +32,16 @@ from omniserve import Engine, SamplingParams
 from omniserve.cli.main import main
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import read_checkpoint
-from omniserve.quant.convert_deepcompressor import (
+from omniserve.formats.checkpoint import read_checkpoint
+from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
+from omniserve.formats.packing import unpack_w4
+from omniserve.formats.precision import Precision, parse
+from omniserve.formats.weight import W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
+from omniserve.quantize.convert_deepcompressor import (
     convert_deepcompressor,
     kv_absmax_from_acts,
 )
-from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
-from omniserve.quant.packing import unpack_w4
-from omniserve.quant.precision import Precision, parse
-from omniserve.quant.rtn_model import is_quantized_projection
-from omniserve.quant.weight import W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
+from omniserve.quantize.rtn_model import is_quantized_projection
 from omniserve.runner.model_runner import ModelRunner
 from test_quant_engine import _first_step_errors
 from tiny_models import hf_greedy, hf_logits, save_servable

@@ -32,15 +32,15 @@ from safetensors.torch import load_file
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
+from omniserve.formats.checkpoint import read_checkpoint
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import quantize_weight
 from omniserve.layers.quantized_linear import QuantizedLinear
-from omniserve.quant.checkpoint import read_checkpoint
-from omniserve.quant.precision import parse
-from omniserve.quant.rtn_model import (
+from omniserve.quantize.rtn_model import (
     RECIPE,
     is_quantized_projection,
     write_rtn_checkpoint,
 )
-from omniserve.quant.weight import quantize_weight
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests, hf_logits, save_servable
 

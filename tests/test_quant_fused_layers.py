@@ -28,16 +28,16 @@ import pytest
 import torch
 
 from omniserve.config import EngineConfig
+from omniserve.formats.activation import QuantizedActivation
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import quantize_weight, weight_format
 from omniserve.kernels import fused
 from omniserve.kernels.build import kernels_available
-from omniserve.layers import quantized_linear
 from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.attention import AttentionMetadata
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.models import llama
-from omniserve.quant.precision import parse
-from omniserve.quant.rtn_model import write_rtn_checkpoint
-from omniserve.quant.weight import quantize_weight, weight_format
+from omniserve.quantize.rtn_model import write_rtn_checkpoint
 from omniserve.runner.model_runner import ModelRunner
 from tiny_models import PagedRequests, save_checkpoint
 
@@ -101,30 +101,32 @@ def _step_logits(runner: ModelRunner) -> list[torch.Tensor]:
 
 
 class _Spy:
-    """Wraps an op and records the device and dtype of each call's first argument."""
+    """Records the device and dtype of the first argument of each call to an op, whichever of its
+    implementations (kernel or reference) a model was built with."""
 
-    def __init__(self, op: Callable[..., Any]) -> None:
-        self.op = op
+    def __init__(self) -> None:
         self.calls: list[tuple[str, torch.dtype]] = []
 
-    def __call__(self, x: torch.Tensor, *args: Any) -> Any:
-        self.calls.append((x.device.type, x.dtype))
-        return self.op(x, *args)
+    def wrap(self, op: Callable[..., Any]) -> Callable[..., Any]:
+        def spied(x: torch.Tensor, *args: Any) -> Any:
+            self.calls.append((x.device.type, x.dtype))
+            return op(x, *args)
+
+        return spied
 
 
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
-    """Spies on the fused ops (the model binds them when built, so build after this) and on the
-    quantizer QuantizedLinear runs for float inputs."""
-    out = {
-        "rmsnorm_quant": _Spy(fused.rmsnorm_quant),
-        "add_rmsnorm_quant": _Spy(fused.add_rmsnorm_quant),
-        "silu_mul_quant": _Spy(fused.silu_mul_quant),
-        "quantize_per_token": _Spy(quantized_linear.quantize_per_token),
-    }
-    for name in ("rmsnorm_quant", "add_rmsnorm_quant", "silu_mul_quant"):
-        monkeypatch.setattr(fused, name, out[name])
-    monkeypatch.setattr(quantized_linear, "quantize_per_token", out["quantize_per_token"])
+    """Spies on the int8-activation ops the model is built with (so build after this): the fused
+    ops and the quantizer QuantizedLinear runs for float inputs."""
+    out = {name: _Spy() for name in fused.ActivationOps._fields}
+    chosen = fused.activation_ops
+
+    def spied_ops(kernel: bool) -> fused.ActivationOps:
+        ops = chosen(kernel)
+        return fused.ActivationOps(*(out[n].wrap(op) for n, op in zip(ops._fields, ops)))
+
+    monkeypatch.setattr(fused, "activation_ops", spied_ops)
     return out
 
 
@@ -133,7 +135,7 @@ def _unfused_runner(path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch) -> 
     (float outputs), and QuantizedLinear quantizes them with quantize_per_token."""
     float_ops = llama.projection_input_ops
     with monkeypatch.context() as patch:
-        patch.setattr(llama, "projection_input_ops", lambda fmt: float_ops(None))
+        patch.setattr(llama, "projection_input_ops", lambda fmt, ops: float_ops(None, ops))
         return _runner(path, "cpu", dtype)
 
 
@@ -257,12 +259,25 @@ K, SIZES = 256, (256, 128, 128)
 """A q/k/v-style layer whose N and K the GEMM kernels take."""
 
 
+def _quantize(device: str) -> Callable[[torch.Tensor], QuantizedActivation]:
+    """The per-token quantizer of bf16 activations on `device`: the kernel on CUDA."""
+    return fused.activation_ops(kernel=device == "cuda").quantize_per_token
+
+
 def _layer(precision: str, group_size: int, device: str) -> QuantizedLinear:
     if device == "cuda" and not kernels_available(torch.device("cuda")):
         pytest.skip("omniserve CUDA kernels unavailable")
     p = parse(precision, group_size)
     g = torch.Generator().manual_seed(0)
-    layer = QuantizedLinear(K, SIZES, weight_format(p), bias=True, shard_names=("q", "k", "v"))
+    layer = QuantizedLinear(
+        K,
+        SIZES,
+        weight_format(p),
+        bias=True,
+        shard_names=("q", "k", "v"),
+        kernel=device == "cuda",
+        quantize=_quantize(device),
+    )
     assert layer.dtype == torch.get_default_dtype()
     with torch.no_grad():
         layer.bias.copy_(torch.randn(sum(SIZES), generator=g))
@@ -285,7 +300,7 @@ def _activations(tokens: int, device: str) -> torch.Tensor:
 def test_quantized_input_equals_float_input(precision: str, group_size: int, device: str) -> None:
     layer = _layer(precision, group_size, device)
     x = _activations(9, device)
-    xq = fused.quantize_per_token(x)  # the quantizer forward(x) runs
+    xq = _quantize(device)(x)  # the quantizer forward(x) runs
     y = layer(x)
     assert y.dtype == torch.bfloat16 and y.shape == (9, sum(SIZES))
     # A quantized input has no float dtype to take: forward returns the layer's (the model's).
@@ -300,7 +315,7 @@ def test_quantized_input_equals_float_input(precision: str, group_size: int, dev
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantized_input_rejects_bad_activations(device: str) -> None:
     layer = _layer("w8a8", -1, device)
-    xq = fused.quantize_per_token(_activations(4, device))
+    xq = _quantize(device)(_activations(4, device))
     bad = [
         (xq._replace(q=xq.q[:, :128]), r"int8 of shape \[tokens, 256\], got .* \[4, 128\]"),
         (xq._replace(q=xq.q.float()), r"must be int8 .* got torch.float32 of shape \[4, 256\]"),
@@ -334,11 +349,11 @@ def test_cuda_model_with_fused_ops_near_cpu_reference(
         pytest.skip("omniserve CUDA kernels unavailable")
     path = _quantized(checkpoints["llama3_h128"], precision, group_size)
     runner = _runner(path, "cuda", "bfloat16")
+    assert runner.kernels.act_quant.kernel  # bf16 on CUDA: the kernels of kernels/fused.py
     layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 4 * NUM_LAYERS and all(m.uses_kernels for m in layers)
     _reset(spies)
     got = _step_logits(runner)
-    # CUDA bf16 inputs: kernels/fused.py runs its kernels for them (kernels are available).
     assert spies["rmsnorm_quant"].calls == [("cuda", torch.bfloat16)] * STEPS
     fused_adds = (2 * NUM_LAYERS - 1) * STEPS
     assert spies["add_rmsnorm_quant"].calls == [("cuda", torch.bfloat16)] * fused_adds

@@ -1,8 +1,8 @@
-"""Quantized KV cache (KV8/KV4, `quant/kv.py`): the format's error bound and packing, paged
+"""Quantized KV cache (KV8/KV4, `formats/kv.py`): the format's error bound and packing, paged
 attention against dense references, memory sizing, and the engine end to end.
 
 Tolerances (derived here, checked below):
-- Round trip: |x̂ − x| ≤ scale / 2 per element (round to nearest; `quant/kv.py` shows clamping never
+- Round trip: |x̂ − x| ≤ scale / 2 per element (round to nearest; `formats/kv.py` shows clamping never
   adds to it), plus fp32 arithmetic slack of 1e-4 scale.
 - Attention: with the cache's own dequantized K/V as input, paged attention equals the dense
   reference to fp32 rounding (1e-5): all of the error vs fp32 is the K/V rounding. That error, to
@@ -34,8 +34,7 @@ from omniserve import Engine, SamplingParams
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
 from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
-from omniserve.layers.attention import PagedAttention
-from omniserve.quant.kv import (
+from omniserve.formats.kv import (
     PER_TENSOR,
     PER_TOKEN_HEAD,
     dequantize_kv,
@@ -44,6 +43,7 @@ from omniserve.quant.kv import (
     row_params_or_scale,
     unpack_int4,
 )
+from omniserve.layers.attention import PagedAttention
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_inputs import StepInputBuilder
@@ -114,7 +114,7 @@ def test_paged_attention_over_a_quantized_cache(bits: int, window: int | None) -
     torch.manual_seed(bits)
     spec = KVCacheSpec(1, page_size, kv_heads, head_dim, torch.float32, kv_bits=bits)
     cache = KVCache(spec, num_pages, max_num_seqs=6, max_pages_per_seq=8, device=CPU)
-    layer = PagedAttention(heads, kv_heads, head_dim, window)
+    layer = PagedAttention(heads, kv_heads, head_dim, window, fused_rope_kv=False)
     cache.bind([layer])
     inputs = StepInputBuilder(cache, frozenset({window}), 6, 128, 24, CPU)
     reqs = PagedRequests(page_size, num_pages)
@@ -263,7 +263,8 @@ def test_quantized_tokens_do_not_depend_on_chunking_or_preemption(
 
 
 def test_bytes_per_page_include_scales_and_zeros() -> None:
-    """Llama-3-8B's shape (32 layers, 8 KV heads, head_dim 128, 64-token pages), study §3.2: a KV4
+    """Llama-3-8B's shape (32 layers, 8 KV heads, head_dim 128, 64-token pages), as QServe sizes
+    its pages (docs/formats.md#storage-in-the-cache): a KV4
     layer page is 32768 B of K codes + 2048 B of scales and zeros, and as much for V."""
 
     def page_bytes(dtype: torch.dtype, kv_bits: int | None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omniserve.quant.packing import (
+from omniserve.formats.packing import (
     pack_w4,
     permute_group_columns,
     unpack_w4,
@@ -26,7 +26,8 @@ def test_pack_round_trip(n: int, k: int) -> None:
 
 
 def test_byte_positions_match_qserve_description() -> None:
-    """Study §2.2: oc = a·16 + b·8 + c, ic = d·16 + e·4 + f; bytes ordered (tile, c, e, d, b, f);
+    """docs/formats.md#w4-packing: oc = a·16 + b·8 + c, ic = d·16 + e·4 + f; bytes ordered
+    (tile, c, e, d, b, f);
     low nibble a = 0, high nibble a = 1; tiles row-major [N/32][K/32], 512 bytes each."""
     n, k = 64, 96
     q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omniserve.errors import ConfigError
-from omniserve.quant.precision import PRECISION_CHOICES, Precision, parse
+from omniserve.formats.precision import PRECISION_CHOICES, Precision, parse
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Golden compatibility with QServe's `W4A8OF16LinearDynamicInputScale.from_linear`.
 
 `_qserve_from_linear` restates, step by step, how QServe's converter turns a fake-quantized weight
-and its scales/zeros into the zoo's tensors (study §2.2–2.4, §4.3): int8 division/rounding, the
+and its scales/zeros into the zoo's tensors (docs/formats.md#w4-packing,
+docs/formats.md#qserve-zoo-checkpoints): int8 division/rounding, the
 (N/32, 2, 2, 8, K/32, 2, 4, 4) reshape with its two permutes, int8 `(hi << 4) + lo` packing, and the
 (4, 8) → (8, 4) transpose of the g128 scale/zero columns. Our quantizers must produce the same
 bytes, and `linear_from_qserve` must load them.
@@ -13,10 +14,10 @@ import pytest
 import torch
 
 from omniserve.errors import CheckpointError
-from omniserve.quant.checkpoint import linear_from_qserve
-from omniserve.quant.packing import unpack_w4, unpermute_group_columns
-from omniserve.quant.precision import parse
-from omniserve.quant.weight import quantize_w4a8_g128, quantize_w4a8_per_channel
+from omniserve.formats.checkpoint import linear_from_qserve
+from omniserve.formats.packing import unpack_w4, unpermute_group_columns
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import quantize_w4a8_g128, quantize_w4a8_per_channel
 
 
 def _qserve_pack(q: torch.Tensor) -> torch.Tensor:

@@ -17,18 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omniserve.layers.norm import RMSNorm
-from omniserve.quant.activation import (
+from omniserve.formats.activation import (
     add_rmsnorm_quant,
     quantize_per_token,
     rmsnorm_quant,
     silu_mul_quant,
 )
-from omniserve.quant.gemm import int_matmul, quantized_linear
-from omniserve.quant.packing import unpack_w4, unpermute_group_columns
-from omniserve.quant.precision import parse
-from omniserve.quant.rtn import MIN_SCALE, fp16_ceil
-from omniserve.quant.weight import (
+from omniserve.formats.gemm import int_matmul, quantized_linear
+from omniserve.formats.packing import unpack_w4, unpermute_group_columns
+from omniserve.formats.precision import parse
+from omniserve.formats.rtn import MIN_SCALE, fp16_ceil
+from omniserve.formats.weight import (
     W4A8PerChannelWeight,
     W4A8PerGroupWeight,
     W8A8Weight,
@@ -37,6 +36,7 @@ from omniserve.quant.weight import (
     quantize_w8a8,
     quantize_weight,
 )
+from omniserve.layers.norm import RMSNorm
 
 U = 2.0**-24
 MS = [1, 7, 64, 255]
@@ -145,7 +145,7 @@ def test_rmsnorm_quant() -> None:
     x = _acts(7, 128, 3)
     norm = RMSNorm(128, 1e-5)
     norm.weight.data = torch.rand(128, generator=_gen(4)) + 0.5
-    qa = rmsnorm_quant(x, norm)
+    qa = rmsnorm_quant(x, norm.weight, norm.eps)
     y = norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     s = qa.scales.float().unsqueeze(1)
     assert bool(((y - qa.dequantize()).abs() <= s / 2 + 1e-5 * y.abs()).all())
@@ -156,12 +156,12 @@ def test_add_rmsnorm_quant_is_the_add_then_rmsnorm_quant(dtype: torch.dtype) -> 
     x, delta = _acts(7, 128, 5).to(dtype), _acts(7, 128, 6).to(dtype)
     norm = RMSNorm(128, 1e-5)
     norm.weight.data = (torch.rand(128, generator=_gen(7)) + 0.5).to(dtype)
-    residual, qa = add_rmsnorm_quant(x, delta, norm)
+    residual, qa = add_rmsnorm_quant(x, delta, norm.weight, norm.eps)
     # The exact sum rounded once to x's dtype: torch adds fp16/bf16 in fp32, whose 24 bits
     # (>= 2p + 2 for fp16's p = 11) make that double rounding equal to a single one.
     assert residual.dtype == dtype
     assert torch.equal(residual, (x.double() + delta.double()).to(dtype))
-    want = rmsnorm_quant(x + delta, norm)
+    want = rmsnorm_quant(x + delta, norm.weight, norm.eps)
     for got_part, want_part in zip(qa, want, strict=True):
         assert torch.equal(got_part, want_part)
 
@@ -169,9 +169,9 @@ def test_add_rmsnorm_quant_is_the_add_then_rmsnorm_quant(dtype: torch.dtype) -> 
 def test_add_rmsnorm_quant_rejects_mismatched_delta() -> None:
     x, norm = torch.zeros(4, 64), RMSNorm(64, 1e-5)
     with pytest.raises(ValueError, match=r"x's shape \(4, 64\) .* got \(1, 64\) torch.float32"):
-        add_rmsnorm_quant(x, torch.zeros(1, 64), norm)
+        add_rmsnorm_quant(x, torch.zeros(1, 64), norm.weight, norm.eps)
     with pytest.raises(ValueError, match=r"dtype torch.float32, got \(4, 64\) torch.bfloat16"):
-        add_rmsnorm_quant(x, torch.zeros(4, 64, dtype=torch.bfloat16), norm)
+        add_rmsnorm_quant(x, torch.zeros(4, 64, dtype=torch.bfloat16), norm.weight, norm.eps)
 
 
 def test_silu_mul_quant() -> None:

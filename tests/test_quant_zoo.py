@@ -1,6 +1,7 @@
 """QServe model-zoo checkpoints served directly by Engine.from_pretrained.
 
-Each zoo directory is built here as QServe's converters write one (study §4.3): the HF config.json,
+Each zoo directory is built here as QServe's converters write one
+(docs/formats.md#qserve-zoo-checkpoints): the HF config.json,
 the tokenizer, and a torch state dict whose quantized linears carry QServe's tensors, made by the
 restated QServe packer of test_quant_qserve_compat (`_qserve_from_linear`: int8 qweight in the
 compute-aware layout, permuted s2 columns) from the weights of one of our RTN checkpoints. The
@@ -19,17 +20,17 @@ import torch
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     CONFIG_FILE,
     kv_scale_key,
     read_checkpoint,
     write_checkpoint,
 )
-from omniserve.quant.packing import unpermute_group_columns
-from omniserve.quant.precision import parse
-from omniserve.quant.qserve_zoo import is_qserve_checkpoint
-from omniserve.quant.rtn_model import write_rtn_checkpoint
-from omniserve.quant.weight import W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
+from omniserve.formats.packing import unpermute_group_columns
+from omniserve.formats.precision import parse
+from omniserve.formats.qserve_zoo import is_qserve_checkpoint
+from omniserve.formats.weight import W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
+from omniserve.quantize.rtn_model import write_rtn_checkpoint
 from omniserve.runner.model_runner import ModelRunner
 from test_quant_qserve_compat import _qserve_from_linear
 from tiny_models import PagedRequests, save_servable

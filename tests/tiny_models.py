@@ -29,11 +29,11 @@ from transformers import (
     Qwen2Config,
 )
 
-from omniserve.quant.checkpoint import CONFIG_FILE, write_checkpoint
-from omniserve.quant.kv import static_kv_scales
-from omniserve.quant.kv_calibration import calibrate_kv_absmax
-from omniserve.quant.precision import parse
-from omniserve.quant.weight import QuantizedWeight, quantize_weight
+from omniserve.formats.checkpoint import CONFIG_FILE, write_checkpoint
+from omniserve.formats.kv import static_kv_scales
+from omniserve.formats.precision import parse
+from omniserve.formats.weight import QuantizedWeight, quantize_weight
+from omniserve.quantize.kv_calibration import calibrate_kv_absmax
 from omniserve.runner.step_plan import (
     FLAG_NEEDS_LOGITS,
     FLAG_NEW_ROW,
@@ -250,7 +250,7 @@ class PagedRequests:
         for count in num_new:
             qstart.append(qstart[-1] + count)
         i32 = torch.int32
-        return StepPlan(
+        return StepPlan.of(
             rows=torch.tensor(rows, dtype=i32),
             pos0=torch.tensor(pos0, dtype=i32),
             num_new=torch.tensor(num_new, dtype=i32),

@@ -1,5 +1,5 @@
 // Per-token symmetric int8 quantization of one row held in shared memory, the last stage of every
-// fused activation op (omniserve/quant/activation.py, quant/rtn.py):
+// fused activation op (omniserve/formats/activation.py, formats/rtn.py):
 //   s = fp16_ceil(max|y| / 127)    q = clamp(rint(y / s), -127, 127)    sum = Σ q
 // computed with IEEE division and round-half-to-even, so codes equal the torch reference's. The
 // fused ops differ only in how they produce y (in the activation dtype), so each is a "producer"

@@ -2,7 +2,7 @@
 // per layer, K and V rows [kv_heads * num_slots, head_dim] (row = head * num_slots + slot,
 // slot = page * page_size + offset), stored in the compute dtype, or as KV8 / KV4 codes
 // (uint8, KV4 = two channels per byte, low nibble = even channel) with an fp16 (scale, zero) per
-// row: x̂ = scale * (q - zero) (quant/kv.py), or as per-tensor static KV8: int8 codes under one
+// row: x̂ = scale * (q - zero) (formats/kv.py), or as per-tensor static KV8: int8 codes under one
 // fp32 scale per layer for K and one for V, x̂ = scale * q. The kernels read those codes flipped
 // to uint8 (q + 128, one XOR per four codes) with the row parameters (scale, 128), so that one
 // KV8 path serves both.

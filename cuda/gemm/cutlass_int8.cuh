@@ -159,9 +159,9 @@ size_t workspace_size(const Args& p) {
 
 }  // namespace detail
 
-// The configuration the engine runs. On the H100, GEMM alone, summed over Llama-3-8B's four
-// projections: 1240 / 1377 / 1189 TOPS at M = 1024 / 4096 / 16384, where ping-pong consumers on
-// 128 x 128 tiles reach 819 / 880 / 875 and cuBLAS `_int_mm` 830 / 926 / 929.
+// The configuration the engine runs: cooperative consumers on 256 x 128 tiles, chosen over
+// ping-pong consumers on 128 x 128 tiles, which were slower at every prefill-sized M measured on
+// the H100. Its times against cuBLAS `_int_mm` are in benches/results/h100-kernels-gemm.json.
 using DefaultConfig = detail::CooperativeConfig;
 
 template <Out O>

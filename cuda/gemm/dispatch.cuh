@@ -8,8 +8,10 @@
 namespace omniserve::gemm {
 
 // Auto: the memory-bound kernel up to M = 32, and up to kSmallMMax while the tensor-core grid
-// would fill under a third of the SMs (on an H200 at M = 64: 29 vs 59 µs for N = 4096,
-// K = 14336; 48 vs 83 µs for N = 28672, K = 4096 the other way); the tensor-core kernel above.
+// would fill under a third of the SMs (such a grid leaves most SMs idle, and the memory-bound
+// kernel, which splits K over its warps, is then faster; with a fuller grid the tensor-core kernel
+// is); the tensor-core kernel above. Retune by timing both paths:
+// `python -m omniserve.bench.kernels_gemm --paths small_m tensor_core`.
 inline bool small_m_wins(const GemmParams& p) {
   const int tensor_core_blocks = (p.m + kWgTokens - 1) / kWgTokens * (p.n / kBlockN);
   return p.m <= 32 || (p.m <= kSmallMMax && 3 * tensor_core_blocks < kWave);

@@ -1,5 +1,5 @@
 // Quantized GEMMs y[M, N] = epilogue(x_q[M, K] · B[N, K]ᵀ) for W8A8, W4A8 per-channel and W4A8 g128
-// (python/omniserve/quant/gemm.py is the specification; kernels/gemm.py packs the weights).
+// (python/omniserve/formats/gemm.py is the specification; kernels/gemm.py packs the weights).
 //
 // Both kernels (gemm/small_m.cuh, gemm/tensor_core.cuh) compute int8 x int8 → int32 on tensor
 // cores. Their shared idea is a K order chosen so that every operand fragment of the mma.sync
@@ -78,7 +78,7 @@ __device__ __forceinline__ void b_fragment(const uint4& raw, int s, const GroupD
   }
 }
 
-// The float epilogue of quant/gemm.py in its exact operation order, each op rounded once (no FMA
+// The float epilogue of formats/gemm.py in its exact operation order, each op rounded once (no FMA
 // contraction), so that the fp32 result equals the reference bit for bit.
 template <Format F>
 __device__ __forceinline__ float epilogue(int acc, float w_scale, float w_szero, float a_scale,

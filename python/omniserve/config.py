@@ -10,9 +10,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from omniserve._scheduler import SchedulerConfig
 from omniserve.errors import ConfigError
-from omniserve.quant.kv import KV_CACHE_BITS
-from omniserve.quant.precision import PER_CHANNEL, Precision, parse
+from omniserve.formats.kv import KV_CACHE_BITS
+from omniserve.formats.precision import PER_CHANNEL, Precision, parse
+
+_SCHEDULER_DEFAULTS = SchedulerConfig.DEFAULTS
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Policy = Literal["fcfs", "priority"]
@@ -38,8 +41,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Seed for requests without their own seed and for random-weight models."""
 
     # KV cache
-    page_size: int = 64
-    """Tokens per physical KV page."""
+    page_size: int = _SCHEDULER_DEFAULTS["page_size"]
+    """Tokens per physical KV page (a multiple of 16)."""
     num_kv_pages: int | None = None
     """Dense KV pages (including the null page 0). None: profile memory on GPU; on CPU size the
     cache from `cpu_kv_cache_gib`."""
@@ -50,7 +53,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     kv_cache_dtype: KVCacheDType = "auto"
     """How the KV cache stores keys and values: "auto" in the model dtype; "int8" (KV8) or "int4"
     (KV4, two values per byte) quantized per token and KV head, asymmetric, with an fp16 scale and
-    zero per (token, head) (QServe's fine-grained format, `quant/kv.py`). Quantized pages take
+    zero per (token, head) (QServe's fine-grained format, `formats/kv.py`). Quantized pages take
     about 1/2 (int8) or 1/4 (int4) of fp16 pages (plus 4 bytes per token and head), so the same
     memory holds ~2x / ~4x the tokens; attention, prefill included, reads them dequantized to the
     model dtype. "auto" follows the precision (`precision`, else the checkpoint's); an explicit
@@ -59,14 +62,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     attention_backend: Literal["auto", "torch"] = "auto"
     """"auto": decode attention runs the CUDA kernel (`kernels/attention.py`) where it applies (a
-    Hopper GPU, head_dim 64/128, 1/2/4/8 query heads per KV head), else the torch path; "torch"
-    always uses the torch path (for comparison)."""
+    Hopper GPU, head_dim 64/128, 1/2/4/8 query heads per KV head), and so does the fused RoPE + KV
+    write (`kernels/rope_kv.py`; head_dim 64/128/256), else the torch path; "torch" always uses
+    the torch path for both (for comparison). The runner logs each op's choice."""
     enforce_eager: bool = False
     """Run every step eagerly. By default, on the decode kernel, decode-only steps replay CUDA
     graphs captured at start-up (runner/decode_graphs.py), one per padded batch size up to
     `max_num_seqs`; their memory is reserved out of the KV cache's share."""
 
-    # precision (DESIGN.md §5)
+    # precision (docs/architecture.md#precisions-and-formats)
     precision: str | None = None
     """`w4a8kv4`, `w4a8kv8`, `w4a8`, `w8a8kv4`, `w8a8kv8`, `w8a8`, `w16a16kv4`, `w16a16kv8` or
     `w16a16`. None: what the checkpoint says (its quantization_config, else w16a16). A quantized
@@ -76,58 +80,39 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     group_size: int = PER_CHANNEL
     """-1 (per output channel) or 128 (W4A8 only); only meaningful with `precision`."""
 
-    # scheduling
+    # scheduling: these fields, and `page_size`, are the Rust scheduler's options of the same
+    # name, which own their defaults and checks; `scheduler_options()` hands them over.
     max_model_len: int | None = None
     """Longest sequence (prompt + output); None: the checkpoint's max_position_embeddings."""
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_partial_prefills: int = 4
-    long_prefill_token_threshold: int = 0
+    max_num_seqs: int = _SCHEDULER_DEFAULTS["max_num_seqs"]
+    """Requests running at once (rows of the persistent batch)."""
+    max_num_batched_tokens: int = _SCHEDULER_DEFAULTS["max_num_batched_tokens"]
+    """Token budget of one step; at least `max_num_seqs`."""
+    max_partial_prefills: int = _SCHEDULER_DEFAULTS["max_partial_prefills"]
+    """Prefills that may be in progress (split over steps) at once."""
+    long_prefill_token_threshold: int = _SCHEDULER_DEFAULTS["long_prefill_token_threshold"]
     """Per-request token cap for one prefill chunk; 0: only the step budget limits it."""
-    watermark: float = 0.01
+    watermark: float = _SCHEDULER_DEFAULTS["watermark"]
     """Fraction of the dense pool kept free at admission so running requests can grow."""
-    scheduling_policy: Policy = "fcfs"
-    skip_limit: int = 8
+    scheduling_policy: Policy = _SCHEDULER_DEFAULTS["scheduling_policy"]
+    """"fcfs", or "priority": lower `priority` values are admitted first and preempted last."""
+    skip_limit: int = _SCHEDULER_DEFAULTS["skip_limit"]
     """How many later waiting requests may be admitted past a head that does not fit."""
-    hol_age_steps: int = 64
+    hol_age_steps: int = _SCHEDULER_DEFAULTS["hol_age_steps"]
     """Steps after which the head of the queue stops being skipped."""
 
     def __post_init__(self) -> None:
-        positive = {
-            "page_size": self.page_size,
-            "max_num_seqs": self.max_num_seqs,
-            "max_num_batched_tokens": self.max_num_batched_tokens,
-            "max_partial_prefills": self.max_partial_prefills,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            # Every running request decodes one token per step; the budget must cover them all.
-            raise ConfigError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                f"max_num_seqs ({self.max_num_seqs})"
-            )
+        sizes = {"num_dense_pages": self.num_kv_pages, "max_model_len": self.max_model_len}
+        given = {name: value for name, value in sizes.items() if value is not None}
+        SchedulerConfig.check(**self.scheduler_options(), **given)
         if self.page_size % 16:
             raise ConfigError(f"page_size must be a multiple of 16, got {self.page_size}")
-        if self.num_kv_pages is not None and self.num_kv_pages < 2:
-            raise ConfigError(
-                f"num_kv_pages must be >= 2 (page 0 is reserved), got {self.num_kv_pages}"
-            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         if self.cpu_kv_cache_gib <= 0:
             raise ConfigError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.long_prefill_token_threshold < 0:
-            raise ConfigError("long_prefill_token_threshold must be >= 0")
-        if not 0.0 <= self.watermark < 1.0:
-            raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
-        if self.skip_limit < 0 or self.hol_age_steps < 0:
-            raise ConfigError("skip_limit and hol_age_steps must be >= 0")
         requested = self.requested_precision()  # validates precision and group_size
         if requested is None and self.group_size != PER_CHANNEL:
             raise ConfigError("group_size needs precision (it qualifies a w4a8 precision)")
@@ -137,6 +122,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
+
+    def scheduler_options(self) -> dict[str, Any]:
+        """The fields that are scheduler options, by name."""
+        return {name: getattr(self, name) for name in SCHEDULER_OPTIONS}
 
     def requested_precision(self) -> Precision | None:
         """The parsed `precision` option (ConfigError naming the valid choices), None if unset."""
@@ -149,6 +138,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             return msgspec.convert({"model": model, **kwargs}, cls)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"invalid engine option: {exc}") from None
+
+
+SCHEDULER_OPTIONS: tuple[str, ...] = tuple(
+    name for name in _SCHEDULER_DEFAULTS if name in EngineConfig.__struct_fields__
+)
+"""The scheduler options an engine user sets; the others stay at the scheduler's defaults."""
 
 
 def check_kv_cache_dtype(kv_cache_dtype: KVCacheDType, precision: Precision) -> None:

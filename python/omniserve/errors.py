@@ -1,15 +1,12 @@
 """The project's one exception hierarchy, rooted in the Rust core's `OmniserveError`."""
 
 from omniserve._scheduler import (
+    ConfigError,
     InvalidRequestError,
     OmniserveError,
     RequestRejectedError,
     SchedulerInternalError,
 )
-
-
-class ConfigError(OmniserveError, ValueError):
-    """An engine, model or CLI option is invalid; the message names the option."""
 
 
 class CheckpointError(OmniserveError):

@@ -14,7 +14,7 @@ fraction is of 3.0 TB/s (the H100's measured copy rate).
 Fused ops: per-token int8 quant, RMSNorm + quant, residual add + RMSNorm + quant, SiLU·mul + quant
 at T tokens × hidden; bytes = input (2 B per value; SiLU reads gate and up, the add x and delta),
 weight (RMSNorm), the residual the add writes, int8 codes, 2 B scale and 4 B sum per token; the
-peer is the torch reference of `quant/activation.py` on the same GPU. The fused add has a second
+peer is the torch reference of `formats/activation.py` on the same GPU. The fused add has a second
 peer, the path it replaces in the engine: torch's add, then our RMSNorm + quant kernel.
 
 Timing: CUDA events around each call, the L2 cache flushed before each (a 256 MiB write), the
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from omniserve.layers.attention import KernelRows
+    from omniserve.formats.kv import CacheRows
 
 COPY_CEILING_GBPS = 3000.0
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 64
@@ -76,9 +76,8 @@ def _row_bytes(bits: int | str | None) -> int:
 
 TORCH_PATH_SETTLE_S = 10.0
 """Idle time after the engine's torch path before the next measurement. Its multi-GiB elementwise
-kernels leave the H100 slower for some seconds: KV4 at batch 64 x 4K took 135 us right after
-them and 121 us after 8 s idle (nvidia-smi read a 1980 MHz SM clock at both); SDPA at that point
-took 653 us right after the previous point's torch path, 362-364 us otherwise."""
+kernels leave the H100 slower for some seconds, at an unchanged SM clock; the rows withheld at
+batch 64 x 4K in benches/results/h100-kernels-attention.json record such a case."""
 
 
 def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, Any]]:
@@ -187,7 +186,7 @@ def _attention_rows(batch: int, context: int, repeats: int) -> list[dict[str, An
     return rows_out
 
 
-CacheRowsPair = tuple["KernelRows", "KernelRows"]
+CacheRowsPair = tuple["CacheRows", "CacheRows"]
 """K and V cache rows of one format (`runner/kv_cache.py`)."""
 
 
@@ -262,7 +261,7 @@ class _PagedCase:
         from omniserve.layers.attention import DecodeGroup, PagedAttention
 
         batch = self.q.shape[0]
-        layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, None)
+        layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, None, fused_rope_kv=False)
         layer.k_cache, layer.v_cache = cache
         pos = torch.arange(self.context, device="cuda")
         slots = self.page_table[:, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
@@ -278,23 +277,20 @@ class _PagedCase:
 class _FusedCase(NamedTuple):
     ours: Callable[[], object]
     reference: Callable[[], object]
-    """The op's torch reference (quant/activation.py)."""
+    """The op's torch reference (formats/activation.py)."""
     nbytes: int
     unfused: Callable[[], object] | None = None
     """The engine's path before the fusion, where ours fuses more than one of our ops."""
 
 
 def _fused_rows(tokens: int, hidden: int, repeats: int) -> list[dict[str, Any]]:
+    from omniserve.formats import activation
     from omniserve.kernels import fused
-    from omniserve.layers.norm import RMSNorm
-    from omniserve.quant import activation
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     delta = torch.randn_like(x)
     gate_up = torch.randn(tokens, 2 * hidden, device="cuda", dtype=torch.bfloat16)
-    norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.fill_(1.0)
+    weight, eps = torch.ones(hidden, device="cuda", dtype=torch.bfloat16), 1e-5
     out_bytes = tokens * (hidden + 6)
     norm_bytes = x.nbytes + hidden * 2 + out_bytes
     cases = {
@@ -304,15 +300,15 @@ def _fused_rows(tokens: int, hidden: int, repeats: int) -> list[dict[str, Any]]:
             x.nbytes + out_bytes,
         ),
         "rmsnorm_quant": _FusedCase(
-            lambda: fused.rmsnorm_quant(x, norm),
-            lambda: activation.rmsnorm_quant(x, norm),
+            lambda: fused.rmsnorm_quant(x, weight, eps),
+            lambda: activation.rmsnorm_quant(x, weight, eps),
             norm_bytes,
         ),
         "add_rmsnorm_quant": _FusedCase(
-            lambda: fused.add_rmsnorm_quant(x, delta, norm),
-            lambda: activation.add_rmsnorm_quant(x, delta, norm),
+            lambda: fused.add_rmsnorm_quant(x, delta, weight, eps),
+            lambda: activation.add_rmsnorm_quant(x, delta, weight, eps),
             norm_bytes + 2 * x.nbytes,  # delta read, residual written
-            lambda: fused.rmsnorm_quant(x + delta, norm),
+            lambda: fused.rmsnorm_quant(x + delta, weight, eps),
         ),
         "silu_mul_quant": _FusedCase(
             lambda: fused.silu_mul_quant(gate_up),

@@ -7,9 +7,9 @@ GEMM alone: activation quantization excluded, as for the peers), `torch.matmul` 
 copies that every launch reads its weight from HBM rather than the 50 MB L2, median of repeats.
 
 Peers with shape limits run padded: `_int_mm` needs M > 16 and `_scaled_mm` M a multiple of 16;
-such rows carry `m_run`, the M that actually ran. Ceilings are the measured H100 numbers of
-performance-anchors §5.1 (bf16 790, INT8 950, FP8 1430 TFLOP/s; 3.0 TB/s copy); W4A8 runs on the
-INT8 tensor cores, so its compute ceiling is INT8's.
+such rows carry `m_run`, the M that actually ran. Ceilings are the H100's measured rates in
+`CEILING_TFLOPS` and `CEILING_BYTES_PER_S` below (docs/architecture.md#testing-and-measuring);
+W4A8 runs on the INT8 tensor cores, so its compute ceiling is INT8's.
 """
 
 from __future__ import annotations
@@ -77,13 +77,14 @@ def _copies(weight_bytes: int) -> int:
 def _ours(
     fmt: str, m: int, n: int, k: int, path: str
 ) -> tuple[list[Callable[[], object]], int, int]:
-    from omniserve.kernels import gemm as gk
-    from omniserve.quant.activation import quantize_per_token
-    from omniserve.quant.weight import (
+    from omniserve.formats.activation import quantize_per_token
+    from omniserve.formats.weight import (
         quantize_w4a8_g128,
         quantize_w4a8_per_channel,
         quantize_w8a8,
     )
+    from omniserve.kernels import gemm as gk
+    from omniserve.kernels.packed_weight import PackedWeight
 
     quantizer = {
         "w4a8_per_channel": quantize_w4a8_per_channel,
@@ -93,7 +94,7 @@ def _ours(
     packed = gk.pack(quantizer(torch.randn(n, k, device="cuda")))
     weight_bytes = sum(t.nbytes for t in packed.tensors().values())
     weights = [packed] + [
-        gk.PackedWeight(packed.fmt, **{k_: v.clone() for k_, v in packed.tensors().items()})
+        PackedWeight(packed.fmt, **{k_: v.clone() for k_, v in packed.tensors().items()})
         for _ in range(_copies(weight_bytes) - 1)
     ]
     x = quantize_per_token(torch.randn(m, k, device="cuda"))

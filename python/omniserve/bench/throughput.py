@@ -27,7 +27,7 @@ import torch
 
 from omniserve.config import EngineConfig, kv_cache_bits
 from omniserve.errors import ConfigError
-from omniserve.quant.precision import PER_CHANNEL, PRECISION_CHOICES, Precision, parse
+from omniserve.formats.precision import PER_CHANNEL, PRECISION_CHOICES, Precision, parse
 
 PRESETS = ("llama-3-8b", "llama-2-7b", "tiny-llama")
 

@@ -7,8 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from omniserve.quant.kv import KV_GRANULARITIES, PER_TOKEN_HEAD
-from omniserve.quant.precision import GROUP_SIZE_CHOICES, PER_CHANNEL, PRECISION_CHOICES
+from omniserve.formats.kv import KV_GRANULARITIES, PER_TOKEN_HEAD
+from omniserve.formats.precision import GROUP_SIZE_CHOICES, PER_CHANNEL, PRECISION_CHOICES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omniserve.quant.convert_deepcompressor import convert_deepcompressor
-    from omniserve.quant.precision import parse
+    from omniserve.formats.precision import parse
+    from omniserve.quantize.convert_deepcompressor import convert_deepcompressor
 
     summary = convert_deepcompressor(
         args.model,

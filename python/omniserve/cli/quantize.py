@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from omniserve.quant.kv import KV_GRANULARITIES, PER_TOKEN_HEAD
-from omniserve.quant.precision import GROUP_SIZE_CHOICES, PER_CHANNEL, PRECISION_CHOICES
+from omniserve.formats.kv import KV_GRANULARITIES, PER_TOKEN_HEAD
+from omniserve.formats.precision import GROUP_SIZE_CHOICES, PER_CHANNEL, PRECISION_CHOICES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from omniserve.errors import CheckpointError, ConfigError
-    from omniserve.quant.checkpoint import check_kv_granularity
-    from omniserve.quant.precision import parse
-    from omniserve.quant.qoq import QoQOptions, load_calibration, quantize_checkpoint
-    from omniserve.quant.qoq.model import SourceModel
+    from omniserve.formats.checkpoint import check_kv_granularity
+    from omniserve.formats.precision import parse
+    from omniserve.quantize.qoq import QoQOptions, load_calibration, quantize_checkpoint
+    from omniserve.quantize.qoq.model import SourceModel
 
     precision = parse(args.precision, args.group_size)
     check_kv_granularity(args.kv_granularity, precision)  # before any loading

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -33,10 +33,8 @@ from omniserve.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 
-_FINISH_REASONS: dict[int, FinishReason] = {
-    _scheduler.FINISH_STOP: "stop",
-    _scheduler.FINISH_LENGTH: "length",
-}
+# The scheduler names its finish codes with the OpenAI reasons `FinishReason` lists.
+_FINISH_REASONS = cast(dict[int, FinishReason], _scheduler.FINISH_REASONS)
 
 
 def bundled_model_path() -> Path:
@@ -111,15 +109,7 @@ class Engine:
             _scheduler.SchedulerConfig(
                 num_dense_pages=self.runner.num_kv_pages,
                 max_model_len=self.max_model_len,
-                page_size=config.page_size,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_partial_prefills=config.max_partial_prefills,
-                long_prefill_token_threshold=config.long_prefill_token_threshold,
-                watermark=config.watermark,
-                skip_limit=config.skip_limit,
-                hol_age_steps=config.hol_age_steps,
-                policy=config.scheduling_policy,
+                **config.scheduler_options(),
             )
         )
         self._io = StepIO(scheduler)
@@ -180,7 +170,8 @@ class Engine:
                 self.tokenizer,
                 prompt_ids,
                 skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop,
+                # SamplingParams.__post_init__ stores `stop` as a tuple.
+                stop=cast(tuple[str, ...], params.stop),
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 min_tokens=params.min_tokens,
             )
@@ -232,7 +223,7 @@ class Engine:
         ]
         if plan is None:
             return outputs
-        req_ids = self._io.req_ids(counts.num_reqs)
+        req_ids = self._io.req_ids(counts)
         for i in (plan.flags & FLAG_NEW_ROW).nonzero().flatten().tolist():
             req = self._requests[req_ids[i]]
             self.runner.bind_row(
@@ -346,8 +337,9 @@ class Engine:
                 "running; drive them with step() first"
             )
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+            prompts = [cast(Prompt, prompts)]
+        # Not one prompt (checked above), so a sequence of prompts.
+        prompts = list(cast(Sequence[Prompt], prompts))
         if isinstance(params, Sequence):
             if len(params) != len(prompts):
                 raise InvalidRequestError(
@@ -442,8 +434,11 @@ def _eos_token_ids(
 
 
 def _token_logprob(result: SampleResult, k: int, token: int, top_n: int) -> TokenLogprob:
-    top = ()
+    # Called only for requests that asked for logprobs, so the sampler returned them.
+    assert result.logprobs is not None
+    top: tuple[tuple[int, float], ...] = ()
     if top_n:
+        assert result.top_ids is not None and result.top_logprobs is not None
         top = tuple(
             zip(result.top_ids[k, :top_n].tolist(), result.top_logprobs[k, :top_n].tolist())
         )

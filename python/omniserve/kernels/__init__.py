@@ -2,8 +2,10 @@
 
 Each module in `EXTENSION_MODULES` declares an `EXTENSION` (`build.Extension`) and exposes its
 ops as functions that take and return torch tensors; the references they must match live in
-`omniserve.quant` and `omniserve.layers`. Importing any of this needs neither CUDA nor nvcc: the
-extensions are compiled on first use (or ahead of time by `omniserve build-kernels`).
+`omniserve.formats` (quantizers, GEMMs) and `omniserve.layers` (attention). Which of the two a
+model runs is decided once, when it is built (`dispatch.py`). Importing any of this needs neither
+CUDA nor nvcc: the extensions are compiled when that decision first needs them (or ahead of time
+by `omniserve build-kernels`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The reference is `PagedAttention`'s gather path (`layers/attention.py`); `decode_attention` here
 is the CUDA kernel over the same cache rows, driven by the engine's int32 page table and context
-lengths instead of gathered row indices. `supports` says which layer shapes the kernel handles;
-the attention layer uses the reference for the rest.
+lengths instead of gathered row indices. `unsupported` says which layer shapes the kernel does
+not handle; kernels/dispatch.py decides, once per model, which path every layer's decodes take.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from functools import cache
 
 import torch
 
+from omniserve.formats.kv import row_params_or_scale
 from omniserve.kernels.build import Extension
-from omniserve.quant.kv import row_params_or_scale
 
 EXTENSION = Extension(
     "omniserve_decode_attention",
@@ -36,12 +36,12 @@ GROUP_SIZES = (1, 2, 4, 8)
 """Query heads per KV head the kernel is instantiated for (MHA = 1)."""
 PARTITIONS = (1024, 512, 256, 128)
 """Tokens per split of the three-phase kernel (16-bit and KV8 rows), largest first. Longer
-partitions stream more bytes per block between synchronizations: on the H100 (benches/kernels.py,
-cold L2), allowing 1024 over 512 moved KV8 from 71% to 77% of 3.0 TB/s at batch 256 x 32K."""
+partitions stream more bytes per block between synchronizations, which brings long contexts
+closer to the copy rate (1024 was added for that; time it with `benches/kernels.py`)."""
 KV4_PARTITIONS = (4096, 2048, 1024, 512, 256, 128)
 """Tokens per split of the streaming KV4 kernel, largest first. It keeps no per-token state, so a
-split may be long: on the H100 at batch 64 x 4K, one 4096-token split per request (512 blocks,
-one wave, no combine step) took 120 us against 130 us for 2048 and 132 us for 1024."""
+split may be long: one split per request, where that still fills the GPU, also saves the combine
+step (time it with `benches/kernels.py`)."""
 
 
 @cache
@@ -49,14 +49,21 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the kernel handles a layer of this shape and compute dtype."""
-    return (
-        dtype in (torch.float16, torch.bfloat16)
-        and head_dim in HEAD_DIMS
-        and num_heads % num_kv_heads == 0
-        and num_heads // num_kv_heads in GROUP_SIZES
-    )
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def unsupported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot handle a layer of this shape and compute dtype, None if it can."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} not supported (float16, bfloat16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} not supported ({', '.join(map(str, HEAD_DIMS))})"
+    if num_heads % num_kv_heads or num_heads // num_kv_heads not in GROUP_SIZES:
+        return (
+            f"{num_heads} query heads over {num_kv_heads} KV heads not supported (query heads "
+            f"per KV head: {', '.join(map(str, GROUP_SIZES))})"
+        )
+    return None
 
 
 def choose_partition(
@@ -90,7 +97,7 @@ def decode_attention(
     """Attention of one query token per request over its paged cache, [B, q_heads, head_dim].
 
     q [B, q_heads, head_dim] fp16/bf16; k_rows / v_rows: (rows, params) of one layer's cache as
-    `KernelRows.kernel_operands` gives them (`runner/kv_cache.py`): params None for a cache in q's
+    `CacheRows.kernel_operands` gives them (`runner/kv_cache.py`): params None for a cache in q's
     dtype, fp16 [rows, 2] scale and zero beside uint8 codes, or a one-element fp32 scale beside the
     int8 codes of per-tensor static KV8; page_table int32 [R, max_pages]; seq_rows int32 [B] (each
     request's page-table row); context_lens int32 [B] (tokens each request attends, its new token

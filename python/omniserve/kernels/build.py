@@ -86,8 +86,9 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
 
 @functools.cache
 def _gpu_reason(index: int) -> str | None:
-    """The per-GPU part of `unavailable_reason`: fixed for the process, and asked on every forward
-    of a quantized linear, so it is computed (device query, file-system check) once per GPU."""
+    """The per-GPU part of `unavailable_reason`: fixed for the process, and asked for every
+    extension loaded and every model's kernel choices, so it is computed (device query,
+    file-system check) once per GPU."""
     capability = torch.cuda.get_device_capability(index)
     if capability != TARGET_CAPABILITY:
         name = torch.cuda.get_device_name(index)

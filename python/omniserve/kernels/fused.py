@@ -1,21 +1,24 @@
 """Fused activation quantization ops (`cuda/fused_*.cu`) next to their torch references.
 
-Each op runs the CUDA kernel for CUDA tensors on a GPU the kernels support and the reference
-(`omniserve.quant.activation`) otherwise. The kernels reproduce the references' arithmetic (fp16
-scale rounded up, IEEE division, round half to even), so codes, scales and sums are equal to the
-reference's on the same device; RMSNorm's sum of squares is reduced in another order than
-torch's, so a normalized value can differ in its last bit and move a code by one (rarely). The
-residual add before it rounds as torch's does: that residual equals `x + delta` bit for bit.
+The functions here are the kernels alone (CUDA fp16/bf16 inputs); `activation_ops` hands a model
+either them or their references (`omniserve.formats.activation`), as kernels/dispatch.py chose
+when the model was built. The kernels reproduce the references' arithmetic (fp16 scale rounded
+up, IEEE division, round half to even), so codes, scales and sums are equal to the reference's on
+the same device; RMSNorm's sum of squares is reduced in another order than torch's, so a
+normalized value can differ in its last bit and move a code by one (rarely). The residual add
+before it rounds as torch's does: that residual equals `x + delta` bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
-from omniserve.kernels.build import Extension, kernels_available
-from omniserve.layers.norm import RMSNorm
-from omniserve.quant import activation as reference
-from omniserve.quant.activation import QuantizedActivation
+from omniserve.formats import activation as reference
+from omniserve.formats.activation import QuantizedActivation
+from omniserve.kernels.build import Extension
 
 EXTENSION = Extension(
     "omniserve_fused_quant",
@@ -23,39 +26,62 @@ EXTENSION = Extension(
     fast_math=False,  # codes must match the references bit for bit
 )
 
+DTYPES = (torch.float16, torch.bfloat16)
 
-def _use_kernel(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels_available(x.device)
+
+def unsupported(dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot take activations of `dtype`, None if they can."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} not supported (float16, bfloat16)"
+    return None
 
 
 def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
-    """Per-token int8 of x [T, K] with code sums (reference: `quant.activation.quantize_per_token`)."""
-    if not _use_kernel(x):
-        return reference.quantize_per_token(x)
+    """Per-token int8 of x [T, K] with code sums (reference:
+    `formats.activation.quantize_per_token`)."""
     return QuantizedActivation(*EXTENSION.load().quantize_per_token(x))
 
 
-def rmsnorm_quant(x: torch.Tensor, norm: RMSNorm) -> QuantizedActivation:
-    """RMSNorm then per-token int8 (reference: `quant.activation.rmsnorm_quant`)."""
-    if not _use_kernel(x):
-        return reference.rmsnorm_quant(x, norm)
-    return QuantizedActivation(*EXTENSION.load().rmsnorm_quant(x, norm.weight, norm.eps))
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> QuantizedActivation:
+    """RMSNorm then per-token int8 (reference: `formats.activation.rmsnorm_quant`)."""
+    return QuantizedActivation(*EXTENSION.load().rmsnorm_quant(x, weight, eps))
 
 
 def add_rmsnorm_quant(
-    x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, QuantizedActivation]:
     """residual = x + delta, then RMSNorm + per-token int8 of it: (residual, quantized)
-    (reference: `quant.activation.add_rmsnorm_quant`)."""
-    if not _use_kernel(x):
-        return reference.add_rmsnorm_quant(x, delta, norm)
-    residual, *quantized = EXTENSION.load().add_rmsnorm_quant(x, delta, norm.weight, norm.eps)
+    (reference: `formats.activation.add_rmsnorm_quant`)."""
+    residual, *quantized = EXTENSION.load().add_rmsnorm_quant(x, delta, weight, eps)
     return residual, QuantizedActivation(*quantized)
 
 
 def silu_mul_quant(gate_up: torch.Tensor) -> QuantizedActivation:
     """silu(gate)·up of gate_up [T, 2I] then per-token int8 (reference:
-    `quant.activation.silu_mul_quant`)."""
-    if not _use_kernel(gate_up):
-        return reference.silu_mul_quant(gate_up)
+    `formats.activation.silu_mul_quant`)."""
     return QuantizedActivation(*EXTENSION.load().silu_mul_quant(gate_up))
+
+
+class ActivationOps(NamedTuple):
+    """The int8-activation ops of a quantized model, with the references' signatures."""
+
+    quantize_per_token: Callable[[torch.Tensor], QuantizedActivation]
+    rmsnorm_quant: Callable[[torch.Tensor, torch.Tensor, float], QuantizedActivation]
+    """x, norm weight, eps → quantized RMSNorm(x)."""
+    add_rmsnorm_quant: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, QuantizedActivation]
+    ]
+    """x, delta, norm weight, eps → (x + delta, quantized RMSNorm(x + delta))."""
+    silu_mul_quant: Callable[[torch.Tensor], QuantizedActivation]
+
+
+def activation_ops(kernel: bool) -> ActivationOps:
+    """The kernels above, or their references."""
+    if kernel:
+        return ActivationOps(quantize_per_token, rmsnorm_quant, add_rmsnorm_quant, silu_mul_quant)
+    return ActivationOps(
+        reference.quantize_per_token,
+        reference.rmsnorm_quant,
+        reference.add_rmsnorm_quant,
+        reference.silu_mul_quant,
+    )

@@ -1,15 +1,17 @@
 """Quantized GEMMs on CUDA (W8A8, W4A8 per-channel, W4A8 g128) next to their references.
 
-The references are `omniserve.quant.gemm` (exact integer cores + float epilogues); the CUDA kernels
-(`cuda/gemm_*.cu`; design in `cuda/gemm/qgemm.cuh`, kernels in `cuda/gemm/small_m.cuh` and
-`cuda/gemm/tensor_core.cuh`, choice in `cuda/gemm/dispatch.cuh`; from `gemm_cutlass.MIN_M` tokens, CUTLASS on the weight expanded to
-int8, kernels/gemm_cutlass.py) compute the same int32 accumulators exactly and the same fp32
-epilogue in the same operation order, then round once to the output dtype.
+The references are `omniserve.formats.gemm` (exact integer cores + float epilogues); the CUDA
+kernels (`cuda/gemm_*.cu`; design in `cuda/gemm/qgemm.cuh`, kernels in `cuda/gemm/small_m.cuh` and
+`cuda/gemm/tensor_core.cuh`, choice in `cuda/gemm/dispatch.cuh`; from `gemm_cutlass.MIN_M` tokens,
+CUTLASS on the weight expanded to int8, kernels/gemm_cutlass.py) compute the same int32
+accumulators exactly and the same fp32 epilogue in the same operation order, then round once to
+the output dtype.
 
-The kernels read weights in their own layout, packed once at load time by `pack` from the stored
-formats of `quant/weight.py` (whose QServe layout checkpoints keep). Inside every 128-wide K block,
-m16n8k32 step s, register half h and byte i of lane (g, t) take input k = t·32 + s·8 + h·4 + i, so
-that each lane's operands are 16 contiguous bytes of row-major activations and of a packed tile:
+The kernels read weights in their own layout (`PackedWeight`), packed once at load time by `pack`
+from the stored formats of `formats/weight.py` (whose QServe layout checkpoints keep). Inside
+every 128-wide K block, m16n8k32 step s, register half h and byte i of lane (g, t) take input
+k = t·32 + s·8 + h·4 + i, so that each lane's operands are 16 contiguous bytes of row-major
+activations and of a packed tile:
 
     tiles of 8 output × 128 input channels, row-major over [N/8][K/128]; lane = g·4 + t holds channel g
     W4 (512 B/tile):  lane·16 + s·4 + i  =  q[k] | q[k + 4] << 4,   k = t·32 + s·8 + i
@@ -17,33 +19,34 @@ that each lane's operands are 16 contiguous bytes of row-major activations and o
     g128 groups:      uint8 [K/128, N, 2] = (s2, s2_zeros) in natural column order
 
 Fused projections (q/k/v, gate/up) are concatenated along N (`concat`), one launch per layer.
-N and K must be multiples of 128 (`supports`); other shapes stay on the reference path.
+N and K must be multiples of 128 (`unsupported`); kernels/dispatch.py keeps other shapes on the
+reference path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
-from omniserve.kernels import gemm_cutlass
-from omniserve.kernels.build import Extension
-from omniserve.quant.activation import QuantizedActivation
-from omniserve.quant.packing import (
+from omniserve.formats.activation import QuantizedActivation
+from omniserve.formats.packing import (
     pack_w4,
     permute_group_columns,
     unpack_w4,
     unpermute_group_columns,
 )
-from omniserve.quant.precision import GROUP_SIZE_128
-from omniserve.quant.weight import (
+from omniserve.formats.precision import GROUP_SIZE_128
+from omniserve.formats.weight import (
     QuantizedWeight,
     W4A8PerChannelWeight,
     W4A8PerGroupWeight,
     W8A8Weight,
 )
+from omniserve.kernels import gemm_cutlass
+from omniserve.kernels.build import Extension
+from omniserve.kernels.packed_weight import PackedWeight
 
 EXTENSION = Extension(
     "omniserve_gemm",
@@ -82,45 +85,16 @@ _W8_PERM = (0, 2, 4, 1, 3, 5)
 _W8_INV_PERM = tuple(sorted(range(6), key=_W8_PERM.__getitem__))
 
 
-@dataclass(frozen=True)
-class PackedWeight:
-    """A stored weight in the kernels' layout (module doc); `fmt` names the stored format."""
-
-    fmt: type[QuantizedWeight]
-    weight: torch.Tensor
-    """Packed tiles: uint8 [N, K/2] (W4) or int8 [N, K] (W8)."""
-    scales: torch.Tensor
-    """fp16 [N]: s1_scales (W4) or dequant_scale (W8)."""
-    szeros: torch.Tensor | None = None
-    """fp16 [N] s1_szeros (W4A8 per-channel only)."""
-    groups: torch.Tensor | None = None
-    """uint8 [K/128, N, 2] (s2_scales, s2_zeros) (W4A8 g128 only)."""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(N, K) of the unquantized weight."""
-        n, row = self.weight.shape
-        return n, row * 2 if self.fmt is not W8A8Weight else row
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        named = {"weight": self.weight, "scales": self.scales}
-        named.update(
-            {k: v for k, v in (("szeros", self.szeros), ("groups", self.groups)) if v is not None}
-        )
-        return named
-
-
-def supports(shard_sizes: Sequence[int], k: int) -> bool:
-    """Whether the kernels take a weight of K inputs made of shards of these output sizes: each
-    shard a multiple of 8 (packable), their sum N and K multiples of 128."""
+def unsupported(shard_sizes: Sequence[int], k: int) -> str | None:
+    """Why the kernels cannot take a weight of K inputs made of shards of these output sizes, None
+    if they can: each shard must be a positive multiple of 8 (packable), their sum N and K
+    positive multiples of 128."""
     n = sum(shard_sizes)
-    return (
-        n > 0
-        and k > 0
-        and n % TILE_N == 0
-        and k % BLOCK_K == 0
-        and all(size > 0 and size % PACK_N == 0 for size in shard_sizes)
-    )
+    if n <= 0 or n % TILE_N or k <= 0 or k % BLOCK_K:
+        return f"[N, K] = [{n}, {k}] not supported (multiples of {TILE_N} and {BLOCK_K})"
+    if not all(size > 0 and size % PACK_N == 0 for size in shard_sizes):
+        return f"shards of N {list(shard_sizes)} not supported (multiples of {PACK_N})"
+    return None
 
 
 def pack(w: QuantizedWeight) -> PackedWeight:
@@ -187,7 +161,9 @@ def concat(parts: Sequence[PackedWeight]) -> PackedWeight:
         tensors = [getattr(p, name) for p in parts]
         return None if tensors[0] is None else torch.cat(tensors, dim)
 
-    return PackedWeight(fmt, cat("weight", 0), cat("scales", 0), cat("szeros", 0), cat("groups", 1))
+    # weight and scales are never None; `cat` returns None only for the optional fields.
+    weight, scales = cast(torch.Tensor, cat("weight", 0)), cast(torch.Tensor, cat("scales", 0))
+    return PackedWeight(fmt, weight, scales, cat("szeros", 0), cat("groups", 1))
 
 
 def _run(
@@ -231,14 +207,14 @@ def _takes_cutlass(m: int, out_dtype: torch.dtype, path: KernelPath) -> bool:
 
 def unpack_int8(w: PackedWeight) -> torch.Tensor:
     """int8 [N, K] operand B of the integer core (W8 codes, W4 codes, g128's level-1 w8) as the
-    CUTLASS path expands it on the GPU (debug entry: equals `quant.gemm`'s B exactly)."""
+    CUTLASS path expands it on the GPU (debug entry: equals `formats.gemm`'s B exactly)."""
     return gemm_cutlass.unpack_int8(_FORMATS[w.fmt], w)
 
 
 def quantized_gemm(
     x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath = "auto"
 ) -> torch.Tensor:
-    """y [M, N] in `out_dtype` (fp32, fp16 or bf16) = `quant.gemm.quantized_linear(x, unpack(w))`
+    """y [M, N] in `out_dtype` (fp32, fp16 or bf16) = `formats.gemm.quantized_linear(x, unpack(w))`
     rounded once to `out_dtype` (CUDA tensors only)."""
     if out_dtype == torch.int32:
         raise ValueError("quantized_gemm returns floats; int_accumulator returns the int32 cores")
@@ -249,5 +225,5 @@ def int_accumulator(
     x: QuantizedActivation, w: PackedWeight, path: KernelPath = "auto"
 ) -> torch.Tensor:
     """The kernels' int32 accumulators Σ_k x_q · B (B: W8 codes, W4 codes, or g128's w8), [M, N]:
-    the debug entry that pins the integer core to `quant.gemm.int_matmul` exactly."""
+    the debug entry that pins the integer core to `formats.gemm.int_matmul` exactly."""
     return _run(x, w, torch.int32, path)

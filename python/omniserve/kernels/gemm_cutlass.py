@@ -6,7 +6,7 @@ warp-specialized wgmma mainloop at the INT8 tensor-core rate; CUTLASS's sm90 col
 expands the packed weight (kernels/gemm.py layout) into a persistent int8 workspace
 (`cuda/gemm_unpack.cu`: W8 codes, W4 codes, or g128's level-1 w8, the B of the integer core), then
 runs the GEMM with the format's epilogue fused, in the operation order of the reference
-(`quant/gemm.py`). The expansion costs ~1.5 bytes of traffic per weight element, which M ≥
+(`formats/gemm.py`). The expansion costs ~1.5 bytes of traffic per weight element, which M ≥
 `MIN_M` tokens amortize; smaller M stays on the kernels that read the packed weight directly.
 
 Needs CUTLASS's headers at build time (`pip install --no-deps nvidia-cutlass`); without them
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import TYPE_CHECKING
 
 import torch
 
+from omniserve.formats.activation import QuantizedActivation
 from omniserve.kernels.build import Extension
-from omniserve.quant.activation import QuantizedActivation
-
-if TYPE_CHECKING:  # kernels/gemm.py imports this module; it calls in with its own types
-    from omniserve.kernels.gemm import PackedWeight
+from omniserve.kernels.packed_weight import PackedWeight
 
 EXTENSION = Extension(
     "omniserve_gemm_cutlass",
@@ -42,11 +39,10 @@ EXTENSION = Extension(
 )
 
 MIN_M = 512
-"""Smallest M the automatic dispatch sends here. Summed over the four Llama-3-8B projections on an
-H200, expansion included, at M = 512 this path takes 337 / 376 / 367 µs for W4A8 g128 / W8A8 /
-W4A8 per-channel against the packed wgmma kernel's 389 / 390 / 341 µs (one threshold for all
-three: the formats cross over between 256 and 1024); at M = 1024 it is ahead for all three
-(437-478 against 580-730 µs, before that kernel's last tuning)."""
+"""Smallest M the automatic dispatch sends here: one threshold for all three formats, near where
+this path (expansion included) overtakes the packed wgmma kernel on the Llama-3-8B projections;
+the formats cross over at somewhat different M. Retune by timing both paths:
+`python -m omniserve.bench.kernels_gemm --paths tensor_core cutlass`."""
 
 _lock = threading.Lock()
 _workspaces: dict[torch.device, list[torch.Tensor]] = {}

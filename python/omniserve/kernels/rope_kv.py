@@ -1,26 +1,22 @@
 """Fused RoPE + KV cache write (`cuda/rope_kv_write.cu`) next to its torch reference.
 
 The reference is `PagedAttention`'s own path: `layers/rotary.apply_rotary` on q and k, then each
-cache's `store` (`runner/kv_cache.py`: rows in the compute dtype; `quant/kv.quantize_kv` codes
+cache's `store` (`runner/kv_cache.py`: rows in the compute dtype; `formats/kv.quantize_kv` codes
 with a (scale, zero) per row, returned through `dequantize_kv`; or per-tensor static KV8,
 `quantize_kv_static` codes under the layer's fixed K or V scale, returned through
 `dequantize_kv_static`). That is ~8 torch ops per RoPE and up to ~25 per quantized store; the
 kernel does all of it for a layer in one launch, with the same roundings, so what it returns and
 stores equals the reference's bit for bit (up to the sign of a zero `zero` parameter, see the
-kernel). `applies` says when the attention layer may use it.
+kernel). `unsupported` says which layers it cannot serve; kernels/dispatch.py decides, once per
+model, whether the attention layers use it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from omniserve.kernels.build import Extension, kernels_available
-from omniserve.quant.kv import row_params_or_scale
-
-if TYPE_CHECKING:
-    from omniserve.layers.attention import CacheRows, KernelRows
+from omniserve.formats.kv import CacheRows, row_params_or_scale
+from omniserve.kernels.build import Extension
 
 EXTENSION = Extension(
     "omniserve_rope_kv_write",
@@ -29,20 +25,17 @@ EXTENSION = Extension(
 )
 
 HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
 
 
-def applies(q: torch.Tensor, k_rows: CacheRows, v_rows: CacheRows) -> bool:
-    """Whether the kernel serves a step with queries q [T, heads, head_dim] over these cache rows:
-    a Hopper GPU, fp16/bf16, a supported head_dim, and rows with `kernel_operands` (every format
-    of `runner/kv_cache.py`: dense, per-token quantized, per-tensor static KV8)."""
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] in HEAD_DIMS
-        and hasattr(k_rows, "kernel_operands")
-        and hasattr(v_rows, "kernel_operands")
-        and kernels_available(q.device)
-    )
+def unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot serve a layer of this head_dim and compute dtype (it serves every
+    cache format of `runner/kv_cache.py`), None if it can."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} not supported (float16, bfloat16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} not supported ({', '.join(map(str, HEAD_DIMS))})"
+    return None
 
 
 def rope_kv_write(
@@ -51,8 +44,8 @@ def rope_kv_write(
     v: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
     write_index: torch.Tensor,
-    k_rows: KernelRows,
-    v_rows: KernelRows,
+    k_rows: CacheRows,
+    v_rows: CacheRows,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE on q [T, heads, D] and k [T, kv_heads, D], then k (rotated) and v [T, kv_heads, D]
     stored at cache rows `write_index` (long [kv_heads, T]) of `k_rows` / `v_rows`.

@@ -8,21 +8,21 @@ Each step first writes the step's keys/values (after RoPE) into their cache slot
   [g, L] block with a validity mask, one batched attention per group of requests. Padding plus one
   gather is the simplest exact batched form that runs on CPU and GPU with no compilation
   (FlexAttention needs torch.compile to be fast and is GPU-only in practice); groups bound the
-  padded block's memory. On a Hopper GPU the paged decode kernel (`kernels/attention.py`) replaces
-  this for every decode request at once (`AttentionMetadata.decode_batch`), reading the cache
-  through the page table.
+  padded block's memory. Where the model's kernel choices (kernels/dispatch.py) take it, the paged
+  decode kernel (`kernels/attention.py`) replaces this for every decode request at once
+  (`AttentionMetadata.decode_batch`), reading the cache through the page table.
 
 Every query sees keys and values exactly as the cache holds them: dequantized for a KV8/KV4 cache,
 whether read from the pages (later chunks, decode) or, for a chunk that starts its request, taken
 from what this step just stored (`CacheRows.store` returns it, with no gather). So a request's
 outputs do not depend on how the scheduler splits or batches it (chunked prefill, preemption and
-recompute, decode), as with a dense cache. DESIGN §4 would allow the current chunk's unquantized
+recompute, decode), as with a dense cache. Prefill could read the current chunk's unquantized
 K/V (QServe prefills on the fp16 qkv buffer); we give that up for this invariance, at the cost of
-one quantize-dequantize of the step's own K/V.
+one quantize-dequantize of the step's own K/V (docs/architecture.md#what-attention-reads).
 
-The model hands each layer its q and k before RoPE (`rotate_and_attend`): on a Hopper GPU one kernel
-(`kernels/rope_kv.py`) rotates q and k and writes K and V to the cache, dense or quantized, in one
-launch instead of dozens of small torch ops; elsewhere the reference,
+The model hands each layer its q and k before RoPE (`rotate_and_attend`): where the kernel choices
+take it, one kernel (`kernels/rope_kv.py`) rotates q and k and writes K and V to the cache, dense
+or quantized, in one launch instead of dozens of small torch ops; elsewhere the reference,
 `apply_rotary` then the cache rows' `store`, does it, with bit-identical results.
 
 The runner builds the per-step `AttentionMetadata` (cache rows, masks, groups) once for all layers.
@@ -32,14 +32,15 @@ Cache rows are indexed [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from omniserve.formats.kv import CacheRows
 from omniserve.kernels import rope_kv
+from omniserve.kernels.attention import decode_attention
 from omniserve.layers.rotary import apply_rotary
 
 
@@ -103,42 +104,26 @@ class AttentionMetadata:
     groups."""
 
 
-class CacheRows(Protocol):
-    """One layer's K (or V) cache rows, [num_kv_heads * num_slots] rows of head_dim values, in
-    whatever storage format the cache uses."""
-
-    def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Store rows x [*index.shape, head_dim] at cache rows `index`; returns them as reads will
-        see them (x itself when the cache is not quantized)."""
-        ...
-
-    def read(self, index: torch.Tensor) -> torch.Tensor:
-        """The rows at `index`, [*index.shape, head_dim] in the compute dtype."""
-        ...
-
-
-class KernelRows(CacheRows, Protocol):
-    """Cache rows the CUDA kernels use directly: the decode kernel reads them, the fused RoPE + KV
-    write (`kernels/rope_kv.py`) writes them."""
-
-    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rows [num_rows, width], params): the storage itself, values in the compute dtype
-        (params None), `quantize_kv` codes with fp16 (scale, zero) per row (params [num_rows, 2]),
-        or per-tensor static KV8's int8 codes with the layer's fp32 scale (params 0-d)."""
-        ...
-
-
 class PagedAttention(nn.Module):
     """Multi-head attention (MHA or GQA) of one layer reading and writing that layer's pages.
 
     `k_cache`/`v_cache` are the layer's K and V cache rows, bound by the runner's KV cache after
-    allocation.
+    allocation. `fused_rope_kv`: RoPE and the K/V write run as the fused kernel
+    (`rotate_and_attend`), as kernels/dispatch.py chose for the model; the decode kernel runs where
+    the step's metadata carries a `DecodeBatch`, which the runner builds on its choice.
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sliding_window: int | None,
+        *,
+        fused_rope_kv: bool,
     ) -> None:
         super().__init__()
+        self.fused_rope_kv = fused_rope_kv
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -158,18 +143,12 @@ class PagedAttention(nn.Module):
         """Attention of q [T, heads, head_dim] and k [T, kv_heads, head_dim] before RoPE, with the
         step's (cos, sin) = `rope` (`RotaryEmbedding.forward`), and v -> [T, heads, head_dim].
 
-        Where the fused kernel applies, it rotates q and k and stores K and V in one launch;
+        With `fused_rope_kv` the kernel rotates q and k and stores K and V in one launch;
         otherwise `apply_rotary` and `forward`'s store do. Either way `forward` (and any hook on
         it) receives the rotated q and k."""
-        if rope_kv.applies(q, self.k_cache, self.v_cache):
+        if self.fused_rope_kv:
             q, k, v = rope_kv.rope_kv_write(
-                q,
-                k,
-                v,
-                rope,
-                meta.write_index,
-                self.k_cache,
-                self.v_cache,  # type: ignore[arg-type]
+                q, k, v, rope, meta.write_index, self.k_cache, self.v_cache
             )
             return self(q, k, v, meta, stored=True)
         return self(apply_rotary(q, *rope), apply_rotary(k, *rope), v, meta)
@@ -200,29 +179,11 @@ class PagedAttention(nn.Module):
             out[meta.decode_batch.token_idx] = self._decode_kernel(q, meta.decode_batch)
         return out
 
-    def decode_kernel_applies(self, dtype: torch.dtype) -> bool:
-        """Whether the CUDA decode kernel can serve this layer in compute dtype `dtype` (checked
-        once, after the cache is bound); otherwise its decodes take the torch path."""
-        from omniserve.kernels import attention as kernel
-        from omniserve.kernels.build import kernels_available
-
-        k_rows, v_rows = self.k_cache, self.v_cache
-        if not (hasattr(k_rows, "kernel_operands") and hasattr(v_rows, "kernel_operands")):
-            return False  # a storage format without kernel operands
-        rows, _ = k_rows.kernel_operands()
-        return kernels_available(rows.device) and kernel.supports(
-            self.num_heads, self.num_kv_heads, self.head_dim, dtype
-        )
-
     def _decode_kernel(self, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
-        from omniserve.kernels.attention import decode_attention
-
-        k_rows: KernelRows = self.k_cache  # type: ignore[assignment]  # decode_kernel_applies
-        v_rows: KernelRows = self.v_cache  # type: ignore[assignment]
         return decode_attention(
             q[batch.token_idx],
-            k_rows.kernel_operands(),
-            v_rows.kernel_operands(),
+            self.k_cache.kernel_operands(),
+            self.v_cache.kernel_operands(),
             batch.page_table,
             batch.seq_rows,
             batch.context_lens,

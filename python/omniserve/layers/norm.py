@@ -1,9 +1,11 @@
-"""RMSNorm, computed as HF Llama does so that fp16/bf16 outputs match it bit for bit."""
+"""RMSNorm: the module holding the weight of `formats.activation.rms_norm` (the formula, HF's)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from omniserve.formats.activation import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -13,8 +15,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32, then back to the activation dtype *before* the weight multiply: the
-        # order HF uses, which matters for bf16 equality.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)

@@ -1,11 +1,12 @@
 """The quantized linear layer (W4A8 per-channel, W4A8 g128, W8A8): reference path and CUDA kernels.
 
 y = quantized_linear(quantize_per_token(x), Ŵ) (+ b), returned in x's dtype: the input is quantized
-per token to int8 once (kernels/fused.py: the CUDA kernel on GPU, equal to the reference), and each
-stored weight runs the exact reference GEMM of quant/gemm.py.
-On a Hopper GPU, when the fused N and K are multiples of 128, `set_weight` instead repacks each
-shard into the CUDA kernels' layout (kernels/gemm.py) and, once all are loaded, concatenates them
-along N, so that forward is one kernel launch with the same result (rounded once to x's dtype).
+per token to int8 once (the quantizer the layer is built with: kernels/fused.py's CUDA kernel or
+its reference, equal to it), and each stored weight runs the exact reference GEMM of
+formats/gemm.py. A layer built for the CUDA GEMM (`kernel`, as kernels/dispatch.py chose for its
+N and K and the device) instead repacks each shard in `set_weight` into the kernels' layout
+(kernels/gemm.py) and, once all are loaded, concatenates them along N, so that forward is one
+kernel launch with the same result (rounded once to x's dtype).
 
 The layer also reads activations already quantized (`QuantizedActivation`): the model's RMSNorm and
 SiLU·mul emit them in one fused kernel each (kernels/fused.py), so the separate quantizer pass over
@@ -16,28 +17,28 @@ Fused projections (q/k/v, gate/up) keep one stored weight per shard instead of c
 formats along N: a shard's tensors stay exactly the checkpoint's (so the loader only validates
 and places them), g128's permuted group-scale columns and W4A8's N-multiple-of-32 tiles need no
 re-layout, and the activation is still quantized once for all shards, which is what fusing buys
-on this path. A CUDA path converts to its own fused layout at load time (DESIGN.md §5).
+on this path. A CUDA path converts to its own fused layout at load time
+(docs/formats.md#kernel-weight-layout).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from omniserve.formats.activation import QuantizedActivation
+from omniserve.formats.gemm import quantized_linear
+from omniserve.formats.weight import QuantizedWeight
 from omniserve.kernels import gemm as gemm_kernels
-from omniserve.kernels.build import kernels_available
-from omniserve.kernels.fused import quantize_per_token
+from omniserve.kernels.packed_weight import PackedWeight
 from omniserve.layers.linear import (
     TensorSlot,
     checked_shard_names,
     fused_slots,
     shard_prefixes,
 )
-from omniserve.quant.activation import QuantizedActivation
-from omniserve.quant.gemm import quantized_linear
-from omniserve.quant.weight import QuantizedWeight
 
 
 class QuantizedLinear(nn.Module):
@@ -45,7 +46,11 @@ class QuantizedLinear(nn.Module):
 
     Biases stay in the model dtype, under the same fused slots as `Linear`'s. The stored weights
     are filled by `set_weight` from `quantized_slots`: checkpoint linear name → slice index.
+    `kernel`: run the CUDA GEMM (else the reference); `quantize`: the per-token quantizer of float
+    inputs (`ActivationOps.quantize_per_token`). Both are the model's kernel choices.
     """
+
+    _dtype_tracker: torch.Tensor
 
     def __init__(
         self,
@@ -54,8 +59,14 @@ class QuantizedLinear(nn.Module):
         fmt: type[QuantizedWeight],
         bias: bool = False,
         shard_names: Sequence[str] | None = None,
+        *,
+        kernel: bool,
+        quantize: Callable[[torch.Tensor], QuantizedActivation],
     ) -> None:
         super().__init__()
+        self.uses_kernels = kernel
+        """Whether the weights are placed for, and forward runs, the CUDA GEMM."""
+        self.quantize = quantize
         self.in_features = in_features
         self.shard_names = checked_shard_names(out_sizes, shard_names)
         self.out_sizes = tuple(out_sizes) if shard_names is not None else (sum(out_sizes),)
@@ -66,8 +77,8 @@ class QuantizedLinear(nn.Module):
             fmt.check_shape(n, in_features)  # ValueError naming the format's tile constraints
         self.weights: list[QuantizedWeight | None] = [None] * len(self.out_sizes)
         # CUDA path: shards in the kernels' layout until all are loaded, then their concatenation.
-        self._packed_shards: list[gemm_kernels.PackedWeight | None] = [None] * len(self.out_sizes)
-        self.packed: gemm_kernels.PackedWeight | None = None
+        self._packed_shards: list[PackedWeight | None] = [None] * len(self.out_sizes)
+        self.packed: PackedWeight | None = None
         self.bias = nn.Parameter(torch.empty(sum(out_sizes)), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
@@ -75,7 +86,7 @@ class QuantizedLinear(nn.Module):
         int8 ones from a fused op (y in the model dtype, `self.dtype`)."""
         if isinstance(x, QuantizedActivation):
             return self.forward_quantized(x, self.dtype)
-        return self._gemm(quantize_per_token(x), x.dtype)
+        return self._gemm(self.quantize(x), x.dtype)
 
     def forward_quantized(self, xq: QuantizedActivation, out_dtype: torch.dtype) -> torch.Tensor:
         """y [T, N] in `out_dtype` of per-token int8 activations (codes [T, K], fp16 scales and
@@ -103,11 +114,6 @@ class QuantizedLinear(nn.Module):
         `.to()`. Outputs of quantized inputs, which carry no float dtype, are in it."""
         return self._dtype_tracker.dtype
 
-    @property
-    def uses_kernels(self) -> bool:
-        """Whether the weights were placed for the CUDA kernels (else the reference path runs)."""
-        return self.packed is not None or any(p is not None for p in self._packed_shards)
-
     def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
         """The fp tensors this layer reads (biases), as `Linear.checkpoint_slots`."""
         return fused_slots(prefix, self.shard_names, self.out_sizes, {"bias": self.bias})
@@ -125,7 +131,7 @@ class QuantizedLinear(nn.Module):
                 f"{type(weight).__name__} of shape {list(weight.shape)}"
             )
         moved = type(weight)(**{name: t.to(device) for name, t in weight.tensors().items()})
-        if not self._kernels_fit(device):
+        if not self.uses_kernels:
             self.weights[index] = moved
             return
         self._packed_shards[index] = gemm_kernels.pack(moved)
@@ -138,13 +144,6 @@ class QuantizedLinear(nn.Module):
         """Bytes of the stored weights (not parameters, so not in `parameters()`)."""
         placed = [w for w in (*self.weights, *self._packed_shards, self.packed) if w is not None]
         return sum(t.nbytes for w in placed for t in w.tensors().values())
-
-    def _kernels_fit(self, device: torch.device) -> bool:
-        return (
-            device.type == "cuda"
-            and kernels_available(device)
-            and gemm_kernels.supports(self.out_sizes, self.in_features)
-        )
 
     def _gemm(self, xq: QuantizedActivation, out_dtype: torch.dtype) -> torch.Tensor:
         if self.uses_kernels:

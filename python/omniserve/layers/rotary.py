@@ -52,6 +52,9 @@ class RotaryEmbedding(nn.Module):
     values HF computes per step, without recomputing them each step.
     """
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, rope: dict[str, Any]) -> None:
         super().__init__()
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
@@ -59,7 +62,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = inverse_frequencies(head_dim, rope)
         positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         angles = torch.outer(positions, inv_freq)
-        target = {"device": torch.get_default_device(), "dtype": torch.get_default_dtype()}
+        target: dict[str, Any] = {
+            "device": torch.get_default_device(),
+            "dtype": torch.get_default_dtype(),
+        }
         # Non-persistent: derived from the config, never read from a checkpoint.
         self.register_buffer("cos", angles.cos().to(**target), persistent=False)
         self.register_buffer("sin", angles.sin().to(**target), persistent=False)

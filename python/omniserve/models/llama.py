@@ -8,23 +8,24 @@ name; q/k/v and gate/up are fused into one matmul each, filled slice by slice at
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from omniserve.kernels import fused
+from omniserve.formats.activation import QuantizedActivation
+from omniserve.formats.precision import Precision
+from omniserve.formats.weight import QuantizedWeight, weight_format
+from omniserve.kernels.dispatch import KernelChoices, ModelShape
+from omniserve.kernels.fused import ActivationOps
 from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.attention import AttentionMetadata, PagedAttention
 from omniserve.layers.linear import Linear
 from omniserve.layers.norm import RMSNorm
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.rotary import RotaryEmbedding
-from omniserve.quant.activation import QuantizedActivation
-from omniserve.quant.precision import Precision
-from omniserve.quant.weight import QuantizedWeight, weight_format
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -70,17 +71,64 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
 WeightFormat = type[QuantizedWeight] | None
 """The stored format of the decoder's projections, None for fp weights (`Linear`)."""
 
+ProjectionShape = tuple[tuple[int, ...], int]
+"""(output sizes of a projection's shards, in_features)."""
+
+
+def head_dims(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of every attention layer."""
+    num_heads = config.num_attention_heads
+    num_kv_heads = config.num_key_value_heads or num_heads
+    return (
+        num_heads,
+        num_kv_heads,
+        getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+    )
+
+
+def projection_shapes(config: PretrainedConfig) -> dict[str, ProjectionShape]:
+    """Every decoder layer's projections, by module name: what they are built with and what their
+    GEMM kernel choice is made for."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    num_heads, num_kv_heads, head_dim = head_dims(config)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    return {
+        "qkv_proj": ((q_size, kv_size, kv_size), hidden),
+        "o_proj": ((hidden,), q_size),
+        "gate_up_proj": ((inter, inter), hidden),
+        "down_proj": ((hidden,), inter),
+    }
+
+
+def kernel_shape(config: PretrainedConfig, precision: Precision | None) -> ModelShape:
+    """What the model's kernel choices depend on (kernels/dispatch.py `decide`): its attention
+    shape, and its projections where `precision` quantizes the weights."""
+    quantized = precision is not None and precision.quantized_weights
+    return ModelShape(
+        *head_dims(config), projections=projection_shapes(config) if quantized else {}
+    )
+
 
 def _projection(
-    in_features: int,
-    out_sizes: list[int],
+    name: str,
+    config: PretrainedConfig,
     bias: bool,
     fmt: WeightFormat,
+    kernels: KernelChoices,
     shard_names: tuple[str, ...] | None = None,
 ) -> Linear | QuantizedLinear:
+    out_sizes, in_features = projection_shapes(config)[name]
     if fmt is None:
         return Linear(in_features, out_sizes, bias, shard_names)
-    return QuantizedLinear(in_features, out_sizes, fmt, bias, shard_names)
+    return QuantizedLinear(
+        in_features,
+        out_sizes,
+        fmt,
+        bias,
+        shard_names,
+        kernel=kernels.gemm[name].kernel,
+        quantize=kernels.activation_ops().quantize_per_token,
+    )
 
 
 ProjectionInput = torch.Tensor | QuantizedActivation
@@ -99,17 +147,25 @@ class ProjectionInputOps(NamedTuple):
     """silu(gate)·up of gate_up_proj's output, before down_proj."""
 
 
-def projection_input_ops(fmt: WeightFormat) -> ProjectionInputOps:
+def projection_input_ops(fmt: WeightFormat, quantized: ActivationOps) -> ProjectionInputOps:
     """Quantized projections read per-token int8, so the ops before them emit it: RMSNorm (with
-    the residual add before it) and SiLU·mul fused with the quantizer (kernels/fused.py), one
-    launch each where the float ops take several and the projection's quantizer one more. Their
-    references are exactly that composition, so outputs do not change. o_proj reads the attention
-    output, which stays float."""
+    the residual add before it) and SiLU·mul fused with the quantizer (`quantized`: the kernels
+    of kernels/fused.py or their references, as chosen for the model), one launch each where the
+    float ops take several and the projection's quantizer one more. Their references are exactly
+    that composition, so outputs do not change. o_proj reads the attention output, which stays
+    float."""
     if fmt is None:
         return ProjectionInputOps(norm=_rmsnorm, add_norm=_add_rmsnorm, act=SiluAndMul())
-    return ProjectionInputOps(
-        norm=fused.rmsnorm_quant, add_norm=fused.add_rmsnorm_quant, act=fused.silu_mul_quant
-    )
+
+    def norm(x: torch.Tensor, n: RMSNorm) -> QuantizedActivation:
+        return quantized.rmsnorm_quant(x, n.weight, n.eps)
+
+    def add_norm(
+        x: torch.Tensor, delta: torch.Tensor, n: RMSNorm
+    ) -> tuple[torch.Tensor, QuantizedActivation]:
+        return quantized.add_rmsnorm_quant(x, delta, n.weight, n.eps)
+
+    return ProjectionInputOps(norm=norm, add_norm=add_norm, act=quantized.silu_mul_quant)
 
 
 def _rmsnorm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
@@ -125,25 +181,31 @@ def _add_rmsnorm(
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, sliding_window: int | None, fmt: WeightFormat
+        self,
+        config: PretrainedConfig,
+        sliding_window: int | None,
+        fmt: WeightFormat,
+        kernels: KernelChoices,
     ) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.num_heads, self.num_kv_heads, self.head_dim = head_dims(config)
+        self.qkv_sizes = list(projection_shapes(config)["qkv_proj"][0])
         # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
         if config.model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = _projection(
-            hidden, self.qkv_sizes, qkv_bias, fmt, ("q_proj", "k_proj", "v_proj")
+            "qkv_proj", config, qkv_bias, fmt, kernels, ("q_proj", "k_proj", "v_proj")
         )
-        self.o_proj = _projection(q_size, [hidden], o_bias, fmt)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window)
+        self.o_proj = _projection("o_proj", config, o_bias, fmt, kernels)
+        self.attn = PagedAttention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            sliding_window,
+            fused_rope_kv=kernels.rope_kv.kernel,
+        )
 
     def forward(
         self, x: ProjectionInput, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -156,15 +218,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, fmt: WeightFormat) -> None:
+    def __init__(self, config: PretrainedConfig, fmt: WeightFormat, kernels: KernelChoices) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-        hidden, inter = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = _projection(hidden, [inter, inter], bias, fmt, ("gate_proj", "up_proj"))
-        self.act = projection_input_ops(fmt).act
-        self.down_proj = _projection(inter, [hidden], bias, fmt)
+        self.gate_up_proj = _projection(
+            "gate_up_proj", config, bias, fmt, kernels, ("gate_proj", "up_proj")
+        )
+        self.act = projection_input_ops(fmt, kernels.activation_ops()).act
+        self.down_proj = _projection("down_proj", config, bias, fmt, kernels)
 
     def forward(self, x: ProjectionInput) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -172,14 +235,18 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, sliding_window: int | None, fmt: WeightFormat
+        self,
+        config: PretrainedConfig,
+        sliding_window: int | None,
+        fmt: WeightFormat,
+        kernels: KernelChoices,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, sliding_window, fmt)
+        self.self_attn = LlamaAttention(config, sliding_window, fmt, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, fmt)
-        ops = projection_input_ops(fmt)
+        self.mlp = LlamaMLP(config, fmt, kernels)
+        ops = projection_input_ops(fmt, kernels.activation_ops())
         self.normalize, self.add_normalize = ops.norm, ops.add_norm
 
     def forward(
@@ -203,7 +270,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_positions: int, fmt: WeightFormat) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        max_positions: int,
+        fmt: WeightFormat,
+        kernels: KernelChoices,
+    ) -> None:
         super().__init__()
         # `_weight` skips nn.Embedding's random init: the loader fills the table.
         table = torch.empty(config.vocab_size, config.hidden_size)
@@ -212,9 +285,10 @@ class LlamaModel(nn.Module):
         windows = [
             w if w is not None and w < max_positions else None for w in sliding_windows(config)
         ]
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, fmt) for w in windows)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, fmt, kernels) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        head_dim = self.layers[0].self_attn.head_dim
+        # nn.ModuleList is untyped: its items are the LlamaDecoderLayers built above.
+        head_dim = cast(LlamaDecoderLayer, self.layers[0]).self_attn.head_dim
         self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config))
 
     def forward(
@@ -232,10 +306,15 @@ class LlamaForCausalLM(nn.Module):
     """Built under the loader's default device and dtype, with uninitialised parameters.
 
     `precision` with quantized weights makes every decoder projection a `QuantizedLinear` of its
-    format; embeddings, norms and lm_head stay in the model dtype, as in QServe."""
+    format; embeddings, norms and lm_head stay in the model dtype, as in QServe. `kernels`: which
+    ops run CUDA kernels (kernels/dispatch.py, decided for `kernel_shape(config, precision)`)."""
 
     def __init__(
-        self, config: PretrainedConfig, max_positions: int, precision: Precision | None = None
+        self,
+        config: PretrainedConfig,
+        max_positions: int,
+        precision: Precision | None,
+        kernels: KernelChoices,
     ) -> None:
         super().__init__()
         self.config = config
@@ -244,7 +323,7 @@ class LlamaForCausalLM(nn.Module):
             if precision is not None and precision.quantized_weights
             else None
         )
-        self.model = LlamaModel(config, max_positions, fmt)
+        self.model = LlamaModel(config, max_positions, fmt, kernels)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (
             None if self.tie_word_embeddings else Linear(config.hidden_size, [config.vocab_size])
@@ -265,7 +344,8 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        # nn.ModuleList is untyped: its items are LlamaDecoderLayers.
+        return [cast(LlamaDecoderLayer, layer).self_attn.attn for layer in self.model.layers]
 
     def skips_checkpoint_tensor(self, name: str) -> bool:
         """Checkpoint tensors that may be present but are not read: RoPE tables some old

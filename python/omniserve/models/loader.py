@@ -5,16 +5,16 @@ parameter is filled from the checkpoint one tensor at a time (memory-mapped on t
 cast into place), so an 8B model never exists twice in memory. Names, shapes and dtypes are
 checked against the model before any data moves, and each problem is reported by tensor name.
 
-A quantized checkpoint (config.json with our `quantization_config`, quant/checkpoint.py) is read
+A quantized checkpoint (config.json with our `quantization_config`, formats/checkpoint.py) is read
 and validated whole by `read_checkpoint`; its stored linears go into the model's `QuantizedLinear`
 slices and its other tensors (embeddings, norms, biases, lm_head) through the same slots as fp.
-A QServe model-zoo directory (config.json + pytorch_model.bin / *.pt, quant/qserve_zoo.py) is
+A QServe model-zoo directory (config.json + pytorch_model.bin / *.pt, formats/qserve_zoo.py) is
 converted in memory into the same validated checkpoint, so both take one load path. A per-tensor
 KV8 checkpoint also yields its static KV scales, which the runner gives the KV cache.
 There is no on-the-fly quantization of checkpoint weights: w4a8/w8a8 need such a checkpoint
-(`quant/rtn_model.py` writes an RTN one from an fp checkpoint). Random weights (load_format "dummy",
-for benchmarks) are the exception: each quantized linear slice is the RTN of random fp weights,
-placed through the same `QuantizedLinear.set_weight` as a checkpoint's.
+(`quantize/rtn_model.py` writes an RTN one from an fp checkpoint). Random weights (load_format
+"dummy", for benchmarks) are the exception: each quantized linear slice is the RTN of random fp
+weights, placed through the same `QuantizedLinear.set_weight` as a checkpoint's.
 """
 
 from __future__ import annotations
@@ -31,23 +31,24 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.layers.linear import TensorSlot
-from omniserve.layers.norm import RMSNorm
-from omniserve.layers.quantized_linear import QuantizedLinear
-from omniserve.models.llama import ARCHITECTURES, MODEL_TYPES, LlamaForCausalLM
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     QuantizationConfig,
     QuantizedCheckpoint,
     check_precision,
     read_checkpoint,
 )
-from omniserve.quant.precision import Precision
-from omniserve.quant.qserve_zoo import (
+from omniserve.formats.precision import Precision
+from omniserve.formats.qserve_zoo import (
     is_qserve_checkpoint,
     qserve_precision,
     read_qserve_checkpoint,
 )
-from omniserve.quant.weight import QuantizedWeight, quantize_weight
+from omniserve.formats.weight import QuantizedWeight, quantize_weight
+from omniserve.kernels.dispatch import KernelChoices
+from omniserve.layers.linear import TensorSlot
+from omniserve.layers.norm import RMSNorm
+from omniserve.layers.quantized_linear import QuantizedLinear
+from omniserve.models.llama import ARCHITECTURES, MODEL_TYPES, LlamaForCausalLM
 
 DUMMY_INIT_STD = 0.02
 """Std of random weights: HF's usual initializer_range. With an RMSNorm in front of every block the
@@ -97,7 +98,7 @@ def resolve_precision(
         raise ConfigError(
             f"precision {requested.name} needs a quantized checkpoint, but {model_dir} holds fp "
             "weights (no quantization_config); write one with "
-            "omniserve.quant.rtn_model.write_rtn_checkpoint (RTN) or serve a w16a16 precision"
+            "omniserve.quantize.rtn_model.write_rtn_checkpoint (RTN) or serve a w16a16 precision"
         )
     return requested
 
@@ -115,18 +116,21 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_positions: int,
+    kernels: KernelChoices,
     precision: Precision | None = None,
     dummy_seed: int | None = None,
 ) -> LoadedModel:
-    """The model on `device` in `dtype`; random weights seeded by `dummy_seed` when it is given
-    (quantized ones for a `precision` with quantized weights, see `init_dummy_weights`), else the
-    checkpoint's safetensors. `precision` (from `resolve_precision`) with quantized weights reads
-    a quantized checkpoint (ours or QServe's zoo) that must hold exactly that precision; a
-    per-tensor KV8 one also gives its static KV scales (random weights use per-token KV)."""
+    """The model on `device` in `dtype`, its ops on the kernels or references `kernels` chose
+    (kernels/dispatch.py, for `llama.kernel_shape(hf_config, precision)`); random weights seeded
+    by `dummy_seed` when it is given (quantized ones for a `precision` with quantized weights, see
+    `init_dummy_weights`), else the checkpoint's safetensors. `precision` (from
+    `resolve_precision`) with quantized weights reads a quantized checkpoint (ours or QServe's
+    zoo) that must hold exactly that precision; a per-tensor KV8 one also gives its static KV
+    scales (random weights use per-token KV)."""
     quantized = precision if precision is not None and precision.quantized_weights else None
     try:
         with _default_device_and_dtype(device, dtype):
-            model = LlamaForCausalLM(hf_config, max_positions, precision)
+            model = LlamaForCausalLM(hf_config, max_positions, precision, kernels)
     except ValueError as exc:  # a config value the model (or the weight format) does not allow
         raise CheckpointError(f"{model_dir}/config.json: {exc}") from None
     kv_scales = None
@@ -212,9 +216,9 @@ def init_dummy_weights(
     """Random weights from `seed` (same seed and device: same model); norm scales are 1.
 
     A model built for a quantized-weight `precision` gets each `QuantizedLinear` slice as the RTN
-    (quant/weight.py) of fp32 weights drawn like the parameters, one slice at a time on the
-    model's device: an 8B model quantizes in seconds on a GPU, and memory beyond the model stays
-    at one slice of fp weights (plus the quantizer's temporaries).
+    (formats/weight.py) of fp32 weights drawn like the parameters, one slice at a time on the
+    model's device, so memory beyond the model stays at one slice of fp weights (plus the
+    quantizer's temporaries).
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -9,7 +9,7 @@ attention sees it flattened to rows: head h of slot s is row h * num_slots + s. 
 indexed [kv_heads, ...] then reads whole head_dim rows (a fast row gather) straight into the
 [kv_heads, ..., head_dim] batches attention's matmuls want, with no transposing copy.
 
-A quantized cache (KV8/KV4, `quant/kv.py`) keeps the same rows in two tensors: the codes (uint8,
+A quantized cache (KV8/KV4, `formats/kv.py`) keeps the same rows in two tensors: the codes (uint8,
 head_dim bytes per row for KV8, head_dim / 2 for KV4) and each row's fp16 (scale, zero). Both are
 indexed by the same cache rows, so the page math is the same for every storage format; K and V are
 quantized when written and dequantized to the compute dtype when read. On a Hopper GPU the
@@ -29,16 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from omniserve.layers.attention import CacheRows, PagedAttention
-from omniserve.quant.kv import (
+from omniserve.formats.kv import (
     PER_TENSOR,
     PER_TOKEN_HEAD,
+    CacheRows,
     dequantize_kv,
     dequantize_kv_static,
     packed_dim,
     quantize_kv,
     quantize_kv_static,
 )
+from omniserve.layers.attention import PagedAttention
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ class KVCacheSpec:
     dtype: torch.dtype
     """The compute dtype: what the cache stores when not quantized, and what reads return."""
     kv_bits: int | None = None
-    """8 or 4 for a quantized cache (`quant/kv.py`); None stores `dtype`."""
+    """8 or 4 for a quantized cache (`formats/kv.py`); None stores `dtype`."""
     kv_granularity: str = PER_TOKEN_HEAD
     """PER_TOKEN_HEAD, or PER_TENSOR (static KV8: kv_bits 8, scales given to the KVCache)."""
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -12,12 +12,13 @@ import transformers
 
 from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
 from omniserve.errors import ConfigError
-from omniserve.kernels.build import unavailable_reason
+from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD
+from omniserve.formats.precision import Precision
+from omniserve.kernels import dispatch
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.sampler import Sampler, SampleResult
+from omniserve.models.llama import kernel_shape
 from omniserve.models.loader import load_hf_config, load_model, resolve_precision
-from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD
-from omniserve.quant.precision import Precision
 from omniserve.runner.decode_graphs import DecodeGraphs
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec
 from omniserve.runner.memory import cuda_memory_for_kv_cache
@@ -38,6 +39,8 @@ class StepOutput(NamedTuple):
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GIB = 1 << 30
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRunner:
     hf_config: transformers.PretrainedConfig
@@ -50,6 +53,8 @@ class ModelRunner:
     precision: Precision | None
     """The served precision: the requested one or the checkpoint's; None for an fp checkpoint
     served without one (w16a16, KV cache per kv_cache_dtype)."""
+    kernels: dispatch.KernelChoices
+    """Which ops run CUDA kernels and which their torch references, decided once for the model."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -57,13 +62,6 @@ class ModelRunner:
         self.dtype = _DTYPES.get(
             config.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )
-        if self.device.type == "cuda" and (reason := unavailable_reason(self.device)) is not None:
-            # Correct but slow (quantized GEMMs run as exact float64 matmuls): say so once.
-            warnings.warn(
-                f"omniserve CUDA kernels unavailable ({reason}); running the torch reference ops",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         self.hf_config = load_hf_config(config.model)
         model_limit = self.hf_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
@@ -73,12 +71,27 @@ class ModelRunner:
         )
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
+        self.kernels = dispatch.decide(
+            device=self.device,
+            dtype=self.dtype,
+            attention_backend=config.attention_backend,
+            shape=kernel_shape(self.hf_config, self.precision),
+        )
+        for op, reason in self.kernels.summary():
+            logger.info("%s: %s", op, reason)
+        if fallbacks := self.kernels.fallbacks():
+            # Correct but slower (quantized GEMMs run as exact float64 matmuls): say so, once.
+            logger.warning(
+                "CUDA kernels not used (the torch reference runs instead) for %s",
+                "; ".join(f"{op} ({reason})" for op, reason in fallbacks),
+            )
         self.model, self._kv_scales = load_model(
             config.model,
             self.hf_config,
             device=self.device,
             dtype=self.dtype,
             max_positions=self.max_model_len,
+            kernels=self.kernels,
             precision=self.precision,
             dummy_seed=config.seed if config.load_format == "dummy" else None,
         )
@@ -216,10 +229,7 @@ class ModelRunner:
             self.config.max_num_batched_tokens,
             self._gather_budget,
             self.device,
-            decode_kernel=self.config.attention_backend == "auto"
-            and all(
-                layer.decode_kernel_applies(self.dtype) for layer in self.model.attention_layers
-            ),
+            decode_kernel=self.kernels.decode_attention.kernel,
         )
         return cache, inputs
 
@@ -294,14 +304,13 @@ def _synthetic_plan(pos0: list[int], num_new: list[int]) -> StepPlan:
     counts = torch.tensor(num_new, dtype=torch.int32)
     qstart = torch.zeros(n + 1, dtype=torch.int32)
     torch.cumsum(counts, 0, out=qstart[1:])
-    return StepPlan(
+    return StepPlan.of(
         rows=torch.arange(n, dtype=torch.int32),
         pos0=torch.tensor(pos0, dtype=torch.int32),
         num_new=counts,
         qstart=qstart,
         flags=torch.full((n,), FLAG_NEEDS_LOGITS, dtype=torch.int32),
         input_ids=torch.zeros(int(qstart[-1]), dtype=torch.int32),
-        page_updates=torch.zeros((0, 3), dtype=torch.int32),
     )
 
 

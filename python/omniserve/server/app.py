@@ -2,9 +2,9 @@
 
 Stack: **Starlette used directly, served by uvicorn.**
 - Starlette is the ASGI toolkit FastAPI is built on, without FastAPI's pydantic layer. We decode and
-  validate bodies with msgspec (already a core dependency, several times faster than pydantic and
-  strict about types), so FastAPI would add a second validation system, an OpenAPI generator we do
-  not need, and per-request overhead on the hot path, for nothing in return.
+  validate bodies with msgspec (already a core dependency, fast, and strict about types), so
+  FastAPI would add a second validation system, an OpenAPI generator we do not need, and
+  per-request overhead on the hot path, for nothing in return.
 - Starlette gives routing, a streaming response that watches for `http.disconnect` while it streams
   (that is how a vanished client aborts its request), and lifespan events (start the engine thread,
   drain and stop it), which is all this server needs. aiohttp would work too, but it is its own

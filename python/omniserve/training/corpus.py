@@ -3,8 +3,8 @@
 Two sources, in this order: the interpreter's standard library (PSF licence), whole, then the `.py`
 files of installed distributions whose metadata declares a permissive licence, until a byte budget
 is full. The stdlib alone (~10 MB, ~3M tokens without its test suite) is far too little for a
-330M-token run: the previous model saw it ~70 times and memorised it (held-out loss rose from 2.5
-to 5.6 while the training loss fell to 0.08).
+full training run: a model trained on it alone saw it dozens of times and memorised it (its
+held-out loss rose while the training loss kept falling).
 
 Files are identified by their path relative to their source's root (`json/decoder.py`,
 `site-packages/numpy/linalg/_linalg.py`), and both the held-out split and the order in which the

@@ -216,9 +216,10 @@ engine in fp32 must reproduce them (`tests/test_bundled_model.py`):
 ```
 python python/omniserve/training/train_small_model.py --output python/omniserve/assets/model --time-budget-s {t["time_budget_s"]:g} --seed {log["seed"]}
 ```
-(or `python -m omniserve.training.train_small_model ...`). One H100, under 10 minutes including data
-preparation. The run is seeded, but it stops on a wall-clock budget and GPU kernels are not bitwise
-deterministic, so another run gives a model of the same quality, not the same bits; `--max-steps`
+(or `python -m omniserve.training.train_small_model ...`). One GPU; the run's wall time, data
+preparation included, is `total_wall_s` in `training_log.json`. The run is seeded, but it stops on
+a wall-clock budget and GPU kernels are not bitwise deterministic, so another run gives a model of
+the same quality, not the same bits; `--max-steps`
 fixes the step count. The corpus is the stdlib and site-packages of the interpreter that runs the
 script, so it follows that machine's installed distributions (listed above).
 All numbers here come from `training_log.json` and `eval_reference.json` next to this card.

@@ -1,5 +1,5 @@
-//! Per-step CPU cost of the scheduler core at batch 256 (DESIGN §3: schedule() + update()
-//! ≤ 50 µs in steady decode). Run with `cargo bench -p omniserve-scheduler`.
+//! Per-step CPU cost of the scheduler core at batch 256 (docs/architecture.md#cpu-budget:
+//! schedule() + update() ≤ 50 µs in steady decode). Run with `cargo bench -p omniserve-scheduler`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

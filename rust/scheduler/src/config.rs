@@ -28,60 +28,174 @@ impl std::str::FromStr for Policy {
             "fcfs" => Ok(Policy::Fcfs),
             "priority" => Ok(Policy::Priority),
             other => Err(SchedulerError::InvalidConfig(format!(
-                "policy must be 'fcfs' or 'priority', got {other:?}"
+                "scheduling_policy must be 'fcfs' or 'priority', got {other:?}"
             ))),
         }
     }
 }
 
-/// Field meanings are those of `SchedulerConfig` in `_scheduler.pyi`.
+/// A configuration value as it crosses a by-name boundary (the Python binding).
 #[derive(Debug, Clone, PartialEq)]
-pub struct SchedulerConfig {
-    pub page_size: u32,
-    /// Dense pages including the null page 0.
-    pub num_dense_pages: u32,
-    pub max_num_seqs: u32,
-    pub max_num_batched_tokens: u32,
-    pub max_model_len: u32,
-    pub max_partial_prefills: u32,
-    /// Per-request cap on one prefill chunk; 0 = no cap below the step budget.
-    pub long_prefill_token_threshold: u32,
-    /// Fraction of the dense pool that admission keeps free so running requests can grow.
-    pub watermark: f64,
-    pub skip_limit: u32,
-    pub hol_age_steps: u32,
-    pub policy: Policy,
-    /// Streaming pages including the null page 0; 0 turns the streaming pool off.
-    pub num_stream_pages: u32,
-    pub stream_sink_pages: u32,
-    pub stream_local_pages: u32,
-    pub logical_pages_per_page: u32,
-    pub select_interval: u32,
+pub enum ConfigValue {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl std::fmt::Display for ConfigValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigValue::Int(v) => write!(f, "{v}"),
+            ConfigValue::Float(v) => write!(f, "{v}"),
+            ConfigValue::Str(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
+/// How a field's type converts from and to a `ConfigValue`.
+trait ConfigField: Sized {
+    fn from_value(name: &str, value: ConfigValue) -> Result<Self>;
+    fn to_value(&self) -> ConfigValue;
+}
+
+impl ConfigField for u32 {
+    fn from_value(name: &str, value: ConfigValue) -> Result<Self> {
+        match value {
+            ConfigValue::Int(v) => u32::try_from(v)
+                .map_err(|_| invalid(format!("{name} must be in [0, 2^32), got {v}"))),
+            other => Err(invalid(format!("{name} must be an integer, got {other}"))),
+        }
+    }
+    fn to_value(&self) -> ConfigValue {
+        ConfigValue::Int(i64::from(*self))
+    }
+}
+
+impl ConfigField for f64 {
+    fn from_value(name: &str, value: ConfigValue) -> Result<Self> {
+        match value {
+            ConfigValue::Float(v) => Ok(v),
+            ConfigValue::Int(v) => Ok(v as f64),
+            other => Err(invalid(format!("{name} must be a number, got {other}"))),
+        }
+    }
+    fn to_value(&self) -> ConfigValue {
+        ConfigValue::Float(*self)
+    }
+}
+
+impl ConfigField for Policy {
+    fn from_value(name: &str, value: ConfigValue) -> Result<Self> {
+        match value {
+            ConfigValue::Str(s) => s.parse(),
+            other => Err(invalid(format!("{name} must be a string, got {other}"))),
+        }
+    }
+    fn to_value(&self) -> ConfigValue {
+        ConfigValue::Str(self.as_str().to_string())
+    }
+}
+
+/// Declares `SchedulerConfig` once: each field's doc, type and (for options) default. The
+/// struct, `new`, the by-name `FIELDS`/`get`/`set` the binding uses, and the binding's getters
+/// all come from this list, so adding an option is one line here (plus its check in `validate`).
+///
+/// `sizes` are what the engine derives (pool sizes, the model's length) and `new` takes;
+/// `options` are the user's knobs, with their one default.
+macro_rules! scheduler_config {
+    (
+        sizes { $( $(#[doc = $sdoc:literal])* $size:ident: $sty:ty, )* }
+        options { $( $(#[doc = $odoc:literal])* $opt:ident: $oty:ty = $default:expr, )* }
+    ) => {
+        #[derive(Debug, Clone, PartialEq)]
+        #[cfg_attr(
+            feature = "python",
+            pyo3::pyclass(module = "omniserve._scheduler", frozen, get_all, skip_from_py_object)
+        )]
+        pub struct SchedulerConfig {
+            $( $(#[doc = $sdoc])* pub $size: $sty, )*
+            $( $(#[doc = $odoc])* pub $opt: $oty, )*
+        }
+
+        impl SchedulerConfig {
+            /// Every field name, sizes first.
+            pub const FIELDS: &'static [&'static str] =
+                &[$( stringify!($size), )* $( stringify!($opt), )*];
+            /// The fields with a default, i.e. what `SchedulerConfig::new` does not take.
+            pub const OPTIONS: &'static [&'static str] = &[$( stringify!($opt), )*];
+
+            /// The given sizes and every option at its default.
+            pub fn new($( $size: $sty ),*) -> Self {
+                Self { $( $size, )* $( $opt: $default, )* }
+            }
+
+            /// One field by name.
+            pub fn get(&self, name: &str) -> Option<ConfigValue> {
+                match name {
+                    $( stringify!($size) => Some(self.$size.to_value()), )*
+                    $( stringify!($opt) => Some(self.$opt.to_value()), )*
+                    _ => None,
+                }
+            }
+
+            /// Sets one field by name; the whole config is checked by `validate`.
+            pub fn set(&mut self, name: &str, value: ConfigValue) -> Result<()> {
+                match name {
+                    $( stringify!($size) => self.$size = ConfigField::from_value(name, value)?, )*
+                    $( stringify!($opt) => self.$opt = ConfigField::from_value(name, value)?, )*
+                    _ => {
+                        return Err(invalid(format!(
+                            "unknown scheduler option {name:?}; known: {}",
+                            Self::FIELDS.join(", ")
+                        )))
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+scheduler_config! {
+    sizes {
+        /// Dense pages including the null page 0.
+        num_dense_pages: u32,
+        /// Longest sequence (prompt + outputs) the model takes.
+        max_model_len: u32,
+    }
+    options {
+        /// Tokens per KV page.
+        page_size: u32 = 64,
+        /// Rows of the persistent batch: requests running at once.
+        max_num_seqs: u32 = 256,
+        /// Token budget of one step.
+        max_num_batched_tokens: u32 = 8192,
+        /// Prefills that may be in progress (split over steps) at once.
+        max_partial_prefills: u32 = 4,
+        /// Per-request cap on one prefill chunk; 0 = no cap below the step budget.
+        long_prefill_token_threshold: u32 = 0,
+        /// Fraction of the dense pool that admission keeps free so running requests can grow.
+        watermark: f64 = 0.01,
+        /// How many later waiting requests may be admitted past a head that does not fit.
+        skip_limit: u32 = 8,
+        /// Steps after which the head of the queue stops being skipped.
+        hol_age_steps: u32 = 64,
+        /// Order of the waiting queue and of preemption victims.
+        scheduling_policy: Policy = Policy::Fcfs,
+        /// Streaming pages including the null page 0; 0 turns the streaming pool off.
+        num_stream_pages: u32 = 0,
+        /// Sink pages of a streaming table.
+        stream_sink_pages: u32 = 0,
+        /// Pages of a streaming table's local ring.
+        stream_local_pages: u32 = 0,
+        /// Logical (selection) pages per physical page.
+        logical_pages_per_page: u32 = 4,
+        /// Decode steps between two page selections of a request.
+        select_interval: u32 = 4,
+    }
 }
 
 impl SchedulerConfig {
-    /// The defaults of the Python constructor for everything but the two required values.
-    pub fn new(num_dense_pages: u32, max_model_len: u32) -> Self {
-        Self {
-            page_size: 64,
-            num_dense_pages,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
-            max_model_len,
-            max_partial_prefills: 4,
-            long_prefill_token_threshold: 0,
-            watermark: 0.01,
-            skip_limit: 8,
-            hol_age_steps: 64,
-            policy: Policy::Fcfs,
-            num_stream_pages: 0,
-            stream_sink_pages: 0,
-            stream_local_pages: 0,
-            logical_pages_per_page: 4,
-            select_interval: 4,
-        }
-    }
-
     pub fn validate(&self) -> Result<()> {
         let at_least = |name: &str, value: u32, min: u32| {
             if value < min {
@@ -237,6 +351,49 @@ mod tests {
             .max_seq_len(),
             512
         );
+    }
+
+    #[test]
+    fn fields_by_name() {
+        let mut cfg = SchedulerConfig::new(100, 4096);
+        assert_eq!(SchedulerConfig::FIELDS.len(), 16);
+        assert_eq!(
+            &SchedulerConfig::FIELDS[..2],
+            ["num_dense_pages", "max_model_len"]
+        );
+        for name in SchedulerConfig::FIELDS {
+            let value = cfg.get(name).unwrap();
+            cfg.set(name, value).unwrap();
+        }
+        assert_eq!(
+            cfg,
+            SchedulerConfig::new(100, 4096),
+            "get then set is the identity"
+        );
+        cfg.set("watermark", ConfigValue::Int(0)).unwrap();
+        cfg.set("scheduling_policy", ConfigValue::Str("priority".into()))
+            .unwrap();
+        assert_eq!(
+            (cfg.watermark, cfg.scheduling_policy),
+            (0.0, Policy::Priority)
+        );
+        for (name, value) in [
+            ("max_num_seqs", ConfigValue::Int(-1)),
+            ("max_num_seqs", ConfigValue::Int(1 << 32)),
+            ("max_num_seqs", ConfigValue::Float(2.0)),
+            ("scheduling_policy", ConfigValue::Int(0)),
+            ("scheduling_policy", ConfigValue::Str("lifo".into())),
+            ("policy", ConfigValue::Str("fcfs".into())),
+        ] {
+            assert!(
+                matches!(
+                    cfg.set(name, value.clone()),
+                    Err(SchedulerError::InvalidConfig(_))
+                ),
+                "{name} = {value}"
+            );
+        }
+        assert_eq!(cfg.get("policy"), None);
     }
 
     #[test]

@@ -29,7 +29,7 @@ impl Scheduler {
             match req.status {
                 Status::Waiting => {
                     waiting += 1;
-                    if self.waiting.get(&QueueKey::of(req, cfg.policy)) != Some(slot) {
+                    if self.waiting.get(&QueueKey::of(req, cfg.scheduling_policy)) != Some(slot) {
                         return Err(format!("waiting request {id} is not queued under its key"));
                     }
                     if req.num_computed != 0
@@ -143,7 +143,7 @@ impl Scheduler {
         if rows.windows(2).any(|w| w[0] == w[1]) {
             return Err("last step: a row is scheduled twice".into());
         }
-        for buf in Buffer::ALL {
+        for &buf in Buffer::ALL {
             if io.data(buf).len() > buf.capacity(&self.cfg) {
                 return Err(format!("last step: buffer {} overflows", buf.name()));
             }

@@ -31,11 +31,12 @@ mod step_io;
 mod python;
 
 pub use abort::AbortHandle;
-pub use config::{Policy, SchedulerConfig};
+pub use config::{ConfigValue, Policy, SchedulerConfig};
 pub use error::{Result, SchedulerError};
-pub use request::{NewRequest, RequestId};
+pub use request::{FinishReason, NewRequest, RequestId};
 pub use schedule::{Scheduler, Stats, StepCounts};
 pub use step_io::{
-    BufData, Buffer, Dtype, StepIo, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS,
-    FLAG_NEW_ROW, FLAG_PREFILL, FLAG_RESELECT,
+    finish_code, BufData, Buffer, Dtype, Phase, Reader, StepIo, FINISH_LENGTH, FINISH_NONE,
+    FINISH_REASONS, FINISH_STOP, FLAGS, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL,
+    FLAG_RESELECT,
 };

@@ -1,18 +1,23 @@
-//! `omniserve._scheduler`: a thin PyO3 layer over the core. It converts arguments, copies the
-//! step buffers into bytearrays allocated once, and maps `SchedulerError` onto the exception
-//! hierarchy of `_scheduler.pyi`. No scheduling logic lives here.
+//! `omniserve._scheduler`: a thin PyO3 layer over the core. It converts arguments, exports the
+//! core's description of the step protocol and of the config, copies the step buffers into
+//! bytearrays allocated once, and maps `SchedulerError` onto the exception hierarchy of
+//! `_scheduler.pyi`. No scheduling logic lives here.
+
+use std::convert::Infallible;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyDict, PyType};
+use pyo3::types::{PyBool, PyByteArray, PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
 
 use crate::step_io::{
-    BufData, Buffer, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW,
-    FLAG_PREFILL, FLAG_RESELECT,
+    BufData, Buffer, Phase, FINISH_LENGTH, FINISH_NONE, FINISH_REASONS, FINISH_STOP, FLAGS,
 };
-use crate::{AbortHandle, NewRequest, Scheduler, SchedulerConfig, SchedulerError};
+use crate::{
+    AbortHandle, ConfigValue, NewRequest, Policy, Scheduler, SchedulerConfig, SchedulerError,
+    StepCounts,
+};
 
 create_exception!(
     omniserve._scheduler,
@@ -33,40 +38,61 @@ create_exception!(
     "An invariant broke inside the scheduler (a bug); the scheduler should be discarded."
 );
 
-/// `InvalidRequestError(OmniserveError, ValueError)`. `create_exception!` takes a single base,
-/// so this class is made by calling `type()` once, like a class statement would.
-static INVALID_REQUEST_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-fn invalid_request_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    let ty = INVALID_REQUEST_ERROR.get_or_try_init(py, || -> PyResult<_> {
+/// An `(OmniserveError, ValueError)` subclass. `create_exception!` takes a single base, so such
+/// a class is made by calling `type()` once, like a class statement would.
+fn value_error_class<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    name: &str,
+    doc: &str,
+) -> PyResult<&'py Bound<'py, PyType>> {
+    let ty = cell.get_or_try_init(py, || -> PyResult<_> {
         let namespace = PyDict::new(py);
         namespace.set_item("__module__", "omniserve._scheduler")?;
-        namespace.set_item(
-            "__doc__",
-            "The request is malformed: duplicate id, empty prompt, bad limits.",
-        )?;
+        namespace.set_item("__doc__", doc)?;
         let bases = (
             py.get_type::<OmniserveError>(),
             py.get_type::<PyValueError>(),
         );
-        let ty = py
-            .get_type::<PyType>()
-            .call1(("InvalidRequestError", bases, namespace))?;
+        let ty = py.get_type::<PyType>().call1((name, bases, namespace))?;
         Ok(ty.cast_into::<PyType>()?.unbind())
     })?;
     Ok(ty.bind(py))
 }
 
+static INVALID_REQUEST_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CONFIG_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn invalid_request_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    value_error_class(
+        py,
+        &INVALID_REQUEST_ERROR,
+        "InvalidRequestError",
+        "The request is malformed: duplicate id, empty prompt, bad limits.",
+    )
+}
+
+fn config_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    value_error_class(
+        py,
+        &CONFIG_ERROR,
+        "ConfigError",
+        "An engine, model, scheduler or CLI option is invalid; the message names the option.",
+    )
+}
+
 impl From<SchedulerError> for PyErr {
     fn from(err: SchedulerError) -> PyErr {
         let msg = err.to_string();
+        let value_error = |class: fn(Python<'_>) -> PyResult<&Bound<'_, PyType>>| {
+            Python::attach(|py| match class(py) {
+                Ok(ty) => PyErr::from_type(ty.clone(), msg.clone()),
+                Err(e) => e,
+            })
+        };
         match err {
-            SchedulerError::InvalidConfig(_) | SchedulerError::InvalidRequest { .. } => {
-                Python::attach(|py| match invalid_request_error(py) {
-                    Ok(ty) => PyErr::from_type(ty.clone(), msg),
-                    Err(e) => e,
-                })
-            }
+            SchedulerError::InvalidConfig(_) => value_error(config_error),
+            SchedulerError::InvalidRequest { .. } => value_error(invalid_request_error),
             SchedulerError::Rejected { .. } => RequestRejectedError::new_err(msg),
             SchedulerError::StepOrder(_) => OmniserveError::new_err(msg),
             SchedulerError::Internal(_) => SchedulerInternalError::new_err(msg),
@@ -74,146 +100,208 @@ impl From<SchedulerError> for PyErr {
     }
 }
 
-/// A Python int as a config field.
-fn config_u32(name: &str, value: i64) -> Result<u32, SchedulerError> {
-    u32::try_from(value).map_err(|_| {
-        SchedulerError::InvalidConfig(format!("{name} must be in [0, 2^32), got {value}"))
+impl<'py> IntoPyObject<'py> for Policy {
+    type Target = PyString;
+    type Output = Bound<'py, PyString>;
+    type Error = Infallible;
+
+    fn into_pyobject(self, py: Python<'py>) -> Result<Self::Output, Self::Error> {
+        Ok(PyString::new(py, self.as_str()))
+    }
+}
+
+fn to_config_value(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConfigValue> {
+    // bool is an int subclass; a flag passed for a number is a mistake, not 0 or 1.
+    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+        let v = value.extract().map_err(|_| {
+            SchedulerError::InvalidConfig(format!("{name} is out of range: {value}"))
+        })?;
+        return Ok(ConfigValue::Int(v));
+    }
+    if value.is_instance_of::<PyFloat>() {
+        return Ok(ConfigValue::Float(value.extract()?));
+    }
+    if let Ok(s) = value.cast::<PyString>() {
+        return Ok(ConfigValue::Str(s.to_str()?.to_owned()));
+    }
+    Err(SchedulerError::InvalidConfig(format!(
+        "{name} must be an int, float or str, got {}",
+        value.get_type().name()?
+    ))
+    .into())
+}
+
+fn from_config_value(py: Python<'_>, value: ConfigValue) -> PyResult<Py<PyAny>> {
+    Ok(match value {
+        ConfigValue::Int(v) => v.into_pyobject(py)?.into_any().unbind(),
+        ConfigValue::Float(v) => v.into_pyobject(py)?.into_any().unbind(),
+        ConfigValue::Str(v) => v.into_pyobject(py)?.into_any().unbind(),
     })
 }
 
-#[pyclass(name = "SchedulerConfig", module = "omniserve._scheduler", frozen)]
-struct PyConfig(SchedulerConfig);
+/// `cfg`, then each given field by name, then the whole config checked once.
+fn build_config(
+    mut cfg: SchedulerConfig,
+    fields: Option<&Bound<'_, PyDict>>,
+) -> PyResult<SchedulerConfig> {
+    for (name, value) in fields.into_iter().flatten() {
+        let name = name.cast::<PyString>()?.to_str()?.to_owned();
+        let value = to_config_value(&name, &value)?;
+        cfg.set(&name, value)?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
 
 #[pymethods]
-impl PyConfig {
-    // The defaults mirror `SchedulerConfig::new` and the .pyi.
-    #[new]
-    #[pyo3(signature = (
-        *,
-        num_dense_pages,
-        max_model_len,
-        page_size = 64,
-        max_num_seqs = 256,
-        max_num_batched_tokens = 8192,
-        max_partial_prefills = 4,
-        long_prefill_token_threshold = 0,
-        watermark = 0.01,
-        skip_limit = 8,
-        hol_age_steps = 64,
-        policy = "fcfs",
-        num_stream_pages = 0,
-        stream_sink_pages = 0,
-        stream_local_pages = 0,
-        logical_pages_per_page = 4,
-        select_interval = 4,
-    ))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        num_dense_pages: i64,
-        max_model_len: i64,
-        page_size: i64,
-        max_num_seqs: i64,
-        max_num_batched_tokens: i64,
-        max_partial_prefills: i64,
-        long_prefill_token_threshold: i64,
-        watermark: f64,
-        skip_limit: i64,
-        hol_age_steps: i64,
-        policy: &str,
-        num_stream_pages: i64,
-        stream_sink_pages: i64,
-        stream_local_pages: i64,
-        logical_pages_per_page: i64,
-        select_interval: i64,
-    ) -> PyResult<Self> {
-        let cfg = SchedulerConfig {
-            page_size: config_u32("page_size", page_size)?,
-            num_dense_pages: config_u32("num_dense_pages", num_dense_pages)?,
-            max_num_seqs: config_u32("max_num_seqs", max_num_seqs)?,
-            max_num_batched_tokens: config_u32("max_num_batched_tokens", max_num_batched_tokens)?,
-            max_model_len: config_u32("max_model_len", max_model_len)?,
-            max_partial_prefills: config_u32("max_partial_prefills", max_partial_prefills)?,
-            long_prefill_token_threshold: config_u32(
-                "long_prefill_token_threshold",
-                long_prefill_token_threshold,
-            )?,
-            watermark,
-            skip_limit: config_u32("skip_limit", skip_limit)?,
-            hol_age_steps: config_u32("hol_age_steps", hol_age_steps)?,
-            policy: policy.parse()?,
-            num_stream_pages: config_u32("num_stream_pages", num_stream_pages)?,
-            stream_sink_pages: config_u32("stream_sink_pages", stream_sink_pages)?,
-            stream_local_pages: config_u32("stream_local_pages", stream_local_pages)?,
-            logical_pages_per_page: config_u32("logical_pages_per_page", logical_pages_per_page)?,
-            select_interval: config_u32("select_interval", select_interval)?,
-        };
-        cfg.validate()?;
-        Ok(Self(cfg))
+impl SchedulerConfig {
+    /// Field names, sizes first.
+    #[classattr]
+    #[pyo3(name = "FIELDS")]
+    fn py_fields(py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        Ok(PyTuple::new(py, Self::FIELDS)?.unbind())
     }
 
-    #[getter]
-    fn page_size(&self) -> u32 {
-        self.0.page_size
+    /// Each option's default (every field but the sizes `__init__` requires).
+    #[classattr]
+    #[pyo3(name = "DEFAULTS")]
+    fn py_defaults(py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let defaults = SchedulerConfig::new(0, 0);
+        let dict = PyDict::new(py);
+        for name in Self::OPTIONS {
+            let value = defaults.get(name).expect("a declared field");
+            dict.set_item(name, from_config_value(py, value)?)?;
+        }
+        Ok(dict.unbind())
     }
-    #[getter]
-    fn num_dense_pages(&self) -> u32 {
-        self.0.num_dense_pages
+
+    #[new]
+    #[pyo3(signature = (*, num_dense_pages, max_model_len, **options))]
+    fn py_new(
+        num_dense_pages: &Bound<'_, PyAny>,
+        max_model_len: &Bound<'_, PyAny>,
+        options: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let mut cfg = SchedulerConfig::new(0, 0);
+        for (name, value) in [
+            ("num_dense_pages", num_dense_pages),
+            ("max_model_len", max_model_len),
+        ] {
+            cfg.set(name, to_config_value(name, value)?)?;
+        }
+        build_config(cfg, options)
     }
-    #[getter]
-    fn max_num_seqs(&self) -> u32 {
-        self.0.max_num_seqs
+
+    /// Validates the given fields as `__init__` would, without building a scheduler: options
+    /// not given are at their defaults, sizes not given at their smallest valid value (2).
+    #[staticmethod]
+    #[pyo3(signature = (**fields))]
+    fn check(fields: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        build_config(SchedulerConfig::new(2, 2), fields).map(drop)
     }
-    #[getter]
-    fn max_num_batched_tokens(&self) -> u32 {
-        self.0.max_num_batched_tokens
+
+    fn __repr__(&self) -> String {
+        let fields: Vec<String> = Self::FIELDS
+            .iter()
+            .map(|name| format!("{name}={}", self.get(name).expect("a declared field")))
+            .collect();
+        format!("SchedulerConfig({})", fields.join(", "))
     }
-    #[getter]
-    fn max_model_len(&self) -> u32 {
-        self.0.max_model_len
+}
+
+#[pymethods]
+impl StepCounts {
+    #[classattr]
+    #[pyo3(name = "FIELDS")]
+    fn py_fields(py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        Ok(PyTuple::new(py, Self::FIELDS)?.unbind())
     }
-    #[getter]
-    fn max_partial_prefills(&self) -> u32 {
-        self.0.max_partial_prefills
+
+    /// Counts of a hand-made step (tests, memory profiling); unnamed fields are 0.
+    #[new]
+    #[pyo3(signature = (**counts))]
+    fn py_new(counts: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let mut c = StepCounts::default();
+        for (name, value) in counts.into_iter().flatten() {
+            let name = name.cast::<PyString>()?.to_str()?.to_owned();
+            let value: usize = value.extract()?;
+            let Some(field) = c.get_mut(&name) else {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "StepCounts has no field {name:?}; fields: {}",
+                    Self::FIELDS.join(", ")
+                )));
+            };
+            *field = value;
+        }
+        Ok(c)
     }
-    #[getter]
-    fn long_prefill_token_threshold(&self) -> u32 {
-        self.0.long_prefill_token_threshold
+
+    fn __repr__(&self) -> String {
+        let fields: Vec<String> = Self::FIELDS
+            .iter()
+            .map(|name| format!("{name}={}", self.get(name).expect("a declared field")))
+            .collect();
+        format!("StepCounts({})", fields.join(", "))
     }
-    #[getter]
-    fn watermark(&self) -> f64 {
-        self.0.watermark
+}
+
+/// One step buffer, as `STEP_BUFFERS` describes it (see `Buffer`).
+#[pyclass(name = "BufferSpec", module = "omniserve._scheduler", frozen)]
+struct PyBufferSpec {
+    #[pyo3(get)]
+    name: &'static str,
+    #[pyo3(get)]
+    dtype: &'static str,
+    #[pyo3(get)]
+    phase: &'static str,
+    #[pyo3(get)]
+    reader: &'static str,
+    #[pyo3(get)]
+    count: &'static str,
+    #[pyo3(get)]
+    width: usize,
+    #[pyo3(get)]
+    extra: usize,
+    #[pyo3(get)]
+    doc: &'static str,
+    buf: Buffer,
+}
+
+#[pymethods]
+impl PyBufferSpec {
+    /// Elements the buffer holds under `config`.
+    fn capacity(&self, config: &SchedulerConfig) -> usize {
+        self.buf.capacity(config)
     }
-    #[getter]
-    fn skip_limit(&self) -> u32 {
-        self.0.skip_limit
+
+    fn __repr__(&self) -> String {
+        let mut len = self.count.to_string();
+        if self.width > 1 {
+            len = format!("{len} * {}", self.width);
+        }
+        if self.extra > 0 {
+            len = format!("{len} + {}", self.extra);
+        }
+        format!(
+            "BufferSpec({}: {} [{len}], {} -> {}: {})",
+            self.name, self.dtype, self.phase, self.reader, self.doc
+        )
     }
-    #[getter]
-    fn hol_age_steps(&self) -> u32 {
-        self.0.hol_age_steps
-    }
-    #[getter]
-    fn policy(&self) -> &'static str {
-        self.0.policy.as_str()
-    }
-    #[getter]
-    fn num_stream_pages(&self) -> u32 {
-        self.0.num_stream_pages
-    }
-    #[getter]
-    fn stream_sink_pages(&self) -> u32 {
-        self.0.stream_sink_pages
-    }
-    #[getter]
-    fn stream_local_pages(&self) -> u32 {
-        self.0.stream_local_pages
-    }
-    #[getter]
-    fn logical_pages_per_page(&self) -> u32 {
-        self.0.logical_pages_per_page
-    }
-    #[getter]
-    fn select_interval(&self) -> u32 {
-        self.0.select_interval
+}
+
+impl From<Buffer> for PyBufferSpec {
+    fn from(buf: Buffer) -> Self {
+        Self {
+            name: buf.name(),
+            dtype: buf.dtype().as_str(),
+            phase: buf.phase().as_str(),
+            reader: buf.reader().as_str(),
+            count: buf.count(),
+            width: buf.width(),
+            extra: buf.extra(),
+            doc: buf.doc(),
+            buf,
+        }
     }
 }
 
@@ -230,7 +318,7 @@ impl PyAbortHandle {
 #[pyclass(name = "Scheduler", module = "omniserve._scheduler")]
 struct PyScheduler {
     core: Scheduler,
-    config: Py<PyConfig>,
+    config: Py<SchedulerConfig>,
     /// What `buffers()` returns: the bytearrays of `arrays`, by name.
     buffers: Py<PyDict>,
     /// One bytearray per `Buffer`, indexed by `Buffer as usize`.
@@ -240,11 +328,11 @@ struct PyScheduler {
 #[pymethods]
 impl PyScheduler {
     #[new]
-    fn new(py: Python<'_>, config: Bound<'_, PyConfig>) -> PyResult<Self> {
-        let core = Scheduler::new(config.get().0.clone())?;
+    fn new(py: Python<'_>, config: Bound<'_, SchedulerConfig>) -> PyResult<Self> {
+        let core = Scheduler::new(config.get().clone())?;
         let buffers = PyDict::new(py);
         let mut arrays = Vec::with_capacity(Buffer::ALL.len());
-        for buf in Buffer::ALL {
+        for &buf in Buffer::ALL {
             let len = buf.capacity(core.config()) * buf.dtype().size();
             let array = PyByteArray::new_with(py, len, |_| Ok(()))?;
             buffers.set_item(buf.name(), &array)?;
@@ -259,7 +347,7 @@ impl PyScheduler {
     }
 
     #[getter]
-    fn config(&self, py: Python<'_>) -> Py<PyConfig> {
+    fn config(&self, py: Python<'_>) -> Py<SchedulerConfig> {
         self.config.clone_ref(py)
     }
 
@@ -303,19 +391,10 @@ impl PyScheduler {
         Ok(self.core.add_request(req)?)
     }
 
-    fn schedule(&mut self, py: Python<'_>) -> PyResult<(usize, usize, usize, usize, usize, usize)> {
-        let c = self.core.schedule()?;
-        for buf in Buffer::SCHEDULE_OUTPUTS {
-            self.copy_out(py, buf)?;
-        }
-        Ok((
-            c.num_reqs,
-            c.num_tokens,
-            c.num_page_updates,
-            c.num_stream_updates,
-            c.num_aborted,
-            c.num_preempted,
-        ))
+    fn schedule(&mut self, py: Python<'_>) -> PyResult<StepCounts> {
+        let counts = self.core.schedule()?;
+        self.copy_out(py, Phase::Schedule)?;
+        Ok(counts)
     }
 
     fn update(&mut self, py: Python<'_>) -> PyResult<usize> {
@@ -332,9 +411,7 @@ impl PyScheduler {
             *token = i32::from_ne_bytes(chunk.try_into().expect("4-byte chunk"));
         }
         let n = self.core.update()?;
-        for buf in Buffer::UPDATE_OUTPUTS {
-            self.copy_out(py, buf)?;
-        }
+        self.copy_out(py, Phase::Update)?;
         Ok(n)
     }
 
@@ -372,21 +449,23 @@ impl PyScheduler {
 }
 
 impl PyScheduler {
-    /// Copies the filled prefix of one core buffer into its bytearray.
-    fn copy_out(&self, py: Python<'_>, buf: Buffer) -> PyResult<()> {
-        let array = self.arrays[buf as usize].bind(py);
-        // SAFETY: as in `update`: GIL held, no Python code runs while the slice lives.
-        let bytes = unsafe { array.as_bytes_mut() };
-        let data = self.core.io().data(buf);
-        if bytes.len() < data.len() * buf.dtype().size() {
-            return Err(OmniserveError::new_err(format!(
-                "the '{}' buffer was resized",
-                buf.name()
-            )));
-        }
-        match data {
-            BufData::I32(src) => write_ne(bytes, src, i32::to_ne_bytes),
-            BufData::I64(src) => write_ne(bytes, src, i64::to_ne_bytes),
+    /// Copies the filled prefix of every core buffer of `phase` into its bytearray.
+    fn copy_out(&self, py: Python<'_>, phase: Phase) -> PyResult<()> {
+        for &buf in Buffer::ALL.iter().filter(|b| b.phase() == phase) {
+            let array = self.arrays[buf as usize].bind(py);
+            // SAFETY: as in `update`: GIL held, no Python code runs while the slice lives.
+            let bytes = unsafe { array.as_bytes_mut() };
+            let data = self.core.io().data(buf);
+            if bytes.len() < data.len() * buf.dtype().size() {
+                return Err(OmniserveError::new_err(format!(
+                    "the '{}' buffer was resized",
+                    buf.name()
+                )));
+            }
+            match data {
+                BufData::I32(src) => write_ne(bytes, src, i32::to_ne_bytes),
+                BufData::I64(src) => write_ne(bytes, src, i64::to_ne_bytes),
+            }
         }
         Ok(())
     }
@@ -404,10 +483,13 @@ fn write_ne<T: Copy, const N: usize>(dst: &mut [u8], src: &[T], to_bytes: fn(T) 
 #[pymodule(gil_used = true)]
 fn _scheduler(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    m.add_class::<PyConfig>()?;
+    m.add_class::<SchedulerConfig>()?;
+    m.add_class::<StepCounts>()?;
+    m.add_class::<PyBufferSpec>()?;
     m.add_class::<PyAbortHandle>()?;
     m.add_class::<PyScheduler>()?;
     m.add("OmniserveError", py.get_type::<OmniserveError>())?;
+    m.add("ConfigError", config_error(py)?)?;
     m.add("InvalidRequestError", invalid_request_error(py)?)?;
     m.add(
         "RequestRejectedError",
@@ -417,16 +499,18 @@ fn _scheduler(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "SchedulerInternalError",
         py.get_type::<SchedulerInternalError>(),
     )?;
-    for (name, value) in [
-        ("FLAG_PREFILL", FLAG_PREFILL),
-        ("FLAG_NEEDS_LOGITS", FLAG_NEEDS_LOGITS),
-        ("FLAG_RESELECT", FLAG_RESELECT),
-        ("FLAG_NEW_ROW", FLAG_NEW_ROW),
-        ("FINISH_NONE", FINISH_NONE),
-        ("FINISH_STOP", FINISH_STOP),
-        ("FINISH_LENGTH", FINISH_LENGTH),
-    ] {
+    let specs: Vec<PyBufferSpec> = Buffer::ALL.iter().map(|&b| b.into()).collect();
+    m.add("STEP_BUFFERS", PyTuple::new(py, specs)?)?;
+    for (name, value) in FLAGS {
         m.add(name, value)?;
     }
+    m.add("FINISH_NONE", FINISH_NONE)?;
+    m.add("FINISH_STOP", FINISH_STOP)?;
+    m.add("FINISH_LENGTH", FINISH_LENGTH)?;
+    let reasons = PyDict::new(py);
+    for (code, reason) in FINISH_REASONS {
+        reasons.set_item(code, reason.as_str())?;
+    }
+    m.add("FINISH_REASONS", reasons)?;
     Ok(())
 }

@@ -13,10 +13,28 @@
 use std::collections::HashMap;
 
 use crate::pool::PageId;
-use crate::step_io::{FINISH_LENGTH, FINISH_NONE, FINISH_STOP};
 
 /// External request id, assigned by Python (int64 in the step buffers).
 pub type RequestId = i64;
+
+/// Why a request ended in `update()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token after `min_tokens`.
+    Stop,
+    /// `max_tokens` or the longest sequence (`SchedulerConfig::max_seq_len`) reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The name Python reports (OpenAI's `finish_reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
 
 /// What `add_request` receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,13 +144,13 @@ impl Request {
 
     /// The `FINISH_*` code after `token` was appended: a stop token counts once `min_tokens`
     /// outputs exist; the length limits are `max_tokens` and `max_seq_len` tokens in all.
-    pub fn finish_reason(&self, token: i32, max_seq_len: u32) -> i32 {
+    pub fn finish_reason(&self, token: i32, max_seq_len: u32) -> Option<FinishReason> {
         if self.stop_token_ids.contains(&token) && self.num_outputs() >= self.min_tokens {
-            FINISH_STOP
+            Some(FinishReason::Stop)
         } else if self.num_outputs() >= self.max_tokens || self.num_tokens() >= max_seq_len {
-            FINISH_LENGTH
+            Some(FinishReason::Length)
         } else {
-            FINISH_NONE
+            None
         }
     }
 }
@@ -251,17 +269,21 @@ mod tests {
             0,
         );
         r.tokens.push(9);
-        assert_eq!(
-            r.finish_reason(9, 100),
-            FINISH_NONE,
-            "stop before min_tokens"
-        );
+        assert_eq!(r.finish_reason(9, 100), None, "stop before min_tokens");
         r.tokens.push(9);
-        assert_eq!(r.finish_reason(9, 100), FINISH_STOP);
-        assert_eq!(r.finish_reason(5, 100), FINISH_NONE);
-        assert_eq!(r.finish_reason(5, 3), FINISH_LENGTH, "sequence limit");
+        assert_eq!(r.finish_reason(9, 100), Some(FinishReason::Stop));
+        assert_eq!(r.finish_reason(5, 100), None);
+        assert_eq!(
+            r.finish_reason(5, 3),
+            Some(FinishReason::Length),
+            "sequence limit"
+        );
         r.tokens.push(5);
-        assert_eq!(r.finish_reason(5, 100), FINISH_LENGTH, "max_tokens");
+        assert_eq!(
+            r.finish_reason(5, 100),
+            Some(FinishReason::Length),
+            "max_tokens"
+        );
     }
 
     #[test]

@@ -20,18 +20,58 @@ use crate::pool::PagePool;
 use crate::queue::{QueueKey, WaitingQueue};
 use crate::request::{NewRequest, Request, RequestId, RequestSlab, Status};
 use crate::step_io::{
-    ScheduledReq, StepIo, FINISH_NONE, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, FLAG_RESELECT,
+    finish_code, ScheduledReq, StepIo, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, FLAG_RESELECT,
 };
 
-/// What `schedule()` returns; update counts are triples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StepCounts {
-    pub num_reqs: usize,
-    pub num_tokens: usize,
-    pub num_page_updates: usize,
-    pub num_stream_updates: usize,
-    pub num_aborted: usize,
-    pub num_preempted: usize,
+macro_rules! step_counts {
+    ($( $(#[doc = $doc:literal])* $field:ident, )*) => {
+        /// What `schedule()` returns: the filled length of each schedule buffer is one of these
+        /// (see `Buffer::count`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        #[cfg_attr(
+            feature = "python",
+            pyo3::pyclass(module = "omniserve._scheduler", frozen, get_all, eq, skip_from_py_object)
+        )]
+        pub struct StepCounts {
+            $( $(#[doc = $doc])* pub $field: usize, )*
+        }
+
+        impl StepCounts {
+            /// Every field name, as `Buffer::count` names them.
+            pub const FIELDS: &'static [&'static str] = &[$( stringify!($field), )*];
+
+            /// One field by name.
+            pub fn get(&self, name: &str) -> Option<usize> {
+                match name {
+                    $( stringify!($field) => Some(self.$field), )*
+                    _ => None,
+                }
+            }
+
+            /// One field by name, to set.
+            pub fn get_mut(&mut self, name: &str) -> Option<&mut usize> {
+                match name {
+                    $( stringify!($field) => Some(&mut self.$field), )*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+step_counts! {
+    /// Requests scheduled.
+    num_reqs,
+    /// Tokens scheduled (all requests).
+    num_tokens,
+    /// `(row, column, page)` triples for the dense page table.
+    num_page_updates,
+    /// `(row, column, page)` triples for the streaming page table.
+    num_stream_updates,
+    /// Requests aborted at this step boundary.
+    num_aborted,
+    /// Requests preempted this step.
+    num_preempted,
 }
 
 /// Totals and gauges for metrics; `*_pages_total` exclude the null page.
@@ -192,7 +232,7 @@ impl Scheduler {
         }
         let request = Request::new(req, self.next_arrival, self.num_steps);
         self.next_arrival += 1;
-        let key = QueueKey::of(&request, self.cfg.policy);
+        let key = QueueKey::of(&request, self.cfg.scheduling_policy);
         let slot = self.requests.insert(request);
         self.waiting.push(key, slot);
         Ok(())
@@ -245,12 +285,13 @@ impl Scheduler {
             {
                 continue;
             }
-            let token = self.io.sampled(sched_idx);
+            let token = self.io.sampled()[sched_idx];
             let req = &mut self.requests[slot];
             req.tokens.push(token);
             let finish = req.finish_reason(token, self.max_seq_len);
-            self.io.push_output(id, token, sched_idx, finish);
-            if finish != FINISH_NONE {
+            self.io
+                .push_output(id, token, sched_idx, finish_code(finish));
+            if finish.is_some() {
                 self.remove_request(slot);
                 self.num_finished += 1;
             }
@@ -284,7 +325,7 @@ impl Scheduler {
     fn remove_request(&mut self, slot: u32) {
         match self.requests[slot].status {
             Status::Waiting => {
-                let key = QueueKey::of(&self.requests[slot], self.cfg.policy);
+                let key = QueueKey::of(&self.requests[slot], self.cfg.scheduling_policy);
                 self.waiting.remove(&key);
             }
             Status::Running => self.stop_running(slot),
@@ -358,7 +399,7 @@ impl Scheduler {
     /// The running request to preempt: lowest priority (largest value), then fewest computed
     /// tokens (cheapest to recompute), then latest arrival.
     fn pick_victim(&self) -> u32 {
-        let policy = self.cfg.policy;
+        let policy = self.cfg.scheduling_policy;
         let rank = |&slot: &u32| {
             let req = &self.requests[slot];
             let priority = if policy == Policy::Priority {
@@ -389,7 +430,8 @@ impl Scheduler {
         req.enqueued_step = step;
         req.decode_steps_since_select = 0;
         self.io.push_preempted(req.id);
-        self.waiting.push(QueueKey::of(req, self.cfg.policy), slot);
+        self.waiting
+            .push(QueueKey::of(req, self.cfg.scheduling_policy), slot);
         self.num_preemptions += 1;
     }
 
@@ -630,7 +672,7 @@ mod tests {
     #[test]
     fn victims_rank_by_priority_then_progress_then_arrival() {
         let cfg = SchedulerConfig {
-            policy: Policy::Priority,
+            scheduling_policy: Policy::Priority,
             ..config(64)
         };
         let mut s = Scheduler::new(cfg).unwrap();

@@ -1,9 +1,9 @@
-//! The flat per-step buffers (see the module docstring of `_scheduler.pyi`). Each is a `Vec`
-//! allocated once at its full capacity and cleared, never shrunk, so a step allocates nothing.
-//! The Python binding copies the filled prefixes into its bytearrays.
+//! The step protocol: the flat per-step buffers, the flag bits and the finish codes. The Python
+//! binding exports this description (`STEP_BUFFERS`, `FLAGS`, `FINISH_REASONS`) and copies the
+//! filled prefixes into its bytearrays; Python builds its views from the description.
 
 use crate::config::SchedulerConfig;
-use crate::request::RequestId;
+use crate::request::{FinishReason, RequestId};
 
 /// The chunk computes prompt (or recompute) tokens.
 pub const FLAG_PREFILL: i32 = 1 << 0;
@@ -13,12 +13,34 @@ pub const FLAG_NEEDS_LOGITS: i32 = 1 << 1;
 pub const FLAG_RESELECT: i32 = 1 << 2;
 /// The row was (re)assigned this step: reset per-row state.
 pub const FLAG_NEW_ROW: i32 = 1 << 3;
+/// Every flag by name, as the binding exports them.
+pub const FLAGS: [(&str, i32); 4] = [
+    ("FLAG_PREFILL", FLAG_PREFILL),
+    ("FLAG_NEEDS_LOGITS", FLAG_NEEDS_LOGITS),
+    ("FLAG_RESELECT", FLAG_RESELECT),
+    ("FLAG_NEW_ROW", FLAG_NEW_ROW),
+];
 
+/// The request runs on.
 pub const FINISH_NONE: i32 = 0;
-/// A stop token after `min_tokens`.
+/// `FinishReason::Stop` on the wire.
 pub const FINISH_STOP: i32 = 1;
-/// `max_tokens` or the longest sequence (`SchedulerConfig::max_seq_len`) reached.
+/// `FinishReason::Length` on the wire.
 pub const FINISH_LENGTH: i32 = 2;
+/// Every finish code but `FINISH_NONE`, with its reason.
+pub const FINISH_REASONS: [(i32, FinishReason); 2] = [
+    (FINISH_STOP, FinishReason::Stop),
+    (FINISH_LENGTH, FinishReason::Length),
+];
+
+/// The wire code of an outcome.
+pub fn finish_code(reason: Option<FinishReason>) -> i32 {
+    match reason {
+        None => FINISH_NONE,
+        Some(FinishReason::Stop) => FINISH_STOP,
+        Some(FinishReason::Length) => FINISH_LENGTH,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
@@ -33,114 +55,72 @@ impl Dtype {
             Dtype::I64 => 8,
         }
     }
+
+    /// The numpy/torch name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::I32 => "int32",
+            Dtype::I64 => "int64",
+        }
+    }
 }
 
-/// Every step buffer, in the order of the `.pyi` docstring.
+/// When a buffer is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Buffer {
-    ReqIds,
-    Rows,
-    Pos0,
-    NumNew,
-    Qstart,
-    Flags,
-    NSelPages,
-    InputIds,
-    PageUpdates,
-    StreamUpdates,
-    AbortedIds,
-    PreemptedIds,
-    Sampled,
-    OutReqIds,
-    OutTokens,
-    OutSchedIdx,
-    OutFinish,
+pub enum Phase {
+    /// By `schedule()`; cleared at its start.
+    Schedule,
+    /// By `update()`; cleared at its start.
+    Update,
+    /// By the caller, between `schedule()` and `update()`; always whole.
+    Input,
 }
 
-impl Buffer {
-    pub const ALL: [Buffer; 17] = [
-        Buffer::ReqIds,
-        Buffer::Rows,
-        Buffer::Pos0,
-        Buffer::NumNew,
-        Buffer::Qstart,
-        Buffer::Flags,
-        Buffer::NSelPages,
-        Buffer::InputIds,
-        Buffer::PageUpdates,
-        Buffer::StreamUpdates,
-        Buffer::AbortedIds,
-        Buffer::PreemptedIds,
-        Buffer::Sampled,
-        Buffer::OutReqIds,
-        Buffer::OutTokens,
-        Buffer::OutSchedIdx,
-        Buffer::OutFinish,
-    ];
-    /// What `schedule()` writes.
-    pub const SCHEDULE_OUTPUTS: [Buffer; 12] = [
-        Buffer::ReqIds,
-        Buffer::Rows,
-        Buffer::Pos0,
-        Buffer::NumNew,
-        Buffer::Qstart,
-        Buffer::Flags,
-        Buffer::NSelPages,
-        Buffer::InputIds,
-        Buffer::PageUpdates,
-        Buffer::StreamUpdates,
-        Buffer::AbortedIds,
-        Buffer::PreemptedIds,
-    ];
-    /// What `update()` writes.
-    pub const UPDATE_OUTPUTS: [Buffer; 4] = [
-        Buffer::OutReqIds,
-        Buffer::OutTokens,
-        Buffer::OutSchedIdx,
-        Buffer::OutFinish,
-    ];
-
-    pub fn name(self) -> &'static str {
+impl Phase {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Buffer::ReqIds => "req_ids",
-            Buffer::Rows => "rows",
-            Buffer::Pos0 => "pos0",
-            Buffer::NumNew => "num_new",
-            Buffer::Qstart => "qstart",
-            Buffer::Flags => "flags",
-            Buffer::NSelPages => "n_sel_pages",
-            Buffer::InputIds => "input_ids",
-            Buffer::PageUpdates => "page_updates",
-            Buffer::StreamUpdates => "stream_updates",
-            Buffer::AbortedIds => "aborted_ids",
-            Buffer::PreemptedIds => "preempted_ids",
-            Buffer::Sampled => "sampled",
-            Buffer::OutReqIds => "out_req_ids",
-            Buffer::OutTokens => "out_tokens",
-            Buffer::OutSchedIdx => "out_sched_idx",
-            Buffer::OutFinish => "out_finish",
+            Phase::Schedule => "schedule",
+            Phase::Update => "update",
+            Phase::Input => "input",
         }
     }
+}
 
-    pub fn dtype(self) -> Dtype {
+/// Who consumes a buffer on the Python side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// The model runner (part of its step plan).
+    Runner,
+    /// The engine (request bookkeeping), or the scheduler itself for inputs.
+    Engine,
+}
+
+impl Reader {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Buffer::ReqIds | Buffer::AbortedIds | Buffer::PreemptedIds | Buffer::OutReqIds => {
-                Dtype::I64
-            }
-            _ => Dtype::I32,
+            Reader::Runner => "runner",
+            Reader::Engine => "engine",
         }
     }
+}
 
-    /// Capacity in elements.
-    pub fn capacity(self, cfg: &SchedulerConfig) -> usize {
-        let seqs = cfg.max_num_seqs as usize;
-        match self {
-            Buffer::Qstart => seqs + 1,
-            Buffer::InputIds => cfg.max_num_batched_tokens as usize,
-            Buffer::PageUpdates => 3 * cfg.num_dense_pages as usize,
-            Buffer::StreamUpdates => 3 * cfg.num_stream_pages.max(1) as usize,
-            _ => seqs,
-        }
+/// The element types a buffer may have.
+trait Element: Copy {
+    const DTYPE: Dtype;
+    fn data(v: &[Self]) -> BufData<'_>;
+}
+
+impl Element for i32 {
+    const DTYPE: Dtype = Dtype::I32;
+    fn data(v: &[Self]) -> BufData<'_> {
+        BufData::I32(v)
+    }
+}
+
+impl Element for i64 {
+    const DTYPE: Dtype = Dtype::I64;
+    fn data(v: &[Self]) -> BufData<'_> {
+        BufData::I64(v)
     }
 }
 
@@ -176,137 +156,200 @@ pub(crate) struct ScheduledReq {
     pub n_sel_pages: u32,
 }
 
-#[derive(Debug)]
-pub struct StepIo {
-    req_ids: Vec<i64>,
-    rows: Vec<i32>,
-    pos0: Vec<i32>,
-    num_new: Vec<i32>,
-    qstart: Vec<i32>,
-    flags: Vec<i32>,
-    n_sel_pages: Vec<i32>,
-    input_ids: Vec<i32>,
-    page_updates: Vec<i32>,
-    stream_updates: Vec<i32>,
-    aborted_ids: Vec<i64>,
-    preempted_ids: Vec<i64>,
-    sampled: Vec<i32>,
-    out_req_ids: Vec<i64>,
-    out_tokens: Vec<i32>,
-    out_sched_idx: Vec<i32>,
-    out_finish: Vec<i32>,
-    /// Slot of each scheduled request, for `update()`.
-    slots: Vec<u32>,
+macro_rules! or_default {
+    ($value:literal; $default:literal) => {
+        $value
+    };
+    (; $default:literal) => {
+        $default
+    };
+}
+
+/// Declares the step buffers once. For each: its doc, `Variant name: element type`, when it is
+/// written and who reads it, its filled length as `count [* width] [+ extra]` where `count`
+/// names a `StepCounts` field (`num_outputs`: what `update()` returns), and its capacity in
+/// elements. The `Buffer` enum, `StepIo`'s storage and accessors, the phase resets and the
+/// description the binding exports (`STEP_BUFFERS`) all come from this list, so a new buffer
+/// is one entry here plus the code in `schedule.rs` that fills it.
+macro_rules! step_buffers {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident $name:ident: $ty:ty, $phase:ident, $reader:ident,
+        count $count:ident $(* $width:literal)? $(+ $extra:literal)?,
+        capacity $cap:expr;
+    )*) => {
+        /// Every step buffer, in declaration order.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Buffer {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl Buffer {
+            pub const ALL: &'static [Buffer] = &[$( Buffer::$variant, )*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( Buffer::$variant => stringify!($name), )*
+                }
+            }
+
+            pub fn doc(self) -> &'static str {
+                match self {
+                    $( Buffer::$variant => concat!($( $doc ),*).trim_ascii(), )*
+                }
+            }
+
+            pub fn dtype(self) -> Dtype {
+                match self {
+                    $( Buffer::$variant => <$ty as Element>::DTYPE, )*
+                }
+            }
+
+            pub fn phase(self) -> Phase {
+                match self {
+                    $( Buffer::$variant => Phase::$phase, )*
+                }
+            }
+
+            pub fn reader(self) -> Reader {
+                match self {
+                    $( Buffer::$variant => Reader::$reader, )*
+                }
+            }
+
+            /// The filled length is `count * width + extra` elements, where `count` names a
+            /// `StepCounts` field (or `num_outputs`, what `update()` returns).
+            pub fn count(self) -> &'static str {
+                match self {
+                    $( Buffer::$variant => stringify!($count), )*
+                }
+            }
+
+            /// Elements per counted item (3 for `(row, column, page)` triples).
+            pub fn width(self) -> usize {
+                match self {
+                    $( Buffer::$variant => or_default!($($width)?; 1), )*
+                }
+            }
+
+            /// Elements beyond `count * width` (the leading 0 of a prefix sum).
+            pub fn extra(self) -> usize {
+                match self {
+                    $( Buffer::$variant => or_default!($($extra)?; 0), )*
+                }
+            }
+
+            /// Capacity in elements.
+            pub fn capacity(self, cfg: &SchedulerConfig) -> usize {
+                match self {
+                    $( Buffer::$variant => {
+                        let capacity: fn(&SchedulerConfig) -> usize = $cap;
+                        capacity(cfg)
+                    } )*
+                }
+            }
+        }
+
+        /// The buffers, each a `Vec` allocated once at its full capacity and cleared, never
+        /// shrunk, so a step allocates nothing.
+        #[derive(Debug)]
+        pub struct StepIo {
+            $( $name: Vec<$ty>, )*
+            /// Slot of each scheduled request, for `update()`.
+            slots: Vec<u32>,
+        }
+
+        impl StepIo {
+            pub fn new(cfg: &SchedulerConfig) -> Self {
+                let mut io = Self {
+                    $( $name: {
+                        let capacity = Buffer::$variant.capacity(cfg);
+                        match Phase::$phase {
+                            Phase::Input => vec![0; capacity],
+                            Phase::Schedule | Phase::Update => Vec::with_capacity(capacity),
+                        }
+                    }, )*
+                    slots: Vec::with_capacity(cfg.max_num_seqs as usize),
+                };
+                io.begin_schedule();
+                io
+            }
+
+            /// The filled prefix of `buf` (an input buffer is always whole).
+            pub fn data(&self, buf: Buffer) -> BufData<'_> {
+                match buf {
+                    $( Buffer::$variant => Element::data(&self.$name), )*
+                }
+            }
+
+            $(
+                $(#[doc = $doc])*
+                pub fn $name(&self) -> &[$ty] {
+                    &self.$name
+                }
+            )*
+
+            fn clear(&mut self, phase: Phase) {
+                $( if Phase::$phase == phase { self.$name.clear(); } )*
+            }
+        }
+    };
+}
+
+step_buffers! {
+    /// Request id of each scheduled request, in schedule order.
+    ReqIds req_ids: i64, Schedule, Engine, count num_reqs, capacity |c| c.max_num_seqs as usize;
+    /// Persistent batch row in [0, max_num_seqs), stable while the request runs.
+    Rows rows: i32, Schedule, Runner, count num_reqs, capacity |c| c.max_num_seqs as usize;
+    /// Tokens already in the KV cache (= the first position computed this step).
+    Pos0 pos0: i32, Schedule, Runner, count num_reqs, capacity |c| c.max_num_seqs as usize;
+    /// Tokens computed this step.
+    NumNew num_new: i32, Schedule, Runner, count num_reqs, capacity |c| c.max_num_seqs as usize;
+    /// Prefix sums of `num_new` (cu_seqlens of the queries).
+    Qstart qstart: i32, Schedule, Runner, count num_reqs + 1,
+        capacity |c| c.max_num_seqs as usize + 1;
+    /// Bit set of the `FLAG_*` values.
+    Flags flags: i32, Schedule, Runner, count num_reqs, capacity |c| c.max_num_seqs as usize;
+    /// Complete logical pages after this step (selectable for top-k).
+    NSelPages n_sel_pages: i32, Schedule, Runner, count num_reqs,
+        capacity |c| c.max_num_seqs as usize;
+    /// Token ids of every scheduled token, request after request.
+    InputIds input_ids: i32, Schedule, Runner, count num_tokens,
+        capacity |c| c.max_num_batched_tokens as usize;
+    /// `(row, column, page)` writes into the dense page table, applied before the forward pass;
+    /// column c of a row holds the page of positions [c*page_size, (c+1)*page_size).
+    PageUpdates page_updates: i32, Schedule, Runner, count num_page_updates * 3,
+        capacity |c| 3 * c.num_dense_pages as usize;
+    /// `(row, column, page)` writes into the streaming page table.
+    StreamUpdates stream_updates: i32, Schedule, Runner, count num_stream_updates * 3,
+        capacity |c| 3 * c.num_stream_pages.max(1) as usize;
+    /// Requests aborted at this step boundary (their pages are free); at most max_num_seqs
+    /// aborts are applied per step, the rest on the next.
+    AbortedIds aborted_ids: i64, Schedule, Engine, count num_aborted,
+        capacity |c| c.max_num_seqs as usize;
+    /// Requests preempted this step (back to waiting, their pages free).
+    PreemptedIds preempted_ids: i64, Schedule, Engine, count num_preempted,
+        capacity |c| c.max_num_seqs as usize;
+    /// Written by the caller before `update()`: the token sampled for schedule index i.
+    Sampled sampled: i32, Input, Engine, count num_reqs, capacity |c| c.max_num_seqs as usize;
+    /// The request that received a token.
+    OutReqIds out_req_ids: i64, Update, Engine, count num_outputs,
+        capacity |c| c.max_num_seqs as usize;
+    /// The token appended.
+    OutTokens out_tokens: i32, Update, Engine, count num_outputs,
+        capacity |c| c.max_num_seqs as usize;
+    /// The schedule index the token came from.
+    OutSchedIdx out_sched_idx: i32, Update, Engine, count num_outputs,
+        capacity |c| c.max_num_seqs as usize;
+    /// `FINISH_*` code (`FINISH_NONE` while the request runs on).
+    OutFinish out_finish: i32, Update, Engine, count num_outputs,
+        capacity |c| c.max_num_seqs as usize;
 }
 
 impl StepIo {
-    pub fn new(cfg: &SchedulerConfig) -> Self {
-        let cap = |buf: Buffer| buf.capacity(cfg);
-        let mut io = Self {
-            req_ids: Vec::with_capacity(cap(Buffer::ReqIds)),
-            rows: Vec::with_capacity(cap(Buffer::Rows)),
-            pos0: Vec::with_capacity(cap(Buffer::Pos0)),
-            num_new: Vec::with_capacity(cap(Buffer::NumNew)),
-            qstart: Vec::with_capacity(cap(Buffer::Qstart)),
-            flags: Vec::with_capacity(cap(Buffer::Flags)),
-            n_sel_pages: Vec::with_capacity(cap(Buffer::NSelPages)),
-            input_ids: Vec::with_capacity(cap(Buffer::InputIds)),
-            page_updates: Vec::with_capacity(cap(Buffer::PageUpdates)),
-            stream_updates: Vec::with_capacity(cap(Buffer::StreamUpdates)),
-            aborted_ids: Vec::with_capacity(cap(Buffer::AbortedIds)),
-            preempted_ids: Vec::with_capacity(cap(Buffer::PreemptedIds)),
-            sampled: vec![0; cap(Buffer::Sampled)],
-            out_req_ids: Vec::with_capacity(cap(Buffer::OutReqIds)),
-            out_tokens: Vec::with_capacity(cap(Buffer::OutTokens)),
-            out_sched_idx: Vec::with_capacity(cap(Buffer::OutSchedIdx)),
-            out_finish: Vec::with_capacity(cap(Buffer::OutFinish)),
-            slots: Vec::with_capacity(cap(Buffer::ReqIds)),
-        };
-        io.begin_schedule();
-        io
-    }
-
-    /// The filled prefix of `buf` (`sampled` is always whole).
-    pub fn data(&self, buf: Buffer) -> BufData<'_> {
-        use BufData::{I32, I64};
-        match buf {
-            Buffer::ReqIds => I64(&self.req_ids),
-            Buffer::Rows => I32(&self.rows),
-            Buffer::Pos0 => I32(&self.pos0),
-            Buffer::NumNew => I32(&self.num_new),
-            Buffer::Qstart => I32(&self.qstart),
-            Buffer::Flags => I32(&self.flags),
-            Buffer::NSelPages => I32(&self.n_sel_pages),
-            Buffer::InputIds => I32(&self.input_ids),
-            Buffer::PageUpdates => I32(&self.page_updates),
-            Buffer::StreamUpdates => I32(&self.stream_updates),
-            Buffer::AbortedIds => I64(&self.aborted_ids),
-            Buffer::PreemptedIds => I64(&self.preempted_ids),
-            Buffer::Sampled => I32(&self.sampled),
-            Buffer::OutReqIds => I64(&self.out_req_ids),
-            Buffer::OutTokens => I32(&self.out_tokens),
-            Buffer::OutSchedIdx => I32(&self.out_sched_idx),
-            Buffer::OutFinish => I32(&self.out_finish),
-        }
-    }
-
-    pub fn req_ids(&self) -> &[i64] {
-        &self.req_ids
-    }
-    pub fn rows(&self) -> &[i32] {
-        &self.rows
-    }
-    pub fn pos0(&self) -> &[i32] {
-        &self.pos0
-    }
-    pub fn num_new(&self) -> &[i32] {
-        &self.num_new
-    }
-    pub fn qstart(&self) -> &[i32] {
-        &self.qstart
-    }
-    pub fn flags(&self) -> &[i32] {
-        &self.flags
-    }
-    pub fn n_sel_pages(&self) -> &[i32] {
-        &self.n_sel_pages
-    }
-    pub fn input_ids(&self) -> &[i32] {
-        &self.input_ids
-    }
-    /// Flat `(row, column, page)` triples.
-    pub fn page_updates(&self) -> &[i32] {
-        &self.page_updates
-    }
-    /// Flat `(row, column, page)` triples.
-    pub fn stream_updates(&self) -> &[i32] {
-        &self.stream_updates
-    }
-    pub fn aborted_ids(&self) -> &[i64] {
-        &self.aborted_ids
-    }
-    pub fn preempted_ids(&self) -> &[i64] {
-        &self.preempted_ids
-    }
-    pub fn out_req_ids(&self) -> &[i64] {
-        &self.out_req_ids
-    }
-    pub fn out_tokens(&self) -> &[i32] {
-        &self.out_tokens
-    }
-    pub fn out_sched_idx(&self) -> &[i32] {
-        &self.out_sched_idx
-    }
-    pub fn out_finish(&self) -> &[i32] {
-        &self.out_finish
-    }
     /// Where the caller writes the token sampled for each schedule index before `update()`.
     pub fn sampled_mut(&mut self) -> &mut [i32] {
         &mut self.sampled
-    }
-
-    pub(crate) fn sampled(&self, sched_idx: usize) -> i32 {
-        self.sampled[sched_idx]
     }
 
     pub(crate) fn num_scheduled(&self) -> usize {
@@ -327,19 +370,8 @@ impl StepIo {
 
     pub(crate) fn begin_schedule(&mut self) {
         self.slots.clear();
-        self.req_ids.clear();
-        self.rows.clear();
-        self.pos0.clear();
-        self.num_new.clear();
-        self.qstart.clear();
+        self.clear(Phase::Schedule);
         self.qstart.push(0);
-        self.flags.clear();
-        self.n_sel_pages.clear();
-        self.input_ids.clear();
-        self.page_updates.clear();
-        self.stream_updates.clear();
-        self.aborted_ids.clear();
-        self.preempted_ids.clear();
     }
 
     /// Records one scheduled request; its tokens go to `input_ids` separately.
@@ -378,10 +410,7 @@ impl StepIo {
     }
 
     pub(crate) fn begin_update(&mut self) {
-        self.out_req_ids.clear();
-        self.out_tokens.clear();
-        self.out_sched_idx.clear();
-        self.out_finish.clear();
+        self.clear(Phase::Update);
     }
 
     pub(crate) fn push_output(&mut self, id: RequestId, token: i32, sched_idx: usize, finish: i32) {
@@ -403,29 +432,35 @@ mod tests {
             max_num_batched_tokens: 32,
             ..SchedulerConfig::new(10, 128)
         };
-        let caps: Vec<_> = Buffer::ALL
-            .iter()
-            .map(|b| (b.name(), b.capacity(&cfg)))
-            .collect();
-        assert_eq!(caps[4], ("qstart", 9));
-        assert_eq!(caps[7], ("input_ids", 32));
-        assert_eq!(caps[8], ("page_updates", 30));
+        let cap = |b: Buffer| (b.name(), b.capacity(&cfg));
+        assert_eq!(cap(Buffer::Qstart), ("qstart", 9));
+        assert_eq!(cap(Buffer::InputIds), ("input_ids", 32));
+        assert_eq!(cap(Buffer::PageUpdates), ("page_updates", 30));
         assert_eq!(
-            caps[9],
+            cap(Buffer::StreamUpdates),
             ("stream_updates", 3),
             "a disabled streaming pool still has one triple"
         );
         assert_eq!(Buffer::ReqIds.dtype().size(), 8);
         assert_eq!(Buffer::Sampled.dtype(), Dtype::I32);
+        assert_eq!(
+            (Buffer::PageUpdates.count(), Buffer::PageUpdates.width()),
+            ("num_page_updates", 3)
+        );
+        assert_eq!(
+            (Buffer::Qstart.count(), Buffer::Qstart.extra()),
+            ("num_reqs", 1)
+        );
+        assert_eq!(
+            Buffer::Rows.doc(),
+            "Persistent batch row in [0, max_num_seqs), stable while the request runs."
+        );
         let mut names: Vec<_> = Buffer::ALL.iter().map(|b| b.name()).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 17);
-        for b in Buffer::SCHEDULE_OUTPUTS
-            .iter()
-            .chain(&Buffer::UPDATE_OUTPUTS)
-        {
-            assert!(Buffer::ALL.contains(b));
+        assert_eq!(names.len(), Buffer::ALL.len());
+        for b in Buffer::ALL {
+            assert!(!b.doc().is_empty(), "{} has no doc", b.name());
         }
     }
 
@@ -453,5 +488,6 @@ mod tests {
         io.begin_schedule();
         assert_eq!((io.qstart(), io.num_scheduled()), (&[0][..], 0));
         assert_eq!(io.data(Buffer::Sampled), BufData::I32(&[0; 4]));
+        assert_eq!(io.data(Buffer::OutFinish), BufData::I32(&[]));
     }
 }

@@ -193,7 +193,7 @@ fn preemption_ties_go_to_the_latest_arrival() {
 #[test]
 fn priority_preempts_the_lowest_priority_first() {
     let mut s = scheduler(SchedulerConfig {
-        policy: Policy::Priority,
+        scheduling_policy: Policy::Priority,
         ..small_config(7)
     });
     for (id, len, priority) in [(1, 4, 0), (2, 8, 5), (3, 7, 0)] {
@@ -215,7 +215,7 @@ fn a_request_may_preempt_itself() {
     // 4 pages. 10 (priority 0, 12 tokens) reserves 3 pages, prefilling 4 tokens per step;
     // 20 (priority 5) takes the last page, then needs another one for its first decode.
     let cfg = SchedulerConfig {
-        policy: Policy::Priority,
+        scheduling_policy: Policy::Priority,
         long_prefill_token_threshold: 4,
         ..small_config(5)
     };
@@ -294,7 +294,7 @@ fn skip_ahead_is_bounded() {
 fn priority_policy_orders_admission() {
     for (policy, expected) in [(Policy::Priority, [2, 3, 1]), (Policy::Fcfs, [1, 2, 3])] {
         let cfg = SchedulerConfig {
-            policy,
+            scheduling_policy: policy,
             max_num_seqs: 1,
             ..small_config(64)
         };

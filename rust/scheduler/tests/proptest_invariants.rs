@@ -9,8 +9,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use _scheduler::{
-    NewRequest, Policy, RequestId, Scheduler, SchedulerConfig, SchedulerError, FINISH_LENGTH,
-    FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, FLAG_RESELECT,
+    Buffer, NewRequest, Phase, Policy, RequestId, Scheduler, SchedulerConfig, SchedulerError,
+    FINISH_LENGTH, FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL,
+    FLAG_RESELECT,
 };
 use proptest::prelude::*;
 
@@ -70,7 +71,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                 watermark,
                 skip_limit,
                 hol_age_steps,
-                policy: if priority {
+                scheduling_policy: if priority {
                     Policy::Priority
                 } else {
                     Policy::Fcfs
@@ -201,6 +202,16 @@ impl Harness {
             "budget exceeded"
         );
         assert!(counts.num_reqs <= cfg.max_num_seqs as usize);
+        // The description Python slices the buffers by.
+        for &buf in Buffer::ALL.iter().filter(|b| b.phase() == Phase::Schedule) {
+            let count = counts.get(buf.count()).expect("a StepCounts field");
+            assert_eq!(
+                io.data(buf).len(),
+                count * buf.width() + buf.extra(),
+                "{}",
+                buf.name()
+            );
+        }
 
         // Aborts: queue order, at most max_num_seqs applied, unknown ids dropped.
         let mut expected_aborts = Vec::new();
@@ -312,6 +323,12 @@ impl Harness {
             .map(|i| (self.sched.io().req_ids()[i], self.sched.io().flags()[i]))
             .collect();
         let n_out = self.sched.update().unwrap();
+        for &buf in Buffer::ALL.iter().filter(|b| b.phase() == Phase::Update) {
+            assert_eq!(
+                (buf.count(), self.sched.io().data(buf).len()),
+                ("num_outputs", n_out)
+            );
+        }
         self.check();
         let io = self.sched.io();
         let sampling: Vec<usize> = (0..scheduled.len())
@@ -428,7 +445,7 @@ fn tight_pool_liveness() {
             max_num_batched_tokens: 16,
             long_prefill_token_threshold: 6,
             watermark: 0.1,
-            policy,
+            scheduling_policy: policy,
             ..SchedulerConfig::new(12, 64)
         };
         let mut h = Harness::new(cfg);

@@ -1,4 +1,5 @@
-"""Quantized linear-weight formats and their round-to-nearest (RTN) quantizers (study §2.3–2.5).
+"""Quantized linear-weight formats and their round-to-nearest (RTN) quantizers
+(docs/formats.md#weight-formats).
 
 A linear y = x · Wᵀ has W [N, K] (N output, K input channels). Each format is a frozen record of
 exactly the tensors a checkpoint stores for that linear, under QServe's names, so that the zoo's
@@ -41,14 +42,14 @@ from typing import ClassVar
 
 import torch
 
-from omniserve.quant.packing import (
+from omniserve.formats.packing import (
     pack_w4,
     permute_group_columns,
     unpack_w4,
     unpermute_group_columns,
 )
-from omniserve.quant.precision import GROUP_SIZE_128, Precision
-from omniserve.quant.rtn import (
+from omniserve.formats.precision import GROUP_SIZE_128, Precision
+from omniserve.formats.rtn import (
     asymmetric_codes,
     asymmetric_range,
     fp16_ceil,

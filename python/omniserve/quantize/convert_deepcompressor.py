@@ -1,4 +1,5 @@
-"""DeepCompressor fake-quant dump → our checkpoint (quant/checkpoint.py), exactly (study §4.3).
+"""DeepCompressor fake-quant dump → our checkpoint (formats/checkpoint.py), exactly
+(docs/formats.md#deepcompressor-dumps).
 
 A dump directory (`python -m deepcompressor.app.llm.ptq ... --save-model`) holds:
 
@@ -18,7 +19,7 @@ A dump directory (`python -m deepcompressor.app.llm.ptq ... --save-model`) holds
                 each {"dynamic_range.0.max": t} (lmquant) or {"dynamic_range": [{"max": t}]}.
 
 The integer codes are recovered from the fake-quant weight W and its scales, with s the stored
-(fp16) scale, then stored in our format (weight.py):
+(fp16) scale, then stored in our format (formats/weight.py):
 
     W8A8:              q = round(W / s)                         Ŵ = s · q,   q ∈ [−127, 127]
     W4A8 per-channel:  q = round(W / s + z)                     Ŵ = s · q − fp16(z · s),  q ∈ [0, 15]
@@ -47,17 +48,16 @@ import torch
 from tqdm import tqdm
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     CONFIG_FILE,
     check_kv_granularity,
     copy_side_files,
     write_checkpoint,
 )
-from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
-from omniserve.quant.packing import pack_w4, permute_group_columns
-from omniserve.quant.precision import GROUP_SIZE_128, Precision
-from omniserve.quant.rtn_model import is_quantized_projection
-from omniserve.quant.weight import (
+from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
+from omniserve.formats.packing import pack_w4, permute_group_columns
+from omniserve.formats.precision import GROUP_SIZE_128, Precision
+from omniserve.formats.weight import (
     W4_LEVELS,
     W8_QMAX,
     QuantizedWeight,
@@ -66,6 +66,7 @@ from omniserve.quant.weight import (
     W8A8Weight,
     weight_format,
 )
+from omniserve.quantize.rtn_model import is_quantized_projection
 
 MODEL_FILE = "model.pt"
 SCALES_FILE = "scale.pt"

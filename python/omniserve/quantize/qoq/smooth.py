@@ -1,4 +1,4 @@
-"""Smoothing (SmoothQuant-style) of the block-output linears and SmoothAttention (study §4.2).
+"""Smoothing (SmoothQuant-style) of the block-output linears and SmoothAttention (QoQ).
 
 Both divide some channels of an activation by s and multiply the weights that read them by s,
 folding 1/s into the layer that produced the activation, so the fp model is unchanged:
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from omniserve.quant.qoq.model import DOWN, UP, Geometry, K, Layer, O, Q, V
+from omniserve.quantize.qoq.model import DOWN, UP, Geometry, K, Layer, O, Q, V
 
 MIN_STAT = 1e-5
 """Floor of activation and weight maxima, so that a dead channel gets a finite scale."""

@@ -1,4 +1,5 @@
-"""Reference quantized GEMMs: exact integer cores, then one float epilogue (study §2.3–2.5).
+"""Reference quantized GEMMs: exact integer cores, then one float epilogue
+(docs/formats.md#reference-gemms).
 
 These pin the semantics the CUDA kernels are tested against: a kernel's int32 accumulator must
 equal `int_matmul` exactly, and its output must equal the epilogue below up to fp16 rounding.
@@ -26,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from omniserve.quant.activation import QuantizedActivation
-from omniserve.quant.packing import unpack_w4
-from omniserve.quant.weight import (
+from omniserve.formats.activation import QuantizedActivation
+from omniserve.formats.packing import unpack_w4
+from omniserve.formats.weight import (
     QuantizedWeight,
     W4A8PerChannelWeight,
     W4A8PerGroupWeight,

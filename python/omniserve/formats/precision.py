@@ -1,12 +1,13 @@
-"""Serving precisions (`--precision`, `--group-size`): parsing and validation (DESIGN.md §5).
+"""Serving precisions (`--precision`, `--group-size`): parsing and validation
+(docs/architecture.md#precisions-and-formats).
 
 A precision names the bits of the linear weights (w), of the linear-layer input activations (a) and
 of the KV cache (kv): `w4a8kv4` = uint4 weights, per-token int8 activations, 4-bit KV cache.
 `w16` means the model's own fp16/bf16 weights, and a precision without `kv` keeps the KV cache in
 8 bits for the quantized-weight precisions (`w4a8` = `w4a8kv8`, `w8a8` = `w8a8kv8`) and in the
 model dtype for `w16a16`. The group size is -1 (one scale per output channel) or 128 (progressive
-g128 quantization), and 128 exists only for W4A8 (study §2.4): W8A8 is per-channel by construction
-and fp16 weights have no groups.
+g128 quantization, docs/formats.md#w4a8-g128), and 128 exists only for W4A8: W8A8 is per-channel
+by construction and fp16 weights have no groups.
 """
 
 from __future__ import annotations

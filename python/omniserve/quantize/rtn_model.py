@@ -1,10 +1,10 @@
-"""Write an RTN-quantized checkpoint of an HF fp checkpoint, in our format (quant/checkpoint.py).
+"""Write an RTN-quantized checkpoint of an HF fp checkpoint, in our format (formats/checkpoint.py).
 
-Round-to-nearest only (weight.py's quantizers, no clipping, smoothing, rotation or GPTQ): a
-baseline for tests and for the accuracy tables (the QoQ quantizer is quant/qoq/). Every decoder projection
-(`model.layers.*.{q,k,v,o,gate,up,down}_proj.weight`) is quantized; embeddings, norms, biases and
-lm_head are copied as stored, as QServe keeps them in fp16. Tokenizer and generation files are
-copied so that the output directory serves on its own.
+Round-to-nearest only (formats/weight.py's quantizers, no clipping, smoothing, rotation or
+GPTQ): a baseline for tests and for the accuracy tables (the QoQ quantizer is quantize/qoq/).
+Every decoder projection (`model.layers.*.{q,k,v,o,gate,up,down}_proj.weight`) is quantized;
+embeddings, norms, biases and lm_head are copied as stored, as QServe keeps them in fp16.
+Tokenizer and generation files are copied so that the output directory serves on its own.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import CONFIG_FILE, copy_side_files, write_checkpoint
-from omniserve.quant.precision import Precision
-from omniserve.quant.weight import QuantizedWeight, quantize_weight
+from omniserve.formats.checkpoint import CONFIG_FILE, copy_side_files, write_checkpoint
+from omniserve.formats.precision import Precision
+from omniserve.formats.weight import QuantizedWeight, quantize_weight
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECIPE: dict[str, Any] = {"method": "rtn"}

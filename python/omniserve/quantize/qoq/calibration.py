@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from omniserve.errors import ConfigError
-from omniserve.quant.qoq.model import KEYS, READERS, VALUES
+from omniserve.quantize.qoq.model import KEYS, READERS, VALUES
 
 _CHUNK_BYTES = 1 << 20
 """Text read and tokenized per step (split at a line end, so no token is cut)."""

@@ -1,4 +1,5 @@
-"""Per-token dynamic int8 activation quantization and the fused ops that produce it (study §2.6).
+"""Per-token dynamic int8 activation quantization and the fused ops that produce it
+(docs/formats.md#activation-quantization).
 
 Every linear of a W4A8/W8A8 model reads int8 inputs quantized per token (row), symmetric:
 
@@ -13,8 +14,9 @@ QServe's kernels instead sum the *unquantized* row in fp16; summing the codes ma
 output equal (x̂ · Ŵᵀ) exactly before the float epilogue, which is what a reference should pin.
 A CUDA kernel may return a_s·a_sum in fp16 if it keeps that identity within fp16 rounding.
 
-The fused ops are the composition of the fp ops of `omniserve.layers` with this quantizer, so the
-formulas of RMSNorm and SiLU·mul exist once (layers/norm.py, layers/activation.py).
+The fused ops are the composition of the fp ops with this quantizer. Those fp ops, RMSNorm and
+SiLU·mul, are written here once, as functions of plain tensors: layers/norm.py and
+layers/activation.py are modules around them, and kernels/fused.py must match their composition.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from omniserve.layers.activation import SiluAndMul
-from omniserve.layers.norm import RMSNorm
-from omniserve.quant.rtn import quantize_symmetric
+from omniserve.formats.rtn import quantize_symmetric
 
 ACT_QMAX = 127
 """Symmetric int8 range [−127, 127]: −128 is never produced, so negation cannot overflow."""
@@ -44,6 +45,22 @@ class QuantizedActivation(NamedTuple):
         return self.q.float() * self.scales.float().unsqueeze(-1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., hidden] with `weight` [hidden], computed as HF Llama does so that
+    fp16/bf16 outputs match it bit for bit."""
+    # Statistics in fp32, then back to the activation dtype *before* the weight multiply: the
+    # order HF uses, which matters for bf16 equality.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, where gate_up is [..., 2 * d] = concat(gate, up)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
     """Per-token symmetric int8 quantization of x [T, K] (any float dtype), with code row sums."""
     if x.dim() != 2:
@@ -52,13 +69,14 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
     return QuantizedActivation(q, scales, q.sum(dim=-1, dtype=torch.int32))
 
 
-def rmsnorm_quant(x: torch.Tensor, norm: RMSNorm) -> QuantizedActivation:
-    """RMSNorm (the engine's, in x's dtype) then per-token int8: QServe's rms_norm_general[_fuse_sum]."""
-    return quantize_per_token(norm(x))
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> QuantizedActivation:
+    """RMSNorm (`rms_norm`, in x's dtype) then per-token int8: QServe's
+    rms_norm_general[_fuse_sum]."""
+    return quantize_per_token(rms_norm(x, weight, eps))
 
 
 def add_rmsnorm_quant(
-    x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, QuantizedActivation]:
     """A decoder's residual add fused with the RMSNorm + quant after it: residual = x + delta
     (torch's add, rounded once to x's dtype) and rmsnorm_quant(residual)."""
@@ -68,10 +86,10 @@ def add_rmsnorm_quant(
             f"{tuple(delta.shape)} {delta.dtype}"
         )
     residual = x + delta
-    return residual, rmsnorm_quant(residual, norm)
+    return residual, rmsnorm_quant(residual, weight, eps)
 
 
 def silu_mul_quant(gate_up: torch.Tensor) -> QuantizedActivation:
     """silu(gate)·up of the fused gate_up output [T, 2I] (in its dtype, as QServe's two-kernel path
     rounds to fp16 between them), then per-token int8 [T, I]."""
-    return quantize_per_token(SiluAndMul()(gate_up))
+    return quantize_per_token(silu_and_mul(gate_up))

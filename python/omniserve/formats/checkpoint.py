@@ -1,4 +1,5 @@
-"""Our quantized checkpoint: a directory with `config.json` + safetensors (DESIGN.md §5).
+"""Our quantized checkpoint: a directory with `config.json` + safetensors
+(docs/formats.md#checkpoint-format).
 
     config.json             the model's HF config plus
                             "quantization_config": {
@@ -15,7 +16,7 @@
                             weight, dequant_scale (W8A8). Every other tensor (embeddings, norms,
                             biases, lm_head) is stored as is. With kv_granularity "per_tensor",
                             `model.layers.{i}.self_attn.kv_scale_quant_orig` float32 [2] per layer:
-                            the static K and V scales (quant/kv.py).
+                            the static K and V scales (formats/kv.py).
 
 Tensor names are QServe's zoo names; zoo `qweight` is int8 with the same bytes (packing.py).
 `modules` makes the checkpoint self-describing, so the reader can name a missing linear or tensor
@@ -37,9 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.kv import KV_GRANULARITIES, PER_TENSOR, PER_TOKEN_HEAD
-from omniserve.quant.precision import Precision, parse
-from omniserve.quant.weight import QuantizedWeight, weight_format
+from omniserve.formats.kv import KV_GRANULARITIES, PER_TENSOR, PER_TOKEN_HEAD
+from omniserve.formats.precision import Precision, parse
+from omniserve.formats.weight import QuantizedWeight, weight_format
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "omniserve"
@@ -182,7 +183,7 @@ def write_checkpoint(
 ) -> None:
     """Write config.json + model.safetensors into directory `path` (created if needed).
 
-    `kv_scales` (fp32 [num_layers, 2], quant/kv_calibration.py) makes the checkpoint per-tensor
+    `kv_scales` (fp32 [num_layers, 2], quantize/kv_calibration.py) makes the checkpoint per-tensor
     static KV8; without it the KV cache is quantized per token and head.
     """
     if not precision.quantized_weights:

@@ -1,4 +1,5 @@
-"""QServe's compute-aware uint4 weight layout and the g128 scale column order (study §2.2, §2.4).
+"""QServe's compute-aware uint4 weight layout and the g128 scale column order
+(docs/formats.md#w4-packing).
 
 Weights: codes q [N, K] (uint4 values in a uint8 tensor) are packed into `qweight` uint8 [N, K/2],
 two codes per byte, in 32×32 tiles (32 output × 32 input channels = 512 bytes). Inside a tile the

@@ -10,16 +10,16 @@ inside a row), row n of Ŵ depends only on row n of W and its clipping ratio, an
 on row n of Ŵ. So the best ratio of each output channel is found independently, in one sweep over
 the grid: quantize the whole W at ratio r, keep, per channel, the r with the smallest Σ_t E[t, n]².
 Ratio 1 (no clipping, plain RTN) is always on the grid, so clipping never does worse than RTN on
-the calibration sample (QoQ's recipe: grid search on the output error, study §4.2).
+the calibration sample (QoQ's recipe: grid search on the output error).
 """
 
 from __future__ import annotations
 
 import torch
 
-from omniserve.quant.activation import quantize_per_token
-from omniserve.quant.precision import Precision
-from omniserve.quant.weight import weight_grid
+from omniserve.formats.activation import quantize_per_token
+from omniserve.formats.precision import Precision
+from omniserve.formats.weight import weight_grid
 
 
 def runtime_input(x: torch.Tensor, precision: Precision) -> torch.Tensor:

@@ -25,11 +25,11 @@ from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from omniserve.errors import CheckpointError
+from omniserve.formats.checkpoint import CONFIG_FILE
 from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.rotary import RotaryEmbedding, apply_rotary
 from omniserve.models.llama import rope_parameters, sliding_windows
 from omniserve.models.loader import load_hf_config
-from omniserve.quant.checkpoint import CONFIG_FILE
 
 # Decoder-layer tensor names, relative to `model.layers.{i}.`.
 Q, K, V, O = (f"self_attn.{p}_proj" for p in "qkvo")  # noqa: E741 (the paper's names)

@@ -1,4 +1,5 @@
-"""The QoQ quantizer: an HF fp checkpoint → our quantized checkpoint (study §4, DESIGN.md §5).
+"""The QoQ quantizer: an HF fp checkpoint → our quantized checkpoint
+(docs/architecture.md#offline-quantization, docs/formats.md#checkpoint-format).
 
 Per decoder layer, on the calibration device, with only that layer and its activations there:
 
@@ -13,10 +14,10 @@ Per decoder layer, on the calibration device, with only that layer and its activ
 4. for g128, activation-aware reordering of down_proj inputs, kept where it lowers the error
    (reorder.py);
 5. each linear: per-channel clipping ratios by grid search on the output error (clip.py), then the
-   RTN codes on that grid or GPTQ's (gptq.py), stored in the precision's format (weight.py).
+   RTN codes on that grid or GPTQ's (gptq.py), stored in the precision's format (formats/weight.py).
 
 Everything off (`QoQOptions.rtn()`) reproduces `rtn_model.write_rtn_checkpoint` code for code:
-both use weight.py's one implementation of each format.
+both use formats/weight.py's one implementation of each format.
 """
 
 from __future__ import annotations
@@ -31,26 +32,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     check_kv_granularity,
     copy_side_files,
     write_checkpoint,
 )
-from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
-from omniserve.quant.precision import Precision
-from omniserve.quant.qoq.calibration import (
+from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
+from omniserve.formats.precision import Precision
+from omniserve.formats.weight import QuantizedWeight, weight_grid
+from omniserve.quantize.qoq.calibration import (
     CalibrationData,
     LayerStatistics,
     PointStatistics,
 )
-from omniserve.quant.qoq.clip import (
+from omniserve.quantize.qoq.clip import (
     clip_grid,
     relative_error,
     runtime_input,
     search_clip,
 )
-from omniserve.quant.qoq.gptq import gptq_codes
-from omniserve.quant.qoq.model import (
+from omniserve.quantize.qoq.gptq import gptq_codes
+from omniserve.quantize.qoq.model import (
     DOWN,
     DOWN_INPUT,
     EMBED,
@@ -68,14 +70,14 @@ from omniserve.quant.qoq.model import (
     layer_forward,
     rope_tables,
 )
-from omniserve.quant.qoq.reorder import fold_down_permutation, salience_order
-from omniserve.quant.qoq.rotation import (
+from omniserve.quantize.qoq.reorder import fold_down_permutation, salience_order
+from omniserve.quantize.qoq.rotation import (
     describe,
     fold_norm,
     random_rotation,
     rotate_layer,
 )
-from omniserve.quant.qoq.smooth import (
+from omniserve.quantize.qoq.smooth import (
     down_weight_absmax,
     fold_down,
     fold_out,
@@ -86,7 +88,6 @@ from omniserve.quant.qoq.smooth import (
     smooth_attention_scale,
     smoothing_scale,
 )
-from omniserve.quant.weight import QuantizedWeight, weight_grid
 
 METHOD = "qoq"
 

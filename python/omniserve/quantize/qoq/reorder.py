@@ -1,18 +1,18 @@
-"""Activation-aware channel reordering of down_proj inputs for g128 weights (QoQ, study §4.2).
+"""Activation-aware channel reordering of down_proj inputs for g128 weights (QoQ).
 
 g128 quantizes 128 consecutive input channels with one scale and zero. Sorting the input channels
 by their activation maxima puts the salient ones together, so they share groups with each other
 instead of widening the ranges of groups of quiet channels. The permutation is folded into the
 layer that produces those channels (gate_proj and up_proj rows, whose SiLU · mul pairs channels
 elementwise), so the runtime needs no gather. The residual-stream inputs (q/k/v, gate/up) are not
-reordered: one permutation would have to serve every layer (study: `skips: residual`).
+reordered: one permutation would have to serve every layer (QoQ's recipe skips them too).
 """
 
 from __future__ import annotations
 
 import torch
 
-from omniserve.quant.qoq.model import DOWN, GATE, UP, Layer
+from omniserve.quantize.qoq.model import DOWN, GATE, UP, Layer
 
 
 def salience_order(act_absmax: torch.Tensor) -> torch.Tensor:

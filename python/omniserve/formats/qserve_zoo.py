@@ -1,8 +1,9 @@
 """QServe model-zoo checkpoints, read into the same `QuantizedCheckpoint` our own reader returns.
 
 A zoo directory (QServe's `checkpoint_converter.py` or deepcompressor's `backend.qserve.convert`,
-study §4.3) holds the model's HF `config.json` (no `quantization_config`), tokenizer files and a
-pickled torch state dict: `pytorch_model*.bin`, or `*.pt` (`quant_model.pt`). Its tensors, per
+docs/formats.md#qserve-zoo-checkpoints) holds the model's HF `config.json` (no
+`quantization_config`), tokenizer files and a pickled torch state dict: `pytorch_model*.bin`, or
+`*.pt` (`quant_model.pt`). Its tensors, per
 quantized linear `<prefix>`:
 
     W4A8 per-channel   <prefix>.qweight int8 [N, K/2], .s1_scales fp16 [N], .s1_szeros fp16 [N]
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from omniserve.errors import CheckpointError, ConfigError
-from omniserve.quant.checkpoint import (
+from omniserve.formats.checkpoint import (
     CONFIG_FILE,
     KV_SCALE_SUFFIX,
     QuantizationConfig,
@@ -43,10 +44,10 @@ from omniserve.quant.checkpoint import (
     linear_from_qserve,
     pop_kv_scales,
 )
-from omniserve.quant.kv import PER_TENSOR, PER_TOKEN_HEAD
-from omniserve.quant.packing import TILE
-from omniserve.quant.precision import GROUP_SIZE_128, PER_CHANNEL, Precision, parse
-from omniserve.quant.weight import QuantizedWeight, weight_format
+from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD
+from omniserve.formats.packing import TILE
+from omniserve.formats.precision import GROUP_SIZE_128, PER_CHANNEL, Precision, parse
+from omniserve.formats.weight import QuantizedWeight, weight_format
 
 RECIPE_SOURCE = "qserve_zoo"
 """`quantization_config.recipe["source"]` of a checkpoint read from the zoo format."""

@@ -1,4 +1,4 @@
-"""Block-input rotation of the residual stream (QoQ, study §4.2; QuaRot-style, fused offline).
+"""Block-input rotation of the residual stream (QoQ; QuaRot-style, fused offline).
 
 With R orthogonal [H, H], the model computes the same function on the rotated residual x' = x · R:
 RMSNorm commutes with R once its gain g is folded into the linears that read it (‖x R‖ = ‖x‖), so
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from omniserve.quant.qoq.model import (
+from omniserve.quantize.qoq.model import (
     DOWN,
     GATE,
     INPUT_NORM,

@@ -1,8 +1,8 @@
 """KV cache quantization: QServe's "fine-grained" per-token, per-head asymmetric format.
 
 Every (token, KV head) row x of head_dim values gets its own fp16 scale s and zero z
-(study §3.1; dequantization as in QServe's kernels, `scale · (q − zero)`), with b = 8 (KV8) or
-b = 4 (KV4) bits and Q = 2^b − 1:
+(docs/formats.md#kv-cache-quantization; dequantization as in QServe's kernels,
+`scale · (q − zero)`), with b = 8 (KV8) or b = 4 (KV4) bits and Q = 2^b − 1:
 
     lo = min(min(x), 0)            hi = max(max(x), 0)
     s  = fp16(max((hi − lo) / Q, 2^-14))
@@ -26,7 +26,7 @@ high nibble the odd one (QServe's `cast_to_packed_uint4`); head_dim is even (RoP
 
 Per-tensor static KV8 (LServe's default, `kv_granularity: "per_tensor"`): one fp32 scale per
 layer for K and one for V, fixed ahead of time from calibration maxima of the post-RoPE keys and of
-the values (`kv_scale_quant_orig` = [k_absmax / 127, v_absmax / 127], quant/kv_calibration.py);
+the values (`kv_scale_quant_orig` = [k_absmax / 127, v_absmax / 127], quantize/kv_calibration.py);
 symmetric, signed, no zero, nothing stored per row:
 
     q = clamp(round(x / s), −127, 127)  (int8)          x̂ = s · q
@@ -37,6 +37,8 @@ zero point is too coarse, and QServe refuses it too.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -117,9 +119,32 @@ def dequantize_kv_static(
 def row_params_or_scale(
     params: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A cache's kernel operand beside its rows (`KernelRows.kernel_operands`) as the kernels'
+    """A cache's kernel operand beside its rows (`CacheRows.kernel_operands`) as the kernels'
     bindings take it, (per-row params, per-tensor scale): fp16 (scale, zero) rows are params, a
     static KV8 cache's fp32 scale is the scale, and a dense cache has neither."""
     if params is not None and params.dtype == torch.float32:
         return None, params
     return params, None
+
+
+class CacheRows(Protocol):
+    """One layer's K (or V) cache rows, [num_kv_heads * num_slots] rows of head_dim values, in
+    whatever storage format the cache uses. Here, beside the formats, because both sides meet on
+    it: runner/kv_cache.py implements it, the attention layer and the kernels read and write it."""
+
+    def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Store rows x [*index.shape, head_dim] at cache rows `index`; returns them as reads will
+        see them (x itself when the cache is not quantized)."""
+        ...
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at `index`, [*index.shape, head_dim] in the compute dtype."""
+        ...
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The storage as the CUDA kernels take it (the decode kernel reads it, the fused RoPE + KV
+        write, `kernels/rope_kv.py`, writes it): (rows [num_rows, width], params), values in the
+        compute dtype (params None), `quantize_kv` codes with fp16 (scale, zero) per row (params
+        [num_rows, 2]), or per-tensor static KV8's int8 codes with the layer's fp32 scale (params
+        0-d)."""
+        ...

@@ -1,4 +1,4 @@
-"""Calibration of per-tensor static KV8 scales (LServe's default KV mode, quant/kv.py).
+"""Calibration of per-tensor static KV8 scales (LServe's default KV mode, formats/kv.py).
 
 Each layer gets `kv_scale_quant_orig` = [k_absmax / 127, v_absmax / 127], where the maxima are of
 |post-RoPE key| and |value| over every token, KV head and channel the model produced on the
@@ -6,9 +6,9 @@ calibration windows: keys after RoPE because that is what the cache stores. Two 
 
 - `calibrate_kv_absmax` runs an HF causal LM (the model as the quantizer holds it, e.g. with QoQ's
   rotation and smoothing folded in) over token windows and reads the maxima from its KV cache;
-- DeepCompressor's `acts.pt` already holds them (quant/convert_deepcompressor.py reads it).
+- DeepCompressor's `acts.pt` already holds them (quantize/convert_deepcompressor.py reads it).
 
-Either way `static_kv_scales` (quant/kv.py) turns the [num_layers, 2] maxima into the scales that
+Either way `static_kv_scales` (formats/kv.py) turns the [num_layers, 2] maxima into the scales that
 `write_checkpoint(..., kv_scales=...)` stores.
 """
 

@@ -1,11 +1,11 @@
 """GPTQ on the grid of the stored format (Frantar et al., 2022; QoQ's `enable_kernel_gptq`).
 
-The scales and zeros stay those of the (clipped) RTN weight (`WeightGrid`, weight.py): GPTQ only
-chooses the codes, column by column, and spreads each column's rounding error over the columns not
-yet quantized, weighted by the inverse Hessian of the layer's inputs (H = Σ xᵀ x), so that the
-output error X · (W − Ŵ)ᵀ rather than the weight error is minimised. Keeping the RTN grid makes
-the result exactly a stored format of the same precision and group size (g128 groups are "static":
-their level-2 ranges come from the original weight).
+The scales and zeros stay those of the (clipped) RTN weight (`WeightGrid`, formats/weight.py):
+GPTQ only chooses the codes, column by column, and spreads each column's rounding error over the
+columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = Σ xᵀ x), so
+that the output error X · (W − Ŵ)ᵀ rather than the weight error is minimised. Keeping the RTN grid
+makes the result exactly a stored format of the same precision and group size (g128 groups are
+"static": their level-2 ranges come from the original weight).
 
 Standard choices: dampening λ = damp · mean(diag H) added to the diagonal, blocks of 128 columns
 with lazy updates of the rest, columns of dead inputs (H_jj = 0) zeroed, natural column order.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from omniserve.quant.weight import WeightGrid
+from omniserve.formats.weight import WeightGrid
 
 
 def gptq_codes(

@@ -1,1 +1,0 @@
-"""Quantization: weights, activations and the KV cache."""
