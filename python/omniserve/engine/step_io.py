@@ -25,6 +25,11 @@ class StepIO:
             for spec in _scheduler.STEP_BUFFERS
         }
         self._specs = {spec.name: spec for spec in _scheduler.STEP_BUFFERS}
+        # Read per step: (name, view, count field, width, extra), so that a step reads no spec.
+        self._plan_parts = [
+            (spec.name, self._views[spec.name], spec.count, spec.width, spec.extra)
+            for spec in PLAN_BUFFERS
+        ]
 
     def _filled(self, name: str, count: int) -> torch.Tensor:
         return filled(self._specs[name], self._views[name], count)
@@ -33,13 +38,11 @@ class StepIO:
         counts = self.scheduler.schedule()
         if counts.num_reqs == 0:
             return counts, None
-        plan = StepPlan(
-            {
-                spec.name: self._filled(spec.name, getattr(counts, spec.count))
-                for spec in PLAN_BUFFERS
-            }
-        )
-        return counts, plan
+        plan: dict[str, torch.Tensor] = {}
+        for name, view, count, width, extra in self._plan_parts:
+            part = view[: getattr(counts, count) * width + extra]
+            plan[name] = part.view(-1, width) if width > 1 else part
+        return counts, StepPlan(plan)
 
     def req_ids(self, counts: _scheduler.StepCounts) -> list[int]:
         return self._filled("req_ids", counts.num_reqs).tolist()

@@ -34,6 +34,7 @@ PLAN_BUFFERS: tuple[BufferSpec, ...] = tuple(
     spec for spec in STEP_BUFFERS if spec.phase == "schedule" and spec.reader == "runner"
 )
 """The buffers a plan carries, in the scheduler's order."""
+_PLAN_NAMES = frozenset(spec.name for spec in PLAN_BUFFERS)
 
 _DTYPES = {"int32": torch.int32, "int64": torch.int64}
 
@@ -54,12 +55,11 @@ class StepPlan(Mapping[str, torch.Tensor]):
 
     __slots__ = ("_buffers",)
 
-    def __init__(self, buffers: Mapping[str, torch.Tensor]) -> None:
-        names = {spec.name for spec in PLAN_BUFFERS}
-        if buffers.keys() != names:
-            missing, unknown = names - buffers.keys(), buffers.keys() - names
+    def __init__(self, buffers: dict[str, torch.Tensor]) -> None:
+        if buffers.keys() != _PLAN_NAMES:
+            missing, unknown = _PLAN_NAMES - buffers.keys(), buffers.keys() - _PLAN_NAMES
             raise TypeError(f"StepPlan: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        self._buffers = dict(buffers)
+        self._buffers = buffers
 
     @classmethod
     def of(cls, **given: torch.Tensor) -> StepPlan:

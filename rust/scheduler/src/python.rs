@@ -153,6 +153,19 @@ fn build_config(
     Ok(cfg)
 }
 
+/// `Class(field=value, ...)`, each declared field read by name.
+fn fields_repr<T: std::fmt::Display>(
+    class: &str,
+    fields: &[&str],
+    get: impl Fn(&str) -> Option<T>,
+) -> String {
+    let fields: Vec<String> = fields
+        .iter()
+        .map(|name| format!("{name}={}", get(name).expect("a declared field")))
+        .collect();
+    format!("{class}({})", fields.join(", "))
+}
+
 #[pymethods]
 impl SchedulerConfig {
     /// Field names, sizes first.
@@ -201,11 +214,7 @@ impl SchedulerConfig {
     }
 
     fn __repr__(&self) -> String {
-        let fields: Vec<String> = Self::FIELDS
-            .iter()
-            .map(|name| format!("{name}={}", self.get(name).expect("a declared field")))
-            .collect();
-        format!("SchedulerConfig({})", fields.join(", "))
+        fields_repr("SchedulerConfig", Self::FIELDS, |name| self.get(name))
     }
 }
 
@@ -237,11 +246,7 @@ impl StepCounts {
     }
 
     fn __repr__(&self) -> String {
-        let fields: Vec<String> = Self::FIELDS
-            .iter()
-            .map(|name| format!("{name}={}", self.get(name).expect("a declared field")))
-            .collect();
-        format!("StepCounts({})", fields.join(", "))
+        fields_repr("StepCounts", Self::FIELDS, |name| self.get(name))
     }
 }
 
