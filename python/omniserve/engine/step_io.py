@@ -32,7 +32,8 @@ class StepIO:
         ]
 
     def _filled(self, name: str, count: int) -> torch.Tensor:
-        return filled(self._specs[name], self._views[name], count)
+        spec = self._specs[name]
+        return filled(self._views[name], count, spec.width, spec.extra)
 
     def schedule(self) -> tuple[_scheduler.StepCounts, StepPlan | None]:
         counts = self.scheduler.schedule()
@@ -40,8 +41,7 @@ class StepIO:
             return counts, None
         plan: dict[str, torch.Tensor] = {}
         for name, view, count, width, extra in self._plan_parts:
-            part = view[: getattr(counts, count) * width + extra]
-            plan[name] = part.view(-1, width) if width > 1 else part
+            plan[name] = filled(view, getattr(counts, count), width, extra)
         return counts, StepPlan(plan)
 
     def req_ids(self, counts: _scheduler.StepCounts) -> list[int]:

@@ -43,11 +43,11 @@ def buffer_dtype(spec: BufferSpec) -> torch.dtype:
     return _DTYPES[spec.dtype]
 
 
-def filled(spec: BufferSpec, view: torch.Tensor, count: int) -> torch.Tensor:
-    """The part of a buffer's flat view that holds `count` items, items of several elements as
-    rows."""
-    part = view[: count * spec.width + spec.extra]
-    return part.view(-1, spec.width) if spec.width > 1 else part
+def filled(view: torch.Tensor, count: int, width: int, extra: int) -> torch.Tensor:
+    """The part of a buffer's flat view that holds `count` items of `width` elements (plus
+    `extra`, as `BufferSpec` describes it), items of several elements as rows."""
+    part = view[: count * width + extra]
+    return part.view(-1, width) if width > 1 else part
 
 
 class StepPlan(Mapping[str, torch.Tensor]):
@@ -85,7 +85,7 @@ class StepPlan(Mapping[str, torch.Tensor]):
                 continue
             count = counts.get(spec.count, 0)
             zeros = torch.zeros(count * spec.width + spec.extra, dtype=buffer_dtype(spec))
-            buffers[spec.name] = filled(spec, zeros, count)
+            buffers[spec.name] = filled(zeros, count, spec.width, spec.extra)
         return cls(buffers)
 
     def __getitem__(self, name: str) -> torch.Tensor:
