@@ -250,63 +250,68 @@ impl StepCounts {
     }
 }
 
-/// One step buffer, as `STEP_BUFFERS` describes it (see `Buffer`).
+/// One step buffer, as `STEP_BUFFERS` describes it: every attribute is read off the core's
+/// `Buffer` declaration.
 #[pyclass(name = "BufferSpec", module = "omniserve._scheduler", frozen)]
-struct PyBufferSpec {
-    #[pyo3(get)]
-    name: &'static str,
-    #[pyo3(get)]
-    dtype: &'static str,
-    #[pyo3(get)]
-    phase: &'static str,
-    #[pyo3(get)]
-    reader: &'static str,
-    #[pyo3(get)]
-    count: &'static str,
-    #[pyo3(get)]
-    width: usize,
-    #[pyo3(get)]
-    extra: usize,
-    #[pyo3(get)]
-    doc: &'static str,
-    buf: Buffer,
-}
+struct PyBufferSpec(Buffer);
 
 #[pymethods]
 impl PyBufferSpec {
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.0.dtype().as_str()
+    }
+    #[getter]
+    fn phase(&self) -> &'static str {
+        self.0.phase().as_str()
+    }
+    #[getter]
+    fn reader(&self) -> &'static str {
+        self.0.reader().as_str()
+    }
+    #[getter]
+    fn count(&self) -> &'static str {
+        self.0.count()
+    }
+    #[getter]
+    fn width(&self) -> usize {
+        self.0.width()
+    }
+    #[getter]
+    fn extra(&self) -> usize {
+        self.0.extra()
+    }
+    #[getter]
+    fn doc(&self) -> &'static str {
+        self.0.doc()
+    }
+
     /// Elements the buffer holds under `config`.
     fn capacity(&self, config: &SchedulerConfig) -> usize {
-        self.buf.capacity(config)
+        self.0.capacity(config)
     }
 
     fn __repr__(&self) -> String {
-        let mut len = self.count.to_string();
-        if self.width > 1 {
-            len = format!("{len} * {}", self.width);
+        let b = self.0;
+        let mut len = b.count().to_string();
+        if b.width() > 1 {
+            len = format!("{len} * {}", b.width());
         }
-        if self.extra > 0 {
-            len = format!("{len} + {}", self.extra);
+        if b.extra() > 0 {
+            len = format!("{len} + {}", b.extra());
         }
         format!(
             "BufferSpec({}: {} [{len}], {} -> {}: {})",
-            self.name, self.dtype, self.phase, self.reader, self.doc
+            b.name(),
+            b.dtype().as_str(),
+            b.phase().as_str(),
+            b.reader().as_str(),
+            b.doc()
         )
-    }
-}
-
-impl From<Buffer> for PyBufferSpec {
-    fn from(buf: Buffer) -> Self {
-        Self {
-            name: buf.name(),
-            dtype: buf.dtype().as_str(),
-            phase: buf.phase().as_str(),
-            reader: buf.reader().as_str(),
-            count: buf.count(),
-            width: buf.width(),
-            extra: buf.extra(),
-            doc: buf.doc(),
-            buf,
-        }
     }
 }
 
@@ -504,7 +509,7 @@ fn _scheduler(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "SchedulerInternalError",
         py.get_type::<SchedulerInternalError>(),
     )?;
-    let specs: Vec<PyBufferSpec> = Buffer::ALL.iter().map(|&b| b.into()).collect();
+    let specs: Vec<PyBufferSpec> = Buffer::ALL.iter().map(|&b| PyBufferSpec(b)).collect();
     m.add("STEP_BUFFERS", PyTuple::new(py, specs)?)?;
     for (name, value) in FLAGS {
         m.add(name, value)?;
