@@ -252,10 +252,12 @@ impl SchedulerConfig {
         self.num_stream_pages > 0
     }
 
-    /// Pages of one request's streaming table: sinks, the local ring, and one page being filled.
-    pub fn stream_table_len(&self) -> u32 {
+    /// Pages of the streaming table of a request that holds at most `max_tokens` tokens: the
+    /// sinks and a ring of `stream_local_pages + 1` pages (the local pages and the one being
+    /// filled), or only the pages the request can reach when it is too short to wrap the ring.
+    pub fn stream_table_len(&self, max_tokens: u32) -> u32 {
         if self.stream_enabled() {
-            self.stream_sink_pages + self.stream_local_pages + 1
+            (self.stream_sink_pages + self.stream_local_pages + 1).min(self.pages_for(max_tokens))
         } else {
             0
         }
@@ -336,7 +338,12 @@ mod tests {
             ..SchedulerConfig::new(101, 100_000)
         };
         assert_eq!(cfg.watermark_pages(), 2); // ceil(1.01)
-        assert_eq!(cfg.stream_table_len(), 7);
+        assert_eq!(cfg.stream_table_len(10_000), 7);
+        assert_eq!(
+            cfg.stream_table_len(65),
+            2,
+            "a short request gets the pages it can reach"
+        );
         assert_eq!(cfg.logical_page_tokens(), 16);
         assert_eq!(cfg.pages_for(0), 0);
         assert_eq!(cfg.pages_for(64), 1);

@@ -70,7 +70,9 @@ impl Scheduler {
                     if req.reserved_pages != prefill_pages.saturating_sub(req.pages.len() as u32) {
                         return Err(format!("request {id}: reservation is off"));
                     }
-                    if req.stream_pages.len() as u32 != cfg.stream_table_len() {
+                    if req.stream_pages.len() as u32
+                        != cfg.stream_table_len(req.max_len(self.max_seq_len))
+                    {
                         return Err(format!("request {id}: streaming table has the wrong size"));
                     }
                     reserved += req.reserved_pages;

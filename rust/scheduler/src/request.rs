@@ -95,7 +95,8 @@ pub struct Request {
     pub decode_idx: u32,
     /// Dense page table: page `i` holds positions `[i * page_size, (i + 1) * page_size)`.
     pub pages: Vec<PageId>,
-    /// Streaming table (sinks + local ring + 1), allocated whole at admission.
+    /// Streaming table (sinks + local ring + 1, `SchedulerConfig::stream_table_len`), allocated
+    /// whole at admission.
     pub stream_pages: Vec<PageId>,
     /// Dense pages promised at admission for the rest of the prefill, not yet allocated.
     pub reserved_pages: u32,
@@ -127,6 +128,14 @@ impl Request {
             reserved_pages: 0,
             decode_steps_since_select: 0,
         }
+    }
+
+    /// The most tokens the request can hold: its prompt and `max_tokens` outputs, within
+    /// `max_seq_len`.
+    pub fn max_len(&self, max_seq_len: u32) -> u32 {
+        self.num_prompt
+            .saturating_add(self.max_tokens)
+            .min(max_seq_len)
     }
 
     pub fn num_tokens(&self) -> u32 {

@@ -223,14 +223,15 @@ impl Scheduler {
                 self.watermark_pages
             ));
         }
-        if self.cfg.stream_table_len() > self.stream.capacity() {
+        let request = Request::new(req, self.next_arrival, self.num_steps);
+        let table_len = self.stream_table_len(&request);
+        if table_len > self.stream.capacity() {
             return rejected(format!(
-                "a streaming table needs {} pages; the streaming pool has {}",
-                self.cfg.stream_table_len(),
+                "the request's streaming table needs {table_len} pages; the streaming pool has {} \
+                 (raise num_stream_pages or lower the streaming windows)",
                 self.stream.capacity()
             ));
         }
-        let request = Request::new(req, self.next_arrival, self.num_steps);
         self.next_arrival += 1;
         let key = QueueKey::of(&request, self.cfg.scheduling_policy);
         let slot = self.requests.insert(request);
@@ -521,7 +522,7 @@ impl Scheduler {
             .unreserved_free_pages()
             .saturating_sub(self.watermark_pages);
         if self.cfg.pages_for(req.prefill_len) > dense_room
-            || self.cfg.stream_table_len() > self.stream.num_free()
+            || self.stream_table_len(req) > self.stream.num_free()
         {
             return None;
         }
@@ -533,18 +534,23 @@ impl Scheduler {
         Some(chunk)
     }
 
+    fn stream_table_len(&self, req: &Request) -> u32 {
+        self.cfg.stream_table_len(req.max_len(self.max_seq_len))
+    }
+
     fn admit(&mut self, slot: u32, chunk: u32) -> Result<()> {
         let row = self
             .free_rows
             .pop()
             .expect("admission checks for a free row");
         let reserve = self.cfg.pages_for(self.requests[slot].prefill_len);
+        let table_len = self.stream_table_len(&self.requests[slot]);
         let req = &mut self.requests[slot];
         req.status = Status::Running;
         req.row = row;
         req.reserved_pages = reserve;
         self.reserved_pages += reserve;
-        for column in 0..self.cfg.stream_table_len() {
+        for column in 0..table_len {
             let page = self.stream.alloc().ok_or_else(|| {
                 SchedulerError::Internal("streaming pool ran dry during admission".into())
             })?;

@@ -169,8 +169,9 @@ impl Harness {
             priority,
         };
         let cfg = &self.cfg;
+        let max_len = (prompt_len as u32 + max_tokens).min(cfg.max_seq_len());
         let never_fits = prompt_len as u32 >= cfg.max_seq_len()
-            || cfg.stream_table_len() > cfg.num_stream_pages.saturating_sub(1);
+            || cfg.stream_table_len(max_len) > cfg.num_stream_pages.saturating_sub(1);
         match self.sched.add_request(req) {
             Ok(()) => {
                 assert!(!never_fits, "request {id} should have been rejected");
@@ -302,7 +303,8 @@ impl Harness {
                 );
             }
             let stream = &self.stream_table[row];
-            assert_eq!(stream.len(), cfg.stream_table_len() as usize);
+            let max_len = (req.num_prompt as u32 + req.max_tokens).min(cfg.max_seq_len());
+            assert_eq!(stream.len(), cfg.stream_table_len(max_len) as usize);
             for &page in stream {
                 assert!(
                     page > 0 && stream_in_use.insert(page),
