@@ -27,7 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
             {ROOT},
             {"cli"},
             {"server", "bench", "eval"},  # entry points beside each other, none imports another
-            {"quantize"},  # offline tools: run models to calibrate and convert checkpoints
+            {"quantize", "calibrate"},  # offline tools that run models: checkpoints, head patterns
             {"engine"},
             {"runner"},
             {"models"},

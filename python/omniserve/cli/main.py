@@ -6,7 +6,16 @@ import argparse
 import importlib
 import sys
 
-_COMMANDS = ("generate", "serve", "bench", "eval", "quantize", "convert", "build-kernels")
+_COMMANDS = (
+    "generate",
+    "serve",
+    "bench",
+    "eval",
+    "quantize",
+    "calibrate-heads",
+    "convert",
+    "build-kernels",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
