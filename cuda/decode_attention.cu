@@ -29,12 +29,19 @@ OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kStaticKV8)
 
 namespace {
 
-void check_int32_vector(const at::Tensor& t, const char* name, int64_t size,
-                        const at::Device& device) {
+void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  const char* dtype_name, int64_t size, const at::Device& device) {
   OMNI_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-  OMNI_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  OMNI_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
   OMNI_CHECK(t.dim() == 1 && t.size(0) == size && t.stride(0) == 1, name,
              " must be a contiguous vector of ", size, " entries, got shape ", t.sizes());
+}
+
+void check_int32_table(const at::Tensor& t, const char* name, const at::Device& device) {
+  OMNI_CHECK(t.device() == device && t.scalar_type() == at::kInt && t.dim() == 2 &&
+                 t.stride(1) == 1,
+             name, " must be int32 [requests, pages] on ", device, " with contiguous rows, got ",
+             t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
 }  // namespace
@@ -47,7 +54,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& page_table, const at::Tensor& seq_rows,
                             const at::Tensor& context_lens, int64_t page_size,
                             int64_t num_kv_heads, int64_t max_context_len, int64_t window,
-                            double scale, int64_t partition) {
+                            double scale, int64_t partition,
+                            const std::optional<at::Tensor>& head_base,
+                            const std::optional<at::Tensor>& is_stream,
+                            const std::optional<at::Tensor>& stream_table,
+                            const std::optional<at::Tensor>& stream_context_lens) {
   OMNI_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   const at::Device device = q.device();
   OMNI_CHECK(q.dim() == 3, "q must be [batch, q_heads, head_dim], got shape ", q.sizes());
@@ -64,13 +75,26 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const KVFormat format = check_kv_operands(k_cache, v_cache, k_params, v_params, k_scale,
                                             v_scale, head_dim, q.scalar_type(), device);
   const int64_t rows = k_cache.size(0);
-  OMNI_CHECK(rows % num_kv_heads == 0, "cache rows (", rows, ") must be a multiple of num_kv_heads");
   OMNI_CHECK(rows < (int64_t{1} << 32), "too many cache rows for 32-bit row indices");
-  OMNI_CHECK(page_table.device() == device && page_table.scalar_type() == at::kInt &&
-                 page_table.dim() == 2 && page_table.stride(1) == 1,
-             "page_table must be int32 [requests, pages] on ", device, " with contiguous rows");
-  check_int32_vector(seq_rows, "seq_rows", batch, device);
-  check_int32_vector(context_lens, "context_lens", batch, device);
+  check_int32_table(page_table, "page_table", device);
+  check_vector(seq_rows, "seq_rows", at::kInt, "int32", batch, device);
+  check_vector(context_lens, "context_lens", at::kInt, "int32", batch, device);
+  const bool streaming = head_base.has_value();
+  OMNI_CHECK(streaming == is_stream.has_value() && streaming == stream_table.has_value() &&
+                 streaming == stream_context_lens.has_value(),
+             "pass all of head_base, is_stream, stream_table and stream_context_lens or none");
+  if (streaming) {
+    // Base rows are the caller's (not checked against `rows`: that would need their values).
+    check_vector(*head_base, "head_base", at::kLong, "int64", num_kv_heads, device);
+    check_vector(*is_stream, "is_stream", at::kBool, "bool", num_kv_heads, device);
+    check_int32_table(*stream_table, "stream_table", device);
+    OMNI_CHECK(stream_table->size(0) == batch, "stream_table must have a row per request (",
+               batch, "), got ", stream_table->size(0));
+    check_vector(*stream_context_lens, "stream_context_lens", at::kInt, "int32", batch, device);
+  } else {
+    OMNI_CHECK(rows % num_kv_heads == 0, "cache rows (", rows,
+               ") must be a multiple of num_kv_heads");
+  }
 
   // The three-phase kernel keeps a partition's scores in shared memory; KV4 streams its tiles.
   const bool kv4 = format == KVFormat::kKV4;
@@ -84,9 +108,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   auto out = at::empty_like(q);
   if (batch == 0) return out;
   // Splits start at a tile boundary (decode::split_range): a window adds up to a tile's worth.
-  const int64_t visible = window > 0
-                              ? std::min(max_context_len, window) + decode::kTileTokens - 1
-                              : max_context_len;
+  // Streaming heads ignore the window, but their table's width bounds their contexts.
+  int64_t visible = window > 0 ? std::min(max_context_len, window) + decode::kTileTokens - 1
+                               : max_context_len;
+  if (streaming) {
+    visible = std::max(visible, std::min(max_context_len, stream_table->size(1) * page_size));
+  }
   const int64_t num_splits = std::max<int64_t>(1, (visible + partition - 1) / partition);
   OMNI_CHECK(num_splits <= 65535, "context too long for the partition size");
   const int group = static_cast<int>(q_heads / num_kv_heads);
@@ -113,6 +140,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.page_table = page_table.data_ptr<int32_t>();
   p.seq_rows = seq_rows.data_ptr<int32_t>();
   p.context_lens = context_lens.data_ptr<int32_t>();
+  if (streaming) {
+    p.head_base = head_base->data_ptr<int64_t>();
+    p.is_stream = is_stream->data_ptr<bool>();
+    p.stream_table = stream_table->data_ptr<int32_t>();
+    p.stream_table_stride = static_cast<int>(stream_table->stride(0));
+    p.stream_context_lens = stream_context_lens->data_ptr<int32_t>();
+  }
   p.out = out.data_ptr();
   p.q_stride_b = q.stride(0);
   p.q_stride_h = q.stride(1);

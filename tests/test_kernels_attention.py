@@ -1,13 +1,17 @@
 """Paged decode attention kernel (cuda/decode_attention.cu) against an fp32 reference on the same
-cache rows, and the engine with the kernel against its torch attention path, on the GPU.
+cache rows, and the engine with the kernel against its torch attention path, on the GPU; the
+Python-side checks of `StreamingHeads` on the CPU.
 
-The reference gathers each request's rows through its page table and attends in fp32 to the
-exactly dequantized K/V (`formats/kv.py`), which is the math of `PagedAttention`'s decode path
-without its rounding of K/V and probabilities to the compute dtype."""
+The reference gathers each request's rows through its page table (a streaming head's through its
+streaming table, by the rule of `StreamingHeads`) and attends in fp32 to the exactly dequantized
+K/V (`formats/kv.py`), which is the math of `PagedAttention`'s decode path without its rounding of
+K/V and probabilities to the compute dtype."""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +36,7 @@ from tiny_models import (
     save_static_kv8_checkpoint,
 )
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 LAYOUTS = {  # (query heads, KV heads, head_dim)
     "gqa32x8-d128": (32, 8, 128),
@@ -58,7 +62,13 @@ TOLERANCE = {
 
 class PagedCase:
     """Random K/V rows in the cache layout of runner/kv_cache.py, requests with shuffled pages
-    (the last one partly filled) at shuffled page-table rows, and queries."""
+    (the last one partly filled) at shuffled page-table rows, and queries.
+
+    With `stream_heads` (KV heads that stream, possibly none) the case is a layer with streaming
+    heads instead: each KV head's rows start at its own base (the heads' regions in shuffled
+    order, with unused rows between them), a streaming head's region holds pages of a pool of
+    its own, and request b's streaming heads attend `stream_contexts[b]` positions through a
+    streaming table (rows in batch order, one column more than the longest needs)."""
 
     def __init__(
         self,
@@ -68,6 +78,8 @@ class PagedCase:
         dtype: torch.dtype,
         page_size: int = 16,
         seed: int = 0,
+        stream_heads: tuple[int, ...] | None = None,
+        stream_contexts: list[int] | None = None,
     ) -> None:
         g = torch.Generator(device="cuda").manual_seed(seed)
         cpu = torch.Generator().manual_seed(seed)
@@ -78,14 +90,46 @@ class PagedCase:
         self.num_slots = num_pages * page_size
         batch, max_pages = len(contexts), max(pages_per_req)
         free = (torch.randperm(num_pages - 1, generator=cpu) + 1).tolist()
-        self.page_table = torch.zeros(batch + 2, max_pages, dtype=torch.int32)
-        self.seq_rows = torch.randperm(batch + 2, generator=cpu)[:batch].int()
+        page_table = torch.zeros(batch + 2, max_pages, dtype=torch.int32)
+        seq_rows = torch.randperm(batch + 2, generator=cpu)[:batch].int()
         for b, n in enumerate(pages_per_req):
-            self.page_table[self.seq_rows[b], :n] = torch.tensor([free.pop() for _ in range(n)])
-        self.page_table, self.seq_rows = self.page_table.cuda(), self.seq_rows.cuda()
+            page_table[seq_rows[b], :n] = torch.tensor([free.pop() for _ in range(n)])
+        # Pages of request b in order, for the reference.
+        self.request_pages = [page_table[row].long() for row in seq_rows]
+        self.page_table, self.seq_rows = page_table.cuda(), seq_rows.cuda()
         self.context_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
 
-        rows = self.kv_heads * self.num_slots
+        self.is_stream = [False] * self.kv_heads
+        self.stream_contexts: list[int] = []
+        self.streaming: kernel.StreamingHeads | None = None
+        if stream_heads is None:
+            self.head_base = torch.arange(self.kv_heads) * self.num_slots
+            rows = self.kv_heads * self.num_slots
+        else:
+            assert stream_contexts is not None and len(stream_contexts) == batch
+            self.stream_contexts = stream_contexts
+            for h in stream_heads:
+                self.is_stream[h] = True
+            stream_pages = [math.ceil(c / page_size) for c in stream_contexts]
+            pool = sum(stream_pages) + 1
+            table = torch.randint(pool, (batch, max(stream_pages) + 1), generator=cpu)
+            order = torch.randperm(pool, generator=cpu).tolist()
+            for b, n in enumerate(stream_pages):
+                table[b, :n] = torch.tensor([order.pop() for _ in range(n)])
+            self.stream_table = table
+            self.head_base = torch.empty(self.kv_heads, dtype=torch.int64)
+            rows = 0
+            for h in torch.randperm(self.kv_heads, generator=cpu).tolist():
+                rows += page_size  # rows no head owns
+                self.head_base[h] = rows
+                rows += (pool if self.is_stream[h] else num_pages) * page_size
+            self.streaming = kernel.StreamingHeads(
+                head_base=self.head_base.cuda(),
+                is_stream=torch.tensor(self.is_stream, device="cuda"),
+                table=table.int().cuda(),
+                context_lens=torch.tensor(stream_contexts, dtype=torch.int32, device="cuda"),
+            )
+
         x = torch.randn(2, rows, self.head_dim, generator=g, device="cuda")
         x[..., ::7] *= 4  # outlier channels, as post-RoPE keys have
         x += torch.randn(2, rows, 1, generator=g, device="cuda")  # rows not centred on 0
@@ -114,7 +158,9 @@ class PagedCase:
         window: int | None = None,
         max_context_len: int | None = None,
         partition: int | None = None,
+        streaming: kernel.StreamingHeads | None = None,
     ) -> torch.Tensor:
+        """The kernel's output; `streaming` replaces the case's own streaming heads."""
         return kernel.decode_attention(
             self.q,
             self.operands[0],
@@ -124,23 +170,47 @@ class PagedCase:
             self.context_lens,
             page_size=self.page_size,
             num_kv_heads=self.kv_heads,
-            max_context_len=max(self.contexts) if max_context_len is None else max_context_len,
+            max_context_len=(
+                max(self.contexts + self.stream_contexts)
+                if max_context_len is None
+                else max_context_len
+            ),
             scale=self.scale,
             window=window,
             partition=partition,
+            streaming=self.streaming if streaming is None else streaming,
         )
+
+    def visible_rows(self, b: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows [kv_heads, L] each KV head of request b attends (padded with row 0), and
+        which of them are real: a dense head's positions in the window through the page table, a
+        streaming head's all of its positions through the streaming table."""
+        per_head = []
+        for h in range(self.kv_heads):
+            if self.is_stream[h]:
+                pos = torch.arange(self.stream_contexts[b])
+                pages = self.stream_table[b, pos // self.page_size]
+            else:
+                ctx = self.contexts[b]
+                pos = torch.arange(0 if window is None else max(0, ctx - window), ctx)
+                pages = self.request_pages[b][pos // self.page_size]
+            per_head.append(self.head_base[h] + pages * self.page_size + pos % self.page_size)
+        length = max(len(rows) for rows in per_head)
+        index = torch.zeros(self.kv_heads, length, dtype=torch.int64)
+        real = torch.zeros(self.kv_heads, length, dtype=torch.bool)
+        for h, rows in enumerate(per_head):
+            index[h, : len(rows)], real[h, : len(rows)] = rows, True
+        return index.cuda(), real.cuda()
 
     def reference(self, window: int | None = None) -> torch.Tensor:
         out = torch.empty(self.q.shape, dtype=torch.float32, device="cuda")
         group = self.heads // self.kv_heads
-        head_base = torch.arange(self.kv_heads, device="cuda")[:, None] * self.num_slots
-        for b, ctx in enumerate(self.contexts):
-            pos = torch.arange(0 if window is None else max(0, ctx - window), ctx, device="cuda")
-            pages = self.page_table[self.seq_rows[b].long(), pos // self.page_size].long()
-            index = head_base + pages * self.page_size + pos % self.page_size  # [kv_heads, n]
+        for b in range(len(self.contexts)):
+            index, real = self.visible_rows(b, window)
             k, v = self.dequantized[0][index], self.dequantized[1][index]
             q = self.q[b].float().view(self.kv_heads, group, self.head_dim)
-            p = (q @ k.transpose(1, 2) * self.scale).softmax(-1)
+            scores = q @ k.transpose(1, 2) * self.scale
+            p = scores.masked_fill(~real[:, None, :], -math.inf).softmax(-1)
             out[b] = (p @ v).reshape(self.heads, self.head_dim)
         return out
 
@@ -150,6 +220,7 @@ def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype])
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
 @pytest.mark.parametrize("contexts", CONTEXTS.values(), ids=CONTEXTS.keys())
@@ -161,6 +232,7 @@ def test_decode_attention_matches_reference(
     _check(case.run(), case.reference(), dtype)
 
 
+@gpu
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
 @pytest.mark.parametrize("partition", [32, 64, 512, 1024])
 def test_split_partitions_combine_exactly(bits: int | str | None, partition: int) -> None:
@@ -170,6 +242,7 @@ def test_split_partitions_combine_exactly(bits: int | str | None, partition: int
     _check(case.run(partition=partition), case.reference(), torch.float16)
 
 
+@gpu
 @pytest.mark.parametrize("partition", [2048, 4096, 16384])
 def test_kv4_streams_long_partitions(partition: int) -> None:
     """The KV4 kernel keeps no per-token state in shared memory, so a split may be long; the
@@ -184,6 +257,7 @@ def test_kv4_streams_long_partitions(partition: int) -> None:
             dense.run(partition=partition)
 
 
+@gpu
 @pytest.mark.parametrize("bits", KV_BITS.values(), ids=KV_BITS.keys())
 @pytest.mark.parametrize("window", [1, 8, 100, 5000])
 def test_sliding_window(bits: int | str | None, window: int) -> None:
@@ -191,6 +265,7 @@ def test_sliding_window(bits: int | str | None, window: int) -> None:
     _check(case.run(window=window), case.reference(window=window), torch.bfloat16)
 
 
+@gpu
 @pytest.mark.parametrize("partition", [64, 512])
 def test_launch_sized_too_short_gives_nan_not_truncation(partition: int) -> None:
     case = PagedCase(LAYOUTS["gqa4x2-d64"], [50, 1000], 4, torch.float16)
@@ -199,6 +274,7 @@ def test_launch_sized_too_short_gives_nan_not_truncation(partition: int) -> None
     _check(out[:1], case.reference()[:1], torch.float16)  # the short request fits the launch
 
 
+@gpu
 def test_bad_inputs_are_named() -> None:
     case = PagedCase(LAYOUTS["gqa4x2-d64"], [20], None, torch.float16)
     ops = kernel.EXTENSION.load()
@@ -259,6 +335,189 @@ def test_unsupported() -> None:
     assert "torch.float32" in str(kernel.unsupported(4, 2, 64, torch.float32))
 
 
+STREAM_FORMATS = {  # (compute dtype, cache format): every storage format, both dtypes
+    "fp16-kv16": (torch.float16, None),
+    "bf16-kv16": (torch.bfloat16, None),
+    "bf16-kv8": (torch.bfloat16, 8),
+    "fp16-kv4": (torch.float16, 4),
+    "fp16-kv8static": (torch.float16, STATIC),
+}
+STREAM_PATTERNS = {  # the KV heads that stream, of a layer with `kv_heads`
+    "dense": lambda kv_heads: (),
+    "all": lambda kv_heads: tuple(range(kv_heads)),
+    "mixed": lambda kv_heads: tuple(range(0, kv_heads, 2)),  # heads 0 and 2 of 4
+}
+STREAM_CONTEXTS = [17, 1, 15, 16, 2100, 33, 600]
+"""Streaming contexts beside `CONTEXTS["b7-mixed"]`: around page boundaries (page size 16), one
+across several partitions, each request's unlike its dense one."""
+
+
+@gpu
+@pytest.mark.parametrize("pattern", STREAM_PATTERNS.values(), ids=STREAM_PATTERNS.keys())
+@pytest.mark.parametrize("dtype,bits", STREAM_FORMATS.values(), ids=STREAM_FORMATS.keys())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_streaming_heads_match_reference(
+    layout: tuple[int, int, int],
+    dtype: torch.dtype,
+    bits: int | str | None,
+    pattern: Callable[[int], tuple[int, ...]],
+) -> None:
+    case = PagedCase(
+        layout,
+        CONTEXTS["b7-mixed"],
+        bits,
+        dtype,
+        stream_heads=pattern(layout[1]),
+        stream_contexts=STREAM_CONTEXTS,
+    )
+    _check(case.run(), case.reference(), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,bits", STREAM_FORMATS.values(), ids=STREAM_FORMATS.keys())
+@pytest.mark.parametrize("partition", [32, 64, 512])
+def test_streaming_heads_split_partitions_combine_exactly(
+    dtype: torch.dtype, bits: int | str | None, partition: int
+) -> None:
+    """Streaming heads' splits end where their contexts do, not the dense heads': the combine
+    step reads each head's own. Page size 64, contexts around its boundaries."""
+    case = PagedCase(
+        LAYOUTS["gqa32x8-d128"],
+        CONTEXTS["b7-mixed"],
+        bits,
+        dtype,
+        page_size=64,
+        stream_heads=(1, 2, 5),
+        stream_contexts=[65, 1, 63, 64, 2100, 129, 700],
+    )
+    _check(case.run(partition=partition), case.reference(), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [None, 4], ids=["kv16", "kv4"])
+def test_streaming_heads_large_batch(bits: int | None) -> None:
+    contexts = CONTEXTS["b64-random"]
+    stream = torch.randint(1, 300, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    case = PagedCase(
+        LAYOUTS["gqa32x8-d128"],
+        contexts,
+        bits,
+        torch.float16,
+        stream_heads=(0, 3, 4, 7),
+        stream_contexts=stream,
+    )
+    _check(case.run(), case.reference(), torch.float16)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,bits", STREAM_FORMATS.values(), ids=STREAM_FORMATS.keys())
+@pytest.mark.parametrize("window", [8, 100])
+def test_streaming_heads_beside_a_sliding_window(
+    dtype: torch.dtype, bits: int | str | None, window: int
+) -> None:
+    """Dense heads attend their window, streaming heads all of their (longer) tables: the launch
+    has splits for both (the streaming table's width bounds the streaming contexts)."""
+    case = PagedCase(
+        LAYOUTS["gqa4x2-d64"],
+        [1, 7, 8, 9, 1000, 4097],
+        bits,
+        dtype,
+        stream_heads=(1,),
+        stream_contexts=[600, 1, 17, 1500, 33, 300],
+    )
+    _check(case.run(window=window), case.reference(window=window), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,bits", STREAM_FORMATS.values(), ids=STREAM_FORMATS.keys())
+@pytest.mark.parametrize("window", [None, 100])
+def test_no_streaming_heads_is_bit_identical_to_explicit_dense_layout(
+    dtype: torch.dtype, bits: int | str | None, window: int | None
+) -> None:
+    """Without `streaming` the kernel computes each head's base row itself; handed the runner's
+    layout with every head dense, it reads the same rows in the same order, so the outputs are
+    bit-identical (and match the reference)."""
+    case = PagedCase(LAYOUTS["gqa32x8-d128"], CONTEXTS["b7-mixed"], bits, dtype)
+    batch = len(case.contexts)
+    explicit = kernel.StreamingHeads(
+        head_base=case.head_base.cuda(),
+        is_stream=torch.zeros(case.kv_heads, dtype=torch.bool, device="cuda"),
+        table=torch.ones(batch, 1, dtype=torch.int32, device="cuda"),
+        context_lens=torch.ones(batch, dtype=torch.int32, device="cuda"),
+    )
+    plain = case.run(window=window)
+    assert torch.equal(plain, case.run(window=window, streaming=explicit))
+    _check(plain, case.reference(window=window), dtype)
+
+
+@gpu
+def test_bad_streaming_inputs_are_named() -> None:
+    case = PagedCase(
+        LAYOUTS["gqa4x2-d64"],
+        [20, 30],
+        None,
+        torch.float16,
+        stream_heads=(0,),
+        stream_contexts=[5, 9],
+    )
+    ops = kernel.EXTENSION.load()
+    (k, _), (v, _) = case.operands
+    args = (case.q, k, v, None, None, None, None, case.page_table, case.seq_rows, case.context_lens)
+    args += (16, 2, 30, 0, 0.125, 128)
+    heads = case.streaming
+    assert heads is not None
+    good = (heads.head_base, heads.is_stream, heads.table, heads.context_lens)
+    bad = {
+        "pass all of head_base, is_stream, stream_table and stream_context_lens or none": (
+            *good[:3],
+            None,
+        ),
+        "head_base must be a contiguous vector of 2 entries, got shape [1]": (
+            good[0][:1],
+            *good[1:],
+        ),
+        "head_base must be int64, got Int": (good[0].int(), *good[1:]),
+        "is_stream must be bool, got Byte": (good[0], good[1].byte(), *good[2:]),
+        "stream_table must have a row per request (2), got 1": (*good[:2], good[2][:1], good[3]),
+        "stream_table must be int32 [requests, pages]": (*good[:2], good[2].long(), good[3]),
+        "stream_context_lens must be a contiguous vector of 2 entries": (*good[:3], good[3][:1]),
+    }
+    for message, heads_args in bad.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            ops.decode_attention(*args, *heads_args)
+
+
+def test_streaming_heads_checks_its_tensors() -> None:
+    good = {
+        "head_base": torch.arange(4) * 64,
+        "is_stream": torch.tensor([True, False, True, False]),
+        "table": torch.zeros(3, 2, dtype=torch.int32),
+        "context_lens": torch.ones(3, dtype=torch.int32),
+    }
+    kernel.StreamingHeads(**good)
+    bad = {
+        "StreamingHeads.head_base must be a 1-D torch.int64 tensor, got torch.int32 [4]": {
+            "head_base": good["head_base"].int()
+        },
+        "StreamingHeads.is_stream must be a 1-D torch.bool tensor, got torch.uint8 [4]": {
+            "is_stream": good["is_stream"].byte()
+        },
+        "StreamingHeads.table must be a 2-D torch.int32 tensor, got torch.int32 [6]": {
+            "table": good["table"].flatten()
+        },
+        "StreamingHeads.is_stream [3] must match head_base [4]": {
+            "is_stream": good["is_stream"][:3]
+        },
+        "StreamingHeads.context_lens [2] must have one entry per table row (3)": {
+            "context_lens": good["context_lens"][:2]
+        },
+        "StreamingHeads.table is on meta, head_base on cpu": {"table": good["table"].to("meta")},
+    }
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            kernel.StreamingHeads(**{**good, **change})
+
+
 ENGINE_KV_DTYPES = ["auto", "int8", "int4"]
 ENGINE_KV = [*ENGINE_KV_DTYPES, STATIC]
 """The engine's KV cache formats: a `kv_cache_dtype`, or STATIC for a W8A8 checkpoint with
@@ -292,6 +551,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return directory
 
 
+@gpu
 @pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV)
 def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_dtype: str) -> None:
     """Both attention backends decode the same token sequence (the torch path's greedy choices,
@@ -336,6 +596,7 @@ def test_runner_greedy_with_kernel_equals_torch_path(checkpoint: Path, kv_cache_
     assert ties <= TIE_RATE * compared
 
 
+@gpu
 @pytest.mark.parametrize("kv_cache_dtype", ENGINE_KV_DTYPES)
 def test_bundled_model_greedy_with_kernel_equals_torch_path(kv_cache_dtype: str) -> None:
     """The engine's greedy tokens with the decode kernel are the torch path's: the trained model,

@@ -1,16 +1,24 @@
 // Paged decode attention (one query token per request) over the KV cache of runner/kv_cache.py:
-// per layer, K and V rows [kv_heads * num_slots, head_dim] (row = head * num_slots + slot,
-// slot = page * page_size + offset), stored in the compute dtype, or as KV8 / KV4 codes
-// (uint8, KV4 = two channels per byte, low nibble = even channel) with an fp16 (scale, zero) per
-// row: x̂ = scale * (q - zero) (formats/kv.py), or as per-tensor static KV8: int8 codes under one
-// fp32 scale per layer for K and one for V, x̂ = scale * q. The kernels read those codes flipped
-// to uint8 (q + 128, one XOR per four codes) with the row parameters (scale, 128), so that one
-// KV8 path serves both.
+// per layer, K and V rows [rows, head_dim] (row = head_base[head] + slot, slot = page * page_size
+// + offset; head_base[head] = head * num_slots unless the caller passes it), stored in the compute
+// dtype, or as KV8 / KV4 codes (uint8, KV4 = two channels per byte, low nibble = even channel)
+// with an fp16 (scale, zero) per row: x̂ = scale * (q - zero) (formats/kv.py), or as per-tensor
+// static KV8: int8 codes under one fp32 scale per layer for K and one for V, x̂ = scale * q. The
+// kernels read those codes flipped to uint8 (q + 128, one XOR per four codes) with the row
+// parameters (scale, 128), so that one KV8 path serves both.
 //
 // Split-K ("flash decoding"): block (split, kv_head, request) attends the query heads of one GQA
 // group to one partition of up to `partition` tokens, so each K/V row is read once for the whole
 // group. With one partition per request the block writes the output; otherwise partial
 // (normalized output, max, sum) go to a workspace and `combine_kernel` merges them.
+//
+// Streaming heads (LServe): a layer's KV heads may be split into dense heads, which attend their
+// request's pages through the page table (within the sliding window, if any), and streaming
+// heads, which attend every position of a compact per-request streaming table (sink and local
+// pages, chronological, built by the caller), both in the same row tensors. Each block resolves
+// its KV head's pages, base row and context once (`head_rows`); everything after that, both
+// kernels and the combine step, is the same code for both kinds. Layers without streaming heads
+// run instantiations compiled without them (`launch_format`).
 //
 // Quantized rows are never dequantized element by element: with k = codes,
 //   q·k̂ = s (q·k − z Σq)          Σ_t p_t v̂_t = Σ_t (p_t s_t) v_t − Σ_t p_t s_t z_t
@@ -111,29 +119,59 @@ struct DecodeParams {
   int page_size;
   uint32_t num_slots;
   int num_q_heads;
-  int window;      // 0: full attention; else the last `window` positions
+  int window;      // dense heads: 0 for full attention, else the last `window` positions
   int partition;   // tokens per split
   int num_splits;  // gridDim.x
   float scale_log2;  // softmax scale · log2(e)
+  // Streaming heads: all null without them (every head dense, head_base[h] = h * num_slots).
+  // Last, so that the fields above keep their parameter offsets: moving them made ptxas allocate
+  // the KV4 kernel at head_dim 64 differently (64 registers and a spill instead of 71).
+  const int64_t* head_base;            // [kv_heads]: row of slot 0 of each KV head
+  const bool* is_stream;               // [kv_heads]
+  const int32_t* stream_table;         // [B, W]: pages of request b's streaming heads
+  const int32_t* stream_context_lens;  // [B]
+  int stream_table_stride;
 };
 
-// Visible token range [begin, ctx) of request b.
+// The first position a head with positions [0, ctx) attends under `window` (0: no window).
 __device__ __forceinline__ int visible_begin(int ctx, int window) {
   return window > 0 ? max(0, ctx - window) : 0;
 }
 
-// The page-table row of request b.
-__device__ __forceinline__ const int32_t* request_pages(const DecodeParams& p, int b) {
-  return p.page_table + static_cast<int64_t>(p.seq_rows[b]) * p.page_table_stride;
+// The rows one (request, KV head) attends: positions [visible_begin(ctx, window), ctx), position t
+// at row base + pages[t / page_size] * page_size + t % page_size.
+struct HeadRows {
+  const int32_t* pages;
+  uint32_t base;
+  int ctx;
+  int window;
+};
+
+// A dense head reads its request's page-table row within the window; a streaming head its
+// request's streaming-table row (indexed by the batch index, not seq_rows), all of it. Without
+// streaming heads the base is computed, not loaded: the layout is then the runner's
+// (runner/kv_cache.py), and the host keeps no head_base tensor to build or cache.
+template <bool Streaming>
+__device__ __forceinline__ HeadRows head_rows(const DecodeParams& p, int b, int kv_head) {
+  const auto dense = [&](uint32_t base) -> HeadRows {
+    return {p.page_table + static_cast<int64_t>(p.seq_rows[b]) * p.page_table_stride, base,
+            p.context_lens[b], p.window};
+  };
+  if constexpr (!Streaming) {
+    return dense(kv_head * p.num_slots);
+  } else {
+    const uint32_t base = static_cast<uint32_t>(p.head_base[kv_head]);
+    if (!p.is_stream[kv_head]) return dense(base);
+    return {p.stream_table + static_cast<int64_t>(b) * p.stream_table_stride, base,
+            p.stream_context_lens[b], 0};
+  }
 }
 
-// The cache row of KV head kv_head at position t of the request whose pages are `pages`
-// (runner/kv_cache.py: head * num_slots + page * page_size + offset).
-__device__ __forceinline__ uint32_t cache_row(const DecodeParams& p, const int32_t* pages,
-                                              int kv_head, int t) {
+// The cache row of position t: the one place positions become rows, for every format.
+__device__ __forceinline__ uint32_t cache_row(const HeadRows& rows, int page_size, int t) {
   const uint32_t slot =
-      static_cast<uint32_t>(pages[t / p.page_size]) * p.page_size + t % p.page_size;
-  return kv_head * p.num_slots + slot;
+      static_cast<uint32_t>(rows.pages[t / page_size]) * page_size + t % page_size;
+  return rows.base + slot;
 }
 
 // Splits cover [first, ctx) in `partition`-token spans, first being the visible begin rounded
@@ -152,17 +190,19 @@ struct SplitRange {
   bool covered;  // the launch's splits reach ctx
 };
 
-__device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int ctx, int split) {
-  const int first = first_split_position(ctx, p.window);
+__device__ __forceinline__ SplitRange split_range(const DecodeParams& p, const HeadRows& rows,
+                                                  int split) {
+  const int first = first_split_position(rows.ctx, rows.window);
   const int begin = first + split * p.partition;
-  return {begin, max(begin, visible_begin(ctx, p.window)), min(begin + p.partition, ctx),
-          first + p.num_splits * p.partition >= ctx};
+  return {begin, max(begin, visible_begin(rows.ctx, rows.window)),
+          min(begin + p.partition, rows.ctx), first + p.num_splits * p.partition >= rows.ctx};
 }
 
-// A block with nothing to attend: an empty context, a split past the end, or a launch sized for
-// shorter contexts than this request has. With one split it writes the output, 0 for an empty
-// context and NaN for a short launch (never a silently truncated result); with several,
-// `combine_kernel` does.
+// A block with nothing to attend: an empty context, a split past the end (a streaming head's
+// short context under splits sized for the dense heads, say), or a launch sized for shorter
+// contexts than this head has. With one split it writes the output, 0 for an empty context and
+// NaN for a short launch (never a silently truncated result); with several, `combine_kernel`
+// does.
 template <typename T, int HeadDim, int Group>
 __device__ __forceinline__ void write_unattended(const DecodeParams& p, int b, int head0,
                                                  int split, bool covered) {
@@ -360,7 +400,7 @@ __device__ __forceinline__ void store_result(const DecodeParams& p, int b, int h
   }
 }
 
-template <typename T, KVFormat F, int HeadDim, int Group>
+template <typename T, KVFormat F, int HeadDim, int Group, bool Streaming>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams p) {
   using Tr = Float16Traits<T>;
 
@@ -372,8 +412,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   float* s_out = s_score;  // [kWarps][Group][HeadDim], reused after the scores are consumed
 
   const int b = blockIdx.z, kv_head = blockIdx.y, split = blockIdx.x;
-  const int ctx = p.context_lens[b];
-  const SplitRange range = split_range(p, ctx, split);
+  const HeadRows rows = head_rows<Streaming>(p, b, kv_head);
+  const SplitRange range = split_range(p, rows, split);
   const int head0 = kv_head * Group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (range.lo >= range.hi || !range.covered) {
@@ -383,8 +423,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const int n = range.hi - range.lo;
 
   // Phase 0: cache rows of the partition's tokens.
-  const int32_t* pages = request_pages(p, b);
-  for (int i = tid; i < n; i += kThreads) s_row[i] = cache_row(p, pages, kv_head, range.lo + i);
+  for (int i = tid; i < n; i += kThreads) s_row[i] = cache_row(rows, p.page_size, range.lo + i);
 
   __syncthreads();
 
@@ -435,13 +474,17 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   }
 }
 
-// Merges the partitions of each (request, query head): weights l_s · 2^(m_s − max m).
-template <typename T, int HeadDim>
+// Merges the partitions of each (request, query head): weights l_s · 2^(m_s − max m). The grid is
+// (group, kv_heads, batch), so that a block knows its KV head and thus which splits the attention
+// kernel wrote for it (`head_rows`, as there).
+template <typename T, int HeadDim, bool Streaming>
 __global__ void __launch_bounds__(HeadDim) combine_kernel(const DecodeParams p) {
   using Tr = Float16Traits<T>;
-  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
-  const int ctx = p.context_lens[b];
-  const int first = first_split_position(ctx, p.window);
+  const int kv_head = blockIdx.y, b = blockIdx.z, c = threadIdx.x;
+  const int h = kv_head * gridDim.x + blockIdx.x;
+  const HeadRows rows = head_rows<Streaming>(p, b, kv_head);
+  const int ctx = rows.ctx;
+  const int first = first_split_position(ctx, rows.window);
   T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h;
   if (ctx <= 0) {
     out[c] = Tr::from_float(0.f);
@@ -465,16 +508,16 @@ __global__ void __launch_bounds__(HeadDim) combine_kernel(const DecodeParams p) 
   out[c] = Tr::from_float(num / den);
 }
 
-template <typename T, int HeadDim, int Group>
+template <typename T, int HeadDim, int Group, bool Streaming>
 __global__ void __launch_bounds__(kThreads) decode_attention_kv4_kernel(const DecodeParams p);
 
-template <typename T, KVFormat F, int HeadDim, int Group>
+template <typename T, KVFormat F, int HeadDim, int Group, bool Streaming>
 void launch(const DecodeParams& p, int batch, int kv_heads, size_t smem, cudaStream_t stream) {
   const auto kernel = [] {
     if constexpr (F == KVFormat::kKV4) {
-      return decode_attention_kv4_kernel<T, HeadDim, Group>;
+      return decode_attention_kv4_kernel<T, HeadDim, Group, Streaming>;
     } else {
-      return decode_attention_kernel<T, F, HeadDim, Group>;
+      return decode_attention_kernel<T, F, HeadDim, Group, Streaming>;
     }
   }();
   if (smem > 48 * 1024) {
@@ -484,34 +527,46 @@ void launch(const DecodeParams& p, int batch, int kv_heads, size_t smem, cudaStr
   kernel<<<dim3(p.num_splits, kv_heads, batch), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_splits > 1) {
-    combine_kernel<T, HeadDim><<<dim3(p.num_q_heads, batch), HeadDim, 0, stream>>>(p);
+    combine_kernel<T, HeadDim, Streaming><<<dim3(Group, kv_heads, batch), HeadDim, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-template <typename T, KVFormat F, int HeadDim>
+template <typename T, KVFormat F, int HeadDim, bool Streaming>
 void dispatch_group(const DecodeParams& p, int group, int batch, int kv_heads, size_t smem,
                     cudaStream_t stream) {
   switch (group) {
-    case 1: return launch<T, F, HeadDim, 1>(p, batch, kv_heads, smem, stream);
-    case 2: return launch<T, F, HeadDim, 2>(p, batch, kv_heads, smem, stream);
-    case 4: return launch<T, F, HeadDim, 4>(p, batch, kv_heads, smem, stream);
-    case 8: return launch<T, F, HeadDim, 8>(p, batch, kv_heads, smem, stream);
+    case 1: return launch<T, F, HeadDim, 1, Streaming>(p, batch, kv_heads, smem, stream);
+    case 2: return launch<T, F, HeadDim, 2, Streaming>(p, batch, kv_heads, smem, stream);
+    case 4: return launch<T, F, HeadDim, 4, Streaming>(p, batch, kv_heads, smem, stream);
+    case 8: return launch<T, F, HeadDim, 8, Streaming>(p, batch, kv_heads, smem, stream);
     default: OMNI_CHECK(false, "query heads per KV head must be 1, 2, 4 or 8, got ", group);
+  }
+}
+
+template <typename T, KVFormat F, bool Streaming>
+void dispatch_head_dim(const DecodeParams& p, int head_dim, int group, int batch, int kv_heads,
+                       size_t smem, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return dispatch_group<T, F, 64, Streaming>(p, group, batch, kv_heads, smem, stream);
+    case 128: return dispatch_group<T, F, 128, Streaming>(p, group, batch, kv_heads, smem, stream);
+    default: OMNI_CHECK(false, "head_dim must be 64 or 128, got ", head_dim);
   }
 }
 
 // Launches the kernel (and the combine step) for one storage format; instantiated once per
 // format in decode_attention_{kv16,kv8,kv4,kv8_static}.cu (the KV4 one includes
-// decode_attention_kv4.cuh), so that the three compile in parallel.
+// decode_attention_kv4.cuh), so that they compile in parallel. Streaming heads are a
+// compile-time switch, at twice the instantiations: a run-time one, a single uniform branch per
+// block, still made ptxas schedule the main loops differently, and layers without streaming
+// heads ran up to 2.5% slower on the H100 (KV8, batch 1, 32K context).
 template <typename T, KVFormat F>
 void launch_format(const DecodeParams& p, int head_dim, int group, int batch, int kv_heads,
-                       size_t smem, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return dispatch_group<T, F, 64>(p, group, batch, kv_heads, smem, stream);
-    case 128: return dispatch_group<T, F, 128>(p, group, batch, kv_heads, smem, stream);
-    default: OMNI_CHECK(false, "head_dim must be 64 or 128, got ", head_dim);
+                   size_t smem, cudaStream_t stream) {
+  if (p.head_base != nullptr) {
+    return dispatch_head_dim<T, F, true>(p, head_dim, group, batch, kv_heads, smem, stream);
   }
+  dispatch_head_dim<T, F, false>(p, head_dim, group, batch, kv_heads, smem, stream);
 }
 
 }  // namespace omniserve::decode

@@ -243,7 +243,7 @@ __device__ __forceinline__ void attend_tile(const unsigned char* stage, int t0, 
   }
 }
 
-template <typename T, int HeadDim, int Group>
+template <typename T, int HeadDim, int Group, bool Streaming>
 __global__ void __launch_bounds__(kThreads) decode_attention_kv4_kernel(const DecodeParams p) {
   static_assert(Group <= 8, "one 8-row half of the score tile, and the N of the output mma");
   using L = Kv4Tile<HeadDim>;
@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kv4_kernel(const De
   extern __shared__ uint32_t s_tile_row[];  // [partition / kTileTokens]: cache row of each tile
 
   const int b = blockIdx.z, kv_head = blockIdx.y, split = blockIdx.x;
-  const int ctx = p.context_lens[b];
-  const SplitRange range = split_range(p, ctx, split);
+  const HeadRows rows = head_rows<Streaming>(p, b, kv_head);
+  const SplitRange range = split_range(p, rows, split);
   const int head0 = kv_head * Group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, r = lane % 4;
@@ -262,9 +262,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kv4_kernel(const De
     return;
   }
   const int num_tiles = (range.hi - range.begin + kTileTokens - 1) / kTileTokens;
-  const int32_t* pages = request_pages(p, b);
   for (int i = tid; i < num_tiles; i += kThreads) {
-    s_tile_row[i] = cache_row(p, pages, kv_head, range.begin + i * kTileTokens);
+    s_tile_row[i] = cache_row(rows, p.page_size, range.begin + i * kTileTokens);
   }
   __syncthreads();
 

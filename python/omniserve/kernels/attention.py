@@ -4,11 +4,14 @@ The reference is `PagedAttention`'s gather path (`layers/attention.py`); `decode
 is the CUDA kernel over the same cache rows, driven by the engine's int32 page table and context
 lengths instead of gathered row indices. `unsupported` says which layer shapes the kernel does
 not handle; kernels/dispatch.py decides, once per model, which path every layer's decodes take.
+A layer with streaming heads (LServe) passes `StreamingHeads`: its dense and streaming KV heads
+then attend in the same launch, each through its own table.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -79,6 +82,59 @@ def choose_partition(
     return partitions[-1]
 
 
+@dataclass(frozen=True, slots=True)
+class StreamingHeads:
+    """Which KV heads of a layer stream and where their rows are (see `decode_attention`).
+
+    Every KV head h has its own base row: position t of a dense head is row `head_base[h] +
+    page_table[seq_rows[b], t // page_size] * page_size + t % page_size`, as without streaming
+    heads (where head_base[h] is h * num_slots). A streaming head attends every virtual position
+    u in [0, context_lens[b]), at row `head_base[h] + table[b, u // page_size] * page_size +
+    u % page_size`: the caller builds `table` (indexed by the batch index b, not by seq_rows) to
+    hold exactly the pages the head may see, oldest first. Streaming heads ignore the layer's
+    sliding window. Base rows and table entries are not checked against the cache's size (that
+    would need their values on the host)."""
+
+    head_base: torch.Tensor
+    """int64 [kv_heads] on the device: the row of slot 0 of each KV head."""
+    is_stream: torch.Tensor
+    """bool [kv_heads] on the device; the kernel reads it as is (one byte per head)."""
+    table: torch.Tensor
+    """int32 [B, W]: the streaming heads' pages of each request, W * page_size >= every
+    streaming context length."""
+    context_lens: torch.Tensor
+    """int32 [B], >= 1: positions each request's streaming heads attend."""
+
+    def __post_init__(self) -> None:
+        expected = {
+            "head_base": (torch.int64, 1),
+            "is_stream": (torch.bool, 1),
+            "table": (torch.int32, 2),
+            "context_lens": (torch.int32, 1),
+        }
+        for name, (dtype, dim) in expected.items():
+            t: torch.Tensor = getattr(self, name)
+            if t.dtype != dtype or t.dim() != dim:
+                raise ValueError(
+                    f"StreamingHeads.{name} must be a {dim}-D {dtype} tensor, got "
+                    f"{t.dtype} {list(t.shape)}"
+                )
+            if t.device != self.head_base.device:
+                raise ValueError(
+                    f"StreamingHeads.{name} is on {t.device}, head_base on {self.head_base.device}"
+                )
+        if self.is_stream.shape != self.head_base.shape:
+            raise ValueError(
+                f"StreamingHeads.is_stream {list(self.is_stream.shape)} must match head_base "
+                f"{list(self.head_base.shape)} (one entry per KV head)"
+            )
+        if self.context_lens.shape[0] != self.table.shape[0]:
+            raise ValueError(
+                f"StreamingHeads.context_lens {list(self.context_lens.shape)} must have one entry "
+                f"per table row ({self.table.shape[0]})"
+            )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_rows: tuple[torch.Tensor, torch.Tensor | None],
@@ -93,6 +149,7 @@ def decode_attention(
     scale: float,
     window: int | None = None,
     partition: int | None = None,
+    streaming: StreamingHeads | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged cache, [B, q_heads, head_dim].
 
@@ -101,9 +158,14 @@ def decode_attention(
     dtype, fp16 [rows, 2] scale and zero beside uint8 codes, or a one-element fp32 scale beside the
     int8 codes of per-tensor static KV8; page_table int32 [R, max_pages]; seq_rows int32 [B] (each
     request's page-table row); context_lens int32 [B] (tokens each request attends, its new token
-    included, all >= 1); max_context_len >= every context length (sizes the launch: a smaller
-    value yields NaN outputs, never a silent truncation); window: attend only the last `window`
-    tokens.
+    included, all >= 1); max_context_len >= every context length, dense and streaming (sizes the
+    launch: a smaller value yields NaN outputs, never a silent truncation); window: dense heads
+    attend only the last `window` tokens; streaming: the layer's streaming heads and their tables
+    (`StreamingHeads`), None when every head is dense. The partition is chosen for the dense
+    heads' visible length, the splits cover it and streaming contexts up to min(max_context_len,
+    W * page_size) (the streaming table's width W); a streaming head's splits past its context end
+    at once. Nothing here synchronizes with the device or allocates by value: CUDA graphs capture
+    it.
     """
     (k, k_params), (v, v_params) = k_rows, v_rows
     kv4 = k.dtype == torch.uint8 and 2 * k.shape[-1] == q.shape[-1]
@@ -111,6 +173,11 @@ def decode_attention(
     if partition is None:
         partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device, kv4)
     (k_params, k_scale), (v_params, v_scale) = map(row_params_or_scale, (k_params, v_params))
+    heads = (
+        (None, None, None, None)
+        if streaming is None
+        else (streaming.head_base, streaming.is_stream, streaming.table, streaming.context_lens)
+    )
     return EXTENSION.load().decode_attention(
         q,
         k,
@@ -128,4 +195,5 @@ def decode_attention(
         window or 0,
         scale,
         partition,
+        *heads,
     )
