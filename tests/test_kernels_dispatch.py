@@ -40,7 +40,10 @@ PROJECTIONS = {
     "down_proj": ((4096,), 14336),
 }
 LLAMA3_8B = ModelShape(32, 8, 128, PROJECTIONS)
-"""A W4A8/W8A8 Llama-3-8B: every op has a kernel for it."""
+"""A W4A8/W8A8 Llama-3-8B: every op but the streaming heads' prefill has a kernel for it."""
+STREAMING_8B = ModelShape(32, 8, 128, PROJECTIONS, streaming=True)
+"""The same with streaming heads: every op has a kernel for it."""
+NO_STREAMING = ("streaming-head prefill", "unused: no streaming heads")
 
 
 class _Probe:
@@ -80,8 +83,10 @@ def test_cpu_takes_every_reference_without_probing() -> None:
         ("activation quantization", cpu),
         ("RoPE + KV write", cpu),
         ("decode attention", cpu),
+        NO_STREAMING,
         *((f"quantized GEMM {name}", cpu) for name in PROJECTIONS),
     ]
+    assert _decide(STREAMING_8B, device=CPU).stream_prefill == Choice(False, cpu)
     assert probe.asked == []
     assert choices.fallbacks() == []  # no kernel runs off a CUDA device: nothing to warn of
     assert choices.activation_ops() == (
@@ -105,8 +110,8 @@ def test_cpu_never_reaches_the_default_probe(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_cuda_takes_every_kernel_that_builds_probing_each_extension_once() -> None:
     probe = _Probe()
-    choices = _decide(probe=probe)
-    assert [reason for _, reason in choices.summary()] == ["kernel"] * 7
+    choices = _decide(STREAMING_8B, probe=probe)
+    assert [reason for _, reason in choices.summary()] == ["kernel"] * 8
     assert choices.activation_ops() == fused.activation_ops(kernel=True)
     assert choices.activation_ops().rmsnorm_quant is fused.rmsnorm_quant
     expected = [fused.EXTENSION, rope_kv.EXTENSION, attention.EXTENSION, gemm.EXTENSION]
@@ -122,6 +127,21 @@ def test_torch_attention_backend_takes_both_attention_references() -> None:
     assert rope_kv.EXTENSION.name not in probe.asked
     assert attention.EXTENSION.name not in probe.asked
     assert choices.fallbacks() == []  # asked for, so no warning
+    streaming = _decide(STREAMING_8B, backend="torch", dtype=torch.float16, probe=probe)
+    assert streaming.stream_prefill == torch_path
+
+
+def test_streaming_prefill_without_triton_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = dispatch.importlib.util.find_spec
+    monkeypatch.setattr(
+        dispatch.importlib.util, "find_spec", lambda name: None if name == "triton" else real(name)
+    )
+    choices = _decide(STREAMING_8B)
+    assert not choices.stream_prefill.kernel
+    assert choices.fallbacks() == [("streaming-head prefill", choices.stream_prefill.reason)]
+    assert "Triton" in choices.stream_prefill.reason
 
 
 def test_fp_weights_leave_the_quantized_ops_unused() -> None:
@@ -243,7 +263,9 @@ def test_runner_logs_each_choice_once_and_builds_on_them(
         runner.compute_logits(PagedRequests(16, 16).step([(0, [5, 6, 7]), (1, [8])]))
     logged = [r.getMessage() for r in caplog.records if r.name == logger]
     assert logged == [f"{op}: {reason}" for op, reason in runner.kernels.summary()]
-    assert len(logged) == 7 and all(m.endswith(": reference: device is cpu") for m in logged)
+    assert len(logged) == 8 and all(
+        m.endswith(": reference: device is cpu") or m == ": ".join(NO_STREAMING) for m in logged
+    )
     assert not any(layer.fused_rope_kv for layer in runner.model.attention_layers)
     assert not runner._inputs.decode_kernel
     linears = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
@@ -256,8 +278,10 @@ def test_gpu_choices_on_this_device() -> None:
     """On a Hopper GPU every op of the Llama-3-8B shape takes its kernel (building them); on
     another GPU each says why not."""
     choices = dispatch.decide(
-        device=CUDA, dtype=torch.bfloat16, attention_backend="auto", shape=LLAMA3_8B
+        device=CUDA, dtype=torch.bfloat16, attention_backend="auto", shape=STREAMING_8B
     )
     reason = unavailable_reason(CUDA)
     want = "kernel" if reason is None else f"reference: {reason}"
-    assert [r for _, r in choices.summary()] == [want] * 7
+    summary = dict(choices.summary())
+    assert summary.pop("streaming-head prefill") == "kernel"  # Triton is on every CUDA box here
+    assert list(summary.values()) == [want] * 7

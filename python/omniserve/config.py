@@ -70,6 +70,29 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     graphs captured at start-up (runner/decode_graphs.py), one per padded batch size up to
     `max_num_seqs`; their memory is reserved out of the KV cache's share."""
 
+    # static sparsity: streaming heads (docs/architecture.md#sparse-attention)
+    static_sparsity: float = 0.0
+    """Fraction of all KV heads (one global quantile over layers and heads of the pattern's
+    gates) that become streaming heads, which attend only to their sink and local tokens; 0 keeps
+    every head dense. Needs a head pattern (`attn_pattern`)."""
+    attn_pattern: str | None = None
+    """Directory of a DuoAttention-format head pattern (`full_attention_heads.tsv` + config.json,
+    `formats/head_pattern.py`; `omniserve calibrate-heads` makes one). None: the model
+    directory's `attn_pattern/` (the bundled model ships one)."""
+    prefill_sink_tokens: int = 128
+    """Streaming heads' sink in prefill (the prompt's queries), rounded up to whole pages."""
+    prefill_local_tokens: int = 8192
+    """Streaming heads' local window in prefill, rounded up to whole pages; a query also sees the
+    rest of its own page."""
+    decode_sink_tokens: int = 128
+    """Streaming heads' sink in decode, rounded up to whole pages."""
+    decode_local_tokens: int = 256
+    """Streaming heads' local window in decode, rounded up to whole pages."""
+    num_stream_kv_pages: int | None = None
+    """Streaming pool pages (including the null page 0). None: a table for every running request
+    (`max_num_seqs`), but never more pages than a dense cache of the same memory would have, so
+    that streaming never lowers how many requests fit; the dense pool gets the rest."""
+
     # precision (docs/architecture.md#precisions-and-formats)
     precision: str | None = None
     """`w4a8kv4`, `w4a8kv8`, `w4a8`, `w8a8kv4`, `w8a8kv8`, `w8a8`, `w16a16kv4`, `w16a16kv8` or
@@ -118,6 +141,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ConfigError("group_size needs precision (it qualifies a w4a8 precision)")
         if requested is not None:
             check_kv_cache_dtype(self.kv_cache_dtype, requested)
+        if not 0.0 <= self.static_sparsity <= 1.0:
+            raise ConfigError(f"static_sparsity must be in [0, 1], got {self.static_sparsity}")
+        windows = ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens")
+        for name in (*windows, "decode_local_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_stream_kv_pages is not None and self.num_stream_kv_pages < 2:
+            raise ConfigError(f"num_stream_kv_pages must be >= 2, got {self.num_stream_kv_pages}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"

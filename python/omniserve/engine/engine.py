@@ -110,6 +110,7 @@ class Engine:
                 num_dense_pages=self.runner.num_kv_pages,
                 max_model_len=self.max_model_len,
                 **config.scheduler_options(),
+                **self.runner.scheduler_options(),
             )
         )
         self._io = StepIO(scheduler)

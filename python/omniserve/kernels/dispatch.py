@@ -13,6 +13,7 @@ would use it, and never off a CUDA device: on the CPU nothing is compiled or eve
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,6 +62,8 @@ class ModelShape:
     projections: Mapping[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
     """Each quantized projection: name → (output sizes of its shards, in_features); empty for fp
     weights, which quantize no activations."""
+    streaming: bool = False
+    """Whether some KV heads stream (their prefill takes a block-sparse path)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,9 @@ class KernelChoices:
     """The fused RoPE + KV cache write (kernels/rope_kv.py)."""
     decode_attention: Choice
     """Paged decode attention (kernels/attention.py)."""
+    stream_prefill: Choice
+    """Streaming heads' block-sparse prefill with FlexAttention (layers/sparse_prefill.py; a
+    Triton kernel torch compiles), else SDPA under a dense mask."""
     gemm: Mapping[str, Choice]
     """The quantized GEMM (kernels/gemm.py) of each `ModelShape.projections` entry, by name."""
 
@@ -85,6 +91,7 @@ class KernelChoices:
             ("activation quantization", self.act_quant),
             ("RoPE + KV write", self.rope_kv),
             ("decode attention", self.decode_attention),
+            ("streaming-head prefill", self.stream_prefill),
             *(gemms or [("quantized GEMM", unused("fp weights"))]),
         ]
 
@@ -161,8 +168,22 @@ def decide(
             backend,
             lambda: attention.unsupported(heads, kv_heads, head_dim, dtype),
         ),
+        stream_prefill=_stream_prefill(device, shape, backend()),
         gemm={
             name: choose(gemm.EXTENSION, partial(gemm.unsupported, sizes, k))
             for name, (sizes, k) in shape.projections.items()
         },
     )
+
+
+def _stream_prefill(device: torch.device, shape: ModelShape, backend: str | None) -> Choice:
+    """FlexAttention on a CUDA device with Triton, unless attention_backend is "torch"."""
+    if not shape.streaming:
+        return unused("no streaming heads")
+    if device.type != "cuda":
+        return reference(f"device is {device.type}")
+    if backend is not None:
+        return reference(backend)
+    if importlib.util.find_spec("triton") is None:
+        return reference("FlexAttention needs Triton, which is not installed", fallback=True)
+    return KERNEL

@@ -25,12 +25,21 @@ take it, one kernel (`kernels/rope_kv.py`) rotates q and k and writes K and V to
 or quantized, in one launch instead of dozens of small torch ops; elsewhere the reference,
 `apply_rotary` then the cache rows' `store`, does it, with bit-identical results.
 
-The runner builds the per-step `AttentionMetadata` (cache rows, masks, groups) once for all layers.
-Cache rows are indexed [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
+Streaming heads (LServe static sparsity, `formats/streaming.py`): a layer's KV heads may be split
+into dense heads, which see their whole causal context through the dense pool, and streaming
+heads, which see only their sink and local pages (the Λ rule) through the streaming pool. Each
+kind attends separately (its query heads with its KV heads); prefill reads a streaming head's
+earlier chunks from its table *before* the step writes, since the step's own tokens may take
+ring slots those chunks still need. `HeadLayout` says where each head's rows are.
+
+The runner builds the per-step `AttentionMetadata` (cache slots, masks, groups) once for all
+layers; each layer turns slots into its rows with its `HeadLayout`. Cache rows are indexed
+[kv_heads, ...]: see `runner/kv_cache.py` for the layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +49,64 @@ from torch.nn.attention.bias import causal_lower_right
 
 from omniserve.formats.kv import CacheRows
 from omniserve.kernels import rope_kv
-from omniserve.kernels.attention import decode_attention
+from omniserve.kernels.attention import StreamingHeads, decode_attention
 from omniserve.layers.rotary import apply_rotary
+from omniserve.layers.sparse_prefill import StreamPrefill, stream_prefill_attention
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLayout:
+    """Where one layer's KV heads live in its cache rows, and which of them stream."""
+
+    base: torch.Tensor
+    """long [kv_heads]: the row of slot 0 of each KV head (`runner/kv_cache.py`)."""
+    stream: torch.Tensor | None
+    """bool [kv_heads]: the streaming heads; None when every head is dense."""
+    dense_kv: torch.Tensor
+    """long: the dense KV heads."""
+    stream_kv: torch.Tensor
+    """long: the streaming KV heads."""
+    dense_q: torch.Tensor
+    """long: the query heads of the dense KV heads (GQA groups)."""
+    stream_q: torch.Tensor
+    """long: the query heads of the streaming KV heads."""
+
+    @classmethod
+    def dense(cls, base: torch.Tensor, group: int) -> HeadLayout:
+        none = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
+        return cls._of(base, none, group, stream=None)
+
+    @classmethod
+    def split(cls, base: torch.Tensor, is_stream: torch.Tensor, group: int) -> HeadLayout:
+        return cls._of(base, is_stream, group, stream=is_stream)
+
+    @classmethod
+    def _of(
+        cls, base: torch.Tensor, is_stream: torch.Tensor, group: int, stream: torch.Tensor | None
+    ) -> HeadLayout:
+        def q_heads(kv: torch.Tensor) -> torch.Tensor:
+            return (kv[:, None] * group + torch.arange(group, device=kv.device)).flatten()
+
+        dense_kv, stream_kv = (~is_stream).nonzero().squeeze(1), is_stream.nonzero().squeeze(1)
+        return cls(base, stream, dense_kv, stream_kv, q_heads(dense_kv), q_heads(stream_kv))
+
+    def rows(self, slots: torch.Tensor, stream_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [kv_heads, *shape] of each head at dense `slots` or, for streaming heads, at
+        `stream_slots` (same shape)."""
+        base = self.base.view(-1, *[1] * slots.dim())
+        if self.stream is None:
+            return base + slots
+        assert stream_slots is not None
+        stream = self.stream.view(-1, *[1] * slots.dim())
+        return base + torch.where(stream, stream_slots, slots)
+
+    def dense_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows [dense heads, *shape] of the dense heads at `slots`."""
+        return self.base[self.dense_kv].view(-1, *[1] * slots.dim()) + slots
+
+    def stream_rows(self, stream_slots: torch.Tensor) -> torch.Tensor:
+        """Rows [streaming heads, *shape] of the streaming heads at `stream_slots`."""
+        return self.base[self.stream_kv].view(-1, *[1] * stream_slots.dim()) + stream_slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +115,14 @@ class PrefillChunk:
 
     start: int
     end: int
-    kv_index: torch.Tensor | None
-    """long [kv_heads, L]: cache rows of the keys the chunk sees, oldest first; None when the chunk
+    kv_slots: torch.Tensor | None
+    """long [L]: dense-pool slots of the keys the chunk sees, oldest first; None when the chunk
     starts the request (its keys are exactly its own tokens, no cache read needed)."""
     mask: torch.Tensor | None
     """bool [end - start, L]: key visible to query; None means plain causal, aligned so that the
     last query sees the last key (the sliding window cuts nothing)."""
+    stream: StreamPrefill | None = None
+    """What the chunk's streaming heads see; None without streaming heads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +131,15 @@ class DecodeGroup:
 
     token_idx: torch.Tensor
     """long [g]: index of each request's token in the step."""
-    kv_index: torch.Tensor
-    """long [kv_heads, g, L]: cache rows of each request's visible keys, padded with a valid row."""
+    slots: torch.Tensor
+    """long [g, L]: dense-pool slots of each request's visible keys, padded with a valid slot."""
     mask: torch.Tensor
     """bool [g, L]: False on padding."""
+    stream_slots: torch.Tensor | None = None
+    """long [g, Ls]: streaming-pool slots of what each request's streaming heads see, padded;
+    None without streaming heads."""
+    stream_mask: torch.Tensor | None = None
+    """bool [g, Ls]: False on padding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,26 +163,46 @@ class DecodeBatch:
     page_table: torch.Tensor
     """int32 [max_num_seqs, max_pages]: the cache's persistent page table."""
     page_size: int
+    stream_table: torch.Tensor | None = None
+    """int32 [g, W]: per request, the streaming pages its streaming heads see, oldest first
+    (`StreamTable.visible_pages` through its table); None without streaming heads."""
+    stream_context_lens: torch.Tensor | None = None
+    """int32 [g]: tokens on those pages (the last page ends at the request's new token)."""
 
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     write_index: torch.Tensor
-    """long [kv_heads, T]: cache rows each token's key/value heads are written to."""
+    """long [kv_heads, T]: cache rows each token's key/value heads are written to, in a layer
+    whose heads are all dense."""
+    write_slots: torch.Tensor
+    """long [T]: each token's dense-pool slot (the null page's slot 0 for padding)."""
     by_window: dict[int | None, AttentionBatches]
     """The attention work for each sliding window size used by the model (None: full attention)."""
     decode_batch: DecodeBatch | None = None
     """Set when the runner runs decode with the CUDA kernel; `by_window` then has no decode
     groups."""
+    stream_write_slots: torch.Tensor | None = None
+    """long [T]: each token's streaming-pool slot, the null page's slot 0 for padding and for
+    tokens a later token of the step overwrites (`StreamTable.survives`); None without
+    streaming heads."""
+
+    def write_rows(self, heads: HeadLayout) -> torch.Tensor:
+        """Rows [kv_heads, T] the step's keys/values are written to in a layer laid out as
+        `heads`."""
+        if heads.stream is None:
+            return self.write_index
+        return heads.rows(self.write_slots, self.stream_write_slots)
 
 
 class PagedAttention(nn.Module):
     """Multi-head attention (MHA or GQA) of one layer reading and writing that layer's pages.
 
-    `k_cache`/`v_cache` are the layer's K and V cache rows, bound by the runner's KV cache after
-    allocation. `fused_rope_kv`: RoPE and the K/V write run as the fused kernel
-    (`rotate_and_attend`), as kernels/dispatch.py chose for the model; the decode kernel runs where
-    the step's metadata carries a `DecodeBatch`, which the runner builds on its choice.
+    `k_cache`/`v_cache` are the layer's K and V cache rows and `heads` where each KV head's rows
+    are, bound by the runner's KV cache after allocation. `fused_rope_kv`: RoPE and the K/V write
+    run as the fused kernel (`rotate_and_attend`), as kernels/dispatch.py chose for the model;
+    the decode kernel runs where the step's metadata carries a `DecodeBatch`, which the runner
+    builds on its choice.
     """
 
     def __init__(
@@ -131,6 +223,7 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: CacheRows
         self.v_cache: CacheRows
+        self.heads: HeadLayout
 
     def rotate_and_attend(
         self,
@@ -147,10 +240,11 @@ class PagedAttention(nn.Module):
         otherwise `apply_rotary` and `forward`'s store do. Either way `forward` (and any hook on
         it) receives the rotated q and k."""
         if self.fused_rope_kv:
+            past = self._stream_past(meta)
             q, k, v = rope_kv.rope_kv_write(
-                q, k, v, rope, meta.write_index, self.k_cache, self.v_cache
+                q, k, v, rope, meta.write_rows(self.heads), self.k_cache, self.v_cache
             )
-            return self(q, k, v, meta, stored=True)
+            return self(q, k, v, meta, stored=True, stream_past=past)
         return self(apply_rotary(q, *rope), apply_rotary(k, *rope), v, meta)
 
     def forward(
@@ -161,25 +255,54 @@ class PagedAttention(nn.Module):
         meta: AttentionMetadata,
         *,
         stored: bool = False,
+        stream_past: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim], after RoPE -> [T, heads, head_dim].
 
         k and v are first written to the cache, unless `stored`: the caller already wrote them and
-        passes them as reads of the cache return them (`rotate_and_attend`'s fused kernel)."""
+        passes them as reads of the cache return them (`rotate_and_attend`'s fused kernel), with
+        what the streaming heads' prefill chunks read of earlier chunks before that write
+        (`stream_past`)."""
         if not stored:
-            k = self.k_cache.store(meta.write_index, k.transpose(0, 1)).transpose(0, 1)
-            v = self.v_cache.store(meta.write_index, v.transpose(0, 1)).transpose(0, 1)
+            stream_past = self._stream_past(meta)
+            rows = meta.write_rows(self.heads)
+            k = self.k_cache.store(rows, k.transpose(0, 1)).transpose(0, 1)
+            v = self.v_cache.store(rows, v.transpose(0, 1)).transpose(0, 1)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)
-        for chunk in batches.prefills:
-            out[chunk.start : chunk.end] = self._prefill(q, k, v, chunk)
+        for i, chunk in enumerate(batches.prefills):
+            past = None if stream_past is None else stream_past[i]
+            out[chunk.start : chunk.end] = self._prefill(q, k, v, chunk, past)
         for group in batches.decodes:
             out[group.token_idx] = self._decode(q, group)
         if meta.decode_batch is not None:
             out[meta.decode_batch.token_idx] = self._decode_kernel(q, meta.decode_batch)
         return out
 
+    def _stream_past(
+        self, meta: AttentionMetadata
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """Per prefill chunk, the K and V [stream heads, Lp, head_dim] its streaming heads read of
+        the request's earlier chunks (None where there are none). Read before the step writes:
+        its tokens may take ring slots that those chunks' queries still see."""
+        if self.heads.stream is None:
+            return None
+        past: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for chunk in meta.by_window[self.sliding_window].prefills:
+            if chunk.stream is None or chunk.stream.past_slots is None:
+                past.append(None)
+                continue
+            rows = self.heads.stream_rows(chunk.stream.past_slots)
+            past.append((self.k_cache.read(rows), self.v_cache.read(rows)))
+        return past
+
     def _decode_kernel(self, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        streaming = None
+        if self.heads.stream is not None:
+            assert batch.stream_table is not None and batch.stream_context_lens is not None
+            streaming = StreamingHeads(
+                self.heads.base, self.heads.stream, batch.stream_table, batch.stream_context_lens
+            )
         return decode_attention(
             q[batch.token_idx],
             self.k_cache.kernel_operands(),
@@ -192,22 +315,55 @@ class PagedAttention(nn.Module):
             max_context_len=batch.max_context_len,
             scale=self.scale,
             window=self.sliding_window,
+            streaming=streaming,
         )
 
     def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunk: PrefillChunk,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
+        heads, own = self.heads, slice(chunk.start, chunk.end)
+        q, k, v = q[own], k[own], v[own]
+        if heads.stream is None:
+            return self._dense_prefill(q, k, v, chunk, heads.rows)
+        out = torch.empty_like(q)
+        if heads.dense_kv.numel():
+            dq, dk, dv = q[:, heads.dense_q], k[:, heads.dense_kv], v[:, heads.dense_kv]
+            out[:, heads.dense_q] = self._dense_prefill(dq, dk, dv, chunk, heads.dense_rows)
+        assert chunk.stream is not None
+        sk, sv = k[:, heads.stream_kv].transpose(0, 1), v[:, heads.stream_kv].transpose(0, 1)
+        if past is not None:
+            sk, sv = torch.cat([past[0], sk], 1), torch.cat([past[1], sv], 1)
+        sq = q[:, heads.stream_q].transpose(0, 1)
+        o = stream_prefill_attention(sq, sk, sv, chunk.stream, self.scale)
+        out[:, heads.stream_q] = o.transpose(0, 1)
+        return out
+
+    def _dense_prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunk: PrefillChunk,
+        rows_of: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Causal attention of the chunk's queries q [n, h, d] over its own keys k/v [n, kv_h, d]
+        or, for a later chunk, over the cache rows `rows_of(slots)` of all its keys."""
         # SDPA wants [batch, heads, seq, dim]; the batch is this one request.
-        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-        if chunk.kv_index is None:
-            kc = k[chunk.start : chunk.end].transpose(0, 1)
-            vc = v[chunk.start : chunk.end].transpose(0, 1)
+        qc = q.transpose(0, 1).unsqueeze(0)
+        if chunk.kv_slots is None:
+            kc, vc = k.transpose(0, 1), v.transpose(0, 1)
         else:
-            kc, vc = self.k_cache.read(chunk.kv_index), self.v_cache.read(chunk.kv_index)
+            rows = rows_of(chunk.kv_slots)
+            kc, vc = self.k_cache.read(rows), self.v_cache.read(rows)
         kc, vc = kc.unsqueeze(0), vc.unsqueeze(0)
         if chunk.mask is not None:
             mask: torch.Tensor | None = chunk.mask
-        elif chunk.kv_index is None:
+        elif chunk.kv_slots is None:
             mask = None  # is_causal: flash-attention eligible
         else:
             # Causal with the queries at the end of the keys; kernels take it without a dense mask.
@@ -219,20 +375,37 @@ class PagedAttention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            enable_gqa=qc.shape[1] != kc.shape[1],
         )
         return o[0].transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-        # One query per request: two batched matmuls, KV-head-major. The query heads that share a
-        # KV head are stacked against it, so each gathered key/value is read once (SDPA's masked
-        # paths would copy K/V per query head); the gather lands directly in contiguous
-        # [kv_heads, g, L, dim] batches.
-        g, group_size = group.token_idx.shape[0], self.num_heads // self.num_kv_heads
-        qg = q[group.token_idx].view(g, self.num_kv_heads, group_size, self.head_dim)
-        kg = self.k_cache.read(group.kv_index)  # [kv_heads, g, L, dim]
-        vg = self.v_cache.read(group.kv_index)
+        heads = self.heads
+        if heads.stream is None:
+            return self._decode_heads(q[group.token_idx], heads.rows(group.slots, None), group.mask)
+        qg = q[group.token_idx]
+        out = torch.empty_like(qg)
+        if heads.dense_kv.numel():
+            rows = heads.dense_rows(group.slots)
+            out[:, heads.dense_q] = self._decode_heads(qg[:, heads.dense_q], rows, group.mask)
+        assert group.stream_slots is not None and group.stream_mask is not None
+        rows = heads.stream_rows(group.stream_slots)
+        out[:, heads.stream_q] = self._decode_heads(qg[:, heads.stream_q], rows, group.stream_mask)
+        return out
+
+    def _decode_heads(
+        self, q: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One query per request, q [g, h, d], over the cache rows [kv_h, g, L] of its keys."""
+        # Two batched matmuls, KV-head-major. The query heads that share a KV head are stacked
+        # against it, so each gathered key/value is read once (SDPA's masked paths would copy
+        # K/V per query head); the gather lands directly in contiguous [kv_heads, g, L, dim]
+        # batches.
+        g, num_kv = q.shape[0], rows.shape[0]
+        qg = q.view(g, num_kv, q.shape[1] // num_kv, self.head_dim)
+        kg = self.k_cache.read(rows)  # [kv_heads, g, L, dim]
+        vg = self.v_cache.read(rows)
         scores = (qg.transpose(0, 1) @ kg.transpose(2, 3)).float() * self.scale
-        scores.masked_fill_(~group.mask[None, :, None, :], float("-inf"))  # [kv_heads, g, group, L]
+        scores.masked_fill_(~mask[None, :, None, :], float("-inf"))  # [kv_heads, g, group, L]
         out = scores.softmax(-1).to(vg.dtype) @ vg  # [kv_heads, g, group, dim]
-        return out.transpose(0, 1).reshape(g, self.num_heads, self.head_dim)
+        return out.transpose(0, 1).reshape(g, q.shape[1], self.head_dim)

@@ -68,6 +68,12 @@ def sliding_windows(config: PretrainedConfig) -> list[int | None]:
     return [None] * n
 
 
+def layer_windows(config: PretrainedConfig, max_positions: int) -> list[int | None]:
+    """Each layer's sliding window as served: a window no shorter than the longest sequence cuts
+    nothing, so it is full attention (None)."""
+    return [w if w is not None and w < max_positions else None for w in sliding_windows(config)]
+
+
 WeightFormat = type[QuantizedWeight] | None
 """The stored format of the decoder's projections, None for fp weights (`Linear`)."""
 
@@ -281,10 +287,7 @@ class LlamaModel(nn.Module):
         # `_weight` skips nn.Embedding's random init: the loader fills the table.
         table = torch.empty(config.vocab_size, config.hidden_size)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
-        # A window no shorter than the longest sequence cuts nothing: treat it as full attention.
-        windows = [
-            w if w is not None and w < max_positions else None for w in sliding_windows(config)
-        ]
+        windows = layer_windows(config, max_positions)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, fmt, kernels) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # nn.ModuleList is untyped: its items are the LlamaDecoderLayers built above.

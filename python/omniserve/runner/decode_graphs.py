@@ -10,7 +10,9 @@ A step of n requests replays the graph of the smallest captured size B >= n. Row
 padding: their KV writes go to the null page (`KVCache.null_rows`), which no request reads, and
 their other inputs keep whatever valid values the buffers last held (any token id, position and
 page-table row is safe to read). The attention kernel's launch is sized for `max_context_len`
-(the engine's max_model_len) at capture, so one graph serves every context length.
+(the engine's max_model_len) at capture, so one graph serves every context length. With
+streaming heads the graphs also read each token's ring slot and the streaming pages each request
+sees (`DecodeBatch.stream_table`, full table width), copied in the same way.
 """
 
 from __future__ import annotations
@@ -48,8 +50,16 @@ class DecodeGraphs:
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._null_rows = kv_cache.null_rows(max_batch)
         self._write_index = self._null_rows.clone()
+        self._write_slots = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._seq_rows = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self._context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        # Streaming heads: each token's ring slot, and the pages each request's streaming heads
+        # see (padding rows read the null page).
+        self._streaming = kv_cache.stream is not None
+        width = kv_cache.stream_table.shape[1]
+        self._stream_write_slots = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._stream_table = torch.zeros(max_batch, width, dtype=torch.int32, device=device)
+        self._stream_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         # Every tensor a graph reads must outlive it: a graph replays raw addresses, and memory
         # freed behind it would be handed to other tensors. So the buffers are attributes, and
         # each graph keeps the metadata it was captured with.
@@ -65,11 +75,15 @@ class DecodeGraphs:
                 max_context_len=max_context_len,
                 page_table=kv_cache.page_table,
                 page_size=kv_cache.page_size,
+                stream_table=self._stream_table[:size] if self._streaming else None,
+                stream_context_lens=self._stream_lens[:size] if self._streaming else None,
             )
             meta = AttentionMetadata(
                 self._write_index[:, :size],
+                self._write_slots[:size],
                 {w: AttentionBatches([], []) for w in windows},
                 decode,
+                self._stream_write_slots[:size] if self._streaming else None,
             )
             args = (self._input_ids[:size], self._positions[:size], meta)
             model(*args)  # eager warm-up: one-time work (kernel builds, workspaces) stays outside
@@ -96,9 +110,18 @@ class DecodeGraphs:
         self._positions[:n].copy_(step.positions)
         self._write_index[:, :n].copy_(step.attn.write_index)
         self._write_index[:, n:size].copy_(self._null_rows[:, n:size])
+        self._write_slots[:n].copy_(step.attn.write_slots)
+        self._write_slots[n:size].zero_()
         # The step lists decodes longest context first; the graph reads them in token order.
         self._seq_rows.index_copy_(0, batch.token_idx, batch.seq_rows)
         self._context_lens.index_copy_(0, batch.token_idx, batch.context_lens)
+        if self._streaming:
+            assert step.attn.stream_write_slots is not None
+            assert batch.stream_table is not None and batch.stream_context_lens is not None
+            self._stream_write_slots[:n].copy_(step.attn.stream_write_slots)
+            self._stream_write_slots[n:size].zero_()
+            self._stream_table.index_copy_(0, batch.token_idx, batch.stream_table)
+            self._stream_lens.index_copy_(0, batch.token_idx, batch.stream_context_lens)
         graph, hidden, _ = self._graphs[size]
         graph.replay()
         return hidden[:n]

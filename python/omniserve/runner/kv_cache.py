@@ -1,13 +1,18 @@
-"""The paged KV cache (dense pool): page storage, the persistent page table, and the arithmetic
-from token positions to cache rows.
+"""The paged KV cache: page storage of the dense and streaming pools, the persistent page tables,
+and the arithmetic from token positions to cache rows.
 
-A page holds `page_size` consecutive positions of one request, for all KV heads of a layer; every
-layer uses the same page ids. Page 0 is the null page: the scheduler never hands it to a request,
-so writes of padding tokens may land there. A position's *slot* is page * page_size + offset in
-the page. Each layer's K (and V) is stored heads-outermost, [kv_heads, num_slots, head_dim], and
-attention sees it flattened to rows: head h of slot s is row h * num_slots + s. Gathering rows
-indexed [kv_heads, ...] then reads whole head_dim rows (a fast row gather) straight into the
-[kv_heads, ..., head_dim] batches attention's matmuls want, with no transposing copy.
+A page holds `page_size` consecutive positions of one request, for the KV heads of its pool; every
+layer uses the same page ids. Page 0 of each pool is the null page: the scheduler never hands it
+to a request, so writes of padding tokens (and of streaming K/V a step overwrites itself) land
+there. A position's *slot* is page * page_size + offset in the page: in the dense pool through the
+request's page table, in the streaming pool through its streaming table (`formats/streaming.py`:
+sink pages and a ring). Each layer's K (and V) is stored heads-outermost and seen as rows: its
+dense KV heads first, [dense_heads, dense_slots, head_dim], then its streaming heads,
+[stream_heads, stream_slots, head_dim], so head h of slot s is row base[h] + s
+(`layers/attention.HeadLayout`). Without streaming heads that is row h * num_slots + s. Gathering
+rows indexed [kv_heads, ...] then reads whole head_dim rows (a fast row gather) straight into the
+[kv_heads, ..., head_dim] batches attention's matmuls want, with no transposing copy. Layers may
+split their heads differently (a learned pattern does), so each layer has its own row count.
 
 A quantized cache (KV8/KV4, `formats/kv.py`) keeps the same rows in two tensors: the codes (uint8,
 head_dim bytes per row for KV8, head_dim / 2 for KV4) and each row's fp16 (scale, zero). Both are
@@ -39,7 +44,8 @@ from omniserve.formats.kv import (
     quantize_kv,
     quantize_kv_static,
 )
-from omniserve.layers.attention import PagedAttention
+from omniserve.formats.streaming import StreamTable
+from omniserve.layers.attention import HeadLayout, PagedAttention
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +60,27 @@ class KVCacheSpec:
     """8 or 4 for a quantized cache (`formats/kv.py`); None stores `dtype`."""
     kv_granularity: str = PER_TOKEN_HEAD
     """PER_TOKEN_HEAD, or PER_TENSOR (static KV8: kv_bits 8, scales given to the KVCache)."""
+    stream_heads: tuple[tuple[int, ...], ...] = ()
+    """Per layer, its streaming KV heads (sorted); () when no layer has any."""
 
     def __post_init__(self) -> None:
         if self.kv_granularity == PER_TENSOR and self.kv_bits != 8:
             raise ValueError(
                 f"kv_granularity {PER_TENSOR!r} needs an int8 KV cache, got kv_bits={self.kv_bits}"
             )
+        if self.stream_heads and len(self.stream_heads) != self.num_layers:
+            raise ValueError(
+                f"stream_heads lists {len(self.stream_heads)} layers, the model has "
+                f"{self.num_layers}"
+            )
+
+    def num_stream_heads(self, layer: int) -> int:
+        return len(self.stream_heads[layer]) if self.stream_heads else 0
+
+    @property
+    def streaming(self) -> bool:
+        """Whether any layer has a streaming head (and the cache a streaming pool)."""
+        return any(self.stream_heads)
 
     @property
     def bytes_per_row(self) -> int:
@@ -73,8 +94,24 @@ class KVCacheSpec:
 
     @property
     def bytes_per_page(self) -> int:
-        """K and V of one page across all layers."""
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.bytes_per_row
+        """K and V of one dense page across all layers (their dense heads)."""
+        stream = sum(map(len, self.stream_heads))
+        dense = self.num_layers * self.num_kv_heads - stream
+        return 2 * self.page_size * dense * self.bytes_per_row
+
+    @property
+    def bytes_per_stream_page(self) -> int:
+        """K and V of one streaming page across all layers (their streaming heads)."""
+        return 2 * self.page_size * sum(map(len, self.stream_heads)) * self.bytes_per_row
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPool:
+    """The streaming pool's size and its tables' layout."""
+
+    num_pages: int
+    """Streaming pages, including the null page 0."""
+    table: StreamTable
 
 
 class DenseRows:
@@ -141,75 +178,140 @@ class KVCache:
         max_pages_per_seq: int,
         device: torch.device,
         static_scales: torch.Tensor | None = None,
+        stream: StreamPool | None = None,
     ) -> None:
         """`static_scales`: fp32 [num_layers, 2 (K, V)], required exactly when the spec is
-        per-tensor."""
+        per-tensor; `stream`: the streaming pool, required exactly when the spec has streaming
+        heads."""
         if (static_scales is not None) != (spec.kv_granularity == PER_TENSOR):
             raise ValueError("static_scales must be given exactly for a per-tensor KV cache")
         if static_scales is not None and tuple(static_scales.shape) != (spec.num_layers, 2):
             raise ValueError(
                 f"static_scales must be [{spec.num_layers}, 2], got {list(static_scales.shape)}"
             )
+        if (stream is not None) != spec.streaming:
+            raise ValueError("a streaming pool must be given exactly when some heads stream")
         self.spec = spec
         self.static_scales = (
             None if static_scales is None else static_scales.to(device, torch.float32)
         )
         self.num_pages = num_pages
         self.page_size = spec.page_size
-        # One allocation for every layer's K and V. Zero-filled so that no slot ever holds NaN bits
-        # (a masked-out NaN key would still poison softmax(QKᵀ)V through 0 * NaN); zero codes
-        # with a zero scale dequantize to 0 as well.
+        self.stream = stream
         self.num_slots = num_pages * spec.page_size
-        rows = (spec.num_layers, 2, spec.num_kv_heads * self.num_slots)
+        self.num_stream_slots = 0 if stream is None else stream.num_pages * spec.page_size
+        heads = [spec.num_stream_heads(i) for i in range(spec.num_layers)]
+        self._layer_rows = [
+            (spec.num_kv_heads - s) * self.num_slots + s * self.num_stream_slots for s in heads
+        ]
+        # One allocation for every layer's K and V (layer-major, then K / V), zero-filled so that
+        # no slot ever holds NaN bits (a masked-out NaN key would still poison softmax(QKᵀ)V
+        # through 0 * NaN); zero codes with a zero scale dequantize to 0 as well.
+        rows = 2 * sum(self._layer_rows)
         self.storage: torch.Tensor
-        """[layers, 2 (K, V), rows, head_dim] values, [..., packed_dim] uint8 codes, or
-        [..., head_dim] int8 codes (per-tensor)."""
+        """[rows, head_dim] values, [rows, packed_dim] uint8 codes, or [rows, head_dim] int8
+        codes (per-tensor); `layer_storage` gives one layer's [2 (K, V), rows, ...] view."""
         self.params: torch.Tensor | None = None
-        """[layers, 2, rows, 2 (scale, zero)] fp16 when quantized per token."""
+        """[rows, 2 (scale, zero)] fp16 when quantized per token."""
         if spec.kv_bits is None:
-            self.storage = torch.zeros(*rows, spec.head_dim, dtype=spec.dtype, device=device)
+            self.storage = torch.zeros(rows, spec.head_dim, dtype=spec.dtype, device=device)
         elif self.static_scales is not None:
-            self.storage = torch.zeros(*rows, spec.head_dim, dtype=torch.int8, device=device)
+            self.storage = torch.zeros(rows, spec.head_dim, dtype=torch.int8, device=device)
         else:
             width = packed_dim(spec.head_dim, spec.kv_bits)
-            self.storage = torch.zeros(*rows, width, dtype=torch.uint8, device=device)
-            self.params = torch.zeros(*rows, 2, dtype=torch.float16, device=device)
+            self.storage = torch.zeros(rows, width, dtype=torch.uint8, device=device)
+            self.params = torch.zeros(rows, 2, dtype=torch.float16, device=device)
         self._head_base = torch.arange(spec.num_kv_heads, device=device) * self.num_slots
         self.page_table = torch.zeros(
             max_num_seqs, max_pages_per_seq, dtype=torch.int32, device=device
         )
+        self.stream_table = torch.zeros(
+            max_num_seqs,
+            0 if stream is None else stream.table.width,
+            dtype=torch.int32,
+            device=device,
+        )
+        """int32 [max_num_seqs, table width]: each row's streaming table."""
+        self._device = device
 
     @property
     def nbytes(self) -> int:
         return self.storage.nbytes + (0 if self.params is None else self.params.nbytes)
 
+    def layer_storage(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s K and V rows, [2, rows, ...] (a view)."""
+        return self._layer_view(self.storage, layer)
+
+    def _layer_view(self, storage: torch.Tensor, layer: int) -> torch.Tensor:
+        start = 2 * sum(self._layer_rows[:layer])
+        rows = self._layer_rows[layer]
+        return storage[start : start + 2 * rows].view(2, rows, *storage.shape[1:])
+
     def bind(self, layers: Sequence[PagedAttention]) -> None:
-        """Point each attention layer at its K and V rows."""
+        """Point each attention layer at its K and V rows and say where its heads are."""
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self._rows(i, 0), self._rows(i, 1)
+            layer.heads = self._head_layout(i, layer.num_heads // layer.num_kv_heads)
+
+    def _head_layout(self, layer: int, group: int) -> HeadLayout:
+        stream = self.spec.stream_heads[layer] if self.spec.stream_heads else ()
+        if not stream:
+            return HeadLayout.dense(self._head_base, group)
+        is_stream = torch.zeros(self.spec.num_kv_heads, dtype=torch.bool)
+        is_stream[list(stream)] = True
+        # Dense heads first, in head order, then streaming heads (the module docstring).
+        streams_before = torch.cumsum(is_stream, 0) - is_stream.long()
+        dense_before = torch.arange(self.spec.num_kv_heads) - streams_before
+        num_dense = self.spec.num_kv_heads - len(stream)
+        base = torch.where(
+            is_stream,
+            num_dense * self.num_slots + streams_before * self.num_stream_slots,
+            dense_before * self.num_slots,
+        )
+        return HeadLayout.split(base.to(self._device), is_stream.to(self._device), group)
 
     def _rows(self, layer: int, kv: int) -> CacheRows:
+        data = self.layer_storage(layer)[kv]
         if self.static_scales is not None:
-            return StaticInt8Rows(
-                self.storage[layer, kv], self.static_scales[layer, kv], self.spec.dtype
-            )
+            return StaticInt8Rows(data, self.static_scales[layer, kv], self.spec.dtype)
         if self.params is None:
-            return DenseRows(self.storage[layer, kv])
+            return DenseRows(data)
         bits = self.spec.kv_bits
         assert bits is not None
-        return QuantizedRows(self.storage[layer, kv], self.params[layer, kv], bits, self.spec.dtype)
+        params = self._layer_view(self.params, layer)[kv]
+        return QuantizedRows(data, params, bits, self.spec.dtype)
 
-    def apply_page_updates(self, updates: torch.Tensor) -> None:
-        """Write (row, column, page) triples [k, 3] (on the cache's device) into the page table."""
-        if updates.shape[0]:
-            index = updates[:, :2].long()
-            self.page_table[index[:, 0], index[:, 1]] = updates[:, 2]
+    def apply_page_updates(self, updates: torch.Tensor, stream: torch.Tensor | None = None) -> None:
+        """Write (row, column, page) triples [k, 3] (on the cache's device) into the page table,
+        and `stream`'s into the streaming tables."""
+        for table, triples in ((self.page_table, updates), (self.stream_table, stream)):
+            if triples is not None and triples.shape[0]:
+                index = triples[:, :2].long()
+                table[index[:, 0], index[:, 1]] = triples[:, 2]
+
+    def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Dense-pool slots (long, broadcast shape) of `positions` in the requests at page-table
+        `rows`. The one place that turns positions into dense addresses."""
+        pages = self.page_table[rows, positions // self.page_size].long()
+        return pages * self.page_size + positions % self.page_size
+
+    def stream_slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Streaming-pool slots of `positions` (still in their tables) in the requests at `rows`."""
+        assert self.stream is not None
+        column = self.stream.table.column(positions // self.page_size)
+        return self.stream_page_slots(rows, column) + positions % self.page_size
+
+    def stream_page_slots(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Slot 0 of the streaming pages at table `columns` of the requests at `rows`."""
+        return self.stream_table[rows, columns].long() * self.page_size
 
     def index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache rows (long [kv_heads, *shape]) of `positions` in the requests at page-table `rows`
-        (broadcast together to `shape`). The one place that turns positions into addresses."""
-        pages = self.page_table[rows, positions // self.page_size].long()
-        slots = pages * self.page_size + positions % self.page_size
+        (broadcast together to `shape`) for a layer whose heads are all dense."""
+        return self.dense_rows(self.slots(rows, positions))
+
+    def dense_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Cache rows (long [kv_heads, *shape]) of dense `slots` in a layer of dense heads."""
         return self._head_base.view(-1, *[1] * slots.dim()) + slots
 
     def null_rows(self, count: int) -> torch.Tensor:

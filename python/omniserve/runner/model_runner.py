@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -17,13 +18,14 @@ from omniserve.formats.precision import Precision
 from omniserve.kernels import dispatch
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.sampler import Sampler, SampleResult
-from omniserve.models.llama import kernel_shape
+from omniserve.models.llama import kernel_shape, layer_windows
 from omniserve.models.loader import load_hf_config, load_model, resolve_precision
 from omniserve.runner.decode_graphs import DecodeGraphs
-from omniserve.runner.kv_cache import KVCache, KVCacheSpec
+from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StreamPool
 from omniserve.runner.memory import cuda_memory_for_kv_cache
-from omniserve.runner.step_inputs import StepInputBuilder, StepInputs
+from omniserve.runner.step_inputs import StepInputBuilder, StepInputs, StreamInputs
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
+from omniserve.runner.streaming import StreamingSetup
 from omniserve.sampling_params import SamplingParams
 
 
@@ -48,6 +50,10 @@ class ModelRunner:
     dtype: torch.dtype
     num_kv_pages: int
     """Dense KV pages, including the null page 0."""
+    num_stream_pages: int
+    """Streaming KV pages, including the null page 0; 0 without streaming heads."""
+    streaming: StreamingSetup | None
+    """Which heads stream and what they see; None when every head is dense."""
     max_model_len: int
     vocab_size: int
     precision: Precision | None
@@ -71,11 +77,15 @@ class ModelRunner:
         )
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
+        shape = kernel_shape(self.hf_config, self.precision)
+        self.streaming = StreamingSetup.from_config(
+            config, shape.num_kv_heads, layer_windows(self.hf_config, self.max_model_len)
+        )
         self.kernels = dispatch.decide(
             device=self.device,
             dtype=self.dtype,
             attention_backend=config.attention_backend,
-            shape=kernel_shape(self.hf_config, self.precision),
+            shape=dataclasses.replace(shape, streaming=self.streaming is not None),
         )
         for op, reason in self.kernels.summary():
             logger.info("%s: %s", op, reason)
@@ -105,6 +115,7 @@ class ModelRunner:
             kv_bits=kv_cache_bits(config.kv_cache_dtype, self.precision),
             # A per-tensor KV8 checkpoint (static scales) selects static KV8.
             kv_granularity=PER_TOKEN_HEAD if self._kv_scales is None else PER_TENSOR,
+            stream_heads=() if self.streaming is None else self.streaming.stream_heads,
         )
         self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         # Most tokens one decode group gathers from the cache (its padded [g, L] block): a few
@@ -118,8 +129,10 @@ class ModelRunner:
         self._graphs: DecodeGraphs | None = None
         self._prompt_targets: dict[int, list[int]] = {}
         """Prompt ids of the rows whose requests asked for prompt logprobs."""
-        self.num_kv_pages = self._count_kv_pages()
-        self.kv_cache, self._inputs = self._make_cache(self.num_kv_pages)
+        self._prompt_lens = torch.zeros(config.max_num_seqs, dtype=torch.int32)
+        """Prompt length of the request bound to each row (streaming heads' window choice)."""
+        self.num_kv_pages, self.num_stream_pages = self._count_kv_pages()
+        self.kv_cache, self._inputs = self._make_cache(self.num_kv_pages, self.num_stream_pages)
         if self._uses_graphs(self._inputs):
             with torch.inference_mode():
                 self._graphs = DecodeGraphs(
@@ -139,6 +152,7 @@ class ModelRunner:
         stop_ids: Sequence[int],
     ) -> None:
         self.sampler.bind_row(row, params, prompt_ids, output_ids, stop_ids)
+        self._prompt_lens[row] = len(prompt_ids)
         if params.prompt_logprobs:
             self._prompt_targets[row] = list(prompt_ids)
         else:
@@ -212,7 +226,22 @@ class ModelRunner:
             "peak_activations": self._peak_activation_bytes / _GIB,
         }
 
-    def _make_cache(self, num_pages: int) -> tuple[KVCache, StepInputBuilder]:
+    def scheduler_options(self) -> dict[str, int]:
+        """The scheduler's streaming-pool options (its pages and table layout); {} without
+        streaming heads."""
+        if self.streaming is None:
+            return {}
+        table = self.streaming.table
+        return {
+            "num_stream_pages": self.num_stream_pages,
+            "stream_sink_pages": table.sink_pages,
+            "stream_local_pages": table.ring_pages - 1,
+        }
+
+    def _make_cache(
+        self, num_pages: int, num_stream_pages: int
+    ) -> tuple[KVCache, StepInputBuilder]:
+        setup = self.streaming
         cache = KVCache(
             self._kv_spec,
             num_pages,
@@ -220,8 +249,17 @@ class ModelRunner:
             self._max_pages_per_seq,
             self.device,
             self._kv_scales,
+            None if setup is None else StreamPool(num_stream_pages, setup.table),
         )
         cache.bind(self.model.attention_layers)
+        stream = None
+        if setup is not None:
+            stream = StreamInputs(
+                setup.windows,
+                setup.table,
+                self._prompt_lens,
+                "flex" if self.kernels.stream_prefill.kernel else "dense",
+            )
         inputs = StepInputBuilder(
             cache,
             frozenset(layer.sliding_window for layer in self.model.attention_layers),
@@ -230,13 +268,20 @@ class ModelRunner:
             self._gather_budget,
             self.device,
             decode_kernel=self.kernels.decode_attention.kernel,
+            stream=stream,
         )
         return cache, inputs
 
-    def _count_kv_pages(self) -> int:
-        config = self.config
-        if config.num_kv_pages is not None:
-            return config.num_kv_pages
+    def _count_kv_pages(self) -> tuple[int, int]:
+        """(dense pages, streaming pages), both including their null page."""
+        config, spec = self.config, self._kv_spec
+        table_pages = 0 if self.streaming is None else self._stream_table_pages()
+        if config.num_kv_pages is not None and (
+            self.streaming is None or config.num_stream_kv_pages is not None
+        ):
+            num_stream = 0 if self.streaming is None else config.num_stream_kv_pages or 0
+            self._check_stream_pages(num_stream, table_pages, "num_stream_kv_pages")
+            return config.num_kv_pages, num_stream
         if self.device.type == "cuda":
             self._peak_activation_bytes = self._profile_activations()
             available = cuda_memory_for_kv_cache(
@@ -248,7 +293,19 @@ class ModelRunner:
         else:
             available = int(config.cpu_kv_cache_gib * _GIB)
             source = f"cpu_kv_cache_gib={config.cpu_kv_cache_gib}"
-        num_pages = max(available, 0) // self._kv_spec.bytes_per_page
+        available = max(available, 0)
+        num_stream = 0
+        if self.streaming is not None:
+            num_stream = config.num_stream_kv_pages or self._default_stream_pages(
+                available, table_pages
+            )
+            self._check_stream_pages(num_stream, table_pages, source)
+            available -= num_stream * spec.bytes_per_stream_page
+        if config.num_kv_pages is not None:
+            return config.num_kv_pages, num_stream
+        if spec.bytes_per_page == 0:  # every head streams: dense pages only count positions
+            return config.max_num_seqs * self._max_pages_per_seq + 1, num_stream
+        num_pages = max(available, 0) // spec.bytes_per_page
         if num_pages - 1 < self._max_pages_per_seq:  # page 0 holds no tokens
             raise ConfigError(
                 f"the KV cache fits {max(num_pages - 1, 0)} pages of {config.page_size} tokens "
@@ -256,7 +313,29 @@ class ModelRunner:
                 f"{self._max_pages_per_seq}; raise the memory, lower max_model_len, "
                 "max_num_batched_tokens or max_num_seqs, or set num_kv_pages"
             )
-        return num_pages
+        return num_pages, num_stream
+
+    def _check_stream_pages(self, num_stream: int, table_pages: int, source: str) -> None:
+        if self.streaming is not None and num_stream - 1 < table_pages:
+            raise ConfigError(
+                f"the streaming pool has {max(num_stream - 1, 0)} pages ({source}), but one "
+                f"request's streaming table needs {table_pages}; raise the memory or "
+                "num_stream_kv_pages, or lower the streaming windows"
+            )
+
+    def _stream_table_pages(self) -> int:
+        """Pages of the longest streaming table a request can have."""
+        assert self.streaming is not None
+        return min(self.streaming.table.width, self._max_pages_per_seq)
+
+    def _default_stream_pages(self, available: int, table_pages: int) -> int:
+        """A table for every running request, but never more pages than an all-dense cache of
+        the same memory would have: a request's table is never longer than its dense pages, so
+        streaming then never lowers how many requests fit, and the memory it saves at long
+        contexts goes to the dense pool."""
+        spec = self._kv_spec
+        all_dense = available // (spec.bytes_per_page + spec.bytes_per_stream_page)
+        return min(self.config.max_num_seqs * table_pages, max(all_dense - 1, table_pages)) + 1
 
     def _profile_activations(self) -> int:
         """Peak bytes above the weights of the most demanding steps the scheduler can plan, run
@@ -264,7 +343,7 @@ class ModelRunner:
         Also sets `_graph_reserve_bytes` to the decode step's peak when decode graphs will be
         captured: their pool keeps that much while eager steps need their own peak beside it."""
         config, max_len = self.config, self.max_model_len
-        cache, inputs = self._make_cache(1)
+        cache, inputs = self._make_cache(1, 1)
         # A throwaway sampler, so that the real one's random stream does not depend on profiling.
         sampler = Sampler(config.max_num_seqs, self.vocab_size, self.device, config.seed)
         # Every filter and penalty on: the sampler's largest temporaries and tables.

@@ -5,14 +5,22 @@ CUDA) host buffer and sent with one copy into a persistent device buffer; positi
 and masks are then computed on the device from those views, with no per-token Python work. The
 host side only looks at per-request counts (n numbers) to decide the shape of the work: which
 requests prefill, and how decode requests are grouped.
+
+With streaming heads (`StreamInputs`), the builder also addresses the streaming pool: each token's
+ring slot (null when a later token of the step takes it), what each prefill chunk's streaming
+heads read of earlier chunks and their Λ mask (`layers/sparse_prefill.py`), and the pages each
+decode request's streaming heads see (`StreamTable.visible_pages`). A query takes the prefill
+window while it is inside its request's prompt and the decode window after it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from omniserve.formats.streaming import StreamTable
 from omniserve.layers.attention import (
     AttentionBatches,
     AttentionMetadata,
@@ -20,8 +28,27 @@ from omniserve.layers.attention import (
     DecodeGroup,
     PrefillChunk,
 )
+from omniserve.layers.sparse_prefill import (
+    StreamPrefill,
+    StreamWindows,
+    block_mask,
+    dense_mask,
+)
 from omniserve.runner.kv_cache import KVCache
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInputs:
+    """What the builder needs to address streaming heads."""
+
+    windows: StreamWindows
+    table: StreamTable
+    prompt_lens: torch.Tensor
+    """int32 CPU [max_num_seqs]: the prompt length of the request in each row (the runner keeps
+    it as rows are bound)."""
+    prefill: Literal["dense", "flex"]
+    """How streaming heads' prefill masks are built (`layers/sparse_prefill.py`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,19 +74,29 @@ class StepInputBuilder:
         gather_budget: int,
         device: torch.device,
         decode_kernel: bool = False,
+        stream: StreamInputs | None = None,
     ) -> None:
         """`windows`: the sliding windows of the model's layers (None: full attention);
         `gather_budget`: most tokens one decode group gathers (its padded [g, L] size);
         `decode_kernel`: describe decodes as one `DecodeBatch` for the CUDA kernel (page table and
-        lengths) instead of gathered decode groups."""
+        lengths) instead of gathered decode groups; `stream`: the model's streaming heads, if
+        any."""
         self.kv_cache = kv_cache
         self.decode_kernel = decode_kernel
+        self.stream = stream
         self.windows = windows
         self.gather_budget = gather_budget
         self.device = device
         # Layout: input_ids [T], rows, pos0, num_new [n each], qstart [n+1], decode order [<= n],
-        # sampled requests [<= n], page updates [3 per page at most].
-        capacity = max_num_batched_tokens + 6 * max_num_seqs + 1 + 3 * kv_cache.num_pages
+        # sampled requests [<= n], page updates [3 per page at most], streaming table updates
+        # [3 per streaming page at most].
+        num_stream_pages = 0 if kv_cache.stream is None else kv_cache.stream.num_pages
+        capacity = (
+            max_num_batched_tokens
+            + 6 * max_num_seqs
+            + 1
+            + 3 * (kv_cache.num_pages + num_stream_pages)
+        )
         self._host = torch.empty(capacity, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._dev = torch.empty(capacity, dtype=torch.int32, device=device)
         # The copy out of the pinned buffer is asynchronous: the next step may refill the buffer
@@ -74,6 +111,7 @@ class StepInputBuilder:
         # Longest context first, so that each decode group pads its requests to similar lengths.
         order = decode[torch.argsort(ctx[decode], descending=True, stable=True)]
         sampled_idx = ((plan.flags & FLAG_NEEDS_LOGITS) != 0).nonzero().squeeze(1)
+        prompt_lens = None if self.stream is None else self.stream.prompt_lens[plan.rows.long()]
 
         parts = [
             plan.input_ids,
@@ -84,6 +122,8 @@ class StepInputBuilder:
             order.int(),
             sampled_idx.int(),
             plan.page_updates.flatten(),
+            plan.stream_updates.flatten(),
+            *([] if prompt_lens is None else [prompt_lens]),
         ]
         sizes = [p.numel() for p in parts]
         total = sum(sizes)
@@ -96,16 +136,28 @@ class StepInputBuilder:
         views = self._dev[:total].split(sizes)
         input_ids, updates = views[0], views[7]
         rows, pos0, num_new, qstart, order_d, sampled_d = (v.long() for v in views[1:7])
-        self.kv_cache.apply_page_updates(updates.view(-1, 3))
+        self.kv_cache.apply_page_updates(updates.view(-1, 3), views[8].view(-1, 3))
 
         arange_t = torch.arange(num_tokens, device=self.device)
         req_of_token = torch.repeat_interleave(
             torch.arange(n, device=self.device), num_new, output_size=num_tokens
         )
         positions = pos0[req_of_token] + arange_t - qstart[req_of_token]
-        write_index = self.kv_cache.index(rows[req_of_token], positions)
+        write_slots = self.kv_cache.slots(rows[req_of_token], positions)
+        stream_write_slots = stream_pages = None
+        if self.stream is not None:
+            assert prompt_lens is not None
+            last = (pos0 + num_new - 1)[req_of_token]
+            keep = self.stream.table.survives(positions, last)
+            ring = self.kv_cache.stream_slots(rows[req_of_token], positions)
+            stream_write_slots = torch.where(keep, ring, 0)
+            if len(order):
+                # The longest list of visible pages sizes the gather; counted on the host.
+                host_count = self._stream_pages(plan.pos0[order].long(), prompt_lens[order])[1]
+                pages, count = self._stream_pages(pos0[order_d], views[9].long()[order_d])
+                stream_pages = (pages, count, int(host_count.max()))
 
-        # (request index, pos0, num_new, first token) of each prefill chunk, as Python ints.
+        # (request index, pos0, num_new, first token, prompt length) of each prefill chunk.
         prefill = (plan.num_new > 1).nonzero().squeeze(1)
         prefill_reqs = list(
             zip(
@@ -113,12 +165,18 @@ class StepInputBuilder:
                 plan.pos0[prefill].tolist(),
                 plan.num_new[prefill].tolist(),
                 plan.qstart[prefill].tolist(),
+                [0] * len(prefill) if prompt_lens is None else prompt_lens[prefill].tolist(),
             )
         )
         decode_ctx = ctx[order].tolist()
         decode_batch = None
         if self.decode_kernel and decode_ctx:
             # int32 views straight from the step buffer: the kernel reads them as they are.
+            stream_table = stream_lens = None
+            if stream_pages is not None:
+                stream_table, stream_lens = self._stream_decode(
+                    rows[order_d], pos0[order_d], *stream_pages[:2]
+                )
             decode_batch = DecodeBatch(
                 token_idx=qstart[order_d],
                 seq_rows=views[1][order_d],
@@ -126,43 +184,73 @@ class StepInputBuilder:
                 max_context_len=decode_ctx[0],  # longest first
                 page_table=self.kv_cache.page_table,
                 page_size=self.kv_cache.page_size,
+                stream_table=stream_table,
+                stream_context_lens=stream_lens,
             )
         by_window = {
             w: AttentionBatches(
                 self._prefills(prefill_reqs, rows, w),
                 []
                 if self.decode_kernel
-                else self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w),
+                else self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w, stream_pages),
             )
             for w in self.windows
         }
+        write_index = self.kv_cache.dense_rows(write_slots)
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
-            attn=AttentionMetadata(write_index, by_window, decode_batch),
+            attn=AttentionMetadata(
+                write_index, write_slots, by_window, decode_batch, stream_write_slots
+            ),
             sampled_idx=sampled_idx,
             logits_idx=qstart[1:][sampled_d] - 1,
         )
 
     def _prefills(
-        self, prefill_reqs: list[tuple[int, int, int, int]], rows: torch.Tensor, window: int | None
+        self,
+        prefill_reqs: list[tuple[int, int, int, int, int]],
+        rows: torch.Tensor,
+        window: int | None,
     ) -> list[PrefillChunk]:
         chunks = []
-        for i, p0, count, first in prefill_reqs:
+        for i, p0, count, first, prompt_len in prefill_reqs:
             end = p0 + count
             # The first query sees the keys from kv_start on; later queries, suffixes of those.
             kv_start = 0 if window is None else max(0, p0 - window + 1)
-            kv_index = None
+            kv_slots = None
             if p0 > 0:
                 kv_pos = torch.arange(kv_start, end, device=self.device)
-                kv_index = self.kv_cache.index(rows[i], kv_pos)
+                kv_slots = self.kv_cache.slots(rows[i], kv_pos)
             mask = None
             if window is not None and end - window > kv_start:  # the window cuts some query
                 q_pos = torch.arange(p0, end, device=self.device)[:, None]
                 k_pos = torch.arange(kv_start, end, device=self.device)[None, :]
                 mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
-            chunks.append(PrefillChunk(first, first + count, kv_index, mask))
+            stream = None
+            if self.stream is not None and window is None:
+                stream = self._stream_prefill(rows[i], p0, end, prompt_len)
+            chunks.append(PrefillChunk(first, first + count, kv_slots, mask, stream))
         return chunks
+
+    def _stream_prefill(
+        self, row: torch.Tensor, p0: int, end: int, prompt_len: int
+    ) -> StreamPrefill:
+        """The chunk [p0, end)'s streaming heads: the earlier positions their table holds (its sink
+        pages, then the ring's pages), and the Λ mask over those and the chunk's own keys."""
+        assert self.stream is not None
+        past_slots = None
+        k_pos = q_pos = torch.arange(p0, end, device=self.device)
+        if p0 > 0:
+            past = self.stream.table.held(p0, self.device)
+            past_slots = self.kv_cache.stream_slots(row, past)
+            k_pos = torch.cat([past, q_pos])
+        windows = self.stream.windows
+        if self.stream.prefill == "flex":
+            return StreamPrefill(
+                past_slots, block_mask=block_mask(windows, q_pos, k_pos, prompt_len)
+            )
+        return StreamPrefill(past_slots, mask=dense_mask(windows, q_pos, k_pos, prompt_len))
 
     def _decode_groups(
         self,
@@ -172,9 +260,11 @@ class StepInputBuilder:
         pos0: torch.Tensor,
         qstart: torch.Tensor,
         window: int | None,
+        stream_pages: tuple[torch.Tensor, torch.Tensor, int] | None,
     ) -> list[DecodeGroup]:
         """Groups of consecutive decode requests (longest first) whose padded [g, L] gather stays
-        within the budget; one group unless the batch holds many long contexts."""
+        within the budget; one group unless the batch holds many long contexts. `stream_pages`:
+        the pages each decode request's streaming heads see (`_stream_pages`), in `order`."""
         groups = []
         start = 0
         while start < len(ctx_sorted):
@@ -185,8 +275,57 @@ class StepInputBuilder:
             first = torch.zeros_like(ctx) if window is None else (ctx - window).clamp_min(0)
             k_pos = first[:, None] + torch.arange(width, device=self.device)
             mask = k_pos < ctx[:, None]
-            # Padding reads position 0 of the request: a real row, masked out.
-            kv_index = self.kv_cache.index(rows[reqs][:, None], k_pos.where(mask, 0))
-            groups.append(DecodeGroup(qstart[reqs], kv_index, mask))
+            # Padding reads position 0 of the request: a real slot, masked out.
+            slots = self.kv_cache.slots(rows[reqs][:, None], k_pos.where(mask, 0))
+            stream = {}
+            if stream_pages is not None and window is None:
+                pages, count, max_count = stream_pages
+                stream = self._stream_gather(
+                    rows[reqs], pos0[reqs], pages[start:end], count[start:end], max_count
+                )
+            groups.append(DecodeGroup(qstart[reqs], slots, mask, **stream))
             start = end
         return groups
+
+    def _stream_pages(
+        self, q_pos: torch.Tensor, prompt_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logical pages [g, width] (and their number [g]) that the streaming heads of queries
+        at `q_pos` see, each under its window (prefill inside its prompt, decode after)."""
+        assert self.stream is not None
+        prefill, decode = self.stream.windows.prefill, self.stream.windows.decode
+        in_prompt = q_pos < prompt_lens
+        sink = torch.where(in_prompt, prefill.sink_pages, decode.sink_pages)
+        local = torch.where(in_prompt, prefill.local_pages, decode.local_pages)
+        return self.stream.table.visible_pages(q_pos, sink, local)
+
+    def _stream_gather(
+        self,
+        rows: torch.Tensor,
+        q_pos: torch.Tensor,
+        pages: torch.Tensor,
+        count: torch.Tensor,
+        max_count: int,
+    ) -> dict[str, torch.Tensor]:
+        """Streaming-pool slots [g, max_count * page] of what each request's streaming heads see,
+        and their validity mask (the gather path's `DecodeGroup` fields)."""
+        assert self.stream is not None
+        page = self.kv_cache.page_size
+        u = torch.arange(max_count * page, device=self.device)
+        logical = pages[:, u // page]
+        mask = u < ((count - 1) * page + q_pos % page + 1)[:, None]
+        column = self.stream.table.column(logical)
+        slots = self.kv_cache.stream_page_slots(rows[:, None], column) + u % page
+        return {"stream_slots": slots, "stream_mask": mask}
+
+    def _stream_decode(
+        self, rows: torch.Tensor, q_pos: torch.Tensor, pages: torch.Tensor, count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode kernel's view of the streaming heads (`DecodeBatch` fields): per request
+        its visible streaming pages, oldest first, and the tokens on them."""
+        assert self.stream is not None
+        column = self.stream.table.column(pages)
+        j = torch.arange(pages.shape[1], device=self.device)
+        table = self.kv_cache.stream_table[rows[:, None], column].where(j < count[:, None], 0)
+        lens = (count - 1) * self.kv_cache.page_size + q_pos % self.kv_cache.page_size + 1
+        return table, lens.int()
