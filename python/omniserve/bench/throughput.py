@@ -128,28 +128,28 @@ def _materialize(model: str | None, preset: str | None, tmp: Path) -> str:
     return str(tmp)
 
 
-def _prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
+def random_prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     # Stay clear of the low ids where special tokens usually live.
     return torch.randint(16, vocab, (batch, input_len), generator=g).tolist()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _free_cuda() -> None:
+def free_cuda() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _served_precision(config: EngineConfig, precision: Precision | None) -> Precision:
+def served_precision(config: EngineConfig, precision: Precision | None) -> Precision:
     """The runner's precision, with an fp model (None) spelled as w16a16 and its KV cache."""
     if precision is not None:
         return precision
@@ -168,24 +168,24 @@ def bench_omniserve(
     engine = Engine(config)
     startup = time.perf_counter() - start
     device, dtype, vocab = engine.runner.device, engine.runner.dtype, engine.runner.vocab_size
-    precision = _served_precision(config, engine.runner.precision)
+    precision = served_precision(config, engine.runner.precision)
     info: dict[str, Any] = {
         "precision": precision.name,
         "group_size": precision.group_size,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "startup_s": startup,
         **engine.runner.memory_report(),
     }
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     warm = SamplingParams(max_tokens=8, ignore_eos=True)
-    engine.generate(_prompts(2, min(input_len, 64), vocab, seed), warm, use_tqdm=False)
+    engine.generate(random_prompts(2, min(input_len, 64), vocab, seed), warm, use_tqdm=False)
     results = []
     for batch in batches:
-        prompts = _prompts(batch, input_len, vocab, seed + batch)
-        _sync(device)
+        prompts = random_prompts(batch, input_len, vocab, seed + batch)
+        sync(device)
         start = time.perf_counter()
         outs = engine.generate(prompts, params, use_tqdm=False)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
         generated = sum(o.num_generated_tokens for o in outs)
         results.append(
@@ -203,7 +203,7 @@ def bench_omniserve(
         )
     info["preemptions"] = engine.stats().num_preemptions
     del engine
-    _free_cuda()
+    free_cuda()
     if device.type == "cuda":
         # Whatever torch still holds would shrink the next system's KV cache (expected: ~0).
         info["held_after_free_gib"] = torch.cuda.memory_allocated(device) / _GIB
@@ -227,7 +227,7 @@ def bench_transformers(
     def result(
         batch: int, wall: float | None, tps: float | None, error: str | None = None
     ) -> RunResult:
-        name = _dtype_name(dtype)
+        name = dtype_name(dtype)
         return RunResult(
             HF_TRANSFORMERS,
             "w16a16",
@@ -259,24 +259,24 @@ def bench_transformers(
                 pad_token_id=0,
             )
 
-    warm = torch.tensor(_prompts(2, min(input_len, 64), vocab, seed), device=device)
+    warm = torch.tensor(random_prompts(2, min(input_len, 64), vocab, seed), device=device)
     generate(model, warm, 8)
     results = []
     for batch in batches:
-        ids = torch.tensor(_prompts(batch, input_len, vocab, seed + batch), device=device)
+        ids = torch.tensor(random_prompts(batch, input_len, vocab, seed + batch), device=device)
         try:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             out = generate(model, ids, output_len)
-            _sync(device)
+            sync(device)
             wall = time.perf_counter() - start
             generated = (out.shape[1] - input_len) * batch
             results.append(result(batch, wall, generated / wall))
         except torch.OutOfMemoryError as exc:
             results.append(result(batch, None, None, f"OOM: {str(exc)[:200]}"))
-        _free_cuda()
+        free_cuda()
     del model
-    _free_cuda()
+    free_cuda()
     return results
 
 
@@ -346,7 +346,7 @@ def _report(
     results = _with_speedups([r for e in runs for r in e.results] + peer_results)
     return {
         "setting": setting,
-        "environment": {"device": _device_name(runs[0].device), "torch": torch.__version__},
+        "environment": {"device": device_name(runs[0].device), "torch": torch.__version__},
         "engines": [e.info for e in runs],
         "results": [msgspec.to_builtins(r) for r in results],
     }
@@ -363,7 +363,7 @@ def _with_speedups(results: list[RunResult]) -> list[RunResult]:
     ]
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
 
+if TYPE_CHECKING:
+    from omniserve.bench.throughput import BenchSystem
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (throughput)", description="Benchmarks.")
+    p = sub.add_parser(
+        "bench", help="benchmarks (throughput, long-context)", description="Benchmarks."
+    )
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    _add_throughput(kinds)
+    _add_long_context(kinds)
+
+
+def _add_throughput(kinds: argparse._SubParsersAction) -> None:
     t = kinds.add_parser(
         "throughput",
         help="offline generation throughput vs HF transformers (QServe's setting)",
@@ -22,49 +34,117 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--load-format auto is given with --model. --precisions measures several systems one "
         "after another in one run; HF transformers runs once, unquantized, as their peer.",
     )
-    from omniserve.bench.throughput import DTYPE_SYSTEMS, PRESETS
-
-    t.add_argument(
-        "--model-config",
-        choices=PRESETS,
-        default="llama-3-8b",
-        help="model shape preset (ignored with --model)",
-    )
+    _add_model_config(t, "model shape preset (ignored with --model)")
     t.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="batch sizes")
     t.add_argument("--input-len", type=int, default=1024)
     t.add_argument("--output-len", type=int, default=512)
-    t.add_argument(
-        "--precisions",
-        nargs="+",
-        default=None,
-        metavar="SYSTEM",
-        help="omniserve systems to measure, in order: a --precision value, with :g128 for W4A8 "
-        f"g128 (w4a8kv4:g128), or {'/'.join(DTYPE_SYSTEMS)} (w16a16 in that dtype; other systems "
-        "use --dtype); replaces --precision/--group-size. Default: one system from the engine "
-        "options",
-    )
+    _add_precisions(t, None, "one system from the engine options")
     t.add_argument(
         "--peer", choices=["hf", "none"], default="hf", help="peer measured in the same run"
     )
     t.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
-    t.add_argument("--output-json", type=Path, default=None, help="write the report here")
-    t.add_argument("--output-png", type=Path, default=None, help="write a bar chart here")
+    _add_outputs(t, "a bar chart")
     add_engine_args(t)
     t.set_defaults(func=run_throughput)
 
 
-def run_throughput(args: argparse.Namespace) -> int:
-    from omniserve.bench import throughput
+def _add_long_context(kinds: argparse._SubParsersAction) -> None:
+    from omniserve.bench.long_context import DEFAULT_LENGTHS
+
+    default_precisions = ["w8a8kv8", "w4a8kv4"]
+    # "resolve", engine options first: the bench's own options replace engine options of the
+    # same names (--static-sparsity and --attn-pattern are the sparse mode's; dense uses 0).
+    c = kinds.add_parser(
+        "long-context",
+        conflict_handler="resolve",
+        help="prefill (TTFT) and decode latency at long prompts, dense vs streaming heads "
+        "(LServe's setting)",
+        description="Batch 1: per prompt length, one random-token prompt, then --decode-tokens "
+        "decoded tokens (EOS ignored). Each precision is measured dense and sparse "
+        "(--static-sparsity of the KV heads stream), one engine each, reused across the "
+        "lengths. Reports TTFT, decode ms/token and the KV cache the request holds, and sparse "
+        "vs dense per length. Weights are random (built from the preset config).",
+    )
+    add_engine_args(c)
+    # The model comes from --model-config; --model stays only to be refused with a reason.
+    c.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    _add_model_config(c, "model shape preset")
+    _add_precisions(c, default_precisions, " ".join(default_precisions))
+    c.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_LENGTHS),
+        metavar="TOKENS",
+        help=f"prompt lengths (default: {' '.join(map(str, DEFAULT_LENGTHS))})",
+    )
+    c.add_argument("--decode-tokens", type=int, default=128, help="decoded tokens per prompt")
+    c.add_argument(
+        "--static-sparsity",
+        dest="sparsity",
+        metavar="FRACTION",
+        type=float,
+        default=0.5,
+        help="fraction of KV heads that stream in the sparse mode, in (0, 1] (default: 0.5)",
+    )
+    c.add_argument(
+        "--attn-pattern",
+        dest="pattern",
+        default=None,
+        metavar="DIR",
+        help="head pattern of the sparse mode (DuoAttention format); default: random gates "
+        "seeded with --bench-seed",
+    )
+    c.add_argument(
+        "--bench-seed", type=int, default=0, help="seed of the random prompts and random gates"
+    )
+    _add_outputs(c, "TTFT and decode ms/token vs length")
+    c.set_defaults(func=run_long_context)
+
+
+def _add_model_config(p: argparse.ArgumentParser, help_text: str) -> None:
+    from omniserve.bench.throughput import PRESETS
+
+    p.add_argument("--model-config", choices=PRESETS, default="llama-3-8b", help=help_text)
+
+
+def _add_precisions(p: argparse.ArgumentParser, default: list[str] | None, says: str) -> None:
+    from omniserve.bench.throughput import DTYPE_SYSTEMS
+
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=default,
+        metavar="SYSTEM",
+        help="omniserve systems to measure, in order: a --precision value, with :g128 for W4A8 "
+        f"g128 (w4a8kv4:g128), or {'/'.join(DTYPE_SYSTEMS)} (w16a16 in that dtype; other systems "
+        f"use --dtype); replaces --precision/--group-size. Default: {says}",
+    )
+
+
+def _add_outputs(p: argparse.ArgumentParser, chart: str) -> None:
+    p.add_argument("--output-json", type=Path, default=None, help="write the report here")
+    p.add_argument("--output-png", type=Path, default=None, help=f"write {chart} here")
+
+
+def _systems(args: argparse.Namespace) -> list[BenchSystem] | None:
+    """The --precisions systems (None if not given), refusing --precision/--group-size beside
+    them."""
+    from omniserve.bench.throughput import parse_system
     from omniserve.errors import ConfigError
 
-    systems = [throughput.BenchSystem()]
-    if args.precisions is not None:
-        if args.precision is not None or args.group_size is not None:
-            raise ConfigError(
-                "--precisions names each system's precision and group size; drop --precision "
-                "and --group-size"
-            )
-        systems = [throughput.parse_system(text) for text in args.precisions]
+    if args.precisions is None:
+        return None
+    if args.precision is not None or args.group_size is not None:
+        raise ConfigError(
+            "--precisions names each system's precision and group size; drop --precision "
+            "and --group-size"
+        )
+    return [parse_system(text) for text in args.precisions]
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from omniserve.bench import throughput
 
     def write_json(report: dict[str, Any]) -> None:
         if args.output_json is not None:
@@ -79,11 +159,49 @@ def run_throughput(args: argparse.Namespace) -> int:
         peers=[] if args.peer == "none" else [args.peer],
         seed=args.bench_seed,
         engine_options=engine_kwargs(args),
-        systems=systems,
+        systems=_systems(args) or [throughput.BenchSystem()],
         progress=write_json,
     )
     print(throughput.table(report))
     write_json(report)
     if args.output_png is not None:
         throughput.plot(report, args.output_png)
+    return 0
+
+
+def run_long_context(args: argparse.Namespace) -> int:
+    from omniserve.bench import long_context
+    from omniserve.errors import ConfigError
+
+    if args.model is not None:
+        raise ConfigError(
+            "bench long-context builds its model from --model-config with random weights; "
+            "drop --model"
+        )
+
+    def write_json(report: long_context.Report) -> None:
+        if args.output_json is not None:
+            args.output_json.write_bytes(long_context.to_json(report))
+
+    def progress(report: long_context.Report) -> None:
+        # One line per measurement: a long run shows where it is (and what it measured).
+        print(long_context.row_line(report.results[-1]), file=sys.stderr, flush=True)
+        write_json(report)
+
+    report = long_context.run(
+        preset=args.model_config,
+        systems=_systems(args) or [],
+        lengths=args.lengths,
+        decode_tokens=args.decode_tokens,
+        static_sparsity=args.sparsity,
+        attn_pattern=args.pattern,
+        seed=args.bench_seed,
+        engine_options=engine_kwargs(args),
+        command=shlex.join(sys.argv),
+        progress=progress,
+    )
+    print(long_context.table(report))
+    write_json(report)
+    if args.output_png is not None:
+        long_context.plot(report, args.output_png)
     return 0
