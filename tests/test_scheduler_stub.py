@@ -101,9 +101,7 @@ def test_a_step_read_through_the_description() -> None:
     assert plan.input_ids.tolist() == list(range(1, 21))
     assert plan.qstart.tolist() == [0, 20]
     assert plan.page_updates.shape == (2, 3)
-    assert plan.flags.tolist() == [
-        ext.FLAG_PREFILL | ext.FLAG_NEEDS_LOGITS | ext.FLAG_RESELECT | ext.FLAG_NEW_ROW
-    ]
+    assert plan.flags.tolist() == [ext.FLAG_PREFILL | ext.FLAG_NEEDS_LOGITS | ext.FLAG_NEW_ROW]
     assert io.req_ids(counts) == [7]
     out = io.update(torch.tensor([0]), torch.tensor([5], dtype=torch.int32))
     assert out == ([7], [5], [0], [ext.FINISH_LENGTH])
@@ -159,13 +157,12 @@ def test_engine_config_hands_over_the_scheduler_options() -> None:
     config = EngineConfig(model="m")
     assert "page_size" in SCHEDULER_OPTIONS and "scheduling_policy" in SCHEDULER_OPTIONS
     assert config.scheduler_options() == {name: defaults[name] for name in SCHEDULER_OPTIONS}
-    # Every scheduler option an engine user cannot set is one the engine does not use yet.
+    # The scheduler options an engine user cannot set: the runner derives them (the streaming
+    # pool's size and table layout, `ModelRunner.scheduler_options`).
     assert set(defaults) - set(SCHEDULER_OPTIONS) == {
         "num_stream_pages",
         "stream_sink_pages",
         "stream_local_pages",
-        "logical_pages_per_page",
-        "select_interval",
     }
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         EngineConfig.from_kwargs("m", max_num_seqs=64, max_num_batched_tokens=32)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 FLAG_PREFILL: int  # bit 0: this chunk computes prompt (or recompute) tokens
 FLAG_NEEDS_LOGITS: int  # bit 1: the chunk ends at the last known token: sample one
-FLAG_RESELECT: int  # bit 2: refresh the sparse page selection for this request
+FLAG_RESELECT: int  # bit 2: refresh the sparse page selection (first decode after a prefill chunk, then every selector_interval)
 FLAG_NEW_ROW: int  # bit 3: the row was (re)assigned this step: reset per-row state
 
 FINISH_NONE: int  # 0
@@ -87,7 +87,7 @@ class SchedulerConfig:
     stream_sink_pages: int
     stream_local_pages: int
     logical_pages_per_page: int
-    select_interval: int
+    selector_interval: int
     def __init__(
         self, *, num_dense_pages: int, max_model_len: int, **options: int | float | str
     ) -> None:

@@ -191,7 +191,7 @@ scheduler_config! {
         /// Logical (selection) pages per physical page.
         logical_pages_per_page: u32 = 4,
         /// Decode steps between two page selections of a request.
-        select_interval: u32 = 4,
+        selector_interval: u32 = 4,
     }
 }
 
@@ -210,7 +210,7 @@ impl SchedulerConfig {
         at_least("max_model_len", self.max_model_len, 2)?;
         at_least("max_partial_prefills", self.max_partial_prefills, 1)?;
         at_least("logical_pages_per_page", self.logical_pages_per_page, 1)?;
-        at_least("select_interval", self.select_interval, 1)?;
+        at_least("selector_interval", self.selector_interval, 1)?;
         // Decode requests are scheduled before anything else and never split, so every running
         // request must be able to get its token in the same step.
         if self.max_num_batched_tokens < self.max_num_seqs {
@@ -314,7 +314,7 @@ mod tests {
             |c| c.watermark = 1.0,
             |c| c.watermark = -0.1,
             |c| c.watermark = f64::NAN,
-            |c| c.select_interval = 0,
+            |c| c.selector_interval = 0,
             |c| c.num_dense_pages = u32::MAX,
         ];
         for (i, breakage) in breakages.iter().enumerate() {

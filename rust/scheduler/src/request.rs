@@ -100,8 +100,9 @@ pub struct Request {
     pub stream_pages: Vec<PageId>,
     /// Dense pages promised at admission for the rest of the prefill, not yet allocated.
     pub reserved_pages: u32,
-    /// Decode steps since the sparse page selection was last refreshed.
-    pub decode_steps_since_select: u32,
+    /// Decode steps before the next sparse page selection: 0 makes the next decode step select
+    /// (so the first one after a prefill chunk does).
+    pub steps_to_select: u32,
 }
 
 impl Request {
@@ -126,7 +127,7 @@ impl Request {
             pages: Vec::new(),
             stream_pages: Vec::new(),
             reserved_pages: 0,
-            decode_steps_since_select: 0,
+            steps_to_select: 0,
         }
     }
 

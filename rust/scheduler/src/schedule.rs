@@ -429,7 +429,7 @@ impl Scheduler {
         req.num_computed = 0;
         req.preempted = true;
         req.enqueued_step = step;
-        req.decode_steps_since_select = 0;
+        req.steps_to_select = 0;
         self.io.push_preempted(req.id);
         self.waiting
             .push(QueueKey::of(req, self.cfg.scheduling_policy), slot);
@@ -589,17 +589,16 @@ impl Scheduler {
         if end == req.num_tokens() {
             flags |= FLAG_NEEDS_LOGITS;
         }
-        // Page statistics change with every prefill chunk; during decode the selection is
-        // reused for `select_interval` steps.
+        // A prefill chunk changes the page statistics, so the first decode step after it
+        // selects; later selections are reused for `selector_interval` steps.
         if pos0 < req.prefill_len {
-            flags |= FLAG_PREFILL | FLAG_RESELECT;
-            req.decode_steps_since_select = 0;
+            flags |= FLAG_PREFILL;
+            req.steps_to_select = 0;
+        } else if req.steps_to_select == 0 {
+            flags |= FLAG_RESELECT;
+            req.steps_to_select = cfg.selector_interval - 1;
         } else {
-            req.decode_steps_since_select += 1;
-            if req.decode_steps_since_select >= cfg.select_interval {
-                flags |= FLAG_RESELECT;
-                req.decode_steps_since_select = 0;
-            }
+            req.steps_to_select -= 1;
         }
         self.io
             .push_input_ids(&req.tokens[pos0 as usize..end as usize]);
@@ -610,7 +609,7 @@ impl Scheduler {
             pos0,
             num_new,
             flags,
-            n_sel_pages: end / cfg.logical_page_tokens(),
+            select_pages: (end - 1) / cfg.page_size,
         });
         req.num_computed = end;
         Ok(())

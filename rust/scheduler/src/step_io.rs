@@ -9,7 +9,8 @@ use crate::request::{FinishReason, RequestId};
 pub const FLAG_PREFILL: i32 = 1 << 0;
 /// The chunk ends at the last known token: sample one.
 pub const FLAG_NEEDS_LOGITS: i32 = 1 << 1;
-/// Refresh the sparse page selection of this request.
+/// Refresh the sparse page selection of this request: set on the first decode step after a
+/// prefill chunk, then every `selector_interval` decode steps.
 pub const FLAG_RESELECT: i32 = 1 << 2;
 /// The row was (re)assigned this step: reset per-row state.
 pub const FLAG_NEW_ROW: i32 = 1 << 3;
@@ -153,7 +154,7 @@ pub(crate) struct ScheduledReq {
     pub pos0: u32,
     pub num_new: u32,
     pub flags: i32,
-    pub n_sel_pages: u32,
+    pub select_pages: u32,
 }
 
 macro_rules! or_default {
@@ -310,8 +311,9 @@ step_buffers! {
         capacity |c| c.max_num_seqs as usize + 1;
     /// Bit set of the `FLAG_*` values.
     Flags flags: i32, Schedule, Runner, count num_reqs, capacity |c| c.max_num_seqs as usize;
-    /// Complete logical pages after this step (selectable for top-k).
-    NSelPages n_sel_pages: i32, Schedule, Runner, count num_reqs,
+    /// Dense pages before the one holding the request's last token this step: the page-table
+    /// columns a page selection chooses among (the newest page is always attended).
+    SelectPages select_pages: i32, Schedule, Runner, count num_reqs,
         capacity |c| c.max_num_seqs as usize;
     /// Token ids of every scheduled token, request after request.
     InputIds input_ids: i32, Schedule, Runner, count num_tokens,
@@ -384,7 +386,7 @@ impl StepIo {
         self.qstart
             .push(self.num_tokens() as i32 + s.num_new as i32);
         self.flags.push(s.flags);
-        self.n_sel_pages.push(s.n_sel_pages as i32);
+        self.select_pages.push(s.select_pages as i32);
     }
 
     pub(crate) fn push_input_ids(&mut self, tokens: &[i32]) {
@@ -480,7 +482,7 @@ mod tests {
                 pos0: 0,
                 num_new: n,
                 flags: 0,
-                n_sel_pages: 0,
+                select_pages: 0,
             });
         }
         assert_eq!(io.qstart(), [0, 5, 6, 9]);

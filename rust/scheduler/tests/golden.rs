@@ -9,7 +9,7 @@ use _scheduler::{
 };
 use common::{add, small_config, step, step_with, Output, Sched};
 
-const NEW_PREFILL: i32 = FLAG_NEW_ROW | FLAG_PREFILL | FLAG_RESELECT;
+const NEW_PREFILL: i32 = FLAG_NEW_ROW | FLAG_PREFILL;
 
 fn scheduler(cfg: SchedulerConfig) -> Scheduler {
     Scheduler::new(cfg).unwrap()
@@ -27,7 +27,7 @@ fn prefill_then_decode_with_lazy_pages_and_reselect() {
         pos0: 0,
         num_new: 10,
         flags: 0,
-        n_sel_pages: 5,
+        select_pages: 2,
     };
     assert_eq!(
         st.reqs,
@@ -50,23 +50,27 @@ fn prefill_then_decode_with_lazy_pages_and_reselect() {
     assert_eq!(st.counts.num_tokens, 10);
 
     // Decode: the sampled token is the input; a page only when position 12 is reached; the
-    // selection is refreshed every `select_interval` (2) decode steps.
+    // selection is made at the first decode step, then every `selector_interval` (2) steps.
     let st = step(&mut s);
     assert_eq!(
         st.reqs,
         [Sched {
             pos0: 10,
             num_new: 1,
-            flags: FLAG_NEEDS_LOGITS,
+            flags: FLAG_NEEDS_LOGITS | FLAG_RESELECT,
             ..sched
         }]
     );
     assert_eq!((st.input_ids, st.page_updates.len()), (vec![7], 0));
     let st = step(&mut s);
-    assert_eq!(st.get(1).flags, FLAG_NEEDS_LOGITS | FLAG_RESELECT);
-    assert_eq!(st.get(1).n_sel_pages, 6);
+    assert_eq!(st.get(1).flags, FLAG_NEEDS_LOGITS);
+    assert_eq!(st.get(1).select_pages, 2);
     let st = step(&mut s);
-    assert_eq!((st.get(1).pos0, st.get(1).flags), (12, FLAG_NEEDS_LOGITS));
+    assert_eq!(
+        (st.get(1).pos0, st.get(1).flags),
+        (12, FLAG_NEEDS_LOGITS | FLAG_RESELECT)
+    );
+    assert_eq!(st.get(1).select_pages, 3, "position 12 opens page 3");
     assert_eq!(st.page_updates, [[0, 3, 4]]);
     let st = step(&mut s);
     assert_eq!(
@@ -103,15 +107,12 @@ fn chunked_prefill_respects_cap_and_partial_limit() {
     let st = step(&mut s);
     assert_eq!(st.ids(), [3, 1], "decodes first, then partial prefills");
     assert_eq!((st.get(1).pos0, st.get(1).num_new), (4, 4));
-    assert_eq!(st.get(1).flags, FLAG_PREFILL | FLAG_RESELECT);
+    assert_eq!(st.get(1).flags, FLAG_PREFILL);
 
     // 1 finishes its prefill, which frees the partial slot for 2 in the same step.
     let st = step(&mut s);
     assert_eq!(st.ids(), [3, 1, 2]);
-    assert_eq!(
-        st.get(1).flags,
-        FLAG_PREFILL | FLAG_RESELECT | FLAG_NEEDS_LOGITS
-    );
+    assert_eq!(st.get(1).flags, FLAG_PREFILL | FLAG_NEEDS_LOGITS);
     assert_eq!((st.get(2).num_new, st.get(2).row), (4, 2));
 }
 

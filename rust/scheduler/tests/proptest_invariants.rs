@@ -57,7 +57,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
             (page_size, logical, num_dense_pages),
             (max_num_seqs, extra_budget, max_partial_prefills, threshold),
             (skip_limit, hol_age_steps, priority, watermark),
-            (max_model_len, select_interval, stream),
+            (max_model_len, selector_interval, stream),
         )| {
             let (num_stream_pages, stream_sink_pages, stream_local_pages) =
                 stream.unwrap_or((0, 0, 0));
@@ -79,7 +79,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                 num_stream_pages,
                 stream_sink_pages,
                 stream_local_pages,
-                select_interval,
+                selector_interval,
                 ..SchedulerConfig::new(num_dense_pages, max_model_len)
             }
         },
@@ -114,6 +114,9 @@ struct ModelReq {
     max_tokens: u32,
     min_tokens: u32,
     stops: bool,
+    /// Decode steps since the last page selection; None until the first decode after a
+    /// prefill chunk.
+    since_select: Option<u32>,
 }
 
 struct Harness {
@@ -183,6 +186,7 @@ impl Harness {
                     max_tokens,
                     min_tokens,
                     stops,
+                    since_select: None,
                 };
                 self.live.insert(id, model);
             }
@@ -229,6 +233,7 @@ impl Harness {
             let req = self.live.get_mut(id).expect("preempted a live request");
             req.prefill_len = req.tokens.len();
             req.computed = 0;
+            req.since_select = None;
         }
 
         // The runner applies page updates after resetting new rows.
@@ -277,9 +282,26 @@ impl Harness {
                 "request {id}: PREFILL"
             );
             assert_eq!(flags & FLAG_NEEDS_LOGITS != 0, end == req.tokens.len());
-            if flags & FLAG_PREFILL != 0 {
-                assert_ne!(flags & FLAG_RESELECT, 0, "prefill chunks reselect");
-            }
+            // A selection at the first decode after a prefill chunk, then every interval.
+            let reselect = if flags & FLAG_PREFILL != 0 {
+                req.since_select = None;
+                false
+            } else {
+                let due = req
+                    .since_select
+                    .is_none_or(|n| n + 1 >= cfg.selector_interval);
+                req.since_select = Some(if due {
+                    0
+                } else {
+                    req.since_select.unwrap() + 1
+                });
+                due
+            };
+            assert_eq!(
+                flags & FLAG_RESELECT != 0,
+                reselect,
+                "request {id}: RESELECT"
+            );
             let q = io.qstart()[i] as usize;
             assert_eq!(
                 io.input_ids()[q..q + num_new],
@@ -287,8 +309,8 @@ impl Harness {
                 "request {id}: input ids"
             );
             assert_eq!(
-                io.n_sel_pages()[i] as u32,
-                end as u32 / cfg.logical_page_tokens()
+                io.select_pages()[i] as u32,
+                (end as u32 - 1) / cfg.page_size
             );
             req.computed = end;
 

@@ -13,7 +13,7 @@ pub fn small_config(num_dense_pages: u32) -> SchedulerConfig {
         watermark: 0.0,
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
-        select_interval: 2,
+        selector_interval: 2,
         ..SchedulerConfig::new(num_dense_pages, 1024)
     }
 }
@@ -32,7 +32,7 @@ pub struct Sched {
     pub pos0: i32,
     pub num_new: i32,
     pub flags: i32,
-    pub n_sel_pages: i32,
+    pub select_pages: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub fn step_with(sched: &mut Scheduler, mut sample: impl FnMut(RequestId, usize)
             pos0: io.pos0()[i],
             num_new: io.num_new()[i],
             flags: io.flags()[i],
-            n_sel_pages: io.n_sel_pages()[i],
+            select_pages: io.select_pages()[i],
         })
         .collect();
     let triples = |flat: &[i32]| flat.chunks_exact(3).map(|t| [t[0], t[1], t[2]]).collect();
