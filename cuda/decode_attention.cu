@@ -58,7 +58,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const std::optional<at::Tensor>& head_base,
                             const std::optional<at::Tensor>& is_stream,
                             const std::optional<at::Tensor>& stream_table,
-                            const std::optional<at::Tensor>& stream_context_lens) {
+                            const std::optional<at::Tensor>& stream_context_lens,
+                            const std::optional<at::Tensor>& sel_columns,
+                            const std::optional<at::Tensor>& sel_count,
+                            const std::optional<at::Tensor>& sel_tail) {
   OMNI_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   const at::Device device = q.device();
   OMNI_CHECK(q.dim() == 3, "q must be [batch, q_heads, head_dim], got shape ", q.sizes());
@@ -79,21 +82,41 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   check_int32_table(page_table, "page_table", device);
   check_vector(seq_rows, "seq_rows", at::kInt, "int32", batch, device);
   check_vector(context_lens, "context_lens", at::kInt, "int32", batch, device);
-  const bool streaming = head_base.has_value();
-  OMNI_CHECK(streaming == is_stream.has_value() && streaming == stream_table.has_value() &&
-                 streaming == stream_context_lens.has_value(),
-             "pass all of head_base, is_stream, stream_table and stream_context_lens or none");
-  if (streaming) {
+  const bool streaming = is_stream.has_value();
+  OMNI_CHECK(streaming == stream_table.has_value() && streaming == stream_context_lens.has_value(),
+             "pass all of is_stream, stream_table and stream_context_lens or none");
+  const bool selected = sel_columns.has_value();
+  OMNI_CHECK(selected == sel_count.has_value() && selected == sel_tail.has_value(),
+             "pass all of sel_columns, sel_count and sel_tail or none");
+  OMNI_CHECK(head_base.has_value() || !(streaming || selected),
+             "streaming heads and page selections need head_base");
+  if (head_base.has_value()) {
     // Base rows are the caller's (not checked against `rows`: that would need their values).
     check_vector(*head_base, "head_base", at::kLong, "int64", num_kv_heads, device);
+  } else {
+    OMNI_CHECK(rows % num_kv_heads == 0, "cache rows (", rows,
+               ") must be a multiple of num_kv_heads");
+  }
+  if (streaming) {
     check_vector(*is_stream, "is_stream", at::kBool, "bool", num_kv_heads, device);
     check_int32_table(*stream_table, "stream_table", device);
     OMNI_CHECK(stream_table->size(0) == batch, "stream_table must have a row per request (",
                batch, "), got ", stream_table->size(0));
     check_vector(*stream_context_lens, "stream_context_lens", at::kInt, "int32", batch, device);
-  } else {
-    OMNI_CHECK(rows % num_kv_heads == 0, "cache rows (", rows,
-               ") must be a multiple of num_kv_heads");
+  }
+  if (selected) {
+    // A selected view has no window: its virtual positions are not the request's positions.
+    OMNI_CHECK(window == 0, "page selection and a sliding window do not combine, got window ",
+               window);
+    const at::Tensor& c = *sel_columns;
+    OMNI_CHECK(c.device() == device && c.scalar_type() == at::kInt && c.dim() == 3 &&
+                   c.size(0) >= page_table.size(0) && c.size(1) == num_kv_heads &&
+                   c.size(2) >= 1 && c.stride(2) == 1 && c.stride(1) == c.size(2),
+               "sel_columns must be int32 [rows >= ", page_table.size(0), ", ", num_kv_heads,
+               ", k >= 1] on ", device, ", contiguous but for its rows, got ", c.scalar_type(),
+               " ", c.sizes(), " with strides ", c.strides(), " on ", c.device());
+    check_vector(*sel_count, "sel_count", at::kInt, "int32", batch, device);
+    check_vector(*sel_tail, "sel_tail", at::kInt, "int32", batch, device);
   }
 
   // The three-phase kernel keeps a partition's scores in shared memory; KV4 streams its tiles.
@@ -140,12 +163,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.page_table = page_table.data_ptr<int32_t>();
   p.seq_rows = seq_rows.data_ptr<int32_t>();
   p.context_lens = context_lens.data_ptr<int32_t>();
+  if (head_base.has_value()) p.head_base = head_base->data_ptr<int64_t>();
   if (streaming) {
-    p.head_base = head_base->data_ptr<int64_t>();
     p.is_stream = is_stream->data_ptr<bool>();
     p.stream_table = stream_table->data_ptr<int32_t>();
     p.stream_table_stride = static_cast<int>(stream_table->stride(0));
     p.stream_context_lens = stream_context_lens->data_ptr<int32_t>();
+  }
+  if (selected) {
+    p.sel_columns = sel_columns->data_ptr<int32_t>();
+    p.sel_count = sel_count->data_ptr<int32_t>();
+    p.sel_tail = sel_tail->data_ptr<int32_t>();
+    p.sel_row_stride = sel_columns->stride(0);
+    p.sel_k = static_cast<int>(sel_columns->size(2));
   }
   p.out = out.data_ptr();
   p.q_stride_b = q.stride(0);

@@ -16,13 +16,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const std::optional<at::Tensor>& head_base,
                             const std::optional<at::Tensor>& is_stream,
                             const std::optional<at::Tensor>& stream_table,
-                            const std::optional<at::Tensor>& stream_context_lens);
+                            const std::optional<at::Tensor>& stream_context_lens,
+                            const std::optional<at::Tensor>& sel_columns,
+                            const std::optional<at::Tensor>& sel_count,
+                            const std::optional<at::Tensor>& sel_tail);
 }  // namespace omniserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &omniserve::decode_attention,
         "Paged decode attention over dense, KV8, KV4 or static KV8 cache rows, optionally with "
-        "streaming heads; see decode_attention.cu",
+        "streaming heads and selected pages; see decode_attention.cu",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("k_params"), pybind11::arg("v_params"), pybind11::arg("k_scale"),
         pybind11::arg("v_scale"), pybind11::arg("page_table"), pybind11::arg("seq_rows"),
@@ -32,5 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("head_base") = pybind11::none(),
         pybind11::arg("is_stream") = pybind11::none(),
         pybind11::arg("stream_table") = pybind11::none(),
-        pybind11::arg("stream_context_lens") = pybind11::none());
+        pybind11::arg("stream_context_lens") = pybind11::none(),
+        pybind11::arg("sel_columns") = pybind11::none(),
+        pybind11::arg("sel_count") = pybind11::none(),
+        pybind11::arg("sel_tail") = pybind11::none());
 }

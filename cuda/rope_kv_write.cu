@@ -23,6 +23,15 @@
 // minimum is a signed zero, which torch itself leaves to its reduction order (both signs
 // dequantize to the same bits).
 //
+// Key statistics (decode steps with page selection, formats/page_selection.py): with `stats`, each
+// key row r written for a KV head that keeps them also lands in stat row r / logical_tokens, as
+// update_key_stats folds it: (k, k) where r is its logical page's first slot, else the channel-wise
+// min and max with what the row holds, k being the key as reads of the cache return it (k_out).
+// That is a plain read-modify-write, so the launch must not write two keys to one logical page,
+// except to its first slot (the padding tokens of a step, which all write the null page's, whose
+// statistics are then undefined: nothing scores it); the caller decides when that holds (a step
+// of decodes only).
+//
 // Work split: a "row" is one head of one token, query, key or value (heads + 2·kv_heads rows per
 // token). A group of kLanes consecutive lanes owns a row; each lane holds kPerLane consecutive
 // channels of both halves, so it has both members of each rotation pair it computes and, kPerLane
@@ -79,6 +88,10 @@ struct RopeKVArgs {
   const float* v_scale;
   int64_t cache_rows;
   int num_heads, num_kv_heads;
+  // Key statistics: null without them.
+  T* stats;                  // [stat rows, 2 (min, max), head_dim]
+  const bool* stat_heads;    // [kv_heads]: the heads that keep them
+  int64_t logical_tokens;    // cache rows per stat row
 };
 
 // x as the compute dtype holds it: what a torch op writing x to a T tensor leaves.
@@ -102,6 +115,34 @@ __device__ __forceinline__ void store_floats(T* dst, const float* x) {
 #pragma unroll
   for (int i = 0; i < N; ++i) y.v[i] = Float16Traits<T>::from_float(x[i]);
   *reinterpret_cast<Vec<T, N>*>(dst) = y;
+}
+
+// Folds this lane's channels k of a key written at `cache_row` (values of T; the first kPerLane at
+// c0 of the first half, the others of the second) into its logical page's statistics.
+template <typename T, int kHeadDim, int kPerLane>
+__device__ __forceinline__ void fold_key_stats(const RopeKVArgs<T>& a, int64_t cache_row, int c0,
+                                               const float (&k)[2 * kPerLane]) {
+  constexpr int kHalf = kHeadDim / 2;
+  const bool reset = cache_row % a.logical_tokens == 0;
+  T* lo = a.stats + cache_row / a.logical_tokens * (2 * kHeadDim);
+  T* hi = lo + kHeadDim;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c = h * kHalf + c0;
+    float mn[kPerLane], mx[kPerLane];
+    if (!reset) {
+      load_floats<T, kPerLane>(lo + c, mn);
+      load_floats<T, kPerLane>(hi + c, mx);
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const float x = k[h * kPerLane + i];
+      mn[i] = reset ? x : fminf(mn[i], x);
+      mx[i] = reset ? x : fmaxf(mx[i], x);
+    }
+    store_floats<T, kPerLane>(lo + c, mn);
+    store_floats<T, kPerLane>(hi + c, mx);
+  }
 }
 
 template <typename T, int kHeadDim, KVFormat kFormat>
@@ -163,6 +204,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     CUDA_KERNEL_ASSERT(cache_row >= 0 && cache_row < a.cache_rows);
   }
   const int64_t out_offset = (t * kv_heads + head) * kHeadDim;  // in k_out / v_out
+  const bool keeps_stats = is_k && a.stats != nullptr && a.stat_heads[head];
 
   if constexpr (kFormat == KVFormat::kDense) {
     if (is_kv) {
@@ -173,6 +215,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         store_floats<T, kPerLane>(a.k_out + out_offset + c0, y);
         store_floats<T, kPerLane>(a.k_out + out_offset + kHalf + c0, y + kPerLane);
       }
+      if (keeps_stats) fold_key_stats<T, kHeadDim, kPerLane>(a, cache_row, c0, y);
     }
   } else {
     constexpr bool kPerRow = kFormat != KVFormat::kStaticKV8;
@@ -238,6 +281,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       T* out = (is_k ? a.k_out : a.v_out) + out_offset;
       store_floats<T, kPerLane>(out + c0, x_hat);
       store_floats<T, kPerLane>(out + kHalf + c0, x_hat + kPerLane);
+      if (keeps_stats) {
+#pragma unroll
+        for (int i = 0; i < 2 * kPerLane; ++i) x_hat[i] = round_to<T>(x_hat[i]);  // as k_out holds
+        fold_key_stats<T, kHeadDim, kPerLane>(a, cache_row, c0, x_hat);
+      }
     }
   }
 }
@@ -308,7 +356,10 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
                                       const std::optional<at::Tensor>& k_params,
                                       const std::optional<at::Tensor>& v_params,
                                       const std::optional<at::Tensor>& k_scale,
-                                      const std::optional<at::Tensor>& v_scale) {
+                                      const std::optional<at::Tensor>& v_scale,
+                                      const std::optional<at::Tensor>& stats,
+                                      const std::optional<at::Tensor>& stat_heads,
+                                      int64_t logical_tokens) {
   OMNI_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   OMNI_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
              "q must be float16 or bfloat16, got ", q.scalar_type());
@@ -336,6 +387,24 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
   const KVFormat format = check_kv_operands(k_cache, v_cache, k_params, v_params, k_scale,
                                             v_scale, head_dim, q.scalar_type(), q.device());
   const bool quantized = format != KVFormat::kDense;
+  OMNI_CHECK(stats.has_value() == stat_heads.has_value(),
+             "pass both stats and stat_heads or neither");
+  if (stats.has_value()) {
+    OMNI_CHECK(logical_tokens > 0, "logical_tokens must be positive, got ", logical_tokens);
+    const int64_t stat_rows = (k_cache.size(0) + logical_tokens - 1) / logical_tokens;
+    OMNI_CHECK(stats->device() == q.device() && stats->scalar_type() == q.scalar_type() &&
+                   stats->dim() == 3 && stats->size(0) >= stat_rows && stats->size(1) == 2 &&
+                   stats->size(2) == head_dim && stats->is_contiguous(),
+               "stats must be contiguous ", q.scalar_type(), " [rows >= ", stat_rows, ", 2, ",
+               head_dim, "] on ", q.device(), ", got ", stats->scalar_type(), " ", stats->sizes(),
+               " on ", stats->device());
+    OMNI_CHECK(stat_heads->device() == q.device() && stat_heads->scalar_type() == at::kBool &&
+                   stat_heads->dim() == 1 && stat_heads->size(0) == kv_heads &&
+                   stat_heads->is_contiguous(),
+               "stat_heads must be a contiguous bool vector of ", kv_heads, " entries on ",
+               q.device(), ", got ", stat_heads->scalar_type(), " ", stat_heads->sizes(), " on ",
+               stat_heads->device());
+  }
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto q_out = at::empty({tokens, heads, head_dim}, q.options());
@@ -347,7 +416,7 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
   const auto stream = at::cuda::getCurrentCUDAStream(q.get_device());
   OMNISERVE_DISPATCH_FLOAT16(q.scalar_type(), "rope_kv_write q", [&] {
     using T = scalar_t;
-    const RopeKVArgs<T> args{
+    RopeKVArgs<T> args{
         static_cast<const T*>(q.data_ptr()),
         static_cast<const T*>(k.data_ptr()),
         static_cast<const T*>(v.data_ptr()),
@@ -365,6 +434,11 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
         k_scale ? k_scale->data_ptr<float>() : nullptr,
         v_scale ? v_scale->data_ptr<float>() : nullptr,
         k_cache.size(0), static_cast<int>(heads), static_cast<int>(kv_heads)};
+    if (stats.has_value()) {
+      args.stats = static_cast<T*>(stats->data_ptr());
+      args.stat_heads = stat_heads->data_ptr<bool>();
+      args.logical_tokens = logical_tokens;
+    }
     switch (format) {
       case KVFormat::kDense:
         return launch_for_head_dim<T, KVFormat::kDense>(args, tokens, head_dim, stream);

@@ -468,7 +468,7 @@ def test_bad_streaming_inputs_are_named() -> None:
     assert heads is not None
     good = (heads.head_base, heads.is_stream, heads.table, heads.context_lens)
     bad = {
-        "pass all of head_base, is_stream, stream_table and stream_context_lens or none": (
+        "pass all of is_stream, stream_table and stream_context_lens or none": (
             *good[:3],
             None,
         ),

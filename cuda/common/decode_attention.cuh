@@ -20,6 +20,15 @@
 // kernels and the combine step, is the same code for both kinds. Layers without streaming heads
 // run instantiations compiled without them (`launch_format`).
 //
+// Page selection (LServe dynamic sparsity, python/omniserve/formats/page_selection.py): with a
+// selection, every dense head attends its request's *selected view* instead of its whole context:
+// virtual page j is page-table column columns[j] for j < count (the k columns chosen for this
+// (request, KV head), ascending), else column tail + j - count (the newest pages), over
+// count * page_size + ctx - tail * page_size positions. It is one more indirection in
+// `cache_row` and a shorter context in `head_rows`; count = tail = 0 is the dense view, read in
+// the same order. Selections run in the instantiations with streaming heads (which load each
+// head's base row), so the kernels without either keep their code.
+//
 // Quantized rows are never dequantized element by element: with k = codes,
 //   q·k̂ = s (q·k − z Σq)          Σ_t p_t v̂_t = Σ_t (p_t s_t) v_t − Σ_t p_t s_t z_t
 // Two kernels share this file's parameters, split ranges and combine step:
@@ -123,14 +132,23 @@ struct DecodeParams {
   int partition;   // tokens per split
   int num_splits;  // gridDim.x
   float scale_log2;  // softmax scale · log2(e)
-  // Streaming heads: all null without them (every head dense, head_base[h] = h * num_slots).
-  // Last, so that the fields above keep their parameter offsets: moving them made ptxas allocate
-  // the KV4 kernel at head_dim 64 differently (64 registers and a spill instead of 71).
-  const int64_t* head_base;            // [kv_heads]: row of slot 0 of each KV head
+  // Per-head base rows, given with streaming heads or a page selection; null otherwise (every
+  // head dense, head_base[h] = h * num_slots, and the instantiations without streaming heads).
+  // These fields are last, so that the fields above keep their parameter offsets: moving them
+  // made ptxas allocate the KV4 kernel at head_dim 64 differently (64 registers and a spill
+  // instead of 71).
+  const int64_t* head_base;  // [kv_heads]: row of slot 0 of each KV head
+  // Streaming heads: all null without them.
   const bool* is_stream;               // [kv_heads]
   const int32_t* stream_table;         // [B, W]: pages of request b's streaming heads
   const int32_t* stream_context_lens;  // [B]
   int stream_table_stride;
+  // Page selection of the dense heads: all null without it.
+  const int32_t* sel_columns;  // [R, kv_heads, sel_k]: selected page-table columns, ascending
+  const int32_t* sel_count;    // [B]: virtual pages taken from sel_columns (0: the dense view)
+  const int32_t* sel_tail;     // [B]: the column of the view's next virtual page
+  int64_t sel_row_stride;      // elements between two rows of sel_columns
+  int sel_k;                   // columns per (row, KV head)
 };
 
 // The first position a head with positions [0, ctx) attends under `window` (0: no window).
@@ -139,18 +157,24 @@ __device__ __forceinline__ int visible_begin(int ctx, int window) {
 }
 
 // The rows one (request, KV head) attends: positions [visible_begin(ctx, window), ctx), position t
-// at row base + pages[t / page_size] * page_size + t % page_size.
+// on virtual page j = t / page_size, at row base + pages[column(j)] * page_size + t % page_size,
+// where column(j) is columns[j] for j < count and j + shift past them (the selected view, see the
+// file comment; count = shift = 0, j itself, everywhere else).
 struct HeadRows {
   const int32_t* pages;
   uint32_t base;
   int ctx;
   int window;
+  const int32_t* columns = nullptr;
+  int count = 0;
+  int shift = 0;  // tail - count
 };
 
-// A dense head reads its request's page-table row within the window; a streaming head its
-// request's streaming-table row (indexed by the batch index, not seq_rows), all of it. Without
-// streaming heads the base is computed, not loaded: the layout is then the runner's
-// (runner/kv_cache.py), and the host keeps no head_base tensor to build or cache.
+// A dense head reads its request's page-table row within the window (its selected view, with a
+// selection); a streaming head its request's streaming-table row (indexed by the batch index,
+// not seq_rows), all of it. Without streaming heads the base is computed, not loaded: the layout
+// is then the runner's (runner/kv_cache.py), and the host keeps no head_base tensor to build or
+// cache.
 template <bool Streaming>
 __device__ __forceinline__ HeadRows head_rows(const DecodeParams& p, int b, int kv_head) {
   const auto dense = [&](uint32_t base) -> HeadRows {
@@ -161,16 +185,31 @@ __device__ __forceinline__ HeadRows head_rows(const DecodeParams& p, int b, int 
     return dense(kv_head * p.num_slots);
   } else {
     const uint32_t base = static_cast<uint32_t>(p.head_base[kv_head]);
-    if (!p.is_stream[kv_head]) return dense(base);
-    return {p.stream_table + static_cast<int64_t>(b) * p.stream_table_stride, base,
-            p.stream_context_lens[b], 0};
+    if (p.is_stream != nullptr && p.is_stream[kv_head]) {
+      return {p.stream_table + static_cast<int64_t>(b) * p.stream_table_stride, base,
+              p.stream_context_lens[b], 0};
+    }
+    HeadRows rows = dense(base);
+    if (p.sel_columns != nullptr) {  // the host allows no window beside a selection
+      const int64_t row = p.seq_rows[b];
+      rows.columns = p.sel_columns + row * p.sel_row_stride + kv_head * p.sel_k;
+      rows.count = p.sel_count[b];
+      rows.shift = p.sel_tail[b] - rows.count;
+      rows.ctx -= rows.shift * p.page_size;  // count * page_size + ctx - tail * page_size
+    }
+    return rows;
   }
 }
 
-// The cache row of position t: the one place positions become rows, for every format.
+// The cache row of position t: the one place positions become rows, for every format. The
+// unsigned comparison is the same test for j >= 0, and folds away where count is known to be 0
+// (the instantiations without streaming heads), leaving their code as it was before selections.
 __device__ __forceinline__ uint32_t cache_row(const HeadRows& rows, int page_size, int t) {
-  const uint32_t slot =
-      static_cast<uint32_t>(rows.pages[t / page_size]) * page_size + t % page_size;
+  const int j = t / page_size;
+  const int column = static_cast<unsigned>(j) < static_cast<unsigned>(rows.count)
+                         ? rows.columns[j]
+                         : j + rows.shift;
+  const uint32_t slot = static_cast<uint32_t>(rows.pages[column]) * page_size + t % page_size;
   return rows.base + slot;
 }
 
@@ -559,7 +598,8 @@ void dispatch_head_dim(const DecodeParams& p, int head_dim, int group, int batch
 // decode_attention_kv4.cuh), so that they compile in parallel. Streaming heads are a
 // compile-time switch, at twice the instantiations: a run-time one, a single uniform branch per
 // block, still made ptxas schedule the main loops differently, and layers without streaming
-// heads ran up to 2.5% slower on the H100 (KV8, batch 1, 32K context).
+// heads ran up to 2.5% slower on the H100 (KV8, batch 1, 32K context). Page selections, which
+// come with head_base, take the instantiations with streaming heads.
 template <typename T, KVFormat F>
 void launch_format(const DecodeParams& p, int head_dim, int group, int batch, int kv_heads,
                    size_t smem, cudaStream_t stream) {

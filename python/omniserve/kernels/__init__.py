@@ -27,6 +27,7 @@ EXTENSION_MODULES: tuple[str, ...] = (
     "omniserve.kernels.gemm",
     "omniserve.kernels.gemm_cutlass",
     "omniserve.kernels.rope_kv",
+    "omniserve.kernels.page_select",
 )
 """Modules that declare an `EXTENSION`; `omniserve build-kernels` builds them all."""
 

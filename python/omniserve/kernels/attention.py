@@ -5,7 +5,9 @@ is the CUDA kernel over the same cache rows, driven by the engine's int32 page t
 lengths instead of gathered row indices. `unsupported` says which layer shapes the kernel does
 not handle; kernels/dispatch.py decides, once per model, which path every layer's decodes take.
 A layer with streaming heads (LServe) passes `StreamingHeads`: its dense and streaming KV heads
-then attend in the same launch, each through its own table.
+then attend in the same launch, each through its own table. With page selection (LServe's dynamic
+sparsity, `formats/page_selection.py`) it passes `SelectedPages`: every dense head then attends
+its request's selected view.
 """
 
 from __future__ import annotations
@@ -135,6 +137,46 @@ class StreamingHeads:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class SelectedPages:
+    """The selected views the dense (non-streaming) heads attend (see `decode_attention`).
+
+    For request b and launched KV head h, the view's virtual page j is page-table column
+    `columns[seq_rows[b], h, j]` for j < count[b], else column `tail[b] + j - count[b]`, over
+    `page_selection.visible_len(context_lens[b], count[b], tail[b], page_size)` positions;
+    count = tail = 0 is the dense view (the same rows in the same order as without a selection).
+    Entries are not checked against the page table (that would need their values on the host)."""
+
+    columns: torch.Tensor
+    """int32 [R, H, k] on the device, R >= the page table's rows (indexed by seq_rows like it),
+    H the launch's KV heads: each (row, head)'s chosen columns, ascending (`top_pages`), the
+    first count[b] of which are read. Each row contiguous; rows may be strided."""
+    count: torch.Tensor
+    """int32 [B]: columns each request's view takes from `columns` (<= k); 0 for the dense view."""
+    tail: torch.Tensor
+    """int32 [B]: the column of each request's first page past them (its newest pages from
+    there on; `PageSelection.view`); 0 for the dense view."""
+
+    def __post_init__(self) -> None:
+        expected = {"columns": 3, "count": 1, "tail": 1}
+        for name, dim in expected.items():
+            t: torch.Tensor = getattr(self, name)
+            if t.dtype != torch.int32 or t.dim() != dim:
+                raise ValueError(
+                    f"SelectedPages.{name} must be a {dim}-D torch.int32 tensor, got "
+                    f"{t.dtype} {list(t.shape)}"
+                )
+            if t.device != self.columns.device:
+                raise ValueError(
+                    f"SelectedPages.{name} is on {t.device}, columns on {self.columns.device}"
+                )
+        if self.count.shape != self.tail.shape:
+            raise ValueError(
+                f"SelectedPages.count {list(self.count.shape)} and tail {list(self.tail.shape)} "
+                f"must have one entry per request each"
+            )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_rows: tuple[torch.Tensor, torch.Tensor | None],
@@ -150,6 +192,8 @@ def decode_attention(
     window: int | None = None,
     partition: int | None = None,
     streaming: StreamingHeads | None = None,
+    selected: SelectedPages | None = None,
+    head_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged cache, [B, q_heads, head_dim].
 
@@ -166,7 +210,24 @@ def decode_attention(
     W * page_size) (the streaming table's width W); a streaming head's splits past its context end
     at once. Nothing here synchronizes with the device or allocates by value: CUDA graphs capture
     it.
+
+    selected: the dense heads' selected views (`SelectedPages`); a dense head's context is then
+    its view's length, which is what max_context_len must bound (`PageSelection.max_visible`
+    does), and no window may be given. head_base (int64 [num_kv_heads]: each launched head's
+    row of slot 0, as `StreamingHeads.head_base`) gives the layout where `streaming` does not:
+    a selection needs one of the two; without either the layout is the runner's, head h at rows
+    h * (cache rows / num_kv_heads).
+
+    Per-query-head selection runs as a launch "as MHA": q [B, Hq, D] with num_kv_heads = Hq, so
+    that launched head i is query head i; head_base (or streaming's head_base and is_stream) is
+    the layer's, repeat_interleave'd by the GQA group size Hq / kv_heads, and `columns` is
+    [R, Hq, k]. Each query head then reads its own pages (and a KV page its group shares once
+    per query head).
     """
+    if head_base is not None and streaming is not None:
+        raise ValueError("pass head_base or streaming (whose head_base it is), not both")
+    if selected is not None and head_base is None and streaming is None:
+        raise ValueError("selected pages need the heads' base rows: pass head_base or streaming")
     (k, k_params), (v, v_params) = k_rows, v_rows
     kv4 = k.dtype == torch.uint8 and 2 * k.shape[-1] == q.shape[-1]
     visible = max_context_len if window is None else min(max_context_len, window)
@@ -174,10 +235,11 @@ def decode_attention(
         partition = choose_partition(q.shape[0], num_kv_heads, max(visible, 1), q.device, kv4)
     (k_params, k_scale), (v_params, v_scale) = map(row_params_or_scale, (k_params, v_params))
     heads = (
-        (None, None, None, None)
+        (head_base, None, None, None)
         if streaming is None
         else (streaming.head_base, streaming.is_stream, streaming.table, streaming.context_lens)
     )
+    views = (None,) * 3 if selected is None else (selected.columns, selected.count, selected.tail)
     return EXTENSION.load().decode_attention(
         q,
         k,
@@ -196,4 +258,5 @@ def decode_attention(
         scale,
         partition,
         *heads,
+        *views,
     )
