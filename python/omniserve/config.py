@@ -93,6 +93,23 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     (`max_num_seqs`), but never more pages than a dense cache of the same memory would have, so
     that streaming never lowers how many requests fit; the dense pool gets the rest."""
 
+    # dynamic sparsity: query-aware page selection at decode (docs/architecture.md#sparse-attention)
+    sparse_decode: bool = False
+    """Decode queries of dense heads attend only the pages whose keys may matter to them (an upper
+    bound of q.k from per-page key statistics), `token_budget` tokens per request; a request
+    whose context fits the budget attends all of it."""
+    token_budget: int = 4096
+    """Tokens a selected request's dense heads attend at decode, its newest page included;
+    rounded up to whole pages, at least two."""
+    page_selection: Literal["kv_head", "query_head"] = "kv_head"
+    """Who selects: each KV head for the query heads of its GQA group together (every page is
+    read once per group), or each query head on its own."""
+    selector_interval: int = _SCHEDULER_DEFAULTS["selector_interval"]
+    """Decode steps a selection is reused for (the first decode step after a prefill chunk
+    always selects)."""
+    logical_pages_per_page: int = _SCHEDULER_DEFAULTS["logical_pages_per_page"]
+    """Logical pages per page: the key statistics' granularity (page_size / this tokens)."""
+
     # precision (docs/architecture.md#precisions-and-formats)
     precision: str | None = None
     """`w4a8kv4`, `w4a8kv8`, `w4a8`, `w8a8kv4`, `w8a8kv8`, `w8a8`, `w16a16kv4`, `w16a16kv8` or
@@ -147,6 +164,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         for name in (*windows, "decode_local_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sparse_decode and -(-self.token_budget // self.page_size) < 2:
+            raise ConfigError(
+                f"token_budget must cover at least two pages of {self.page_size} tokens, got "
+                f"{self.token_budget}"
+            )
         if self.num_stream_kv_pages is not None and self.num_stream_kv_pages < 2:
             raise ConfigError(f"num_stream_kv_pages must be >= 2, got {self.num_stream_kv_pages}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

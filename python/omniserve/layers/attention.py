@@ -32,6 +32,12 @@ kind attends separately (its query heads with its KV heads); prefill reads a str
 earlier chunks from its table *before* the step writes, since the step's own tokens may take
 ring slots those chunks still need. `HeadLayout` says where each head's rows are.
 
+Page selection (LServe dynamic sparsity, `formats/page_selection.py`): every K write also folds
+the dense heads' keys into the layer's key statistics; a decode request whose selection is
+refreshed this step scores its pages with its query and keeps the best `k` columns per selecting
+head in the layer's persistent lists; a decode query of a dense head then attends its selected
+view (those columns and the pages from the tail on) instead of its whole context.
+
 The runner builds the per-step `AttentionMetadata` (cache slots, masks, groups) once for all
 layers; each layer turns slots into its rows with its `HeadLayout`. Cache rows are indexed
 [kv_heads, ...]: see `runner/kv_cache.py` for the layout.
@@ -47,9 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from omniserve.formats import page_selection as ps
 from omniserve.formats.kv import CacheRows
-from omniserve.kernels import rope_kv
-from omniserve.kernels.attention import StreamingHeads, decode_attention
+from omniserve.formats.page_selection import PageSelection
+from omniserve.kernels import page_select, rope_kv
+from omniserve.kernels.attention import SelectedPages, StreamingHeads, decode_attention
 from omniserve.layers.rotary import apply_rotary
 from omniserve.layers.sparse_prefill import StreamPrefill, stream_prefill_attention
 
@@ -110,6 +118,53 @@ class HeadLayout:
 
 
 @dataclass(frozen=True, slots=True)
+class SelectHeads:
+    """The heads of one layer that select pages, and the query heads each scores with."""
+
+    index: torch.Tensor
+    """long [S]: each one's place in the layer's selected lists (a KV head, or a query head)."""
+    kv: torch.Tensor
+    """long [S]: the KV head whose pages it selects."""
+    q0: torch.Tensor
+    """long [S]: its first query head; it scores with `group` consecutive ones."""
+    group: int
+
+    @classmethod
+    def of(cls, heads: HeadLayout, group: int, per_query_head: bool) -> SelectHeads:
+        """The dense heads: each KV head for its GQA group, or each query head alone."""
+        if per_query_head:
+            return cls(heads.dense_q, heads.dense_q // group, heads.dense_q, 1)
+        return cls(heads.dense_kv, heads.dense_kv, heads.dense_kv * group, group)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSelection:
+    """The selected views of a set of decode requests (`formats/page_selection.py`), in the
+    order of the `DecodeBatch` or `DecodeGroup` that holds it."""
+
+    rows: torch.Tensor
+    """long [g]: each request's page-table row (and row of the selected lists)."""
+    count: torch.Tensor
+    """int32 [g]: selected columns in its view (0: dense)."""
+    tail: torch.Tensor
+    """int32 [g]: the first column it sees from there on (0: dense)."""
+    lens: torch.Tensor
+    """int32 [g]: positions each one attends in its view (`page_selection.visible_len`)."""
+    visible: int
+    """The most positions one of them attends (sizes the torch path's gather)."""
+    page_table: torch.Tensor
+    """int32 [max_num_seqs, max_pages]: the cache's persistent page table."""
+    refresh: torch.Tensor | None = None
+    """bool [g]: the requests that select this step (before attending); None when none do."""
+    write_rows: torch.Tensor | None = None
+    """long [g]: where each request's new selection goes: its row where it refreshes, else the
+    selected lists' scratch row; set with `refresh`."""
+    columns: int = 0
+    """Page-table columns scored per request (>= every refreshing request's tail); set with
+    `refresh`."""
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillChunk:
     """Queries [start, end) of the step's tokens, all of one request."""
 
@@ -131,15 +186,18 @@ class DecodeGroup:
 
     token_idx: torch.Tensor
     """long [g]: index of each request's token in the step."""
-    slots: torch.Tensor
-    """long [g, L]: dense-pool slots of each request's visible keys, padded with a valid slot."""
-    mask: torch.Tensor
-    """bool [g, L]: False on padding."""
+    slots: torch.Tensor | None
+    """long [g, L]: dense-pool slots of each request's visible keys, padded with a valid slot;
+    None with page selection (`selection` says what the dense heads see)."""
+    mask: torch.Tensor | None
+    """bool [g, L]: False on padding; None with page selection."""
     stream_slots: torch.Tensor | None = None
     """long [g, Ls]: streaming-pool slots of what each request's streaming heads see, padded;
     None without streaming heads."""
     stream_mask: torch.Tensor | None = None
     """bool [g, Ls]: False on padding."""
+    selection: DecodeSelection | None = None
+    """The dense heads' selected views, with page selection on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +226,8 @@ class DecodeBatch:
     (`StreamTable.visible_pages` through its table); None without streaming heads."""
     stream_context_lens: torch.Tensor | None = None
     """int32 [g]: tokens on those pages (the last page ends at the request's new token)."""
+    selection: DecodeSelection | None = None
+    """The dense heads' selected views, with page selection on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,10 +280,31 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
+        self._group = num_heads // num_kv_heads
         self.sliding_window = sliding_window
         self.k_cache: CacheRows
         self.v_cache: CacheRows
         self.heads: HeadLayout
+        self.selection: PageSelection | None = None
+        self.key_stats: torch.Tensor
+        self.selected: torch.Tensor
+        self.select_heads: SelectHeads
+        self._per_query_heads: tuple[int, torch.Tensor, torch.Tensor | None]
+        """(heads, base rows, streaming) of a per-query-head decode launch."""
+
+    def bind_selection(
+        self, selection: PageSelection, key_stats: torch.Tensor, selected: torch.Tensor
+    ) -> None:
+        """Turn on page selection with the layer's key statistics and selected lists
+        (`runner/kv_cache.py` binds them, after `heads`)."""
+        self.selection, self.key_stats, self.selected = selection, key_stats, selected
+        self.select_heads = SelectHeads.of(self.heads, self._group, selection.per_query_head)
+        stream = self.heads.stream
+        self._per_query_heads = (
+            self.num_heads,
+            self.heads.base.repeat_interleave(self._group),
+            None if stream is None else stream.repeat_interleave(self._group),
+        )
 
     def rotate_and_attend(
         self,
@@ -268,16 +349,86 @@ class PagedAttention(nn.Module):
             rows = meta.write_rows(self.heads)
             k = self.k_cache.store(rows, k.transpose(0, 1)).transpose(0, 1)
             v = self.v_cache.store(rows, v.transpose(0, 1)).transpose(0, 1)
+        if self.selection is not None:
+            self._fold_key_stats(meta, k)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)
         for i, chunk in enumerate(batches.prefills):
             past = None if stream_past is None else stream_past[i]
             out[chunk.start : chunk.end] = self._prefill(q, k, v, chunk, past)
         for group in batches.decodes:
+            if group.selection is not None:
+                self._select(q[group.token_idx], group.selection, None)
             out[group.token_idx] = self._decode(q, group)
-        if meta.decode_batch is not None:
-            out[meta.decode_batch.token_idx] = self._decode_kernel(q, meta.decode_batch)
+        if (batch := meta.decode_batch) is not None:
+            if batch.selection is not None:
+                self._select(q[batch.token_idx], batch.selection, batch.seq_rows)
+            out[batch.token_idx] = self._decode_kernel(q, batch)
         return out
+
+    def _fold_key_stats(self, meta: AttentionMetadata, k: torch.Tensor) -> None:
+        """Fold the step's keys k [T, kv_heads, head_dim] (as the cache holds them) into the
+        dense heads' statistics."""
+        assert self.selection is not None
+        dense = self.heads.dense_kv
+        rows = meta.write_rows(self.heads)[dense]
+        keys = k[:, dense].transpose(0, 1)
+        ps.update_key_stats(self.key_stats, rows, keys, self.selection.logical_tokens)
+
+    def _select(self, q: torch.Tensor, sel: DecodeSelection, seq_rows: torch.Tensor | None) -> None:
+        """Refresh the selected lists of the requests that select this step, from their queries
+        q [g, heads, head_dim]; `seq_rows` (int32 [g], the kernel batch's) runs the scoring
+        kernel, None the torch reference."""
+        if sel.refresh is None:
+            return
+        assert self.selection is not None and sel.write_rows is not None
+        heads, sh, size = self.heads, self.select_heads, self.selection.page_size
+        if seq_rows is not None:
+            scores = torch.empty(
+                q.shape[0], sh.index.shape[0], sel.columns, dtype=torch.float32, device=q.device
+            )
+            page_select.page_scores(
+                q,
+                self.key_stats,
+                heads.base,
+                sh.kv,
+                sh.q0,
+                sel.page_table,
+                seq_rows,
+                sel.tail,
+                scores,
+                group=sh.group,
+                page_size=size,
+                logical_tokens=self.selection.logical_tokens,
+            )
+        else:
+            pages = sel.page_table[sel.rows, : sel.columns].long()
+            stat_rows = ps.page_stat_rows(
+                heads.base[sh.kv], pages, size, self.selection.logical_tokens
+            ).permute(0, 2, 1)
+            q_heads = sh.q0[:, None] + torch.arange(sh.group, device=q.device)
+            scores = ps.page_scores(
+                q[:, q_heads], self.key_stats, stat_rows, sel.tail, self.selection.logical_per_page
+            )
+        top = ps.top_pages(scores, self.selection.k)
+        self.selected[sel.write_rows[:, None], sh.index] = top
+
+    def _selected_rows(self, sel: DecodeSelection) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows [selecting heads, g, W] of the selected views and their validity [g, W]
+        (W = `sel.visible`), for the torch path."""
+        assert self.selection is not None
+        sh, size, width = self.select_heads, self.selection.page_size, sel.visible
+        lists = self.selected[sel.rows][:, sh.index]
+        columns = ps.selected_columns(lists, sel.count, sel.tail, -(-width // size))
+        u = torch.arange(width, device=columns.device)
+        # Past a request's view the columns run on; clamped, they stay addressable and masked.
+        column = columns[..., u // size].clamp_max(sel.page_table.shape[1] - 1)
+        pages = sel.page_table[sel.rows[:, None, None], column].long()
+        # Head-major and contiguous, as the dense path's rows: the gathered K/V batches then have
+        # the same layout, so their matmuls round the same way (a dense view is bit-equal).
+        slots = (pages * size + u % size).transpose(0, 1).contiguous()
+        rows = self.heads.base[sh.kv].view(-1, 1, 1) + slots
+        return rows, u < sel.lens[:, None]
 
     def _stream_past(
         self, meta: AttentionMetadata
@@ -297,12 +448,19 @@ class PagedAttention(nn.Module):
         return past
 
     def _decode_kernel(self, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
-        streaming = None
-        if self.heads.stream is not None:
+        num_kv, base, is_stream = self.num_kv_heads, self.heads.base, self.heads.stream
+        if batch.selection is not None and self.select_heads.group == 1 < self._group:
+            # Per query head: launched "as MHA", each query head a KV head of its own.
+            num_kv, base, is_stream = self._per_query_heads
+        streaming = selected = head_base = None
+        if is_stream is not None:
             assert batch.stream_table is not None and batch.stream_context_lens is not None
             streaming = StreamingHeads(
-                self.heads.base, self.heads.stream, batch.stream_table, batch.stream_context_lens
+                base, is_stream, batch.stream_table, batch.stream_context_lens
             )
+        if (sel := batch.selection) is not None:
+            selected = SelectedPages(self.selected, sel.count, sel.tail)
+            head_base = base if streaming is None else None
         return decode_attention(
             q[batch.token_idx],
             self.k_cache.kernel_operands(),
@@ -311,11 +469,13 @@ class PagedAttention(nn.Module):
             batch.seq_rows,
             batch.context_lens,
             page_size=batch.page_size,
-            num_kv_heads=self.num_kv_heads,
+            num_kv_heads=num_kv,
             max_context_len=batch.max_context_len,
             scale=self.scale,
             window=self.sliding_window,
             streaming=streaming,
+            selected=selected,
+            head_base=head_base,
         )
 
     def _prefill(
@@ -381,13 +541,20 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
         heads = self.heads
-        if heads.stream is None:
+        if heads.stream is None and group.selection is None:
+            assert group.slots is not None and group.mask is not None
             return self._decode_heads(q[group.token_idx], heads.rows(group.slots, None), group.mask)
         qg = q[group.token_idx]
         out = torch.empty_like(qg)
         if heads.dense_kv.numel():
-            rows = heads.dense_rows(group.slots)
-            out[:, heads.dense_q] = self._decode_heads(qg[:, heads.dense_q], rows, group.mask)
+            if group.selection is None:
+                assert group.slots is not None and group.mask is not None
+                rows, mask = heads.dense_rows(group.slots), group.mask
+            else:
+                rows, mask = self._selected_rows(group.selection)
+            out[:, heads.dense_q] = self._decode_heads(qg[:, heads.dense_q], rows, mask)
+        if heads.stream is None:
+            return out
         assert group.stream_slots is not None and group.stream_mask is not None
         rows = heads.stream_rows(group.stream_slots)
         out[:, heads.stream_q] = self._decode_heads(qg[:, heads.stream_q], rows, group.stream_mask)

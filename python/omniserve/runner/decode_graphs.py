@@ -12,7 +12,11 @@ their other inputs keep whatever valid values the buffers last held (any token i
 page-table row is safe to read). The attention kernel's launch is sized for `max_context_len`
 (the engine's max_model_len) at capture, so one graph serves every context length. With
 streaming heads the graphs also read each token's ring slot and the streaming pages each request
-sees (`DecodeBatch.stream_table`, full table width), copied in the same way.
+sees (`DecodeBatch.stream_table`, full table width), copied in the same way. With page selection
+each size has two graphs, with and without the layers' selection (a step where no request
+selects replays the second); both read the requests' views (count, tail) and the first also who
+selects and where that goes, padding rows writing their selection to the scratch row. The launch
+is then sized for what a view can hold (`PageSelection.max_visible`), not max_model_len.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omniserve.layers.attention import AttentionBatches, AttentionMetadata, DecodeBatch
+from omniserve.formats.page_selection import PageSelection
+from omniserve.layers.attention import (
+    AttentionBatches,
+    AttentionMetadata,
+    DecodeBatch,
+    DecodeSelection,
+)
 from omniserve.runner.kv_cache import KVCache
 from omniserve.runner.step_inputs import StepInputs
 
@@ -43,8 +53,11 @@ class DecodeGraphs:
         windows: frozenset[int | None],
         max_batch: int,
         max_context_len: int,
+        selection: PageSelection | None = None,
     ) -> None:
+        """`max_context_len`: the most positions a decode query attends."""
         device = kv_cache.page_table.device
+        self._page_table = kv_cache.page_table
         self.sizes = capture_sizes(max_batch)
         self._input_ids = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -60,14 +73,27 @@ class DecodeGraphs:
         self._stream_write_slots = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._stream_table = torch.zeros(max_batch, width, dtype=torch.int32, device=device)
         self._stream_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        # Page selection: each request's view, and who selects this step and where to.
+        self._selection = selection
+        self._select_count = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._select_tail = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._select_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self._refresh = torch.zeros(max_batch, dtype=torch.bool, device=device)
+        self._select_rows = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._scratch_row = kv_cache.page_table.shape[0]  # the selected lists' last row
+        self._write_rows = torch.full((max_batch,), self._scratch_row, device=device)
+        self._columns = kv_cache.page_table.shape[1]
         # Every tensor a graph reads must outlive it: a graph replays raw addresses, and memory
         # freed behind it would be handed to other tensors. So the buffers are attributes, and
         # each graph keeps the metadata it was captured with.
         self._token_idx = torch.arange(max_batch, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
+        self._graphs: dict[
+            tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]
+        ] = {}
         pool = torch.cuda.graph_pool_handle()
         # Largest first: the smaller graphs' activations fit in the memory the largest one pooled.
-        for size in reversed(self.sizes):
+        variants = (False,) if selection is None else (True, False)
+        for size, selects in ((s, v) for s in reversed(self.sizes) for v in variants):
             decode = DecodeBatch(
                 token_idx=self._token_idx[:size],
                 seq_rows=self._seq_rows[:size],
@@ -77,6 +103,7 @@ class DecodeGraphs:
                 page_size=kv_cache.page_size,
                 stream_table=self._stream_table[:size] if self._streaming else None,
                 stream_context_lens=self._stream_lens[:size] if self._streaming else None,
+                selection=None if selection is None else self._decode_selection(size, selects),
             )
             meta = AttentionMetadata(
                 self._write_index[:, :size],
@@ -91,8 +118,21 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = model(*args)
-            self._graphs[size] = (graph, hidden, meta)
+            self._graphs[size, selects] = (graph, hidden, meta)
         self.max_batch = max_batch
+
+    def _decode_selection(self, size: int, selects: bool) -> DecodeSelection:
+        return DecodeSelection(
+            rows=self._select_rows[:size],
+            count=self._select_count[:size],
+            tail=self._select_tail[:size],
+            lens=self._select_lens[:size],
+            visible=0,  # the torch path's gather size: unused by the kernel
+            page_table=self._page_table,
+            refresh=self._refresh[:size] if selects else None,
+            write_rows=self._write_rows[:size] if selects else None,
+            columns=self._columns,
+        )
 
     def fits(self, step: StepInputs) -> bool:
         """Whether `step` is decode-only, on the decode kernel, and no larger than the graphs."""
@@ -122,6 +162,19 @@ class DecodeGraphs:
             self._stream_write_slots[n:size].zero_()
             self._stream_table.index_copy_(0, batch.token_idx, batch.stream_table)
             self._stream_lens.index_copy_(0, batch.token_idx, batch.stream_context_lens)
-        graph, hidden, _ = self._graphs[size]
+        selects = False
+        if (sel := batch.selection) is not None:
+            self._select_rows.index_copy_(0, batch.token_idx, sel.rows)
+            self._select_count.index_copy_(0, batch.token_idx, sel.count)
+            self._select_tail.index_copy_(0, batch.token_idx, sel.tail)
+            self._select_lens.index_copy_(0, batch.token_idx, sel.lens)
+            selects = sel.refresh is not None
+            if selects:
+                assert sel.refresh is not None and sel.write_rows is not None
+                self._refresh[n:size].zero_()
+                self._refresh.index_copy_(0, batch.token_idx, sel.refresh)
+                self._write_rows[n:size].fill_(self._scratch_row)
+                self._write_rows.index_copy_(0, batch.token_idx, sel.write_rows)
+        graph, hidden, _ = self._graphs[size, selects]
         graph.replay()
         return hidden[:n]

@@ -25,6 +25,12 @@ with the paged decode kernel (`kernels/attention.py`).
 Per-tensor static KV8 (`kv_granularity` "per_tensor") stores int8 codes only: each layer's K and V
 have one fixed scale (`static_scales`, from the checkpoint), so rows carry no parameters; the
 kernels take that scale in place of per-row parameters.
+
+With page selection at decode (LServe's dynamic sparsity, `formats/page_selection.py`) the cache
+also keeps each layer's key statistics, one stat row per `logical_tokens` cache rows (min and max
+per channel, in the compute dtype), and the selected page-table columns of every row's requests
+per layer and selecting head: [layers, max_num_seqs + 1 (scratch), heads, k] int32, persistent
+so that a selection serves the steps after it and CUDA graphs read it in place.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from omniserve.formats.kv import (
     quantize_kv,
     quantize_kv_static,
 )
+from omniserve.formats.page_selection import PageSelection
 from omniserve.formats.streaming import StreamTable
 from omniserve.layers.attention import HeadLayout, PagedAttention
 
@@ -62,6 +69,8 @@ class KVCacheSpec:
     """PER_TOKEN_HEAD, or PER_TENSOR (static KV8: kv_bits 8, scales given to the KVCache)."""
     stream_heads: tuple[tuple[int, ...], ...] = ()
     """Per layer, its streaming KV heads (sorted); () when no layer has any."""
+    stat_tokens: int | None = None
+    """Tokens per logical page where key statistics are kept (page selection), else None."""
 
     def __post_init__(self) -> None:
         if self.kv_granularity == PER_TENSOR and self.kv_bits != 8:
@@ -94,10 +103,14 @@ class KVCacheSpec:
 
     @property
     def bytes_per_page(self) -> int:
-        """K and V of one dense page across all layers (their dense heads)."""
+        """K and V of one dense page across all layers (their dense heads), and its key
+        statistics where they are kept."""
         stream = sum(map(len, self.stream_heads))
         dense = self.num_layers * self.num_kv_heads - stream
-        return 2 * self.page_size * dense * self.bytes_per_row
+        stats = 0
+        if self.stat_tokens is not None:
+            stats = self.page_size // self.stat_tokens * 2 * self.head_dim * self.dtype.itemsize
+        return self.page_size * dense * (2 * self.bytes_per_row) + dense * stats
 
     @property
     def bytes_per_stream_page(self) -> int:
@@ -179,10 +192,12 @@ class KVCache:
         device: torch.device,
         static_scales: torch.Tensor | None = None,
         stream: StreamPool | None = None,
+        selection: tuple[PageSelection, int] | None = None,
     ) -> None:
         """`static_scales`: fp32 [num_layers, 2 (K, V)], required exactly when the spec is
         per-tensor; `stream`: the streaming pool, required exactly when the spec has streaming
-        heads."""
+        heads; `selection`: page selection and the number of heads that select (KV or query
+        heads), required exactly when the spec keeps key statistics."""
         if (static_scales is not None) != (spec.kv_granularity == PER_TENSOR):
             raise ValueError("static_scales must be given exactly for a per-tensor KV cache")
         if static_scales is not None and tuple(static_scales.shape) != (spec.num_layers, 2):
@@ -191,6 +206,10 @@ class KVCache:
             )
         if (stream is not None) != spec.streaming:
             raise ValueError("a streaming pool must be given exactly when some heads stream")
+        if (selection is not None) != (spec.stat_tokens is not None):
+            raise ValueError("page selection must be given exactly when key statistics are kept")
+        if selection is not None and selection[0].logical_tokens != spec.stat_tokens:
+            raise ValueError("page selection and key statistics disagree on logical pages")
         self.spec = spec
         self.static_scales = (
             None if static_scales is None else static_scales.to(device, torch.float32)
@@ -232,11 +251,41 @@ class KVCache:
             device=device,
         )
         """int32 [max_num_seqs, table width]: each row's streaming table."""
+        self.selection = None if selection is None else selection[0]
+        self.key_stats: torch.Tensor | None = None
+        """[stat rows, 2 (min, max), head_dim] of every layer (`layer_key_stats`)."""
+        self.selected: torch.Tensor | None = None
+        """int32 [layers, max_num_seqs + 1, selecting heads, k]: each row's selected columns;
+        row max_num_seqs is scratch."""
+        if selection is not None:
+            page_select, select_heads = selection
+            assert spec.stat_tokens is not None
+            stat_rows = sum(rows // spec.stat_tokens + 1 for rows in self._layer_rows)
+            self.key_stats = torch.zeros(
+                stat_rows, 2, spec.head_dim, dtype=spec.dtype, device=device
+            )
+            self.selected = torch.zeros(
+                spec.num_layers,
+                max_num_seqs + 1,
+                select_heads,
+                page_select.k,
+                dtype=torch.int32,
+                device=device,
+            )
         self._device = device
 
     @property
     def nbytes(self) -> int:
-        return self.storage.nbytes + (0 if self.params is None else self.params.nbytes)
+        extra = (t.nbytes for t in (self.params, self.key_stats, self.selected) if t is not None)
+        return self.storage.nbytes + sum(extra)
+
+    def layer_key_stats(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s key statistics, [rows // stat_tokens + 1, 2, head_dim] (a view; the
+        last row is scratch)."""
+        assert self.key_stats is not None and self.spec.stat_tokens is not None
+        sizes = [rows // self.spec.stat_tokens + 1 for rows in self._layer_rows]
+        start = sum(sizes[:layer])
+        return self.key_stats[start : start + sizes[layer]]
 
     def layer_storage(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s K and V rows, [2, rows, ...] (a view)."""
@@ -252,6 +301,9 @@ class KVCache:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self._rows(i, 0), self._rows(i, 1)
             layer.heads = self._head_layout(i, layer.num_heads // layer.num_kv_heads)
+            if self.selection is not None:
+                assert self.selected is not None
+                layer.bind_selection(self.selection, self.layer_key_stats(i), self.selected[i])
 
     def _head_layout(self, layer: int, group: int) -> HeadLayout:
         stream = self.spec.stream_heads[layer] if self.spec.stream_heads else ()

@@ -14,6 +14,7 @@ import transformers
 from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
 from omniserve.errors import ConfigError
 from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD
+from omniserve.formats.page_selection import PageSelection
 from omniserve.formats.precision import Precision
 from omniserve.kernels import dispatch
 from omniserve.layers.quantized_linear import QuantizedLinear
@@ -23,6 +24,7 @@ from omniserve.models.loader import load_hf_config, load_model, resolve_precisio
 from omniserve.runner.decode_graphs import DecodeGraphs
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StreamPool
 from omniserve.runner.memory import cuda_memory_for_kv_cache
+from omniserve.runner.selection import selection_from_config
 from omniserve.runner.step_inputs import StepInputBuilder, StepInputs, StreamInputs
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
 from omniserve.runner.streaming import StreamingSetup
@@ -78,9 +80,9 @@ class ModelRunner:
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
         shape = kernel_shape(self.hf_config, self.precision)
-        self.streaming = StreamingSetup.from_config(
-            config, shape.num_kv_heads, layer_windows(self.hf_config, self.max_model_len)
-        )
+        windows = layer_windows(self.hf_config, self.max_model_len)
+        self.streaming = StreamingSetup.from_config(config, shape.num_kv_heads, windows)
+        self.selection = selection_from_config(config, windows, self.max_model_len)
         self.kernels = dispatch.decide(
             device=self.device,
             dtype=self.dtype,
@@ -116,6 +118,7 @@ class ModelRunner:
             # A per-tensor KV8 checkpoint (static scales) selects static KV8.
             kv_granularity=PER_TOKEN_HEAD if self._kv_scales is None else PER_TENSOR,
             stream_heads=() if self.streaming is None else self.streaming.stream_heads,
+            stat_tokens=None if self.selection is None else self.selection.logical_tokens,
         )
         self._max_pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         # Most tokens one decode group gathers from the cache (its padded [g, L] block): a few
@@ -140,7 +143,8 @@ class ModelRunner:
                     self.kv_cache,
                     self._inputs.windows,
                     config.max_num_seqs,
-                    self.max_model_len,
+                    self._graph_context_len(),
+                    self.selection,
                 )
 
     def bind_row(
@@ -184,6 +188,17 @@ class ModelRunner:
         if self._graphs is not None and inputs is self._inputs and self._graphs.fits(step):
             return step, self._graphs.run(step)
         return step, self.model(step.input_ids, step.positions, step.attn)
+
+    def _graph_context_len(self) -> int:
+        """The most positions a decode query attends, which sizes the graphs' attention launch:
+        with page selection its view's bound (and the streaming heads' table), else
+        max_model_len."""
+        if self.selection is None:
+            return self.max_model_len
+        bound = self.selection.max_visible(self.max_model_len)
+        if self.streaming is not None:
+            bound = max(bound, self._stream_table_pages() * self.config.page_size)
+        return bound
 
     def _uses_graphs(self, inputs: StepInputBuilder) -> bool:
         """Decode-only steps replay CUDA graphs where they run on the decode kernel (a CUDA
@@ -250,6 +265,7 @@ class ModelRunner:
             self.device,
             self._kv_scales,
             None if setup is None else StreamPool(num_stream_pages, setup.table),
+            self._selection_lists(),
         )
         cache.bind(self.model.attention_layers)
         stream = None
@@ -269,8 +285,19 @@ class ModelRunner:
             self.device,
             decode_kernel=self.kernels.decode_attention.kernel,
             stream=stream,
+            selection=self.selection,
         )
         return cache, inputs
+
+    def _selection_lists(self) -> tuple[PageSelection, int] | None:
+        """Page selection and how many heads keep a selected list (KV or query heads)."""
+        if self.selection is None:
+            return None
+        layer = self.model.attention_layers[0]
+        return (
+            self.selection,
+            layer.num_heads if self.selection.per_query_head else layer.num_kv_heads,
+        )
 
     def _count_kv_pages(self) -> tuple[int, int]:
         """(dense pages, streaming pages), both including their null page."""

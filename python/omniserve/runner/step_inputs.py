@@ -11,6 +11,12 @@ ring slot (null when a later token of the step takes it), what each prefill chun
 heads read of earlier chunks and their Λ mask (`layers/sparse_prefill.py`), and the pages each
 decode request's streaming heads see (`StreamTable.visible_pages`). A query takes the prefill
 window while it is inside its request's prompt and the decode window after it.
+
+With page selection (`formats/page_selection.py`) the builder keeps each row's current view
+(selected count and tail) on the host: a prefill chunk makes it dense, a decode step flagged
+FLAG_RESELECT replaces it by the view of its `select_pages` columns (and selects on the device,
+in each layer, where that view is sparse); other steps reuse it. Decodes are then ordered and
+grouped by the positions their views hold.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from typing import Literal
 
 import torch
 
+from omniserve.formats.page_selection import PageSelection, visible_len
 from omniserve.formats.streaming import StreamTable
 from omniserve.layers.attention import (
     AttentionBatches,
     AttentionMetadata,
     DecodeBatch,
     DecodeGroup,
+    DecodeSelection,
     PrefillChunk,
 )
 from omniserve.layers.sparse_prefill import (
@@ -35,7 +43,7 @@ from omniserve.layers.sparse_prefill import (
     dense_mask,
 )
 from omniserve.runner.kv_cache import KVCache
-from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
+from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, FLAG_PREFILL, FLAG_RESELECT, StepPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +83,19 @@ class StepInputBuilder:
         device: torch.device,
         decode_kernel: bool = False,
         stream: StreamInputs | None = None,
+        selection: PageSelection | None = None,
     ) -> None:
         """`windows`: the sliding windows of the model's layers (None: full attention);
         `gather_budget`: most tokens one decode group gathers (its padded [g, L] size);
         `decode_kernel`: describe decodes as one `DecodeBatch` for the CUDA kernel (page table and
         lengths) instead of gathered decode groups; `stream`: the model's streaming heads, if
-        any."""
+        any; `selection`: page selection at decode, if on."""
         self.kv_cache = kv_cache
+        self.selection = selection
+        self.max_num_seqs = max_num_seqs
+        # Each row's current view (formats/page_selection.py), dense until its first selection.
+        self._select_count = torch.zeros(max_num_seqs, dtype=torch.int32)
+        self._select_tail = torch.zeros(max_num_seqs, dtype=torch.int32)
         self.decode_kernel = decode_kernel
         self.stream = stream
         self.windows = windows
@@ -89,11 +103,12 @@ class StepInputBuilder:
         self.device = device
         # Layout: input_ids [T], rows, pos0, num_new [n each], qstart [n+1], decode order [<= n],
         # sampled requests [<= n], page updates [3 per page at most], streaming table updates
-        # [3 per streaming page at most].
+        # [3 per streaming page at most], prompt lengths [n], selected views (count, tail, visible
+        # positions, refresh, write row) [5 per decode].
         num_stream_pages = 0 if kv_cache.stream is None else kv_cache.stream.num_pages
         capacity = (
             max_num_batched_tokens
-            + 6 * max_num_seqs
+            + 12 * max_num_seqs
             + 1
             + 3 * (kv_cache.num_pages + num_stream_pages)
         )
@@ -108,8 +123,10 @@ class StepInputBuilder:
         n, num_tokens = plan.num_reqs, plan.num_tokens
         ctx = plan.pos0 + plan.num_new
         decode = (plan.num_new == 1).nonzero().squeeze(1)
-        # Longest context first, so that each decode group pads its requests to similar lengths.
-        order = decode[torch.argsort(ctx[decode], descending=True, stable=True)]
+        select = None if self.selection is None else self._select_views(plan, ctx)
+        attended = ctx if select is None else select[2]
+        # Most positions first, so that each decode group pads its requests to similar lengths.
+        order = decode[torch.argsort(attended[decode], descending=True, stable=True)]
         sampled_idx = ((plan.flags & FLAG_NEEDS_LOGITS) != 0).nonzero().squeeze(1)
         prompt_lens = None if self.stream is None else self.stream.prompt_lens[plan.rows.long()]
 
@@ -124,6 +141,7 @@ class StepInputBuilder:
             plan.page_updates.flatten(),
             plan.stream_updates.flatten(),
             *([] if prompt_lens is None else [prompt_lens]),
+            *([] if select is None else [v[order] for v in select]),
         ]
         sizes = [p.numel() for p in parts]
         total = sum(sizes)
@@ -168,7 +186,11 @@ class StepInputBuilder:
                 [0] * len(prefill) if prompt_lens is None else prompt_lens[prefill].tolist(),
             )
         )
-        decode_ctx = ctx[order].tolist()
+        # Per decode, the positions its dense heads attend (its view's, with page selection).
+        decode_ctx = attended[order].tolist()
+        select_order = None
+        if select is not None:
+            select_order = ([v[order] for v in select], list(views[-5:]))
         decode_batch = None
         if self.decode_kernel and decode_ctx:
             # int32 views straight from the step buffer: the kernel reads them as they are.
@@ -177,22 +199,30 @@ class StepInputBuilder:
                 stream_table, stream_lens = self._stream_decode(
                     rows[order_d], pos0[order_d], *stream_pages[:2]
                 )
+            selection, max_len = None, decode_ctx[0]  # most first
+            if select_order is not None:
+                selection = self._decode_selection(*select_order, rows[order_d], 0, len(order))
+                if stream_pages is not None:  # streaming heads may see more than dense ones
+                    max_len = max(max_len, stream_pages[2] * self.kv_cache.page_size)
             decode_batch = DecodeBatch(
                 token_idx=qstart[order_d],
                 seq_rows=views[1][order_d],
                 context_lens=views[2][order_d] + 1,
-                max_context_len=decode_ctx[0],  # longest first
+                max_context_len=max_len,
                 page_table=self.kv_cache.page_table,
                 page_size=self.kv_cache.page_size,
                 stream_table=stream_table,
                 stream_context_lens=stream_lens,
+                selection=selection,
             )
         by_window = {
             w: AttentionBatches(
                 self._prefills(prefill_reqs, rows, w),
                 []
                 if self.decode_kernel
-                else self._decode_groups(decode_ctx, order_d, rows, pos0, qstart, w, stream_pages),
+                else self._decode_groups(
+                    decode_ctx, order_d, rows, pos0, qstart, w, stream_pages, select_order
+                ),
             )
             for w in self.windows
         }
@@ -205,6 +235,53 @@ class StepInputBuilder:
             ),
             sampled_idx=sampled_idx,
             logits_idx=qstart[1:][sampled_d] - 1,
+        )
+
+    def _select_views(self, plan: StepPlan, ctx: torch.Tensor) -> list[torch.Tensor]:
+        """Per request of the plan (int32 CPU [n] each): its view's selected count and tail, the
+        positions it attends, whether it selects this step, and where its selection goes (its
+        row, else the selected lists' scratch row). Updates the rows' views."""
+        assert self.selection is not None
+        rows = plan.rows.long()
+        prefill = (plan.flags & FLAG_PREFILL) != 0
+        reselect = (plan.flags & FLAG_RESELECT) != 0
+        fresh_count, fresh_tail = self.selection.view(plan.select_pages)
+        keep_count = torch.where(prefill, 0, self._select_count[rows])
+        keep_tail = torch.where(prefill, 0, self._select_tail[rows])
+        count = torch.where(reselect, fresh_count, keep_count).int()
+        tail = torch.where(reselect, fresh_tail, keep_tail).int()
+        self._select_count[rows], self._select_tail[rows] = count, tail
+        refresh = reselect & (count > 0)
+        lens = visible_len(ctx, count, tail, self.kv_cache.page_size).int()
+        write_rows = torch.where(refresh, plan.rows, self.max_num_seqs).int()
+        return [count, tail, lens, refresh.int(), write_rows]
+
+    def _decode_selection(
+        self,
+        host: list[torch.Tensor],
+        dev: list[torch.Tensor],
+        rows: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> DecodeSelection:
+        """The `DecodeSelection` of decodes [start, end) of those whose `_select_views` are
+        `host` (CPU) and `dev` (the same on the device), in decode order; `rows`: their page-table
+        rows."""
+        host = [v[start:end] for v in host]
+        count, tail, lens, refresh, write_rows = (v[start:end] for v in dev)
+        rows = rows[start:end]
+        refreshing = host[3].bool()
+        selects = bool(refreshing.any())
+        return DecodeSelection(
+            rows=rows,
+            count=count,
+            tail=tail,
+            lens=lens,
+            visible=int(host[2].max()),
+            page_table=self.kv_cache.page_table,
+            refresh=refresh.bool() if selects else None,
+            write_rows=write_rows.long() if selects else None,
+            columns=int(host[1][refreshing].max()) if selects else 0,
         )
 
     def _prefills(
@@ -261,29 +338,36 @@ class StepInputBuilder:
         qstart: torch.Tensor,
         window: int | None,
         stream_pages: tuple[torch.Tensor, torch.Tensor, int] | None,
+        select: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
     ) -> list[DecodeGroup]:
-        """Groups of consecutive decode requests (longest first) whose padded [g, L] gather stays
-        within the budget; one group unless the batch holds many long contexts. `stream_pages`:
-        the pages each decode request's streaming heads see (`_stream_pages`), in `order`."""
+        """Groups of consecutive decode requests (most positions first) whose padded [g, L]
+        gather stays within the budget; one group unless the batch holds many long contexts.
+        `ctx_sorted`: the positions each one's dense heads attend; `stream_pages`: the pages each
+        one's streaming heads see (`_stream_pages`); `select`: their selected views
+        (`_select_views`, on the host and the device); all in `order`."""
         groups = []
         start = 0
         while start < len(ctx_sorted):
             width = ctx_sorted[start] if window is None else min(ctx_sorted[start], window)
             end = min(len(ctx_sorted), start + max(1, self.gather_budget // width))
             reqs = order[start:end]
-            ctx = pos0[reqs] + 1
-            first = torch.zeros_like(ctx) if window is None else (ctx - window).clamp_min(0)
-            k_pos = first[:, None] + torch.arange(width, device=self.device)
-            mask = k_pos < ctx[:, None]
-            # Padding reads position 0 of the request: a real slot, masked out.
-            slots = self.kv_cache.slots(rows[reqs][:, None], k_pos.where(mask, 0))
+            slots = mask = selection = None
+            if select is None:
+                ctx = pos0[reqs] + 1
+                first = torch.zeros_like(ctx) if window is None else (ctx - window).clamp_min(0)
+                k_pos = first[:, None] + torch.arange(width, device=self.device)
+                mask = k_pos < ctx[:, None]
+                # Padding reads position 0 of the request: a real slot, masked out.
+                slots = self.kv_cache.slots(rows[reqs][:, None], k_pos.where(mask, 0))
+            else:
+                selection = self._decode_selection(*select, rows[order], start, end)
             stream = {}
             if stream_pages is not None and window is None:
                 pages, count, max_count = stream_pages
                 stream = self._stream_gather(
                     rows[reqs], pos0[reqs], pages[start:end], count[start:end], max_count
                 )
-            groups.append(DecodeGroup(qstart[reqs], slots, mask, **stream))
+            groups.append(DecodeGroup(qstart[reqs], slots, mask, **stream, selection=selection))
             start = end
         return groups
 
