@@ -22,6 +22,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from omniserve.formats.streaming import StreamTable, StreamWindow
 from omniserve.layers.sparse_prefill import (
@@ -70,7 +71,7 @@ def measure(length: int, chunk: int | None, windows: StreamWindows, repeats: int
     half_q, half_kv = Q_HEADS // 2, KV_HEADS // 2
     sk, sv = rand(half_kv, num_keys), rand(half_kv, num_keys)
     scale = HEAD_DIM**-0.5
-    causal = None if p0 == 0 else torch.nn.attention.bias.causal_lower_right(n, length)
+    causal = None if p0 == 0 else causal_lower_right(n, length)
 
     def sdpa(heads_q: int, heads_kv: int):
         return lambda: F.scaled_dot_product_attention(

@@ -49,27 +49,53 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
 
 
 def _add_long_context(kinds: argparse._SubParsersAction) -> None:
-    from omniserve.bench.long_context import DEFAULT_LENGTHS
+    from omniserve.bench.long_context import (
+        DEFAULT_LENGTHS,
+        DEFAULT_SELECTOR_INTERVAL,
+        DEFAULT_TOKEN_BUDGET,
+        MODES,
+    )
 
     default_precisions = ["w8a8kv8", "w4a8kv4"]
     # "resolve", engine options first: the bench's own options replace engine options of the
-    # same names (--static-sparsity and --attn-pattern are the sparse mode's; dense uses 0).
+    # same names (--static-sparsity and --attn-pattern are the static modes', --token-budget,
+    # --page-selection and --selector-interval the dynamic modes'; the others don't use them).
     c = kinds.add_parser(
         "long-context",
         conflict_handler="resolve",
-        help="prefill (TTFT) and decode latency at long prompts, dense vs streaming heads "
-        "(LServe's setting)",
-        description="Batch 1: per prompt length, one random-token prompt, then --decode-tokens "
-        "decoded tokens (EOS ignored). Each precision is measured dense and sparse "
-        "(--static-sparsity of the KV heads stream), one engine each, reused across the "
-        "lengths. Reports TTFT, decode ms/token and the KV cache the request holds, and sparse "
-        "vs dense per length. Weights are random (built from the preset config).",
+        help="prefill (TTFT) and decode latency at long prompts, dense vs static (streaming "
+        "heads) and dynamic (decode page selection) sparsity (LServe's setting)",
+        description="Per batch size and prompt length, --batch random-token prompts of that "
+        "length added together, then --decode-tokens decoded tokens (EOS ignored). Each "
+        "precision is measured in each of --modes, one engine each, reused across the batch "
+        "sizes and lengths. Reports TTFT (to the first token of the batch's last request), "
+        "decode ms/token (one decode step of the whole batch), the KV cache the batch holds, "
+        "and each mode vs dense. Weights are random (built from the preset config).",
     )
     add_engine_args(c)
     # The model comes from --model-config; --model stays only to be refused with a reason.
     c.add_argument("--model", default=None, help=argparse.SUPPRESS)
     _add_model_config(c, "model shape preset")
     _add_precisions(c, default_precisions, " ".join(default_precisions))
+    c.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        metavar="MODE",
+        help="modes to measure, in order: dense; static (--static-sparsity of the KV heads "
+        "stream); dynamic (decode attends --token-budget tokens of pages selected per query); "
+        "dynamic+static (both). Default: all four",
+    )
+    c.add_argument(
+        "--batch",
+        dest="batches",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="batch sizes: that many prompts of each length decoded together (default: 1)",
+    )
     c.add_argument(
         "--lengths",
         type=int,
@@ -85,20 +111,46 @@ def _add_long_context(kinds: argparse._SubParsersAction) -> None:
         metavar="FRACTION",
         type=float,
         default=0.5,
-        help="fraction of KV heads that stream in the sparse mode, in (0, 1] (default: 0.5)",
+        help="fraction of KV heads that stream in the static modes, in (0, 1] (default: 0.5)",
     )
     c.add_argument(
         "--attn-pattern",
         dest="pattern",
         default=None,
         metavar="DIR",
-        help="head pattern of the sparse mode (DuoAttention format); default: random gates "
+        help="head pattern of the static modes (DuoAttention format); default: random gates "
         "seeded with --bench-seed",
+    )
+    c.add_argument(
+        "--token-budget",
+        dest="budget",
+        type=int,
+        default=DEFAULT_TOKEN_BUDGET,
+        metavar="TOKENS",
+        help="tokens a request's dense heads attend at decode in the dynamic modes, rounded up "
+        f"to whole pages (default: {DEFAULT_TOKEN_BUDGET})",
+    )
+    c.add_argument(
+        "--page-selection",
+        dest="selection",
+        choices=["kv_head", "query_head"],
+        default="kv_head",
+        help="who selects in the dynamic modes: each KV head for its GQA group, or each query "
+        "head (default: kv_head)",
+    )
+    c.add_argument(
+        "--selector-interval",
+        dest="interval",
+        type=int,
+        default=DEFAULT_SELECTOR_INTERVAL,
+        metavar="STEPS",
+        help="decode steps a selection is reused for in the dynamic modes "
+        f"(default: {DEFAULT_SELECTOR_INTERVAL})",
     )
     c.add_argument(
         "--bench-seed", type=int, default=0, help="seed of the random prompts and random gates"
     )
-    _add_outputs(c, "TTFT and decode ms/token vs length")
+    _add_outputs(c, "TTFT and decode ms/token vs length, a panel pair per precision")
     c.set_defaults(func=run_long_context)
 
 
@@ -191,10 +243,15 @@ def run_long_context(args: argparse.Namespace) -> int:
     report = long_context.run(
         preset=args.model_config,
         systems=_systems(args) or [],
+        modes=args.modes,
+        batches=args.batches,
         lengths=args.lengths,
         decode_tokens=args.decode_tokens,
         static_sparsity=args.sparsity,
         attn_pattern=args.pattern,
+        token_budget=args.budget,
+        page_selection=args.selection,
+        selector_interval=args.interval,
         seed=args.bench_seed,
         engine_options=engine_kwargs(args),
         command=shlex.join(sys.argv),
