@@ -84,6 +84,22 @@ def choose_partition(
     return partitions[-1]
 
 
+def _check_operands(
+    operands: object, expected: dict[str, tuple[torch.dtype, int]], anchor: str
+) -> None:
+    """ValueError unless each named field of `operands` has its (dtype, dims) and sits on the
+    device of field `anchor`."""
+    owner, device = type(operands).__name__, getattr(operands, anchor).device
+    for name, (dtype, dim) in expected.items():
+        t: torch.Tensor = getattr(operands, name)
+        if t.dtype != dtype or t.dim() != dim:
+            raise ValueError(
+                f"{owner}.{name} must be a {dim}-D {dtype} tensor, got {t.dtype} {list(t.shape)}"
+            )
+        if t.device != device:
+            raise ValueError(f"{owner}.{name} is on {t.device}, {anchor} on {device}")
+
+
 @dataclass(frozen=True, slots=True)
 class StreamingHeads:
     """Which KV heads of a layer stream and where their rows are (see `decode_attention`).
@@ -114,17 +130,7 @@ class StreamingHeads:
             "table": (torch.int32, 2),
             "context_lens": (torch.int32, 1),
         }
-        for name, (dtype, dim) in expected.items():
-            t: torch.Tensor = getattr(self, name)
-            if t.dtype != dtype or t.dim() != dim:
-                raise ValueError(
-                    f"StreamingHeads.{name} must be a {dim}-D {dtype} tensor, got "
-                    f"{t.dtype} {list(t.shape)}"
-                )
-            if t.device != self.head_base.device:
-                raise ValueError(
-                    f"StreamingHeads.{name} is on {t.device}, head_base on {self.head_base.device}"
-                )
+        _check_operands(self, expected, "head_base")
         if self.is_stream.shape != self.head_base.shape:
             raise ValueError(
                 f"StreamingHeads.is_stream {list(self.is_stream.shape)} must match head_base "
@@ -158,18 +164,12 @@ class SelectedPages:
     there on; `PageSelection.view`); 0 for the dense view."""
 
     def __post_init__(self) -> None:
-        expected = {"columns": 3, "count": 1, "tail": 1}
-        for name, dim in expected.items():
-            t: torch.Tensor = getattr(self, name)
-            if t.dtype != torch.int32 or t.dim() != dim:
-                raise ValueError(
-                    f"SelectedPages.{name} must be a {dim}-D torch.int32 tensor, got "
-                    f"{t.dtype} {list(t.shape)}"
-                )
-            if t.device != self.columns.device:
-                raise ValueError(
-                    f"SelectedPages.{name} is on {t.device}, columns on {self.columns.device}"
-                )
+        expected = {
+            "columns": (torch.int32, 3),
+            "count": (torch.int32, 1),
+            "tail": (torch.int32, 1),
+        }
+        _check_operands(self, expected, "columns")
         if self.count.shape != self.tail.shape:
             raise ValueError(
                 f"SelectedPages.count {list(self.count.shape)} and tail {list(self.tail.shape)} "

@@ -322,10 +322,9 @@ class PagedAttention(nn.Module):
         it) receives the rotated q and k."""
         if self.fused_rope_kv:
             past = self._stream_past(meta)
-            q, k, v = rope_kv.rope_kv_write(
-                q, k, v, rope, meta.write_rows(self.heads), self.k_cache, self.v_cache
-            )
-            return self(q, k, v, meta, stored=True, stream_past=past)
+            rows = meta.write_rows(self.heads)
+            q, k, v = rope_kv.rope_kv_write(q, k, v, rope, rows, self.k_cache, self.v_cache)
+            return self(q, k, v, meta, stored=True, stream_past=past, rows=rows)
         return self(apply_rotary(q, *rope), apply_rotary(k, *rope), v, meta)
 
     def forward(
@@ -337,20 +336,22 @@ class PagedAttention(nn.Module):
         *,
         stored: bool = False,
         stream_past: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim], after RoPE -> [T, heads, head_dim].
 
         k and v are first written to the cache, unless `stored`: the caller already wrote them and
         passes them as reads of the cache return them (`rotate_and_attend`'s fused kernel), with
         what the streaming heads' prefill chunks read of earlier chunks before that write
-        (`stream_past`)."""
+        (`stream_past`) and the rows it wrote (`rows`)."""
+        if rows is None:
+            rows = meta.write_rows(self.heads)
         if not stored:
             stream_past = self._stream_past(meta)
-            rows = meta.write_rows(self.heads)
             k = self.k_cache.store(rows, k.transpose(0, 1)).transpose(0, 1)
             v = self.v_cache.store(rows, v.transpose(0, 1)).transpose(0, 1)
         if self.selection is not None:
-            self._fold_key_stats(meta, k)
+            self._fold_key_stats(rows, k)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)
         for i, chunk in enumerate(batches.prefills):
@@ -366,14 +367,13 @@ class PagedAttention(nn.Module):
             out[batch.token_idx] = self._decode_kernel(q, batch)
         return out
 
-    def _fold_key_stats(self, meta: AttentionMetadata, k: torch.Tensor) -> None:
-        """Fold the step's keys k [T, kv_heads, head_dim] (as the cache holds them) into the
-        dense heads' statistics."""
+    def _fold_key_stats(self, rows: torch.Tensor, k: torch.Tensor) -> None:
+        """Fold the step's keys k [T, kv_heads, head_dim] (as the cache holds them), written at
+        `rows` [kv_heads, T], into the dense heads' statistics."""
         assert self.selection is not None
         dense = self.heads.dense_kv
-        rows = meta.write_rows(self.heads)[dense]
         keys = k[:, dense].transpose(0, 1)
-        ps.update_key_stats(self.key_stats, rows, keys, self.selection.logical_tokens)
+        ps.update_key_stats(self.key_stats, rows[dense], keys, self.selection.logical_tokens)
 
     def _select(self, q: torch.Tensor, sel: DecodeSelection, seq_rows: torch.Tensor | None) -> None:
         """Refresh the selected lists of the requests that select this step, from their queries
