@@ -26,8 +26,18 @@ def teacher_forced_logits(
     """fp32 CPU logits [len(continuation), vocab] of each continuation token given the tokens
     before it. The first step prefills every prompt, as the engine's first step does; each later
     step feeds every sequence its next continuation token, one token per request, so that each
-    position after the first runs the runner's decode path, as in generation."""
-    requests = PagedRequests(runner.config.page_size, runner.num_kv_pages)
+    position after the first runs the runner's decode path, as in generation. Streaming heads
+    get their tables and their prompt lengths (which choose their windows), as the engine gives
+    them; page selection, which the scheduler's cadence drives, is not driven here."""
+    assert runner.selection is None, "teacher forcing does not drive page selection"
+    stream = runner.kv_cache.stream
+    requests = PagedRequests(
+        runner.config.page_size,
+        runner.num_kv_pages,
+        stream=None if stream is None else (stream.num_pages, stream.table.width),
+    )
+    for row, prompt in enumerate(prompts):
+        runner.bind_row(row, SamplingParams(temperature=0.0), prompt, [], [])
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     chunks = [(row, list(prompt)) for row, prompt in enumerate(prompts)]
     step = 0

@@ -216,7 +216,7 @@ def _run_both(
     got = rope_kv.rope_kv_write(q, k, v, rope, index, got_layer.k_cache, got_layer.v_cache)
     want = _reference(q, k, v, rope, index, want_layer.k_cache, want_layer.v_cache)
     _assert_same(got, want, got_cache, want_cache)
-    return got_cache.storage[0, :, index]
+    return got_cache.layer_storage(0)[:, index]
 
 
 @gpu
@@ -371,7 +371,7 @@ def test_bad_inputs_are_named() -> None:
     q, k, v = _qkv(tokens, heads, kv_heads, dim, torch.float16, seed=0)
     cos, sin = _rope(tokens, dim, torch.float16, seed=0)
     cache = _cache(kv_heads, dim, torch.float16, 8, tokens, seed=0)
-    codes, params = cache.storage[0, 0], cache.params[0, 0]  # type: ignore[index]
+    codes, params = _bound(cache, heads).k_cache.kernel_operands()
     index = _write_index(cache, tokens, seed=0)
 
     valid = {
@@ -408,7 +408,7 @@ def test_bad_inputs_are_named() -> None:
         ({"write_index": index.int()}, r"write_index must be int64 \[kv_heads, tokens\]"),
         ({"write_index": index[:1]}, r"= \[2, 5\]"),
         ({"k_cache": codes.cpu()}, "the KV cache must be on cuda"),
-        ({"v_cache": cache.storage[0, 1, ::2]}, "must be a contiguous, 16-byte aligned 2-D"),
+        ({"v_cache": cache.layer_storage(0)[1, ::2]}, "must be a contiguous, 16-byte aligned 2-D"),
         ({"v_cache": codes[:-16]}, "K and V caches must have the same shape and dtype"),
         ({"v_params": None}, "pass both k_params and v_params or neither"),
         ({"k_params": params.float()}, "KV params must be contiguous, 4-byte aligned float16"),

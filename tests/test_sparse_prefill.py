@@ -85,3 +85,29 @@ def test_flex_attention_equals_the_dense_mask(
         0.088,
     )
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_flex_compiles_a_few_graphs_for_every_head_count_and_length() -> None:
+    """Layers stream different numbers of KV heads and chunks differ in length: the compiled
+    kernel must not recompile per layer or chunk (past the recompile limit, torch falls back to
+    an unfused FlexAttention that materialises every score and runs out of memory at 128K)."""
+    from torch._dynamo.utils import counters
+
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    before = counters["stats"]["unique_graphs"]
+    for kv_heads in (1, 2, 3, 4, 5, 7, 8):
+        for p0, end, prompt_len in CASES[:3]:
+            q_pos, k_pos = _keys(p0, end, device)
+            q, k, v = (
+                torch.randn(h, n, 128, generator=g, device=device, dtype=torch.bfloat16)
+                for h, n in (
+                    (4 * kv_heads, len(q_pos)),
+                    (kv_heads, len(k_pos)),
+                    (kv_heads, len(k_pos)),
+                )
+            )
+            mask = block_mask(WINDOWS, q_pos, k_pos, prompt_len)
+            stream_prefill_attention(q, k, v, StreamPrefill(None, block_mask=mask), 0.088)
+    assert counters["stats"]["unique_graphs"] - before <= 3

@@ -205,6 +205,25 @@ def test_quantized_streaming_cache_does_not_depend_on_scheduling(
     assert sliced.stats().num_preemptions > 0
 
 
+def test_teacher_forcing_scores_what_generation_computed(
+    model: tuple[Path, Path, torch.nn.Module],
+) -> None:
+    """The GPU agreement test's harness on two equal CPU engines: a fresh engine's teacher-forced
+    logits (its streaming tables and prompt lengths set by the harness) equal those of the engine
+    that generated, and each position's greedy token is the one generated."""
+    path, pattern, _ = model
+    prompts = _prompts(8, (120, 70, 33))
+    generating = _engine(path, pattern, max_num_batched_tokens=40)
+    assert_engines_agree(
+        generating,
+        _engine(path, pattern, max_num_batched_tokens=40),
+        prompts,  # type: ignore[arg-type]
+        _greedy(25),
+        logit_tolerance=1e-5,
+        max_tie_rate=0.0,
+    )
+
+
 @pytest.mark.gpu
 def test_gpu_torch_path_equals_the_lambda_model(model: tuple[Path, Path, torch.nn.Module]) -> None:
     path, pattern, hf = model
@@ -227,7 +246,8 @@ def test_gpu_kernels_agree_with_the_torch_path(tmp_path: Path, kv_cache_dtype: s
         "device": "cuda",
         "dtype": "float16",
         "kv_cache_dtype": kv_cache_dtype,
-        "max_num_batched_tokens": 64,
+        # Chunks of a tile or more take FlexAttention, shorter ones the dense mask: both occur.
+        "max_num_batched_tokens": 256,
     }
     fast = _engine(tmp_path / "m", pattern, **options)
     assert fast.runner.kernels.stream_prefill.kernel

@@ -209,13 +209,25 @@ tests driving `PagedRequests` (a row seen first starts a request)."""
 
 
 class PagedRequests:
-    """Rows and pages for requests, as the scheduler would assign them, and StepPlans over them."""
+    """Rows and pages for requests, as the scheduler would assign them, and StepPlans over them.
+    With `stream` (a streaming pool's `(num_pages, table width)`), a new row also gets a full
+    streaming table."""
 
-    def __init__(self, page_size: int, num_pages: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        page_size: int,
+        num_pages: int,
+        seed: int = 0,
+        stream: tuple[int, int] | None = None,
+    ) -> None:
         self.page_size = page_size
         self._free = list(range(1, num_pages))  # page 0 is the null page
         random.Random(seed).shuffle(self._free)  # so that a request's pages are not contiguous
         self._pages: dict[int, list[int]] = {}
+        self._stream_width = 0 if stream is None else stream[1]
+        self._stream_free = [] if stream is None else list(range(1, stream[0]))
+        random.Random(seed + 1).shuffle(self._stream_free)
+        self._stream_pages: dict[int, list[int]] = {}
         self.cached: dict[int, int] = {}
         """Tokens of each row already in the KV cache."""
 
@@ -226,12 +238,15 @@ class PagedRequests:
     ) -> StepPlan:
         """A plan in which each (row, token ids) computes those tokens after the row's cached ones;
         a row not seen before starts a new request. Every request samples unless told otherwise."""
-        rows, pos0, num_new, flags, ids, updates = [], [], [], [], [], []
+        rows, pos0, num_new, flags, ids, updates, stream_updates = [], [], [], [], [], [], []
         for i, (row, tokens) in enumerate(chunks):
             flag = FLAG_PREFILL if len(tokens) > 1 else 0
             if row not in self._pages:
                 self._pages[row], self.cached[row] = [], 0
                 flag |= FLAG_NEW_ROW
+                stream = [self._stream_free.pop() for _ in range(self._stream_width)]
+                self._stream_pages[row] = stream
+                stream_updates.extend((row, column, page) for column, page in enumerate(stream))
             pages = self._pages[row]
             start = self.cached[row]
             end = start + len(tokens)
@@ -258,8 +273,10 @@ class PagedRequests:
             flags=torch.tensor(flags, dtype=i32),
             input_ids=torch.tensor(ids, dtype=i32),
             page_updates=torch.tensor(updates, dtype=i32).reshape(-1, 3),
+            stream_updates=torch.tensor(stream_updates, dtype=i32).reshape(-1, 3),
         )
 
     def release(self, row: int) -> None:
         self._free.extend(self._pages.pop(row))
+        self._stream_free.extend(self._stream_pages.pop(row))
         del self.cached[row]

@@ -291,6 +291,8 @@ class PagedAttention(nn.Module):
         self.select_heads: SelectHeads
         self._per_query_heads: tuple[int, torch.Tensor, torch.Tensor | None]
         """(heads, base rows, streaming) of a per-query-head decode launch."""
+        self._stat_heads: torch.Tensor
+        """bool [kv_heads]: the heads that keep key statistics (the dense ones)."""
 
     def bind_selection(
         self, selection: PageSelection, key_stats: torch.Tensor, selected: torch.Tensor
@@ -300,6 +302,11 @@ class PagedAttention(nn.Module):
         self.selection, self.key_stats, self.selected = selection, key_stats, selected
         self.select_heads = SelectHeads.of(self.heads, self._group, selection.per_query_head)
         stream = self.heads.stream
+        self._stat_heads = (
+            torch.ones(self.num_kv_heads, dtype=torch.bool, device=key_stats.device)
+            if stream is None
+            else ~stream
+        )
         self._per_query_heads = (
             self.num_heads,
             self.heads.base.repeat_interleave(self._group),
@@ -317,14 +324,22 @@ class PagedAttention(nn.Module):
         """Attention of q [T, heads, head_dim] and k [T, kv_heads, head_dim] before RoPE, with the
         step's (cos, sin) = `rope` (`RotaryEmbedding.forward`), and v -> [T, heads, head_dim].
 
-        With `fused_rope_kv` the kernel rotates q and k and stores K and V in one launch;
+        With `fused_rope_kv` the kernel rotates q and k and stores K and V in one launch (and,
+        in a step of decodes only, folds the keys into the page-selection statistics);
         otherwise `apply_rotary` and `forward`'s store do. Either way `forward` (and any hook on
         it) receives the rotated q and k."""
         if self.fused_rope_kv:
             past = self._stream_past(meta)
             rows = meta.write_rows(self.heads)
-            q, k, v = rope_kv.rope_kv_write(q, k, v, rope, rows, self.k_cache, self.v_cache)
-            return self(q, k, v, meta, stored=True, stream_past=past, rows=rows)
+            stats = None
+            if self.selection is not None and not meta.by_window[self.sliding_window].prefills:
+                stats = rope_kv.KeyStats(
+                    self.key_stats, self._stat_heads, self.selection.logical_tokens
+                )
+            q, k, v = rope_kv.rope_kv_write(q, k, v, rope, rows, self.k_cache, self.v_cache, stats)
+            return self(
+                q, k, v, meta, stored=True, stream_past=past, rows=rows, folded=stats is not None
+            )
         return self(apply_rotary(q, *rope), apply_rotary(k, *rope), v, meta)
 
     def forward(
@@ -337,20 +352,22 @@ class PagedAttention(nn.Module):
         stored: bool = False,
         stream_past: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         rows: torch.Tensor | None = None,
+        folded: bool = False,
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim], after RoPE -> [T, heads, head_dim].
 
         k and v are first written to the cache, unless `stored`: the caller already wrote them and
         passes them as reads of the cache return them (`rotate_and_attend`'s fused kernel), with
         what the streaming heads' prefill chunks read of earlier chunks before that write
-        (`stream_past`) and the rows it wrote (`rows`)."""
+        (`stream_past`), the rows it wrote (`rows`) and whether it also folded the keys into the
+        statistics (`folded`)."""
         if rows is None:
             rows = meta.write_rows(self.heads)
         if not stored:
             stream_past = self._stream_past(meta)
             k = self.k_cache.store(rows, k.transpose(0, 1)).transpose(0, 1)
             v = self.v_cache.store(rows, v.transpose(0, 1)).transpose(0, 1)
-        if self.selection is not None:
+        if self.selection is not None and not folded:
             self._fold_key_stats(rows, k)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)

@@ -64,13 +64,22 @@ class StreamWindows:
 def stream_prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: StreamPrefill, scale: float
 ) -> torch.Tensor:
-    """q [q_heads, n, d], k / v [kv_heads, L, d] (earlier ++ own keys) -> [q_heads, n, d]."""
+    """q [q_heads, n, d], k / v [kv_heads, L, d] (earlier ++ own keys) -> [q_heads, n, d];
+    the query heads of each KV head are consecutive."""
     gqa = q.shape[0] != k.shape[0]
     if stream.block_mask is not None:
+        # Each KV head a batch entry of its query heads: layers stream different numbers of
+        # heads, and a varying batch compiles once as a dynamic size, where a varying head
+        # count would specialise (the GQA ratio is guarded) and recompile per layer.
         out = _flex()(
-            q[None], k[None], v[None], block_mask=stream.block_mask, scale=scale, enable_gqa=gqa
+            q.unflatten(0, (k.shape[0], -1)),
+            k[:, None],
+            v[:, None],
+            block_mask=stream.block_mask,
+            scale=scale,
+            enable_gqa=gqa,
         )
-        return out[0]
+        return out.flatten(0, 1)
     out = F.scaled_dot_product_attention(
         q[None], k[None], v[None], attn_mask=stream.mask, scale=scale, enable_gqa=gqa
     )

@@ -37,6 +37,7 @@ from omniserve.layers.attention import (
     PrefillChunk,
 )
 from omniserve.layers.sparse_prefill import (
+    BLOCK,
     StreamPrefill,
     StreamWindows,
     block_mask,
@@ -323,7 +324,9 @@ class StepInputBuilder:
             past_slots = self.kv_cache.stream_slots(row, past)
             k_pos = torch.cat([past, q_pos])
         windows = self.stream.windows
-        if self.stream.prefill == "flex":
+        # A chunk shorter than a tile has little to skip, and FlexAttention compiles its decoding
+        # kernel for it, which fails to build at dynamic lengths: the dense mask is cheap there.
+        if self.stream.prefill == "flex" and end - p0 >= BLOCK:
             return StreamPrefill(
                 past_slots, block_mask=block_mask(windows, q_pos, k_pos, prompt_len)
             )
