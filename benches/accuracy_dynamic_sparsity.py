@@ -138,7 +138,7 @@ def _floats(text: str) -> list[float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", type=Path, default=bundled_model_path())
     p.add_argument("--pattern", type=Path, default=None, help="default: the model's attn_pattern/")
     p.add_argument("--budgets", type=_ints, default=[1024, 512], help="token budgets (kv_head)")

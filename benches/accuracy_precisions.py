@@ -57,7 +57,7 @@ def calibration_text(max_bytes: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", type=Path, default=bundled_model_path())
     p.add_argument("--data", type=Path, default=None, help="default: the model's heldout.txt")
     p.add_argument("--seq-len", type=int, default=512)

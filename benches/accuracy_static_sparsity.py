@@ -35,7 +35,7 @@ def _floats(text: str) -> list[float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", type=Path, default=bundled_model_path())
     p.add_argument("--pattern", type=Path, default=None, help="default: the model's attn_pattern/")
     p.add_argument("--static-sparsity", type=float, default=0.5)

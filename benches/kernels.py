@@ -239,7 +239,7 @@ def _run_sweeps(ops: Sequence[str]) -> list[Row]:
                 raise
             print(f"skipping {op}: {SWEEPS[op]} is not present", file=sys.stderr)
             continue
-        sweep_parser = argparse.ArgumentParser()
+        sweep_parser = argparse.ArgumentParser(allow_abbrev=False)
         module.add_arguments(sweep_parser)
         for row in module.run(sweep_parser.parse_args([])):
             rows.append({"sweep": op, **row})
@@ -248,7 +248,7 @@ def _run_sweeps(ops: Sequence[str]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--ops", default=",".join(SWEEPS), help=f"comma-separated, of {list(SWEEPS)}"
     )

@@ -270,7 +270,7 @@ def offline_peer(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--url", help="drive a running server at this base URL (instead of --model)"
     )

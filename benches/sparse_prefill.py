@@ -134,7 +134,7 @@ def measure(length: int, chunk: int | None, windows: StreamWindows, repeats: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--lengths", default="16384,32768,65536,131072")
     parser.add_argument("--chunk", type=int, default=32768, help="also time a last chunk of this")
     parser.add_argument("--sink", type=int, default=128)

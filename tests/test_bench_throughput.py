@@ -187,3 +187,17 @@ def test_progress_gets_the_report_after_each_system() -> None:
     assert all(r["speedup_vs_hf"] is None for report in reports for r in report["results"])
     assert [r["system"] for r in final["results"]] == ["omniserve", "omniserve", "hf-transformers"]
     assert final["engines"] == reports[-1]["engines"]
+
+
+def test_without_a_gpu_the_default_model_is_the_bundled_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --model-config and no --model on a CPU: the bundled model, not the 8B shape (whose
+    random weights filled 21 GB of a 24 GB machine before anything was printed)."""
+    from omniserve.engine.engine import bundled_model_path
+
+    args = ["--device", "cpu", "--batch", "2", "--input-len", "8", "--output-len", "3"]
+    out = tmp_path / "report.json"
+    assert main(["bench", "throughput", *args, "--peer", "none", "--output-json", str(out)]) == 0
+    assert "the bundled model" in capsys.readouterr().err
+    assert json.loads(out.read_text())["setting"]["model"] == str(bundled_model_path())

@@ -16,7 +16,7 @@ from omniserve.errors import (
     OmniserveError,
     RequestRejectedError,
 )
-from tiny_models import FAMILIES, hf_greedy, save_checkpoint, save_servable
+from tiny_models import FAMILIES, VOCAB_SIZE, hf_greedy, save_checkpoint, save_servable
 
 PROMPT_LENGTHS = (5, 23, 40, 1)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -261,6 +261,23 @@ def test_bad_input_is_rejected_and_the_engine_keeps_serving(
         engine.add_request("empty", [], _greedy())
     with pytest.raises(InvalidRequestError):
         SamplingParams(temperature=-1.0)
+    # What the sampler and the scheduler's binding rely on, refused at intake with the field named.
+    for params, field in (
+        (SamplingParams(stop_token_ids=[VOCAB_SIZE]), "stop_token_ids"),
+        (SamplingParams(stop_token_ids=[2**40]), "stop_token_ids"),
+        (SamplingParams(max_tokens=2**64), "max_tokens"),
+        (SamplingParams(max_tokens=126), "max_tokens"),  # 128 - 3 prompt tokens leave 125
+    ):
+        with pytest.raises(InvalidRequestError, match=field):
+            engine.add_request("bad", [5, 6, 7], params)
+    with pytest.raises(InvalidRequestError, match="priority"):
+        engine.add_request("bad", [5, 6, 7], _greedy(), priority=2**70)
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        engine.add_request("bad", [5, 6, 7], {"max_tokens": 3})  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="sequence of token ids"):
+        engine.generate([None], use_tqdm=False)  # type: ignore[list-item]
+    engine.add_request("room", [5, 6, 7], SamplingParams(max_tokens=125, ignore_eos=True))
+    engine.abort("room")
     engine.add_request("ok", [5, 6, 7], _greedy())
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("ok", [5, 6, 7], _greedy())
@@ -269,6 +286,40 @@ def test_bad_input_is_rejected_and_the_engine_keeps_serving(
         outs += engine.step()
     assert outs[-1].token_ids == hf_greedy(hf, [5, 6, 7], NEW_TOKENS)
     _assert_clean(engine)
+
+
+def test_a_failure_in_one_requests_output_ends_only_that_request(
+    llama: tuple[Path, torch.nn.Module],
+) -> None:
+    """A fault injected into one request's output handling (at its 3rd token: a stop-string
+    check or the detokenizer failing, say) ends it with finish reason "error" and frees its pages; the
+    batch's other requests get exactly what they get alone, and the engine keeps serving."""
+    path, hf = llama
+    engine = _engine(path)
+    append = engine._append_token
+
+    def faulty(req, token, *args):  # type: ignore[no-untyped-def]
+        if req.request_id == "bad" and len(req.token_ids) == 2:
+            raise RuntimeError("injected")
+        return append(req, token, *args)
+
+    engine._append_token = faulty  # type: ignore[method-assign]
+    prompts = _prompts()
+    for i, prompt in enumerate(prompts):
+        engine.add_request("bad" if i == 1 else f"r{i}", prompt, _greedy())
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    bad = outs.pop("bad")
+    assert bad.finish_reason == "error" and bad.error == "RuntimeError: injected"
+    assert len(bad.token_ids) == 2  # the tokens recorded before the fault
+    for i, prompt in enumerate(prompts):
+        if i != 1:
+            assert outs[f"r{i}"].token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
+    _assert_clean(engine)
+    assert engine.generate([prompts[1]], _greedy(), use_tqdm=False)[0].token_ids == hf_greedy(
+        hf, prompts[1], NEW_TOKENS
+    )
 
 
 def test_config_and_checkpoint_errors_are_clear(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
 import socket
 import threading
 import time
@@ -25,7 +27,7 @@ from omniserve.cli.engine_args import engine_kwargs
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.engine import EngineStats
 from omniserve.server.app import create_app
-from tiny_models import save_servable
+from tiny_models import VOCAB_SIZE, save_servable
 
 MODEL = "tiny-llama"
 API_KEY = "sk-test-key"
@@ -74,9 +76,13 @@ class ServerThread:
         )
 
 
-def start_server(model_dir: Path, **config: Any) -> ServerThread:
+def start_server(
+    model_dir: Path, app_options: dict[str, Any] | None = None, **config: Any
+) -> ServerThread:
+    """`app_options`: `create_app`'s keyword arguments beyond the model name and the key."""
     engine = AsyncEngine.from_pretrained(model_dir, max_queued_requests=1000, **ENGINE_OPTIONS)
-    return ServerThread(engine, create_app(engine, model_name=MODEL, api_key=API_KEY), **config)
+    app = create_app(engine, model_name=MODEL, api_key=API_KEY, **(app_options or {}))
+    return ServerThread(engine, app, **config)
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +347,119 @@ def test_malformed_bodies_and_unknown_routes(server: ServerThread) -> None:
         assert http.get("/v1/completions").status_code == 405
 
 
+def test_out_of_range_values_are_400s_and_the_engine_keeps_serving(server: ServerThread) -> None:
+    """Values a step would trip over (a stop id past the vocabulary killed the engine; integers
+    past the scheduler's range escaped as plain-text 500s) are refused at intake, in JSON."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.url, headers=auth, timeout=60) as http:
+        for extra, field in (
+            ({"stop_token_ids": [VOCAB_SIZE]}, "stop_token_ids"),
+            ({"stop_token_ids": [2**40]}, "stop_token_ids"),
+            ({"max_tokens": 2**64}, "max_tokens"),
+            ({"max_tokens": 10**9}, "max_tokens"),
+        ):
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, **extra}
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["type"] == "invalid_request_error"
+            assert field in r.json()["error"]["message"]
+        assert http.get("/health").status_code == 200
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    wait_idle(server.engine)
+
+
+def test_unknown_fields_are_named_in_a_400_unless_allowed(
+    server: ServerThread, client: openai.OpenAI, model_dir: Path
+) -> None:
+    """A misspelt `max_token` used to be dropped silently (16 tokens generated)."""
+    request = {"model": MODEL, "prompt": "hi", "extra_body": {"max_token": 3, **LONG}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**request)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "max_token"
+    assert "max_token" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body={"bogus": 1}
+        )
+    lenient = start_server(model_dir, {"allow_unknown_fields": True})
+    try:
+        out = lenient.client().completions.create(**request)
+        assert out.usage is not None and out.usage.completion_tokens == 16  # the default
+    finally:
+        lenient.stop()
+    wait_idle(server.engine)
+
+
+def test_chat_works_on_the_bundled_model() -> None:
+    """The README's chat example against the default model, which ships a chat template."""
+    from omniserve.engine.engine import bundled_model_path
+
+    srv = start_server(bundled_model_path())
+    try:
+        out = srv.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Write fibonacci"}], max_tokens=8
+        )
+        assert out.choices[0].message.content and out.usage is not None
+    finally:
+        srv.stop()
+
+
+def test_a_model_without_a_chat_template_says_how_to_give_one(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    srv = start_server(plain)
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            srv.client().chat.completions.create(**chat)
+        assert "--chat-template" in str(info.value)
+    finally:
+        srv.stop()
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    srv = start_server(plain, {"chat_template": template})
+    try:
+        assert srv.client().chat.completions.create(**chat).usage is not None
+    finally:
+        srv.stop()
+
+
+def test_oversized_bodies_get_413_and_overlong_texts_are_not_tokenized(
+    model_dir: Path,
+) -> None:
+    """A body past --max-request-bytes is refused before it is read whole (declared length) or
+    as soon as it passes the limit (chunked); a text longer than max_model_len tokens could hold
+    is refused on its length in characters."""
+    srv = start_server(model_dir, {"max_request_bytes": 4096})
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000, "max_tokens": 2}).encode()
+    try:
+        with httpx.Client(base_url=srv.url, headers=auth, timeout=60) as http:
+            r = http.post("/v1/completions", content=big)
+            assert r.status_code == 413 and "4,096 bytes" in r.json()["error"]["message"]
+            r = http.post("/v1/completions", content=iter([big[:3000], big[3000:]]))
+            assert r.status_code == 413
+            ok = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+            assert http.post("/v1/completions", json=ok).status_code == 200
+    finally:
+        srv.stop()
+    srv = start_server(model_dir)
+    try:
+        with httpx.Client(base_url=srv.url, headers=auth, timeout=60) as http:
+            body = {"model": MODEL, "prompt": "x" * 3_000_000, "max_tokens": 2}
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            assert "characters" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
 def test_api_key_is_required_except_for_health(server: ServerThread) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         server.client(api_key="wrong-key").completions.create(
@@ -382,6 +501,11 @@ def parse_metrics(text: str) -> dict[str, float]:
     return samples
 
 
+def scrape(server: ServerThread) -> tuple[httpx.Response, dict[str, float]]:
+    response = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    return response, parse_metrics(response.text)
+
+
 def test_metrics(server: ServerThread, client: openai.OpenAI) -> None:
     client.completions.create(prompt="metrics please", max_tokens=6, extra_body=LONG, **greedy())
     list(
@@ -389,9 +513,8 @@ def test_metrics(server: ServerThread, client: openai.OpenAI) -> None:
             prompt="and stream", max_tokens=6, stream=True, extra_body=LONG, **greedy()
         )
     )
-    response = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    response, m = scrape(server)
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    m = parse_metrics(response.text)
     assert m["omniserve_requests_running"] == 0 and m["omniserve_requests_waiting"] == 0
     assert m['omniserve_kv_pages_total{pool="dense"}'] == server.engine.stats().dense_pages_total
     assert m['omniserve_kv_pages_used{pool="dense"}'] == 0
@@ -419,6 +542,8 @@ def test_client_disconnect_mid_stream_frees_pages(
     server: ServerThread, client: openai.OpenAI
 ) -> None:
     wait_idle(server.engine)
+    aborted = 'omniserve_requests_finished_total{finish_reason="abort"}'
+    aborted_before = scrape(server)[1].get(aborted, 0)
     stream = client.completions.create(
         prompt="Hello", max_tokens=400, stream=True, extra_body=LONG, **greedy()
     )
@@ -433,6 +558,7 @@ def test_client_disconnect_mid_stream_frees_pages(
     assert idle.generated_tokens_total - generated_before < 390, (
         "the request ran on after the client left"
     )
+    assert scrape(server)[1][aborted] == aborted_before + 1, "a cancelled request is counted"
 
 
 def test_client_disconnect_before_the_answer_aborts(server: ServerThread) -> None:

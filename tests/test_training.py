@@ -31,9 +31,11 @@ from omniserve.training.needles import FILLERS, PasskeyBuilder, random_key
 from omniserve.training.reference import write_heldout
 from omniserve.training.tokenizer import (
     BOS_ID,
+    CHAT_TEMPLATE,
     EOS_ID,
     PAD_ID,
     encode_documents,
+    save_tokenizer,
     train_tokenizer,
 )
 
@@ -373,3 +375,24 @@ def test_selector_exports_the_lowest_loss_checkpoint_that_retrieves(monkeypatch)
     chosen = selector.restore_best()
     assert chosen["step"] == 3 and chosen["loss"] == 1.5
     assert torch.equal(model.model.norm.weight, torch.full((16,), 3.0))
+
+
+def test_the_bundled_chat_template_is_the_one_training_writes(tmp_path: Path) -> None:
+    """The training script records the chat template; the shipped tokenizer carries that one,
+    and it renders a conversation as comment lines the code model continues."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from omniserve.engine.engine import bundled_model_path
+
+    bundled = bundled_model_path()
+    shipped = json.loads((bundled / "tokenizer_config.json").read_text())
+    assert shipped["chat_template"] == CHAT_TEMPLATE
+    save_tokenizer(Tokenizer.from_file(str(bundled / "tokenizer.json")), tmp_path, 8192)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written == shipped
+    chat = [{"role": "user", "content": "Write fib\nin Python"}]
+    text = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<s># user: Write fib\n# in Python\n# assistant:\n"

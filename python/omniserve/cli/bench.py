@@ -34,7 +34,12 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         "--load-format auto is given with --model. --precisions measures several systems one "
         "after another in one run; HF transformers runs once, unquantized, as their peer.",
     )
-    _add_model_config(t, "model shape preset (ignored with --model)")
+    _add_model_config(
+        t,
+        "model shape preset (ignored with --model); default: llama-3-8b on a GPU, the bundled "
+        "model on a machine without one",
+        default=None,
+    )
     t.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="batch sizes")
     t.add_argument("--input-len", type=int, default=1024)
     t.add_argument("--output-len", type=int, default=512)
@@ -154,10 +159,30 @@ def _add_long_context(kinds: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_long_context)
 
 
-def _add_model_config(p: argparse.ArgumentParser, help_text: str) -> None:
+def _add_model_config(
+    p: argparse.ArgumentParser, help_text: str, default: str | None = "llama-3-8b"
+) -> None:
     from omniserve.bench.throughput import PRESETS
 
-    p.add_argument("--model-config", choices=PRESETS, default="llama-3-8b", help=help_text)
+    p.add_argument("--model-config", choices=PRESETS, default=default, help=help_text)
+
+
+def _default_model(device: str | None) -> tuple[str | None, str | None]:
+    """(preset, model) when neither --model-config nor --model is given: the 8B shape on a GPU;
+    without one, the bundled model, since the 8B shape's random weights alone take ~16 GB of
+    CPU memory and its batches hours."""
+    import torch
+
+    from omniserve.engine.engine import bundled_model_path
+
+    if torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda"):
+        return "llama-3-8b", None
+    print(
+        "omniserve bench throughput: no GPU, so the bundled model (--model-config llama-3-8b "
+        "for the 8B shape)",
+        file=sys.stderr,
+    )
+    return None, str(bundled_model_path())
 
 
 def _add_precisions(p: argparse.ArgumentParser, default: list[str] | None, says: str) -> None:
@@ -202,9 +227,12 @@ def run_throughput(args: argparse.Namespace) -> int:
         if args.output_json is not None:
             args.output_json.write_text(json.dumps(report, indent=2))
 
+    model, preset = args.model, args.model_config
+    if model is None and preset is None:
+        preset, model = _default_model(engine_kwargs(args).get("device"))
     report = throughput.run(
-        model=args.model,
-        preset=args.model_config,
+        model=model,
+        preset=preset,
         batches=args.batch,
         input_len=args.input_len,
         output_len=args.output_len,

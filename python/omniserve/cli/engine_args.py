@@ -1,12 +1,16 @@
 """Command-line options for every engine setting, derived from `EngineConfig` so the two never drift.
 
-Each field becomes `--field-name`; the field's docstring is not reachable at run time, so the help
-text names the default and the accepted values.
+Each field becomes `--field-name`, its help the first sentence of the field's docstring in
+config.py (read from the source, the one place it is written) and its default.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import inspect
+import textwrap
 import typing
 from typing import Any
 
@@ -39,6 +43,35 @@ def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     raise TypeError(f"EngineConfig field of unsupported type {annotation!r}")
 
 
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each EngineConfig field's docstring (the string literal after its annotation), by name;
+    empty where the source is not shipped."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(EngineConfig)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _help(name: str, default: Any) -> str:
+    doc = field_docs().get(name, "")
+    first = doc.split(". ")[0].rstrip(".")
+    text = f"{first} (default: {default!r})" if first else f"default: {default!r}"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add `--model` and one option per EngineConfig field."""
     parser.add_argument(
@@ -54,7 +87,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             continue
         kind, extra = _option_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": None, "help": f"default: {field.default!r}", **extra}
+        kwargs: dict[str, Any] = {
+            "default": None,
+            "help": _help(field.name, field.default),
+            **extra,
+        }
         if kind is not None:
             kwargs["type"] = kind
         group.add_argument(flag, dest=field.name, **kwargs)

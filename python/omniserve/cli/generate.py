@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 
 from omniserve.cli.engine_args import add_engine_args, engine_kwargs
+from omniserve.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +38,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file is not None:
-        raw = args.prompts_file.read_text(encoding="utf-8")
-        if args.prompts_file.suffix == ".json":
-            prompts += msgspec.json.decode(raw, type=list[str])
+        path = args.prompts_file
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --prompts-file {path}: {exc}") from None
+        if path.suffix == ".json":
+            try:
+                prompts += msgspec.json.decode(raw, type=list[str])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ConfigError(
+                    f"--prompts-file {path} must be a JSON array of strings: {exc}"
+                ) from None
         else:
             prompts += [line for line in raw.splitlines() if line.strip()]
     if not prompts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 _COMMANDS = (
     "generate",
@@ -18,8 +19,16 @@ _COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every omniserve parser: no abbreviated long options (`--prompt` must not silently mean
+    `--prompts-file`). Subcommand parsers are built with the class of their parent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="omniserve",
         description="Quantized, sparse-attention LLM serving for Llama-family models.",
     )

@@ -9,6 +9,8 @@ tokens, pages and lifecycles.
 from __future__ import annotations
 
 import itertools
+import logging
+import operator
 import os
 import time
 from collections.abc import Sequence
@@ -33,8 +35,12 @@ from omniserve.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 
+logger = logging.getLogger(__name__)
+
 # The scheduler names its finish codes with the OpenAI reasons `FinishReason` lists.
 _FINISH_REASONS = cast(dict[int, FinishReason], _scheduler.FINISH_REASONS)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+"""The range of the scheduler's priority."""
 
 
 def bundled_model_path() -> Path:
@@ -150,7 +156,15 @@ class Engine:
         if request_id in self._ext_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"params must be a SamplingParams, got {type(params).__name__} "
+                "(SamplingParams.from_dict builds one from a dict)"
+            )
+        if not _INT64_MIN <= priority <= _INT64_MAX:
+            raise InvalidRequestError(f"priority must be a 64-bit integer, got {priority}")
         prompt_ids = self._prompt_ids(prompt)
+        self._check_lengths_and_ids(params, len(prompt_ids))
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError(
                 "stop strings need a tokenizer (engine runs with skip_tokenizer_init)"
@@ -239,7 +253,10 @@ class Engine:
         touched: list[_Request] = []
         for ext_id, token, sched_idx, code in zip(out_ids, out_tokens, out_sched, out_finish):
             req = self._requests[ext_id]
-            finished = self._append_token(req, token, result, k_of_sched[sched_idx], code, now)
+            try:
+                finished = self._append_token(req, token, result, k_of_sched[sched_idx], code, now)
+            except Exception as exc:  # this request's output failed; the others' go on
+                finished = self._fail(req, exc, ended=code != _scheduler.FINISH_NONE, now=now)
             if finished is not None:
                 outputs.append(finished)
             elif req.output_kind != "final":
@@ -274,15 +291,30 @@ class Engine:
             return self._finish(req, _FINISH_REASONS[code], token if stop_token else None, now)
         return None
 
+    def _fail(self, req: _Request, exc: Exception, *, ended: bool, now: float) -> RequestOutput:
+        """End `req` with finish reason "error" (freeing its pages unless the scheduler `ended`
+        it already): an error in one request's output handling is that request's, not the
+        engine's, whose scheduler and cache stay consistent."""
+        logger.exception("request %r failed; it ends with an error", req.request_id)
+        if not ended:
+            self._io.scheduler.finish(req.ext_id)
+        return self._finish(req, "error", None, now, error=f"{type(exc).__name__}: {exc}")
+
     def _progress(self, req: _Request, now: float) -> RequestOutput:
         return self._output(req, finished=False, reason=None, stop_reason=None, now=now)
 
     def _finish(
-        self, req: _Request, reason: FinishReason, stop_reason: str | int | None, now: float
+        self,
+        req: _Request,
+        reason: FinishReason,
+        stop_reason: str | int | None,
+        now: float,
+        error: str | None = None,
     ) -> RequestOutput:
         del self._requests[req.ext_id]
         del self._ext_ids[req.request_id]
-        return self._output(req, finished=True, reason=reason, stop_reason=stop_reason, now=now)
+        out = self._output(req, finished=True, reason=reason, stop_reason=stop_reason, now=now)
+        return out if error is None else msgspec.structs.replace(out, error=error)
 
     def _output(
         self,
@@ -384,13 +416,34 @@ class Engine:
         if self._dead is not None:
             raise EngineDeadError(f"engine failed earlier: {self._dead!r}")
 
+    def _check_lengths_and_ids(self, params: SamplingParams, prompt_len: int) -> None:
+        """What the scheduler and the sampler rely on, checked before either sees the request:
+        the tokens fit max_model_len, and every stop id is in the vocabulary."""
+        room = self.max_model_len - prompt_len
+        if room >= 1 and params.max_tokens > room:  # a prompt with no room: the scheduler's error
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} is more than the {room} tokens max_model_len "
+                f"{self.max_model_len} leaves after the {prompt_len}-token prompt"
+            )
+        vocab = self.runner.vocab_size
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("text prompts need a tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise InvalidRequestError(
+                    f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}"
+                ) from None
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.runner.vocab_size

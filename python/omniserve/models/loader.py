@@ -58,13 +58,25 @@ _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
 
 
-def load_hf_config(model_dir: str) -> PretrainedConfig:
-    """The checkpoint's config, refusing model types this project does not implement."""
-    path = Path(model_dir)
-    config_file = path / "config.json"
+def read_config_json(model_dir: str) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict; CheckpointError naming the file if it is missing
+    or not a JSON object."""
+    config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{model_dir}: no config.json (expected an HF checkpoint directory)")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def load_hf_config(model_dir: str) -> PretrainedConfig:
+    """The checkpoint's config, refusing model types this project does not implement."""
+    config_file = Path(model_dir) / "config.json"
+    raw = read_config_json(model_dir)
     model_type, archs = raw.get("model_type"), raw.get("architectures") or []
     if model_type not in MODEL_TYPES or any(a not in ARCHITECTURES for a in archs):
         raise CheckpointError(
@@ -88,7 +100,7 @@ def resolve_precision(
     ConfigError."""
     if is_qserve_checkpoint(model_dir):
         return qserve_precision(model_dir, requested)
-    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    raw = read_config_json(model_dir)
     if "quantization_config" in raw:
         stored = QuantizationConfig.from_json(raw["quantization_config"]).precision
         if requested is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import logging
 import re
 import time
 import uuid
@@ -52,6 +53,8 @@ from omniserve.outputs import RequestOutput, TokenLogprob
 from omniserve.sampling_params import SamplingParams
 from omniserve.server import protocol as p
 from omniserve.server.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -267,10 +270,42 @@ def _usage(out: RequestOutput) -> p.Usage:
     )
 
 
-async def _decode(request: Request, kind: type[T]) -> T:
-    body = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 once it passes `limit` bytes (by its Content-Length, before reading it,
+    or while reading a chunked one): nothing larger is held or parsed."""
+    declared = request.headers.get("content-length")
+    too_large = APIError(
+        413, f"the request body is larger than {limit:,} bytes (--max-request-bytes)"
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def _decode(request: Request, kind: type[T], allow_unknown_fields: bool, max_bytes: int) -> T:
+    """The body as `kind`. A top-level field `kind` does not declare (a misspelt `max_token`
+    would otherwise be dropped and its default used) is a 400 naming it, as OpenAI answers, or,
+    with `allow_unknown_fields`, dropped with a warning."""
+    body = await _read_body(request, max_bytes)
     try:
-        return msgspec.json.decode(body, type=kind)
+        data = msgspec.json.decode(body)
+        if isinstance(data, dict):
+            unknown = sorted(data.keys() - set(kind.__struct_fields__))  # type: ignore[attr-defined]
+            if unknown and not allow_unknown_fields:
+                raise APIError(
+                    400,
+                    f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                    param=unknown[0],
+                )
+            if unknown:
+                logger.warning("dropping unknown request fields %s", ", ".join(unknown))
+                data = {k: v for k, v in data.items() if k not in unknown}
+        return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         match = _PARAM_RE.search(str(exc))
         param = match and (match.group(1) or match.group(2))
@@ -321,6 +356,13 @@ def _completion_prompt(prompt: str | list[Any]) -> str | list[int]:
     )
 
 
+def _max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token's text can have: a vocabulary entry's length bounds it
+    (byte-level entries spell one character per byte, and a character takes at least one), so a
+    text of n characters needs at least n / this many tokens."""
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+
+
 def _message_text(message: p.ChatMessage) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
@@ -358,10 +400,27 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 class OpenAIServer:
     """The endpoints, bound to one engine and one served model name."""
 
-    def __init__(self, engine: AsyncEngine, *, model_name: str, api_key: str | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        model_name: str,
+        api_key: str | None,
+        allow_unknown_fields: bool = False,
+        chat_template: str | None = None,
+        max_request_bytes: int = p.DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
+        self.allow_unknown_fields = allow_unknown_fields
+        self.chat_template = chat_template
+        self.max_request_bytes = max_request_bytes
+        self._max_prompt_chars = (
+            None
+            if engine.tokenizer is None
+            else engine.max_model_len * _max_token_chars(engine.tokenizer)
+        )
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         tokenizer = engine.tokenizer
@@ -428,6 +487,7 @@ class OpenAIServer:
         try:
             first = await _unless_disconnected(request, anext(gen))
         except _ClientGone:
+            timer.cancelled()
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         except OmniserveError as exc:
             raise _engine_error(exc) from None
@@ -464,6 +524,7 @@ class OpenAIServer:
             error = _engine_error(exc)
             yield _sse(p.ErrorResponse(p.ErrorInfo(error.message, "server_error")))
         finally:
+            timer.cancelled()  # a no-op unless the client left before the last output
             await gen.aclose()
         yield _DONE
 
@@ -487,7 +548,9 @@ class OpenAIServer:
         return Response(p.ENCODER.encode(card), media_type="application/json")
 
     async def completions(self, request: Request) -> Response:
-        req = await _decode(request, p.CompletionRequest)
+        req = await _decode(
+            request, p.CompletionRequest, self.allow_unknown_fields, self.max_request_bytes
+        )
         self._check_model(req.model)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
@@ -496,12 +559,16 @@ class OpenAIServer:
         if req.best_of not in (None, 1):
             raise APIError(400, "best_of must be 1", param="best_of")
         prompt = _completion_prompt(req.prompt)
+        if isinstance(prompt, str) and self.engine.tokenizer is not None:
+            prompt = await self._tokenize(prompt)
         params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
         renderer = _CompletionRenderer(self.model_name, self._token_text)
         return await self._respond(request, req, prompt, params, renderer)
 
     async def chat_completions(self, request: Request) -> Response:
-        req = await _decode(request, p.ChatRequest)
+        req = await _decode(
+            request, p.ChatRequest, self.allow_unknown_fields, self.max_request_bytes
+        )
         self._check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
@@ -511,7 +578,8 @@ class OpenAIServer:
             )
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        prompt = self._chat_prompt(req.messages)
+        text = await asyncio.to_thread(self._chat_text, req.messages)
+        prompt = await self._tokenize(text, special_tokens=False, param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:  # OpenAI's default for chat: as much as the context allows
             max_tokens = max(1, self.engine.max_model_len - len(prompt))
@@ -520,13 +588,39 @@ class OpenAIServer:
         renderer = _ChatRenderer(self.model_name, self._token_text)
         return await self._respond(request, req, prompt, params, renderer)
 
-    def _chat_prompt(self, messages: list[p.ChatMessage]) -> list[int]:
-        """Render the tokenizer's chat template and tokenize it here, so the template's own special
-        tokens are not doubled by the tokenizer's."""
+    async def _tokenize(
+        self, text: str, *, special_tokens: bool = True, param: str = "prompt"
+    ) -> list[int]:
+        """Token ids of `text` as the engine would encode it, in a worker thread: neither the event
+        loop nor the engine's step thread waits on a long prompt. A text with more characters
+        than max_model_len tokens can hold is refused without tokenizing it."""
+        assert self._max_prompt_chars is not None
+        if len(text) > self._max_prompt_chars:
+            raise APIError(
+                400,
+                f"the prompt has {len(text):,} characters, more than {self.engine.max_model_len} "
+                f"tokens (max_model_len) can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
+        encode = self.engine.tokenizer.encode
+        return await asyncio.to_thread(encode, text, add_special_tokens=special_tokens)
+
+    def _chat_text(self, messages: list[p.ChatMessage]) -> str:
+        """The conversation rendered by the chat template (`--chat-template`, else the
+        tokenizer's); it carries its own special tokens, so it is tokenized without adding any."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise APIError(
                 400, "this model runs without a tokenizer: use /v1/completions with token ids"
+            )
+        template = self.chat_template or tokenizer.chat_template
+        if template is None:
+            raise APIError(
+                400,
+                "this model has no chat template (none in its tokenizer_config.json): start the "
+                "server with --chat-template FILE, or use /v1/completions",
+                param="messages",
             )
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
@@ -539,14 +633,15 @@ class OpenAIServer:
                 entry["name"] = m.name
             conversation.append(entry)
         try:
-            text = tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
+            return str(
+                tokenizer.apply_chat_template(
+                    conversation, chat_template=template, tokenize=False, add_generation_prompt=True
+                )
             )
-        except Exception as exc:  # no template, or the template rejects the conversation
+        except Exception as exc:  # the template rejects the conversation
             raise APIError(
                 400, f"cannot apply the model's chat template: {exc}", param="messages"
             ) from None
-        return tokenizer.encode(text, add_special_tokens=False)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -557,9 +652,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     ).response()
 
 
-def create_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = None) -> Starlette:
+def create_app(
+    engine: AsyncEngine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    allow_unknown_fields: bool = False,
+    chat_template: str | None = None,
+    max_request_bytes: int = p.DEFAULT_MAX_REQUEST_BYTES,
+) -> Starlette:
     """The ASGI app. Its lifespan starts the engine and, at shutdown, aborts whatever the server's
-    own drain (uvicorn's `timeout_graceful_shutdown`) left running and stops the engine thread."""
+    own drain (uvicorn's `timeout_graceful_shutdown`) left running and stops the engine thread.
+    `allow_unknown_fields`: drop (and log) request fields the server does not know, instead of
+    answering 400; `chat_template`: a Jinja chat template replacing the tokenizer's;
+    `max_request_bytes`: larger bodies get 413."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -567,7 +673,14 @@ def create_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = No
         yield
         await engine.shutdown()
 
-    server = OpenAIServer(engine, model_name=model_name, api_key=api_key)
+    server = OpenAIServer(
+        engine,
+        model_name=model_name,
+        api_key=api_key,
+        allow_unknown_fields=allow_unknown_fields,
+        chat_template=chat_template,
+        max_request_bytes=max_request_bytes,
+    )
     return Starlette(
         routes=server.routes(), lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )

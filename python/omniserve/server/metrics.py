@@ -124,12 +124,13 @@ class RequestTimer:
     taken when outputs reach the handler, from when it submitted the request: the latency a client
     sees, minus the network."""
 
-    __slots__ = ("_last", "_metrics", "_start", "_tokens")
+    __slots__ = ("_ended", "_last", "_metrics", "_start", "_tokens")
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
         self._start = self._last = time.monotonic()
         self._tokens = 0
+        self._ended = False
 
     def observe(self, out: RequestOutput) -> None:
         m = self._metrics
@@ -150,9 +151,19 @@ class RequestTimer:
             self._tokens = out.num_generated_tokens
             self._last = now
         if out.finished:
-            m.e2e.observe(now - self._start)
-            reason = out.finish_reason or "unknown"
-            m.finished[reason] = m.finished.get(reason, 0) + 1
+            self._end(out.finish_reason or "unknown", now)
+
+    def cancelled(self) -> None:
+        """The client went away before the request's last output (the engine aborts it, and
+        its final output reaches nobody): counted as finished with reason "abort"."""
+        if not self._ended:
+            self._end("abort", time.monotonic())
+
+    def _end(self, reason: str, now: float) -> None:
+        m = self._metrics
+        self._ended = True
+        m.e2e.observe(now - self._start)
+        m.finished[reason] = m.finished.get(reason, 0) + 1
 
 
 class ServerMetrics:

@@ -1,8 +1,10 @@
 """OpenAI wire format: request bodies (decoded and validated by msgspec) and response objects.
 
-Only what the server acts on is declared; unknown request fields are ignored, as OpenAI's own
-clients add new fields faster than servers follow. Value ranges are checked once, by
-`SamplingParams`, so the rules live in one place.
+Only what the server acts on is declared. A top-level request field not declared here is refused
+(OpenAI's "Unrecognized request argument" 400), so that a misspelt option is never silently
+replaced by its default; `serve --allow-unknown-fields` drops such fields with a warning instead,
+for clients that send newer fields. Value ranges are checked once, by `SamplingParams` and the
+engine's intake, so the rules live in one place.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
+
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+"""Largest request body read by default (8 MiB): a 128K-token prompt is about 0.5 MB of text, or
+1 MB as JSON token ids."""
 
 NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]

@@ -131,7 +131,8 @@ def write_model_card(directory: Path, log: dict) -> None:
 A small Llama-architecture model trained by omniserve's own script, shipped inside the package as
 the default model of `omniserve generate` and as the accuracy yardstick for quantization and sparse
 attention. It writes Python and retrieves a passkey hidden in long filler text; it is not a chat or
-general-purpose model.
+general-purpose model. Its chat template (so that `/v1/chat/completions` works on it) renders a
+conversation as Python comment lines and lets the model continue with code.
 
 ## Model
 

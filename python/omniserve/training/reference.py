@@ -149,7 +149,9 @@ def compute_reference(
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", type=Path, help="model directory with heldout.txt")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

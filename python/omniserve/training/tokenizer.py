@@ -69,6 +69,16 @@ def encode_documents(
     return np.concatenate(parts)
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "# {{ message['role'] }}: {{ message['content'] | replace('\\n', '\\n# ') }}\n"
+    "{% endfor %}{% if add_generation_prompt %}# assistant:\n{% endif %}"
+)
+"""The chat template the model ships with. It was trained on Python, not on conversations, so a
+conversation becomes what it knows: comment lines (`# user: ...`), then `# assistant:` and the
+code it writes."""
+
+
 def save_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) -> None:
     """`tokenizer.json` + `tokenizer_config.json`, loadable by `AutoTokenizer` in transformers 4.x/5.x.
 
@@ -83,6 +93,7 @@ def save_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) -> No
         "pad_token": PAD,
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
         "added_tokens_decoder": {
             str(i): {
                 "content": t,
