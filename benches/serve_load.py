@@ -36,7 +36,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -205,13 +205,16 @@ def _engine_flags(options: dict[str, Any]) -> list[str]:
 
 
 @contextmanager
-def serve(args: argparse.Namespace, options: dict[str, Any]) -> Iterator[str]:
-    """`omniserve serve` in a subprocess; yields its base URL once /health answers."""
+def serve(
+    args: argparse.Namespace, options: dict[str, Any], extra: Sequence[str] = ()
+) -> Iterator[tuple[str, int]]:
+    """`omniserve serve` (with `extra` server flags) in a subprocess; yields its base URL and
+    process id once /health answers."""
     port = _free_port()
     command = [
         sys.executable, "-m", "omniserve.cli.main", "serve", "--model", args.model,
         "--served-model-name", "bench", "--port", str(port), "--log-level", "warning",
-        "--max-queued-requests", "-1", *_engine_flags(options),
+        "--max-queued-requests", "-1", *extra, *_engine_flags(options),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "OMNISERVE_API_KEY"}
     if args.api_key:
@@ -231,7 +234,7 @@ def serve(args: argparse.Namespace, options: dict[str, Any]) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not become healthy within 300 s")
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGINT)  # graceful: drain, stop the engine thread
         try:
@@ -325,7 +328,7 @@ def main() -> int:
         model = args.served_model or served_model(args.url, args.api_key)
         result = asyncio.run(run_load(args, args.url, model, prompts))
     else:
-        with serve(args, options) as url:
+        with serve(args, options) as (url, _):
             result = asyncio.run(run_load(args, url, "bench", prompts))
     report: dict[str, Any] = {
         "setting": {

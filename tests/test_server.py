@@ -27,6 +27,7 @@ from omniserve.cli.engine_args import engine_kwargs
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.engine import EngineStats
 from omniserve.server.app import create_app
+from omniserve.server.serving import DrainingServer
 from tiny_models import VOCAB_SIZE, save_servable
 
 MODEL = "tiny-llama"
@@ -46,13 +47,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 with an ephemeral port, in a background thread."""
 
-    def __init__(self, engine: AsyncEngine, app: Starlette, **config: Any) -> None:
+    def __init__(self, engine: AsyncEngine, app: Starlette, drain: float = 0.0) -> None:
         self.engine = engine
         self.app = app
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+        config = uvicorn.Config(app, log_level="warning")
+        self.server = DrainingServer(config, engine, drain)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
         )
@@ -77,12 +79,13 @@ class ServerThread:
 
 
 def start_server(
-    model_dir: Path, app_options: dict[str, Any] | None = None, **config: Any
+    model_dir: Path, app_options: dict[str, Any] | None = None, drain: float = 0.0
 ) -> ServerThread:
-    """`app_options`: `create_app`'s keyword arguments beyond the model name and the key."""
+    """`app_options`: `create_app`'s keyword arguments beyond the model name and the key;
+    `drain`: the seconds `omniserve serve --shutdown-timeout` gives in-flight requests."""
     engine = AsyncEngine.from_pretrained(model_dir, max_queued_requests=1000, **ENGINE_OPTIONS)
     app = create_app(engine, model_name=MODEL, api_key=API_KEY, **(app_options or {}))
-    return ServerThread(engine, app, **config)
+    return ServerThread(engine, app, drain)
 
 
 @pytest.fixture(scope="module")
@@ -633,7 +636,9 @@ def test_engine_failure_is_reported_not_hung(model_dir: Path) -> None:
 
 
 async def test_graceful_shutdown_drains_then_aborts(model_dir: Path) -> None:
-    srv = start_server(model_dir, timeout_graceful_shutdown=1.5)
+    """Requests that finish within the drain finish; the rest are aborted and still answered in
+    OpenAI's shape (an SSE error event and [DONE]; a 503), never a cut connection."""
+    srv = start_server(model_dir, drain=1.5)
     real_step = srv.engine.engine.step
 
     def slow_step() -> Any:  # 20 ms per step: the long request cannot finish within the drain
@@ -656,11 +661,16 @@ async def test_graceful_shutdown_drains_then_aborts(model_dir: Path) -> None:
         started = [asyncio.Event(), asyncio.Event()]
         short = asyncio.create_task(consume(20, started[0]))
         long = asyncio.create_task(consume(400, started[1]))
+        whole = asyncio.create_task(
+            client.completions.create(prompt="Hello", max_tokens=400, extra_body=LONG, **greedy())
+        )
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
         stopping = asyncio.create_task(asyncio.to_thread(srv.stop))
         assert await asyncio.wait_for(short, 10) == "length"  # drained
-        long_result = await asyncio.gather(long, return_exceptions=True)
-        assert long_result[0] != "length"  # cut off: an error, or a stream without a finish
+        cut, refused = await asyncio.gather(long, whole, return_exceptions=True)
+        assert isinstance(cut, openai.APIError) and "shutting down" in str(cut), cut
+        assert isinstance(refused, openai.APIStatusError) and refused.status_code == 503
+        assert "shutting down" in str(refused)
         await asyncio.wait_for(stopping, 30)
     assert not srv.engine.is_running
     assert srv.engine._thread is not None and not srv.engine._thread.is_alive()

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from omniserve.engine.async_engine import AsyncEngine
     from omniserve.server.app import create_app
+    from omniserve.server.serving import DrainingServer
 
     key, name = api_key(args), served_model_name(args)
     template = None
@@ -124,12 +125,6 @@ def run(args: argparse.Namespace) -> int:
         chat_template=template,
         max_request_bytes=args.max_request_bytes,
     )
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    DrainingServer(config, engine, drain=args.shutdown_timeout).run()
     return 0

@@ -9,9 +9,9 @@ Stack: **Starlette used directly, served by uvicorn.**
   (that is how a vanished client aborts its request), and lifespan events (start the engine thread,
   drain and stop it), which is all this server needs. aiohttp would work too, but it is its own
   server rather than an ASGI app, so it could not be mounted into users' ASGI services.
-- uvicorn is the reference ASGI server: graceful shutdown with a drain timeout
-  (`timeout_graceful_shutdown`), binding to a pre-made socket (tests use an ephemeral port), and it
-  picks up uvloop/httptools when installed.
+- uvicorn is the reference ASGI server: binding to a pre-made socket (tests use an ephemeral
+  port), uvloop/httptools when installed; `server/serving.py` orders its shutdown after the
+  engine's drain, so that aborted requests are still answered.
 
 Streaming uses OpenAI's server-sent-events framing exactly: `data: {json}\\n\\n` per chunk and
 `data: [DONE]\\n\\n` at the end. Errors use OpenAI's shape, `{"error": {"message", "type", "param",
@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 
+_SHUTTING_DOWN = "the request was aborted: the server is shutting down"
 _CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # The top-level field a msgspec validation error is about: "... - at `$.field...`", or a
 # missing top-level field (reported without a path).
@@ -356,6 +357,10 @@ def _completion_prompt(prompt: str | list[Any]) -> str | list[int]:
     )
 
 
+def _failed(out: RequestOutput) -> str:
+    return f"generation failed: {out.error}"
+
+
 def _max_token_chars(tokenizer: Any) -> int:
     """The most characters one token's text can have: a vocabulary entry's length bounds it
     (byte-level entries spell one character per byte, and a character takes at least one), so a
@@ -497,9 +502,9 @@ class OpenAIServer:
         await gen.aclose()
         timer.observe(first)
         if first.finish_reason == "abort":
-            raise APIError(503, "the request was aborted: the server is shutting down")
+            raise APIError(503, _SHUTTING_DOWN)
         if first.finish_reason == "error":
-            raise APIError(500, f"generation failed: {first.error}")
+            raise APIError(500, _failed(first))
         return Response(p.ENCODER.encode(renderer.response(first)), media_type="application/json")
 
     async def _events(
@@ -518,7 +523,10 @@ class OpenAIServer:
                 if out.finished:
                     break
                 out = await anext(gen)
-            if include_usage:
+            if out.finish_reason in ("abort", "error"):  # say why in-band, as the 503 / 500 do
+                why = _SHUTTING_DOWN if out.finish_reason == "abort" else _failed(out)
+                yield _sse(p.ErrorResponse(p.ErrorInfo(why, "server_error")))
+            elif include_usage:
                 yield _sse(renderer.usage_chunk(_usage(out)))
         except OmniserveError as exc:  # the engine died mid-stream: say so in-band, as OpenAI does
             error = _engine_error(exc)
@@ -661,8 +669,8 @@ def create_app(
     chat_template: str | None = None,
     max_request_bytes: int = p.DEFAULT_MAX_REQUEST_BYTES,
 ) -> Starlette:
-    """The ASGI app. Its lifespan starts the engine and, at shutdown, aborts whatever the server's
-    own drain (uvicorn's `timeout_graceful_shutdown`) left running and stops the engine thread.
+    """The ASGI app. Its lifespan starts the engine and, at shutdown, aborts whatever is still
+    running and stops the engine thread (`serving.DrainingServer` drains before that).
     `allow_unknown_fields`: drop (and log) request fields the server does not know, instead of
     answering 400; `chat_template`: a Jinja chat template replacing the tokenizer's;
     `max_request_bytes`: larger bodies get 413."""
