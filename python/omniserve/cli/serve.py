@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -126,5 +127,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    DrainingServer(config, engine, drain=args.shutdown_timeout).run()
+    # uvicorn re-raises SIGINT once its (graceful) shutdown is done: not an error here.
+    with contextlib.suppress(KeyboardInterrupt):
+        DrainingServer(config, engine, drain=args.shutdown_timeout).run()
     return 0

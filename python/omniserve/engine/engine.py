@@ -298,23 +298,21 @@ class Engine:
         logger.exception("request %r failed; it ends with an error", req.request_id)
         if not ended:
             self._io.scheduler.finish(req.ext_id)
-        return self._finish(req, "error", None, now, error=f"{type(exc).__name__}: {exc}")
+        # Popped, not deleted: the failure may have come after `_finish` removed it.
+        self._requests.pop(req.ext_id, None)
+        self._ext_ids.pop(req.request_id, None)
+        out = self._output(req, finished=True, reason="error", stop_reason=None, now=now)
+        return msgspec.structs.replace(out, error=f"{type(exc).__name__}: {exc}")
 
     def _progress(self, req: _Request, now: float) -> RequestOutput:
         return self._output(req, finished=False, reason=None, stop_reason=None, now=now)
 
     def _finish(
-        self,
-        req: _Request,
-        reason: FinishReason,
-        stop_reason: str | int | None,
-        now: float,
-        error: str | None = None,
+        self, req: _Request, reason: FinishReason, stop_reason: str | int | None, now: float
     ) -> RequestOutput:
         del self._requests[req.ext_id]
         del self._ext_ids[req.request_id]
-        out = self._output(req, finished=True, reason=reason, stop_reason=stop_reason, now=now)
-        return out if error is None else msgspec.structs.replace(out, error=error)
+        return self._output(req, finished=True, reason=reason, stop_reason=stop_reason, now=now)
 
     def _output(
         self,
@@ -436,7 +434,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("text prompts need a tokenizer; pass token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, verbose=False)  # the length is checked below
         else:
             try:
                 ids = [operator.index(t) for t in prompt]

@@ -612,7 +612,11 @@ class OpenAIServer:
                 code="context_length_exceeded",
             )
         encode = self.engine.tokenizer.encode
-        return await asyncio.to_thread(encode, text, add_special_tokens=special_tokens)
+        # verbose=False: a prompt past the tokenizer's model_max_length is the scheduler's to
+        # refuse, not a warning in the server log.
+        return await asyncio.to_thread(
+            encode, text, add_special_tokens=special_tokens, verbose=False
+        )
 
     def _chat_text(self, messages: list[p.ChatMessage]) -> str:
         """The conversation rendered by the chat template (`--chat-template`, else the
