@@ -55,13 +55,16 @@ EXPECTED_STATUS = {
 }
 
 
-def _metric(text: str, name: str) -> float:
+DENSE_PAGES = 'omniserve_kv_pages_used{pool="dense"}'
+RUNNING = "omniserve_requests_running"
+
+
+def _metric(text: str, series: str) -> float:
+    """The value of one series (name and labels, as exposed) in a /metrics page."""
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            if name + "{" in line and 'pool="dense"' not in line:
-                continue
+        if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    raise KeyError(series)
 
 
 def _rss_mib(pid: int) -> float:
@@ -170,8 +173,8 @@ async def soak(args: argparse.Namespace, url: str, pid: int, vocab: int, max_len
                     {
                         "t_s": round(time.monotonic() - start, 1),
                         "rss_mib": round(_rss_mib(pid), 1),
-                        "dense_pages_used": _metric(text, "omniserve_kv_pages_used"),
-                        "running": _metric(text, "omniserve_requests_running"),
+                        "dense_pages_used": _metric(text, DENSE_PAGES),
+                        "running": _metric(text, RUNNING),
                     }
                 )
                 print(samples[-1], flush=True)
@@ -182,7 +185,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int, vocab: int, max_len
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         for _ in range(600):  # idle: the dropped streams' aborts have landed
             text = (await http.get("/metrics")).text
-            if _metric(text, "omniserve_requests_running") == 0:
+            if _metric(text, RUNNING) == 0:
                 break
             await asyncio.sleep(0.1)
         health = (await http.get("/health")).status_code
@@ -194,7 +197,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int, vocab: int, max_len
         "outcomes": {f"{k} -> {o}": n for (k, o), n in sorted(s.outcomes.items())},
         "lost": len(s.lost),
         "lost_examples": s.lost[:20],
-        "dense_pages_used_at_end": _metric(text, "omniserve_kv_pages_used"),
+        "dense_pages_used_at_end": _metric(text, DENSE_PAGES),
         "health_at_end": health,
         "rss_mib_first_quarter_end": steady[0],
         "rss_mib_last": steady[-1],
