@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from omniserve.engine.engine import Engine, bundled_model_path
+from omniserve.bench.sparsity_accuracy import add_common_args, engine_options, ints, write_json
+from omniserve.engine.engine import Engine
 from omniserve.eval.niah import run_niah
 from omniserve.eval.perplexity import read_text
 from omniserve.layers.sampler import SampleResult
@@ -129,45 +130,19 @@ def decode_perplexity(
     }
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", type=Path, default=bundled_model_path())
-    p.add_argument("--pattern", type=Path, default=None, help="default: the model's attn_pattern/")
-    p.add_argument("--budgets", type=_ints, default=[1024, 512], help="token budgets (kv_head)")
-    p.add_argument("--static-sparsity", type=float, default=0.5)
+    add_common_args(p)
+    p.add_argument("--budgets", type=ints, default=[1024, 512], help="token budgets (kv_head)")
     p.add_argument("--selector-interval", type=int, default=4)
-    p.add_argument("--windows", type=_ints, default=[64, 512, 64, 256], help="sinks and locals")
-    p.add_argument("--niah-lengths", type=_ints, default=[1024, 2048, 4096, 8000])
-    p.add_argument("--niah-depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--niah-samples", type=int, default=4)
     p.add_argument("--ppl-seq-len", type=int, default=8000, help="tokens per perplexity window")
     p.add_argument("--ppl-decode", type=int, default=512, help="its last tokens, forced in decode")
     p.add_argument("--ppl-windows", type=int, default=4)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--output", type=Path, default=None, help="JSON file (and the .md beside it)")
     args = p.parse_args()
 
     text = read_text(args.model / "heldout.txt")
-    prefill_sink, prefill_local, decode_sink, decode_local = args.windows
-    common: dict[str, Any] = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_num_batched_tokens": 8192,
-        "selector_interval": args.selector_interval,
-        "prefill_sink_tokens": prefill_sink,
-        "prefill_local_tokens": prefill_local,
-        "decode_sink_tokens": decode_sink,
-        "decode_local_tokens": decode_local,
-    }
+    common = {**engine_options(args), "selector_interval": args.selector_interval}
     results: list[dict[str, Any]] = []
 
     def evaluate(name: str, **options: Any) -> None:
@@ -205,8 +180,7 @@ def main() -> None:
     table = markdown_table(results, args.niah_lengths)
     print("\n" + table)
     if args.output:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.output.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+        write_json(args.output, args, results)
         args.output.with_suffix(".md").write_text(markdown(args, results, table))
 
 

@@ -19,49 +19,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omniserve.engine.engine import Engine, bundled_model_path
+from omniserve.bench.sparsity_accuracy import add_common_args, engine_options, ints, write_json
+from omniserve.engine.engine import Engine
 from omniserve.eval.niah import run_niah
 from omniserve.eval.perplexity import perplexity, read_text
 from omniserve.formats.head_pattern import random_gates, save_head_pattern
 from omniserve.runner.streaming import PATTERN_DIR
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", type=Path, default=bundled_model_path())
-    p.add_argument("--pattern", type=Path, default=None, help="default: the model's attn_pattern/")
-    p.add_argument("--static-sparsity", type=float, default=0.5)
-    p.add_argument("--random-seeds", type=_ints, default=[0, 1, 2])
-    p.add_argument("--windows", type=_ints, default=[64, 512, 64, 256], help="sinks and locals")
-    p.add_argument("--niah-lengths", type=_ints, default=[1024, 2048, 4096, 8000])
-    p.add_argument("--niah-depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--niah-samples", type=int, default=4)
+    add_common_args(p)
+    p.add_argument("--random-seeds", type=ints, default=[0, 1, 2])
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--max-windows", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--output", type=Path, default=None, help="JSON file")
     args = p.parse_args()
 
     text = read_text(args.model / "heldout.txt")
-    prefill_sink, prefill_local, decode_sink, decode_local = args.windows
-    common: dict[str, Any] = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_num_batched_tokens": 8192,
-        "prefill_sink_tokens": prefill_sink,
-        "prefill_local_tokens": prefill_local,
-        "decode_sink_tokens": decode_sink,
-        "decode_local_tokens": decode_local,
-    }
+    prefill_sink, prefill_local = args.windows[:2]
+    common = engine_options(args)
     results: list[dict[str, Any]] = []
 
     def evaluate(name: str, **options: Any) -> None:
@@ -97,8 +74,7 @@ def main() -> None:
         cells = " | ".join(f"{a:.2f}" for a in by_length)
         print(f"| {r['system']} | {r['perplexity']:.3f} | {r['niah']['overall']:.3f} | {cells} |")
     if args.output:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.output.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+        write_json(args.output, args, results)
 
 
 def _shape(model: Path) -> tuple[int, int]:

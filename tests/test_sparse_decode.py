@@ -156,11 +156,18 @@ def test_a_budget_covering_every_context_is_bit_equal_to_dense(
     model: tuple[Path, torch.nn.Module], kv_cache_dtype: str
 ) -> None:
     path, _ = model
-    prompts = _prompts(1, (150, 60, 33))
     options = {"kv_cache_dtype": kv_cache_dtype, "max_num_batched_tokens": 40}
+    sparse = _assert_a_covering_budget_equals_dense(path, _prompts(1, (150, 60, 33)), options)
+    assert sparse.runner.selection is not None, "selection on: the budget is under max_model_len"
+
+
+def _assert_a_covering_budget_equals_dense(
+    path: Path, prompts: list[list[int]], options: dict[str, object]
+) -> Engine:
+    """Greedy tokens and logprobs of a 12-page budget (more than any of `prompts` reaches) equal
+    those of dense decode, bit for bit; returns the selecting engine."""
     params = _greedy(24, logprobs=3)
     sparse = _engine(path, token_budget=12 * PAGE, **options)
-    assert sparse.runner.selection is not None, "selection on: the budget is under max_model_len"
     dense = _engine(path, sparse_decode=False, **options)
     for s, d in zip(
         sparse.generate(prompts, params, use_tqdm=False),
@@ -169,6 +176,7 @@ def test_a_budget_covering_every_context_is_bit_equal_to_dense(
     ):
         assert s.token_ids == d.token_ids
         assert s.logprobs == d.logprobs
+    return sparse
 
 
 def test_a_short_request_beside_a_long_one_gets_its_dense_result(
@@ -384,15 +392,7 @@ def test_gpu_budget_covering_every_context_is_bit_equal_to_dense(
         "kv_cache_dtype": kv_cache_dtype,
         "enforce_eager": True,
     }
-    prompts = _prompts(8, (150, 60, 33))
-    params = _greedy(24, logprobs=3)
-    sparse = _engine(tmp_path / "m", token_budget=12 * PAGE, **options)
+    sparse = _assert_a_covering_budget_equals_dense(
+        tmp_path / "m", _prompts(8, (150, 60, 33)), options
+    )
     assert sparse.runner.kernels.decode_attention.kernel and sparse.runner.selection is not None
-    dense = _engine(tmp_path / "m", sparse_decode=False, **options)
-    for s, d in zip(
-        sparse.generate(prompts, params, use_tqdm=False),
-        dense.generate(prompts, params, use_tqdm=False),
-        strict=True,
-    ):
-        assert s.token_ids == d.token_ids
-        assert s.logprobs == d.logprobs

@@ -93,8 +93,8 @@ _OWN_OPTIONS = {
 _GIB = 1 << 30
 
 
-class LengthResult(msgspec.Struct, frozen=True):
-    """One (system, mode, batch, prompt length) measurement."""
+class _Point(msgspec.Struct, frozen=True):
+    """A (system, mode, batch, prompt length) of the run."""
 
     precision: str
     group_size: int
@@ -102,6 +102,11 @@ class LengthResult(msgspec.Struct, frozen=True):
     mode: Mode
     batch: int
     prompt_len: int
+
+
+class LengthResult(_Point, frozen=True):
+    """One measurement."""
+
     decode_tokens: int
     ttft_s: float
     """From adding the batch to the first token of its last request."""
@@ -115,15 +120,9 @@ class LengthResult(msgspec.Struct, frozen=True):
     stream_pages_used: int
 
 
-class Skipped(msgspec.Struct, frozen=True):
-    """A (system, mode, batch, prompt length) the engine's KV cache could not hold."""
+class Skipped(_Point, frozen=True):
+    """A point the engine's KV cache could not hold."""
 
-    precision: str
-    group_size: int
-    dtype: str
-    mode: Mode
-    batch: int
-    prompt_len: int
     pages_needed: int
     """Dense pages the batch may hold at most (its prompts, decode and prefill headroom)."""
     pages_usable: int
@@ -163,15 +162,9 @@ class EngineInfo(msgspec.Struct, frozen=True):
     """GPU memory torch still held after the engine was deleted (None on CPU; expected ~0)."""
 
 
-class ModeVsDense(msgspec.Struct, frozen=True):
-    """One mode over dense at one batch size and prompt length, for one system."""
+class ModeVsDense(_Point, frozen=True):
+    """One mode over dense at one point."""
 
-    precision: str
-    group_size: int
-    dtype: str
-    mode: Mode
-    batch: int
-    prompt_len: int
     ttft_speedup: float
     """Dense TTFT / this mode's TTFT."""
     decode_speedup: float
@@ -643,7 +636,7 @@ def _report(setting: Setting, runs: Sequence[EngineRun], command: str) -> Report
     )
 
 
-def _system(row: LengthResult | ModeVsDense | Skipped) -> tuple[str, int, str]:
+def _system(row: _Point) -> tuple[str, int, str]:
     return row.precision, row.group_size, row.dtype
 
 
@@ -672,7 +665,7 @@ def to_json(report: Report) -> bytes:
     return msgspec.json.format(msgspec.json.encode(report), indent=2)
 
 
-def label(row: LengthResult | ModeVsDense | Skipped) -> str:
+def label(row: _Point) -> str:
     """A row's precision and (g128 only) group size, e.g. `w4a8kv4 g128`."""
     group = "" if row.group_size == PER_CHANNEL else f" g{row.group_size}"
     return f"{row.precision}{group}"

@@ -423,12 +423,14 @@ class Engine:
                 f"max_tokens {params.max_tokens} is more than the {room} tokens max_model_len "
                 f"{self.max_model_len} leaves after the {prompt_len}-token prompt"
             )
+        if (bad := self._outside_vocabulary(params.stop_token_ids)) is not None:
+            raise InvalidRequestError(f"stop_token_ids: token id {bad}")
+
+    def _outside_vocabulary(self, ids: Sequence[int]) -> str | None:
+        """'ID is outside the vocabulary [0, V)' for the first id of `ids` that is; else None."""
         vocab = self.runner.vocab_size
-        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})"
-            )
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        return None if bad is None else f"{bad} is outside the vocabulary [0, {vocab})"
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -444,12 +446,8 @@ class Engine:
                 ) from None
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        vocab = self.runner.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"prompt token id {bad} is outside the vocabulary [0, {vocab})"
-            )
+        if (bad := self._outside_vocabulary(ids)) is not None:
+            raise InvalidRequestError(f"prompt token id {bad}")
         return ids
 
 

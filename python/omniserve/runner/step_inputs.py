@@ -130,6 +130,8 @@ class StepInputBuilder:
         order = decode[torch.argsort(attended[decode], descending=True, stable=True)]
         sampled_idx = ((plan.flags & FLAG_NEEDS_LOGITS) != 0).nonzero().squeeze(1)
         prompt_lens = None if self.stream is None else self.stream.prompt_lens[plan.rows.long()]
+        # The decodes' views, in decode order (host; the device copy is the buffer's last parts).
+        select_host = None if select is None else [v[order] for v in select]
 
         parts = [
             plan.input_ids,
@@ -142,7 +144,7 @@ class StepInputBuilder:
             plan.page_updates.flatten(),
             plan.stream_updates.flatten(),
             *([] if prompt_lens is None else [prompt_lens]),
-            *([] if select is None else [v[order] for v in select]),
+            *(select_host or []),
         ]
         sizes = [p.numel() for p in parts]
         total = sum(sizes)
@@ -190,8 +192,8 @@ class StepInputBuilder:
         # Per decode, the positions its dense heads attend (its view's, with page selection).
         decode_ctx = attended[order].tolist()
         select_order = None
-        if select is not None:
-            select_order = ([v[order] for v in select], list(views[-5:]))
+        if select_host is not None:
+            select_order = (select_host, list(views[-len(select_host) :]))
         decode_batch = None
         if self.decode_kernel and decode_ctx:
             # int32 views straight from the step buffer: the kernel reads them as they are.
