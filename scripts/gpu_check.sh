@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU host: install the offline bundle, run the GPU tests, build the kernels, then
-# the throughput benchmark (bf16 and the quantized precisions) against HF transformers.
+# One call on a GPU host: install the offline bundle, run the GPU tests against the installed
+# package, build the kernels, then the throughput benchmark (bf16 and the quantized precisions)
+# against HF transformers.
 # Results (logs, JSON, PNG) go to $OUT (default ./gpu-results).
 #
 #   scripts/offline_bundle.sh .bundle 3.12      # on a machine with network and Rust
@@ -9,27 +10,26 @@ set -uo pipefail
 
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-site=/tmp/omniserve-site
-# The package runs from this checkout (python/), so the kernels find their sources in cuda/: the
-# bundle's omniserve wheel only lends its compiled scheduler; the other wheels are dependencies.
-deps=(); for w in .bundle/wheels/*.whl; do [[ $(basename "$w") == omniserve-* ]] || deps+=("$w"); done
-[ ${#deps[@]} -eq 0 ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${deps[@]}" || exit 1
-python3 - <<'PY' || exit 1
-import glob, zipfile
-wheel = glob.glob(".bundle/wheels/omniserve-*.whl")[0]
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        if name.startswith("omniserve/_scheduler") and name.endswith(".so"):
-            z.extract(name, "python")
-PY
-export PYTHONPATH="$site:python" PYTHONUNBUFFERED=1
+# The bundle installed as a user would: a fresh virtualenv over the image's torch, the omniserve
+# wheel (which carries the CUDA sources) and its dependencies. Everything below runs that
+# installed package, not the checkout's python/.
+venv=${VENV:-/tmp/omniserve-venv}
+rm -rf "$venv"
+python3 -m venv --system-site-packages --without-pip "$venv" || exit 1
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+# The image's pip (seen through the system site) installs into the active venv.
+python3 -m pip install -q --no-index --no-deps --no-compile .bundle/wheels/*.whl || exit 1
+python3 -P -c 'import omniserve, sys; sys.exit(not omniserve.__file__.startswith(sys.prefix))' ||
+    { echo "omniserve is not imported from $venv" >&2; exit 1; }
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 25
 batches=("$@")
 [ ${#batches[@]} -gt 0 ] || batches=(256)
-python3 -m omniserve.cli.main build-kernels 2>&1 | tee "$out/build-kernels.log" | tail -n 4
-python3 -m omniserve.cli.main bench throughput --model-config llama-3-8b --batch "${batches[@]}" \
+omniserve build-kernels 2>&1 | tee "$out/build-kernels.log" | tail -n 4
+omniserve bench throughput --model-config llama-3-8b --batch "${batches[@]}" \
     --input-len 1024 --output-len 512 --dtype bfloat16 \
     --precisions bf16 w4a8kv4 w4a8kv4:g128 w8a8kv8 \
     --output-json "$out/bench-throughput.json" --output-png "$out/bench-throughput.png" \

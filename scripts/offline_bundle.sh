@@ -5,13 +5,17 @@
 #
 # OUT_DIR (default .bundle) gets wheels/: the omniserve wheel (abi3: one build serves every
 # CPython >= 3.10) and binary wheels of the runtime dependencies that GPU images usually lack,
-# for the target's Python version (default 3.12) and manylinux x86_64. On the host:
+# for the target's Python version (default 3.12) and manylinux x86_64. On the host, into a
+# virtualenv that sees the image's torch:
 #
-#   pip install --no-index --no-deps --target /tmp/site OUT_DIR/wheels/*.whl
-#   PYTHONPATH=/tmp/site python -m omniserve.cli.main generate "def fib(n):"
+#   python3 -m venv --system-site-packages /opt/omniserve && source /opt/omniserve/bin/activate
+#   pip install --no-index --no-deps OUT_DIR/wheels/*.whl
+#   omniserve build-kernels            # optional: otherwise each kernel builds on first use
+#   omniserve generate "def fib(n):"
 #
-# The omniserve wheel carries no CUDA sources, so installed this way it runs the torch reference
-# ops; scripts/gpu_check.sh runs the checkout itself (python/ + cuda/) with these wheels instead.
+# The omniserve wheel carries the CUDA sources (omniserve/cuda/), so the installed package builds
+# its kernels with the host's nvcc and caches them per user (~/.cache/omniserve/kernels).
+# scripts/gpu_check.sh does exactly this and runs the GPU tests against the installed package.
 set -euo pipefail
 
 out=${1:-.bundle}

@@ -322,6 +322,57 @@ def test_a_failure_in_one_requests_output_ends_only_that_request(
     )
 
 
+def test_a_sampling_failure_confined_to_one_row_ends_only_that_request(
+    llama: tuple[Path, torch.nn.Module],
+) -> None:
+    """A fault in the batched sampler that only one request's row causes (at its 3rd token):
+    the batch is sampled again row by row, that request ends with "error", and the others get
+    the tokens and logprobs they get without the fault."""
+    path, hf = llama
+    prompts = _prompts()
+    bad_params = _greedy()
+    with_logprobs = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=2)
+    expected = _engine(path).generate(prompts[:1], with_logprobs, use_tqdm=False)[0]
+
+    engine = _engine(path)
+    sampler = engine.runner.sampler
+    bind, sample = sampler.bind_row, sampler.sample
+    bad_row: list[int] = []
+
+    def binding(row, params, *args):  # type: ignore[no-untyped-def]
+        if params is bad_params:
+            bad_row[:] = [row]
+        return bind(row, params, *args)
+
+    def faulty(logits, rows):  # type: ignore[no-untyped-def]
+        if bad_row and bad_row[0] in rows.tolist() and sampler._num_out[bad_row[0]] == 2:
+            raise RuntimeError("injected")
+        return sample(logits, rows)
+
+    sampler.bind_row, sampler.sample = binding, faulty  # type: ignore[method-assign]
+    engine.add_request("r0", prompts[0], with_logprobs)
+    engine.add_request("bad", prompts[1], bad_params)
+    for i in (2, 3):
+        engine.add_request(f"r{i}", prompts[i], _greedy())
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    bad = outs.pop("bad")
+    assert bad.finish_reason == "error" and bad.error == "RuntimeError: injected"
+    assert len(bad.token_ids) == 2
+    assert outs["r0"].token_ids == expected.token_ids
+    got, want = outs["r0"].logprobs, expected.logprobs
+    assert got is not None and want is not None
+    # Alone or in a batch of 4, the forward pass rounds differently (1e-6).
+    assert [[t for t, _ in lp.top] for lp in got] == [[t for t, _ in lp.top] for lp in want]
+    assert [v for lp in got for _, v in lp.top] == pytest.approx(
+        [v for lp in want for _, v in lp.top], abs=1e-4
+    )
+    for i in (2, 3):
+        assert outs[f"r{i}"].token_ids == hf_greedy(hf, prompts[i], NEW_TOKENS)
+    _assert_clean(engine)
+
+
 def test_config_and_checkpoint_errors_are_clear(
     llama: tuple[Path, torch.nn.Module], tmp_path: Path
 ) -> None:

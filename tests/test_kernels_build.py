@@ -4,6 +4,7 @@ why it cannot (the ops' choice of reference there: tests/test_kernels_dispatch.p
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,15 @@ def test_every_extension_has_its_sources() -> None:
     for ext in extensions:
         for source in ext.sources:
             assert (build.CUDA_SOURCE_DIR / source).is_file(), (ext.name, source)
+
+
+def test_the_sources_ship_inside_the_package() -> None:
+    """The wheel packs the package directory, so the kernels build from an installed package as
+    from a checkout, whose top-level cuda/ is a link to the same files (scripts/gpu_check.sh runs
+    the GPU tests against the installed wheel)."""
+    package = Path(str(resources.files("omniserve")))
+    assert package / "cuda" == build.CUDA_SOURCE_DIR
+    assert (package.parents[1] / "cuda").resolve() == build.CUDA_SOURCE_DIR.resolve()
 
 
 def test_unknown_extension_is_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -108,7 +108,7 @@ def test_greedy_decode_matches_hf_generate(pair: Pair) -> None:
     outputs: dict[int, list[int]] = {0: [], 1: [], 2: []}
 
     def run(plan: StepPlan) -> None:
-        idx, result, _ = pair.runner.execute(plan)
+        idx, result, *_ = pair.runner.execute(plan)
         assert result.token_ids.dtype == torch.int32
         for row, token in zip(plan.rows[idx].tolist(), result.token_ids.tolist()):
             outputs[row].append(token)

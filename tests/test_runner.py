@@ -62,7 +62,7 @@ def test_step_without_sampling(checkpoint: tuple[Path, torch.nn.Module]) -> None
     runner = _runner(checkpoint[0], num_kv_pages=20)
     runner.bind_row(0, SamplingParams(temperature=0.0), [5] * 20, [], [])
     plan = PagedRequests(16, 20).step([(0, [5] * 20)], needs_logits=[False])
-    sampled_idx, result, _ = runner.execute(plan)
+    sampled_idx, result, *_ = runner.execute(plan)
     assert sampled_idx.dtype == torch.int64 and sampled_idx.numel() == 0
     assert result.token_ids.numel() == 0
 

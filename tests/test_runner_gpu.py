@@ -87,7 +87,7 @@ def test_fp32_greedy_ids_equal_hf(checkpoint: tuple[Path, PreTrainedModel]) -> N
     outputs: dict[int, list[int]] = {row: [] for row in range(len(prompts))}
     plan = reqs.step(list(enumerate(prompts)))
     for _ in range(steps):
-        idx, result, _ = runner.execute(plan)
+        idx, result, *_ = runner.execute(plan)
         for row, token in zip(plan.rows[idx].tolist(), result.token_ids.tolist()):
             outputs[row].append(token)
         plan = reqs.step([(row, out[-1:]) for row, out in outputs.items()])
@@ -142,5 +142,5 @@ def test_llama3_8b_dummy(tmp_path: Path) -> None:
     _, logits = runner.compute_logits(plan)
     assert logits.isfinite().all()
     plan = reqs.step([(r, [7]) for r in range(32)])
-    idx, result, _ = runner.execute(plan)
+    idx, result, *_ = runner.execute(plan)
     assert idx.tolist() == list(range(32)) and result.token_ids.shape == (32,)

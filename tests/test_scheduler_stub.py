@@ -156,7 +156,15 @@ def test_engine_config_hands_over_the_scheduler_options() -> None:
     defaults = ext.SchedulerConfig.DEFAULTS
     config = EngineConfig(model="m")
     assert "page_size" in SCHEDULER_OPTIONS and "scheduling_policy" in SCHEDULER_OPTIONS
-    assert config.scheduler_options() == {name: defaults[name] for name in SCHEDULER_OPTIONS}
+    # `enable_prefix_caching` None: the engine decides (on unless streaming heads are).
+    decided = {"enable_prefix_caching"}
+    assert config.scheduler_options() == {
+        name: defaults[name] for name in SCHEDULER_OPTIONS if name not in decided
+    }
+    off = EngineConfig(model="m", enable_prefix_caching=False).scheduler_options()
+    assert off["enable_prefix_caching"] is False
+    with pytest.raises(ConfigError, match="enable_prefix_caching"):
+        EngineConfig(model="m", enable_prefix_caching=True, static_sparsity=0.5)
     # The scheduler options an engine user cannot set: the runner derives them (the streaming
     # pool's size and table layout, `ModelRunner.scheduler_options`).
     assert set(defaults) - set(SCHEDULER_OPTIONS) == {

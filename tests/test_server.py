@@ -518,6 +518,7 @@ def test_metrics(server: ServerThread, client: openai.OpenAI) -> None:
     )
     response, m = scrape(server)
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert m["process_resident_memory_bytes"] > 0 and "python_info" in response.text
     assert m["omniserve_requests_running"] == 0 and m["omniserve_requests_waiting"] == 0
     assert m['omniserve_kv_pages_total{pool="dense"}'] == server.engine.stats().dense_pages_total
     assert m['omniserve_kv_pages_used{pool="dense"}'] == 0
@@ -528,6 +529,33 @@ def test_metrics(server: ServerThread, client: openai.OpenAI) -> None:
         assert m[f'{hist}_bucket{{le="+Inf"}}'] == m[f"{hist}_count"] > 0
         assert m[f"{hist}_sum"] > 0
     assert m["omniserve_inter_token_latency_seconds_count"] >= 10  # 5 gaps per request
+
+
+def test_metrics_in_openmetrics_when_asked(server: ServerThread) -> None:
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Accept": "application/openmetrics-text; version=1.0.0",
+    }
+    response = httpx.get(server.url + "/metrics", headers=headers)
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")
+    assert "# TYPE omniserve_preemptions counter" in response.text
+
+
+def test_repeated_prompts_hit_the_prefix_cache(server: ServerThread, client: openai.OpenAI) -> None:
+    prompt = "the same long system prompt, " * 12  # several 16-token pages
+    before = scrape(server)[1]
+    texts = [
+        client.completions.create(prompt=prompt, max_tokens=4, extra_body=LONG, **greedy())
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    after = scrape(server)[1]
+    hits = after["omniserve_prefix_cache_hits_total"] - before["omniserve_prefix_cache_hits_total"]
+    queries = "omniserve_prefix_cache_queries_total"
+    assert hits >= 3 * 16 and after[queries] - before[queries] > hits
+    assert texts[0] == texts[1] and after["omniserve_prefix_cache_pages"] > 0
 
 
 def test_overloaded_queue_answers_503(server: ServerThread, client: openai.OpenAI) -> None:

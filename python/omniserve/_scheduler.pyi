@@ -68,7 +68,8 @@ class SchedulerConfig:
     every other field is an option with a default (`DEFAULTS`). Page 0 of each pool is the null
     page, so `num_dense_pages` counts it. `long_prefill_token_threshold` 0 means no per-request
     cap below the budget. The streaming pool is on when `num_stream_pages > 0`: each running
-    request then owns `stream_sink_pages + stream_local_pages + 1` pages of it."""
+    request then owns `stream_sink_pages + stream_local_pages + 1` pages of it.
+    `enable_prefix_caching` (a bool, on by default) needs the streaming pool off."""
 
     FIELDS: tuple[str, ...]
     DEFAULTS: dict[str, Any]  # each value has its field's type
@@ -88,14 +89,15 @@ class SchedulerConfig:
     stream_local_pages: int
     logical_pages_per_page: int
     selector_interval: int
+    enable_prefix_caching: bool
     def __init__(
-        self, *, num_dense_pages: int, max_model_len: int, **options: int | float | str
+        self, *, num_dense_pages: int, max_model_len: int, **options: bool | int | float | str
     ) -> None:
         """Raises ConfigError (a ValueError) for an unknown option, a value of the wrong type,
         or nonsense, including max_num_batched_tokens < max_num_seqs (every running request's
         decode token must fit in one step)."""
     @staticmethod
-    def check(**fields: int | float | str) -> None:
+    def check(**fields: bool | int | float | str) -> None:
         """Validate the given fields as `__init__` would (options not given at their defaults,
         sizes not given at 2); raises ConfigError."""
 
@@ -134,12 +136,16 @@ class Scheduler:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         priority: int = 0,
+        cache_prefix: bool = True,
     ) -> None:
         """Queue a request. Raises InvalidRequestError for a duplicate id, an empty prompt, a
         negative token id, max_tokens < 1, a negative min_tokens or min_tokens > max_tokens;
         RequestRejectedError when the prompt can never fit (longer than
         max_model_len - 1 or than the dense pool minus the watermark, or the streaming pool is
-        smaller than one table). Lower `priority` values run first under scheduling_policy "priority"."""
+        smaller than one table). Lower `priority` values run first under scheduling_policy "priority".
+        With the prefix cache on, the request starts after the cached full pages its tokens begin
+        with and publishes the pages it fills, unless `cache_prefix` is False (a request that
+        needs every prompt token's logits)."""
     def schedule(self) -> StepCounts:
         """Apply pending aborts, then plan one step into the buffers. A step with num_reqs > 0
         must be followed by update(); calling schedule() again first raises OmniserveError."""
@@ -155,7 +161,9 @@ class Scheduler:
     def num_unfinished(self) -> int: ...
     def stats(self) -> dict[str, int]:
         """Keys: running, waiting, dense_pages_used, dense_pages_total, stream_pages_used,
-        stream_pages_total, num_preemptions, num_steps, num_finished. Page totals exclude the null
+        stream_pages_total, num_preemptions, num_steps, num_finished, prefix_cache_queries,
+        prefix_cache_hits (prompt tokens of admissions that could use the cache, and those it
+        held), prefix_cache_pages (pages it holds, in use or free). Page totals exclude the null
         page; num_finished counts requests ended by update() or finish(), not aborts."""
     def check_invariants(self) -> None:
         """Raises SchedulerInternalError naming the first broken invariant."""

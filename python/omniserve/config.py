@@ -140,6 +140,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """How many later waiting requests may be admitted past a head that does not fit."""
     hol_age_steps: int = _SCHEDULER_DEFAULTS["hol_age_steps"]
     """Steps after which the head of the queue stops being skipped."""
+    enable_prefix_caching: bool | None = None
+    """Share the KV pages of identical prompt prefixes between requests: a request starts after
+    the full pages whose tokens (and everything before them) another request computed, and pages
+    stay cached after their requests end until the pool needs them (least recently used first).
+    None: on, unless streaming heads are (their KV lives in per-request tables); True with
+    streaming heads is an error."""
 
     def __post_init__(self) -> None:
         sizes = {"num_dense_pages": self.num_kv_pages, "max_model_len": self.max_model_len}
@@ -169,6 +175,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 f"token_budget must cover at least two pages of {self.page_size} tokens, got "
                 f"{self.token_budget}"
             )
+        if self.enable_prefix_caching and self.static_sparsity > 0:
+            raise ConfigError(
+                "enable_prefix_caching needs static_sparsity 0: streaming heads keep their KV in "
+                "per-request tables, which requests cannot share"
+            )
         if self.num_stream_kv_pages is not None and self.num_stream_kv_pages < 2:
             raise ConfigError(f"num_stream_kv_pages must be >= 2, got {self.num_stream_kv_pages}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -177,8 +188,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             )
 
     def scheduler_options(self) -> dict[str, Any]:
-        """The fields that are scheduler options, by name."""
-        return {name: getattr(self, name) for name in SCHEDULER_OPTIONS}
+        """The fields that are scheduler options and are set, by name."""
+        options = {name: getattr(self, name) for name in SCHEDULER_OPTIONS}
+        return {name: value for name, value in options.items() if value is not None}
 
     def requested_precision(self) -> Precision | None:
         """The parsed `precision` option (ConfigError naming the valid choices), None if unset."""

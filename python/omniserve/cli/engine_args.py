@@ -31,11 +31,12 @@ def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     args = typing.get_args(annotation)
     if origin is typing.Literal:
         return str, {"choices": list(args)}
-    if annotation is bool:
+    non_none = [a for a in args if a is not type(None)]
+    if annotation is bool or non_none == [bool]:
+        # --x / --no-x; a field that may be None stays None (its own default) when neither is given.
         return None, {"action": argparse.BooleanOptionalAction}
     if annotation in (int, float, str):
         return annotation, {}
-    non_none = [a for a in args if a is not type(None)]
     if len(non_none) == 1 and non_none[0] is int:
         return _parse_optional_int, {}
     if len(non_none) == 1:

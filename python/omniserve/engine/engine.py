@@ -58,6 +58,12 @@ class EngineStats(msgspec.Struct, frozen=True):
     num_preemptions: int
     num_steps: int
     num_finished: int
+    prefix_cache_queries: int
+    """Prompt tokens of admissions that could use the prefix cache (recomputes included)."""
+    prefix_cache_hits: int
+    """Of those, the tokens the prefix cache held."""
+    prefix_cache_pages: int
+    """Dense pages the prefix cache holds, in use or free (evicted only when pages run out)."""
     prompt_tokens_total: int
     generated_tokens_total: int
 
@@ -111,12 +117,15 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
         self._eos_ids = _eos_token_ids(self.runner.hf_config, self.tokenizer, config.model)
+        options = config.scheduler_options() | self.runner.scheduler_options()
+        # A streaming head's KV lives in its request's own table, which no other request can
+        # share: the prefix cache is on by default only where every head is dense.
+        options.setdefault("enable_prefix_caching", not options.get("num_stream_pages"))
         scheduler = _scheduler.Scheduler(
             _scheduler.SchedulerConfig(
                 num_dense_pages=self.runner.num_kv_pages,
                 max_model_len=self.max_model_len,
-                **config.scheduler_options(),
-                **self.runner.scheduler_options(),
+                **options,
             )
         )
         self._io = StepIO(scheduler)
@@ -178,6 +187,8 @@ class Engine:
             min_tokens=params.min_tokens,
             stop_token_ids=stop_ids,
             priority=priority,
+            # Prompt logprobs need every prompt token computed.
+            cache_prefix=not params.prompt_logprobs,
         )
         detok = None
         if self.tokenizer is not None:
@@ -244,7 +255,7 @@ class Engine:
             self.runner.bind_row(
                 int(plan.rows[i]), req.params, req.prompt_ids, req.token_ids, req.stop_ids
             )
-        sampled_idx, result, prompt_scores = self.runner.execute(plan)
+        sampled_idx, result, prompt_scores, failed = self.runner.execute(plan)
         for i, logprobs in prompt_scores:
             self._requests[req_ids[i]].record_prompt_logprobs(int(plan.pos0[i]), logprobs.tolist())
         out_ids, out_tokens, out_sched, out_finish = self._io.update(sampled_idx, result.token_ids)
@@ -252,11 +263,16 @@ class Engine:
         now = time.monotonic()
         touched: list[_Request] = []
         for ext_id, token, sched_idx, code in zip(out_ids, out_tokens, out_sched, out_finish):
-            req = self._requests[ext_id]
-            try:
-                finished = self._append_token(req, token, result, k_of_sched[sched_idx], code, now)
-            except Exception as exc:  # this request's output failed; the others' go on
-                finished = self._fail(req, exc, ended=code != _scheduler.FINISH_NONE, now=now)
+            req, k = self._requests[ext_id], k_of_sched[sched_idx]
+            ended = code != _scheduler.FINISH_NONE
+            finished: RequestOutput | None
+            if k in failed:  # its token is a placeholder
+                finished = self._fail(req, failed[k], ended=ended, now=now)
+            else:
+                try:
+                    finished = self._append_token(req, token, result, k, code, now)
+                except Exception as exc:  # this request's output failed; the others' go on
+                    finished = self._fail(req, exc, ended=ended, now=now)
             if finished is not None:
                 outputs.append(finished)
             elif req.output_kind != "final":
@@ -295,7 +311,7 @@ class Engine:
         """End `req` with finish reason "error" (freeing its pages unless the scheduler `ended`
         it already): an error in one request's output handling is that request's, not the
         engine's, whose scheduler and cache stay consistent."""
-        logger.exception("request %r failed; it ends with an error", req.request_id)
+        logger.error("request %r failed; it ends with an error", req.request_id, exc_info=exc)
         if not ended:
             self._io.scheduler.finish(req.ext_id)
         # Popped, not deleted: the failure may have come after `_finish` removed it.

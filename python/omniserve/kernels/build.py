@@ -27,8 +27,9 @@ import torch
 
 from omniserve.errors import OmniserveError
 
-CUDA_SOURCE_DIR = Path(__file__).resolve().parents[3] / "cuda"
-"""The repository's `cuda/` directory (the package is used from a source checkout)."""
+CUDA_SOURCE_DIR = Path(__file__).resolve().parents[1] / "cuda"
+"""The CUDA sources, shipped inside the package (`omniserve/cuda/`; the repository's top-level
+`cuda/` links to it), so an installed wheel builds the same kernels as a checkout."""
 
 TARGET_CAPABILITY = (9, 0)
 """Every extension is compiled for sm_90a alone (the GEMMs use wgmma): Hopper (H100/H200) only."""
@@ -97,7 +98,7 @@ def _gpu_reason(index: int) -> str | None:
             f"{capability[0]}.{capability[1]}"
         )
     if not CUDA_SOURCE_DIR.is_dir():
-        return f"the CUDA sources are not at {CUDA_SOURCE_DIR} (use a source checkout of omniserve)"
+        return f"the CUDA sources are not at {CUDA_SOURCE_DIR} (a damaged installation)"
     return None
 
 

@@ -27,6 +27,8 @@ outputs so far, which restores the index), and on CPU and GPU alike up to float 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ = range(7)
 _NUM_COLS = 7
 _MASK64 = (1 << 64) - 1
+
+logger = logging.getLogger(__name__)
 
 
 class SampleResult(NamedTuple):
@@ -188,6 +192,27 @@ class Sampler:
             token_ids, chosen.cpu(), top.indices.to(torch.int32).cpu(), top.values.cpu()
         )
 
+    def sample_isolating_failures(
+        self, logits: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[SampleResult, dict[int, Exception]]:
+        """`sample`, but an error confined to some rows fails only those: when the batch raises,
+        each row is sampled alone. Returns the result (token 0 and NaN logprobs for a failed row)
+        and the error of each failed row, by its index in `rows`. `sample` changes a row's state
+        only once its token exists, so a retried row is sampled as if for the first time."""
+        try:
+            return self.sample(logits, rows), {}
+        except Exception:
+            logger.exception("sampling %d rows failed; sampling each row alone", len(rows))
+        results: list[SampleResult | None] = []
+        failed: dict[int, Exception] = {}
+        for i in range(len(rows)):
+            try:
+                results.append(self.sample(logits[i : i + 1], rows[i : i + 1]))
+            except Exception as exc:
+                results.append(None)
+                failed[i] = exc
+        return _merge(results), failed
+
     def _set_stop_ids(self, row: int, stops: np.ndarray) -> None:
         if stops.size > self._stop.shape[1]:
             wider = np.repeat(self._stop[:, :1], stops.size, axis=1)
@@ -292,6 +317,30 @@ class Sampler:
         if argmax is None:
             return tokens
         return torch.where(torch.from_numpy(greedy).to(self.device), argmax, tokens)
+
+
+def _merge(results: Sequence[SampleResult | None]) -> SampleResult:
+    """One result of single-row results; a missing row (None) gets token 0 and NaN/-inf
+    logprobs, and rows with fewer top logprobs than the widest are padded as a prefix is read."""
+    k = len(results)
+    token_ids = torch.zeros(k, dtype=torch.int32)
+    with_logprobs = [(i, r) for i, r in enumerate(results) if r is not None and r.top_ids is not None]
+    for i, r in enumerate(results):
+        if r is not None:
+            token_ids[i] = r.token_ids[0]
+    if not with_logprobs:
+        return SampleResult(token_ids)
+    n = max(r.top_ids.shape[1] for _, r in with_logprobs if r.top_ids is not None)
+    logprobs = torch.full((k,), math.nan)
+    top_ids = torch.zeros((k, n), dtype=torch.int32)
+    top_logprobs = torch.full((k, n), -math.inf)
+    for i, r in with_logprobs:
+        assert r.logprobs is not None and r.top_ids is not None and r.top_logprobs is not None
+        width = r.top_ids.shape[1]
+        logprobs[i] = r.logprobs[0]
+        top_ids[i, :width] = r.top_ids[0]
+        top_logprobs[i, :width] = r.top_logprobs[0]
+    return SampleResult(token_ids, logprobs, top_ids, top_logprobs)
 
 
 def _top_k(x: torch.Tensor, k: torch.Tensor, k_max: int) -> None:

@@ -38,6 +38,9 @@ class StepOutput(NamedTuple):
     """Their sampled tokens (and logprobs when asked)."""
     prompt_scores: list[tuple[int, torch.Tensor]]
     """(plan index, logprobs of the prompt tokens from pos0 + 1) for prompt-logprob requests."""
+    failed: dict[int, Exception]
+    """Requests whose sampling failed (`Sampler.sample_isolating_failures`), by their index in
+    `sampled_idx`; their tokens are placeholders."""
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,9 +171,10 @@ class ModelRunner:
         tokens of requests that asked for prompt logprobs."""
         step, hidden = self._forward(plan, self._inputs)
         logits = self.model.compute_logits(hidden[step.logits_idx])
-        sample = self.sampler.sample(logits, plan.rows[step.sampled_idx].long())
+        rows = plan.rows[step.sampled_idx].long()
+        sample, failed = self.sampler.sample_isolating_failures(logits, rows)
         scores = self._score_prompt_tokens(plan, hidden) if self._prompt_targets else []
-        return StepOutput(step.sampled_idx, sample, scores)
+        return StepOutput(step.sampled_idx, sample, scores, failed)
 
     @torch.inference_mode()
     def compute_logits(

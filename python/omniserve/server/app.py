@@ -52,7 +52,7 @@ from omniserve.errors import (
 from omniserve.outputs import RequestOutput, TokenLogprob
 from omniserve.sampling_params import SamplingParams
 from omniserve.server import protocol as p
-from omniserve.server.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+from omniserve.server.metrics import RequestTimer, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ class OpenAIServer:
             if engine.tokenizer is None
             else engine.max_model_len * _max_token_chars(engine.tokenizer)
         )
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(engine.stats)
         self.created = int(time.time())
         tokenizer = engine.tokenizer
         self._token_text: Callable[[int], str] = functools.lru_cache(maxsize=1 << 16)(
@@ -461,7 +461,7 @@ class OpenAIServer:
                         raise APIError(401, "invalid or missing API key", code="invalid_api_key")
                 return await handler(request)
             except APIError as exc:
-                self.metrics.rejected[exc.status] = self.metrics.rejected.get(exc.status, 0) + 1
+                self.metrics.rejected.labels(status=str(exc.status)).inc()
                 return exc.response()
 
         return wrapper
@@ -544,7 +544,8 @@ class OpenAIServer:
         return APIError(503, "the engine is not running").response()
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE)
+        body, content_type = self.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     async def list_models(self, request: Request) -> Response:
         models = p.ModelList([p.ModelCard(self.model_name, self.created)])

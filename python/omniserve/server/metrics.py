@@ -1,22 +1,32 @@
-"""Server metrics in the Prometheus text exposition format (version 0.0.4), written by hand.
+"""Server metrics through `prometheus_client`: the standard exposition (Prometheus text, or
+OpenMetrics when the scraper asks for it), its escaping, and the process, platform and GC
+collectors, in a registry of the server's own.
 
-The engine's own counters (requests running/waiting, KV pages per pool, preemptions, token totals)
-come from `AsyncEngine.stats()` at scrape time; latency histograms and the recent token rate are
-fed by the request handlers as outputs reach them, which is the latency a client sees minus the
-network. Everything here runs on the event loop's thread, so nothing needs a lock.
+The engine's own numbers (requests running/waiting, KV pages per pool, preemptions, prefix-cache
+lookups, token totals) are read from `AsyncEngine.stats()` at scrape time; latency histograms and
+the recent token rate are fed by the request handlers as outputs reach them, which is the latency
+a client sees minus the network. Everything here runs on the event loop's thread.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from omniserve.engine.engine import EngineStats
 from omniserve.outputs import RequestOutput
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (
     0.001,
@@ -62,35 +72,6 @@ _ITL_BUCKETS = (
     2.5,
 )
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
-
-
-class Histogram:
-    """Cumulative-bucket histogram with Prometheus `le` semantics (a value equal to a bound counts
-    in that bucket)."""
-
-    def __init__(self, name: str, help_text: str, bounds: tuple[float, ...]) -> None:
-        self.name = name
-        self.help = help_text
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float, times: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += times
-        self.sum += value * times
-        self.count += times
-
-    def render(self, out: list[str]) -> None:
-        out.append(f"# HELP {self.name} {self.help}")
-        out.append(f"# TYPE {self.name} histogram")
-        running = 0
-        for bound, n in zip((*self.bounds, math.inf), self.counts):
-            running += n
-            le = "+Inf" if bound == math.inf else repr(float(bound))
-            out.append(f'{self.name}_bucket{{le="{le}"}} {running}')
-        out.append(f"{self.name}_sum {self.sum!r}")
-        out.append(f"{self.name}_count {self.count}")
 
 
 class TokenRate:
@@ -139,13 +120,13 @@ class RequestTimer:
         if new > 0:
             m.token_rate.add(new, now)
             if self._tokens > 0:
-                m.itl.observe((now - self._last) / new, new)
+                _observe(m.itl, (now - self._last) / new, new)
             elif new > 1 and out.finish_time is not None and out.first_token_time is not None:
                 # A "final" output brings every token at once: only the engine's timestamps tell
                 # when the first came, and the gaps' mean is all that is known of them.
                 generating = out.finish_time - out.first_token_time
                 m.ttft.observe(now - self._start - generating)
-                m.itl.observe(generating / (new - 1), new - 1)
+                _observe(m.itl, generating / (new - 1), new - 1)
             else:
                 m.ttft.observe(now - self._start)
             self._tokens = out.num_generated_tokens
@@ -163,104 +144,122 @@ class RequestTimer:
         m = self._metrics
         self._ended = True
         m.e2e.observe(now - self._start)
-        m.finished[reason] = m.finished.get(reason, 0) + 1
+        m.finished.labels(finish_reason=reason).inc()
+
+
+def _observe(hist: Histogram, value: float, times: int) -> None:
+    """`times` observations of one value (tokens that arrived together share their gap)."""
+    for _ in range(times):
+        hist.observe(value)
+
+
+class _EngineCollector:
+    """The engine's gauges and counters, read from its stats snapshot when scraped."""
+
+    def __init__(self, stats: Callable[[], EngineStats], token_rate: TokenRate) -> None:
+        self._stats = stats
+        self._token_rate = token_rate
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+
+        def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, help_text, value=value)
+
+        def counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, help_text, value=value)
+
+        def per_pool(name: str, help_text: str, dense: int, stream: int) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, help_text, labels=["pool"])
+            family.add_metric(["dense"], dense)
+            family.add_metric(["stream"], stream)
+            return family
+
+        yield gauge("omniserve_requests_running", "Requests being computed.", s.running)
+        yield gauge("omniserve_requests_waiting", "Requests waiting for admission.", s.waiting)
+        yield per_pool(
+            "omniserve_kv_pages_used",
+            "KV cache pages in use, per pool.",
+            s.dense_pages_used,
+            s.stream_pages_used,
+        )
+        yield per_pool(
+            "omniserve_kv_pages_total",
+            "KV cache pages available, per pool.",
+            s.dense_pages_total,
+            s.stream_pages_total,
+        )
+        yield gauge(
+            "omniserve_prefix_cache_pages",
+            "Dense pages the prefix cache holds, in use or free.",
+            s.prefix_cache_pages,
+        )
+        yield counter(
+            "omniserve_prefix_cache_queries",
+            "Prompt tokens of admitted requests looked up in the prefix cache.",
+            s.prefix_cache_queries,
+        )
+        yield counter(
+            "omniserve_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            s.prefix_cache_hits,
+        )
+        yield counter(
+            "omniserve_preemptions",
+            "Requests preempted (recomputed later).",
+            s.num_preemptions,
+        )
+        yield counter("omniserve_prompt_tokens", "Prompt tokens accepted.", s.prompt_tokens_total)
+        yield counter("omniserve_generation_tokens", "Tokens generated.", s.generated_tokens_total)
+        yield gauge(
+            "omniserve_generation_tokens_per_second",
+            f"Tokens generated per second over the last {self._token_rate.window} s.",
+            self._token_rate.rate(time.monotonic()),
+        )
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        """`stats`: the engine's current numbers (a cheap snapshot), read at every scrape."""
+        self.registry = CollectorRegistry()
+        registry = self.registry
         self.ttft = Histogram(
             "omniserve_time_to_first_token_seconds",
             "Time from a request's submission to its first generated token.",
-            _TTFT_BUCKETS,
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
         )
         self.itl = Histogram(
             "omniserve_inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request.",
-            _ITL_BUCKETS,
+            buckets=_ITL_BUCKETS,
+            registry=registry,
         )
         self.e2e = Histogram(
             "omniserve_request_latency_seconds",
             "Time from a request's submission to its end.",
-            _E2E_BUCKETS,
+            buckets=_E2E_BUCKETS,
+            registry=registry,
+        )
+        self.finished = Counter(
+            "omniserve_requests_finished",
+            "Requests finished, by finish reason (abort: cancelled by the client or the server).",
+            ["finish_reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "omniserve_requests_rejected",
+            "Requests answered with an error, by HTTP status.",
+            ["status"],
+            registry=registry,
         )
         self.token_rate = TokenRate()
-        self.finished: dict[str, int] = {}
-        self.rejected: dict[int, int] = {}
-        """Requests answered with an error, by HTTP status."""
+        registry.register(_EngineCollector(stats, self.token_rate))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
 
-    def render(self, stats: EngineStats) -> str:
-        now = time.monotonic()
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {value!r}" for labels, value in samples)
-
-        metric(
-            "omniserve_requests_running", "gauge", "Requests being computed.", [("", stats.running)]
-        )
-        metric(
-            "omniserve_requests_waiting",
-            "gauge",
-            "Requests waiting for admission.",
-            [("", stats.waiting)],
-        )
-        metric(
-            "omniserve_kv_pages_used",
-            "gauge",
-            "KV cache pages in use, per pool.",
-            [
-                ('{pool="dense"}', stats.dense_pages_used),
-                ('{pool="stream"}', stats.stream_pages_used),
-            ],
-        )
-        metric(
-            "omniserve_kv_pages_total",
-            "gauge",
-            "KV cache pages available, per pool.",
-            [
-                ('{pool="dense"}', stats.dense_pages_total),
-                ('{pool="stream"}', stats.stream_pages_total),
-            ],
-        )
-        metric(
-            "omniserve_preemptions_total",
-            "counter",
-            "Requests preempted (recomputed later).",
-            [("", stats.num_preemptions)],
-        )
-        metric(
-            "omniserve_prompt_tokens_total",
-            "counter",
-            "Prompt tokens accepted.",
-            [("", stats.prompt_tokens_total)],
-        )
-        metric(
-            "omniserve_generation_tokens_total",
-            "counter",
-            "Tokens generated.",
-            [("", stats.generated_tokens_total)],
-        )
-        metric(
-            "omniserve_generation_tokens_per_second",
-            "gauge",
-            f"Tokens generated per second over the last {self.token_rate.window} s.",
-            [("", self.token_rate.rate(now))],
-        )
-        metric(
-            "omniserve_requests_finished_total",
-            "counter",
-            "Requests finished, by finish reason.",
-            [(f'{{finish_reason="{r}"}}', n) for r, n in sorted(self.finished.items())],
-        )
-        metric(
-            "omniserve_requests_rejected_total",
-            "counter",
-            "Requests answered with an error, by HTTP status.",
-            [(f'{{status="{s}"}}', n) for s, n in sorted(self.rejected.items())],
-        )
-        for hist in (self.ttft, self.itl, self.e2e):
-            hist.render(out)
-        out.append("")
-        return "\n".join(out)
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition the `Accept` header asks for, and its content type."""
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type

@@ -37,6 +37,7 @@ impl std::str::FromStr for Policy {
 /// A configuration value as it crosses a by-name boundary (the Python binding).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConfigValue {
+    Bool(bool),
     Int(i64),
     Float(f64),
     Str(String),
@@ -45,6 +46,7 @@ pub enum ConfigValue {
 impl std::fmt::Display for ConfigValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            ConfigValue::Bool(v) => write!(f, "{v}"),
             ConfigValue::Int(v) => write!(f, "{v}"),
             ConfigValue::Float(v) => write!(f, "{v}"),
             ConfigValue::Str(v) => write!(f, "{v:?}"),
@@ -68,6 +70,18 @@ impl ConfigField for u32 {
     }
     fn to_value(&self) -> ConfigValue {
         ConfigValue::Int(i64::from(*self))
+    }
+}
+
+impl ConfigField for bool {
+    fn from_value(name: &str, value: ConfigValue) -> Result<Self> {
+        match value {
+            ConfigValue::Bool(v) => Ok(v),
+            other => Err(invalid(format!("{name} must be a bool, got {other}"))),
+        }
+    }
+    fn to_value(&self) -> ConfigValue {
+        ConfigValue::Bool(*self)
     }
 }
 
@@ -192,6 +206,9 @@ scheduler_config! {
         logical_pages_per_page: u32 = 4,
         /// Decode steps between two page selections of a request.
         selector_interval: u32 = 4,
+        /// Share the full pages of identical prompt prefixes between requests
+        /// (`prefix_cache.rs`); needs the streaming pool off.
+        enable_prefix_caching: bool = true,
     }
 }
 
@@ -230,6 +247,13 @@ impl SchedulerConfig {
                 "watermark must be in [0, 1), got {}",
                 self.watermark
             )));
+        }
+        if self.enable_prefix_caching && self.stream_enabled() {
+            return Err(invalid(
+                "enable_prefix_caching needs the streaming pool off: a streaming head's KV lives \
+                 in its request's own table, which no later request can share"
+                    .to_string(),
+            ));
         }
         // The step buffers are int32: page ids, positions and token counts must fit.
         let limits = [
@@ -278,6 +302,16 @@ impl SchedulerConfig {
         tokens.div_ceil(self.page_size)
     }
 
+    /// The most page-table entries one step may point at cached pages: a cached prefix for every
+    /// row admitted (each admission computes at least one token).
+    pub fn max_cached_columns_per_step(&self) -> usize {
+        if !self.enable_prefix_caching {
+            return 0;
+        }
+        let rows = self.max_num_seqs.min(self.max_num_batched_tokens) as usize;
+        rows * self.pages_for(self.max_seq_len()).min(self.num_dense_pages) as usize
+    }
+
     /// The longest sequence a request may reach (prompt + outputs). Besides `max_model_len`, a
     /// preempted request must be able to come back: its recompute prompt (all its tokens) must
     /// pass admission into an otherwise empty dense pool, i.e. fit in the pool minus the
@@ -305,7 +339,7 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        let breakages: [fn(&mut SchedulerConfig); 10] = [
+        let breakages: [fn(&mut SchedulerConfig); 11] = [
             |c| c.num_dense_pages = 1,
             |c| c.page_size = 0,
             |c| c.max_model_len = 1,
@@ -316,6 +350,7 @@ mod tests {
             |c| c.watermark = f64::NAN,
             |c| c.selector_interval = 0,
             |c| c.num_dense_pages = u32::MAX,
+            |c| c.num_stream_pages = 8, // with the prefix cache on
         ];
         for (i, breakage) in breakages.iter().enumerate() {
             let mut cfg = SchedulerConfig::new(1024, 4096);
@@ -335,6 +370,7 @@ mod tests {
             num_stream_pages: 100,
             stream_sink_pages: 2,
             stream_local_pages: 4,
+            enable_prefix_caching: false,
             ..SchedulerConfig::new(101, 100_000)
         };
         assert_eq!(cfg.watermark_pages(), 2); // ceil(1.01)
@@ -363,7 +399,7 @@ mod tests {
     #[test]
     fn fields_by_name() {
         let mut cfg = SchedulerConfig::new(100, 4096);
-        assert_eq!(SchedulerConfig::FIELDS.len(), 16);
+        assert_eq!(SchedulerConfig::FIELDS.len(), 17);
         assert_eq!(
             &SchedulerConfig::FIELDS[..2],
             ["num_dense_pages", "max_model_len"]
@@ -391,6 +427,8 @@ mod tests {
             ("scheduling_policy", ConfigValue::Int(0)),
             ("scheduling_policy", ConfigValue::Str("lifo".into())),
             ("policy", ConfigValue::Str("fcfs".into())),
+            ("max_num_seqs", ConfigValue::Bool(true)),
+            ("enable_prefix_caching", ConfigValue::Int(1)),
         ] {
             assert!(
                 matches!(

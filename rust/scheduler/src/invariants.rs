@@ -3,7 +3,7 @@
 
 use crate::error::{Result, SchedulerError};
 use crate::queue::QueueKey;
-use crate::request::Status;
+use crate::request::{Request, Status};
 use crate::schedule::Scheduler;
 use crate::step_io::Buffer;
 
@@ -13,6 +13,32 @@ impl Scheduler {
         self.check_requests()
             .and_then(|()| self.check_last_step())
             .map_err(SchedulerError::Internal)
+    }
+
+    /// A running request's published pages are full and computed, and each one the cache still
+    /// holds is what the cache names for the request's own prefix.
+    fn check_published(&self, req: &Request) -> std::result::Result<(), String> {
+        let id = req.id;
+        let published = req.num_published as usize;
+        let page_size = self.cfg.page_size;
+        let Some(cache) = self.cache.as_ref().filter(|_| req.cache_prefix) else {
+            return match published {
+                0 => Ok(()),
+                _ => Err(format!("request {id} published pages with no cache")),
+            };
+        };
+        if published as u32 > req.num_computed / page_size || req.page_hashes.len() < published {
+            return Err(format!("request {id} published pages it has not filled"));
+        }
+        for (i, &page) in req.pages[..published].iter().enumerate() {
+            let (parent, tokens) = req.page_key(i, page_size);
+            if cache.holds(page) && cache.find(parent, req.page_hashes[i], tokens) != Some(page) {
+                return Err(format!(
+                    "request {id}: cached page {page} at column {i} holds another prefix"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_requests(&self) -> std::result::Result<(), String> {
@@ -36,6 +62,7 @@ impl Scheduler {
                         || !req.pages.is_empty()
                         || !req.stream_pages.is_empty()
                         || req.reserved_pages != 0
+                        || req.num_published != 0
                     {
                         return Err(format!("waiting request {id} holds KV state"));
                     }
@@ -75,6 +102,7 @@ impl Scheduler {
                     {
                         return Err(format!("request {id}: streaming table has the wrong size"));
                     }
+                    self.check_published(req)?;
                     reserved += req.reserved_pages;
                     for &page in &req.pages {
                         *dense_owners
@@ -90,6 +118,9 @@ impl Scheduler {
             }
         }
         self.dense.check("dense", &dense_owners)?;
+        if let Some(cache) = &self.cache {
+            cache.check()?;
+        }
         self.stream.check("stream", &stream_owners)?;
         if running != self.decoding.len() + self.prefilling.len() {
             return Err("running lists hold requests that are not running".into());

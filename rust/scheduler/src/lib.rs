@@ -22,6 +22,7 @@ mod config;
 mod error;
 mod invariants;
 mod pool;
+mod prefix_cache;
 mod queue;
 mod request;
 mod schedule;

@@ -111,8 +111,11 @@ impl<'py> IntoPyObject<'py> for Policy {
 }
 
 fn to_config_value(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConfigValue> {
-    // bool is an int subclass; a flag passed for a number is a mistake, not 0 or 1.
-    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+    // Before int, of which bool is a subclass: a flag passed for a number is a mistake, not 0 or 1.
+    if let Ok(flag) = value.cast::<PyBool>() {
+        return Ok(ConfigValue::Bool(flag.is_true()));
+    }
+    if value.is_instance_of::<PyInt>() {
         let v = value.extract().map_err(|_| {
             SchedulerError::InvalidConfig(format!("{name} is out of range: {value}"))
         })?;
@@ -125,7 +128,7 @@ fn to_config_value(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConfigValue
         return Ok(ConfigValue::Str(s.to_str()?.to_owned()));
     }
     Err(SchedulerError::InvalidConfig(format!(
-        "{name} must be an int, float or str, got {}",
+        "{name} must be a bool, int, float or str, got {}",
         value.get_type().name()?
     ))
     .into())
@@ -133,6 +136,7 @@ fn to_config_value(name: &str, value: &Bound<'_, PyAny>) -> PyResult<ConfigValue
 
 fn from_config_value(py: Python<'_>, value: ConfigValue) -> PyResult<Py<PyAny>> {
     Ok(match value {
+        ConfigValue::Bool(v) => PyBool::new(py, v).to_owned().into_any().unbind(),
         ConfigValue::Int(v) => v.into_pyobject(py)?.into_any().unbind(),
         ConfigValue::Float(v) => v.into_pyobject(py)?.into_any().unbind(),
         ConfigValue::Str(v) => v.into_pyobject(py)?.into_any().unbind(),
@@ -369,7 +373,8 @@ impl PyScheduler {
         PyAbortHandle(self.core.abort_handle())
     }
 
-    #[pyo3(signature = (req_id, prompt, *, max_tokens, min_tokens = 0, stop_token_ids = Vec::new(), priority = 0))]
+    #[pyo3(signature = (req_id, prompt, *, max_tokens, min_tokens = 0, stop_token_ids = Vec::new(), priority = 0, cache_prefix = true))]
+    #[allow(clippy::too_many_arguments)]
     fn add_request(
         &mut self,
         req_id: i64,
@@ -378,6 +383,7 @@ impl PyScheduler {
         min_tokens: i64,
         stop_token_ids: Vec<i32>,
         priority: i64,
+        cache_prefix: bool,
     ) -> PyResult<()> {
         let limit = |name: &str, value: i64| {
             if value < 0 {
@@ -397,6 +403,7 @@ impl PyScheduler {
             min_tokens: limit("min_tokens", min_tokens)?,
             stop_token_ids,
             priority,
+            cache_prefix,
         };
         Ok(self.core.add_request(req)?)
     }
@@ -449,6 +456,9 @@ impl PyScheduler {
         dict.set_item("num_preemptions", s.num_preemptions)?;
         dict.set_item("num_steps", s.num_steps)?;
         dict.set_item("num_finished", s.num_finished)?;
+        dict.set_item("prefix_cache_queries", s.prefix_cache_queries)?;
+        dict.set_item("prefix_cache_hits", s.prefix_cache_hits)?;
+        dict.set_item("prefix_cache_pages", s.prefix_cache_pages)?;
         Ok(dict)
     }
 

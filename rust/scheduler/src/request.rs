@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use crate::pool::PageId;
+use crate::prefix_cache::{chain_hash, ROOT};
 
 /// External request id, assigned by Python (int64 in the step buffers).
 pub type RequestId = i64;
@@ -46,6 +47,9 @@ pub struct NewRequest {
     pub stop_token_ids: Vec<i32>,
     /// Lower runs first under `Policy::Priority`; ignored under FCFS.
     pub priority: i64,
+    /// Whether the request may take and publish prefix-cache pages (when the cache is on). A
+    /// request that needs its prompt's logits (prompt logprobs) computes every token.
+    pub cache_prefix: bool,
 }
 
 impl NewRequest {
@@ -57,6 +61,7 @@ impl NewRequest {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             priority: 0,
+            cache_prefix: true,
         }
     }
 }
@@ -103,6 +108,12 @@ pub struct Request {
     /// Decode steps before the next sparse page selection: 0 makes the next decode step select
     /// (so the first one after a prefill chunk does).
     pub steps_to_select: u32,
+    pub cache_prefix: bool,
+    /// Chain hashes (`prefix_cache::chain_hash`) of the first full pages of `tokens`, as far as
+    /// they were needed; tokens only grow, so they stay valid through preemption.
+    pub page_hashes: Vec<u64>,
+    /// Leading entries of `pages` that came from the prefix cache or were offered to it.
+    pub num_published: u32,
 }
 
 impl Request {
@@ -128,7 +139,31 @@ impl Request {
             stream_pages: Vec::new(),
             reserved_pages: 0,
             steps_to_select: 0,
+            cache_prefix: req.cache_prefix,
+            page_hashes: Vec::new(),
+            num_published: 0,
         }
+    }
+
+    /// Makes `page_hashes` cover the first `num_pages` pages of `page_size` tokens (all known).
+    pub fn hash_pages(&mut self, num_pages: u32, page_size: u32) {
+        let size = page_size as usize;
+        for i in self.page_hashes.len()..num_pages as usize {
+            let parent = self.page_hashes.last().copied().unwrap_or(ROOT);
+            let hash = chain_hash(parent, &self.tokens[i * size..(i + 1) * size]);
+            self.page_hashes.push(hash);
+        }
+    }
+
+    /// The parent hash and tokens of full page `i`, whose hash is `page_hashes[i]`.
+    pub fn page_key(&self, i: usize, page_size: u32) -> (u64, &[i32]) {
+        let size = page_size as usize;
+        let parent = if i == 0 {
+            ROOT
+        } else {
+            self.page_hashes[i - 1]
+        };
+        (parent, &self.tokens[i * size..(i + 1) * size])
     }
 
     /// The most tokens the request can hold: its prompt and `max_tokens` outputs, within

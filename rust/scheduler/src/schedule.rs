@@ -12,11 +12,16 @@
 //! Dense pages are allocated lazily, chunk by chunk. Admission reserves (counts, does not take)
 //! the pages of the whole prompt, so a started prefill never runs out of pages; only decode
 //! growth can, and that is what preemption is for.
+//!
+//! With the prefix cache on, admission first takes references to the cached pages that begin the
+//! request's tokens (always leaving at least one token to compute, whose logits it samples from)
+//! and starts the prefill after them; `update` publishes every page a step filled.
 
 use crate::abort::AbortHandle;
 use crate::config::{Policy, SchedulerConfig};
 use crate::error::{Result, SchedulerError};
-use crate::pool::PagePool;
+use crate::pool::{PageId, PagePool};
+use crate::prefix_cache::PrefixCache;
 use crate::queue::{QueueKey, WaitingQueue};
 use crate::request::{NewRequest, Request, RequestId, RequestSlab, Status};
 use crate::step_io::{
@@ -86,6 +91,21 @@ pub struct Stats {
     pub num_preemptions: u64,
     pub num_steps: u64,
     pub num_finished: u64,
+    /// Prompt tokens of admitted requests that could use the prefix cache (recomputes included).
+    pub prefix_cache_queries: u64,
+    /// Of those, the tokens found in the cache.
+    pub prefix_cache_hits: u64,
+    /// Pages the prefix cache holds (in use or free).
+    pub prefix_cache_pages: u32,
+}
+
+/// How a waiting request would be admitted now.
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    /// Tokens of the first chunk.
+    chunk: u32,
+    /// Leading pages taken from the prefix cache.
+    cached_pages: u32,
 }
 
 #[derive(Debug)]
@@ -102,6 +122,8 @@ pub struct Scheduler {
     pub(crate) prefilling: Vec<u32>,
     pub(crate) dense: PagePool,
     pub(crate) stream: PagePool,
+    /// `None` when `enable_prefix_caching` is off.
+    pub(crate) cache: Option<PrefixCache>,
     /// Dense pages promised to running prefills but not yet allocated (sum over requests).
     pub(crate) reserved_pages: u32,
     pub(crate) free_rows: Vec<u32>,
@@ -113,6 +135,8 @@ pub struct Scheduler {
     num_steps: u64,
     num_preemptions: u64,
     num_finished: u64,
+    prefix_cache_queries: u64,
+    prefix_cache_hits: u64,
 }
 
 impl Scheduler {
@@ -127,6 +151,9 @@ impl Scheduler {
             prefilling: Vec::with_capacity(cfg.max_partial_prefills as usize),
             dense: PagePool::new(cfg.num_dense_pages),
             stream: PagePool::new(cfg.num_stream_pages),
+            cache: cfg
+                .enable_prefix_caching
+                .then(|| PrefixCache::new(cfg.num_dense_pages)),
             reserved_pages: 0,
             // Popped from the back: row 0 is handed out first.
             free_rows: (0..cfg.max_num_seqs).rev().collect(),
@@ -137,6 +164,8 @@ impl Scheduler {
             num_steps: 0,
             num_preemptions: 0,
             num_finished: 0,
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
             cfg,
         })
     }
@@ -178,6 +207,9 @@ impl Scheduler {
             num_preemptions: self.num_preemptions,
             num_steps: self.num_steps,
             num_finished: self.num_finished,
+            prefix_cache_queries: self.prefix_cache_queries,
+            prefix_cache_hits: self.prefix_cache_hits,
+            prefix_cache_pages: self.cache.as_ref().map_or(0, |c| c.len() as u32),
         }
     }
 
@@ -235,6 +267,7 @@ impl Scheduler {
         self.next_arrival += 1;
         let key = QueueKey::of(&request, self.cfg.scheduling_policy);
         let slot = self.requests.insert(request);
+        self.hash_cacheable_pages(slot);
         self.waiting.push(key, slot);
         Ok(())
     }
@@ -280,10 +313,11 @@ impl Scheduler {
         for sched_idx in 0..self.io.num_scheduled() {
             let (slot, id, flags) = self.io.scheduled(sched_idx);
             // `finish()` may have ended the request since it was scheduled.
-            if flags & FLAG_NEEDS_LOGITS == 0
-                || !self.requests.holds(slot, id)
-                || self.requests[slot].status != Status::Running
-            {
+            if !self.requests.holds(slot, id) || self.requests[slot].status != Status::Running {
+                continue;
+            }
+            self.publish_full_pages(slot);
+            if flags & FLAG_NEEDS_LOGITS == 0 {
                 continue;
             }
             let token = self.io.sampled()[sched_idx];
@@ -338,11 +372,13 @@ impl Scheduler {
     fn stop_running(&mut self, slot: u32) {
         let req = &mut self.requests[slot];
         for page in req.pages.drain(..) {
-            self.dense.release(page);
+            let cached = self.cache.as_ref().is_some_and(|c| c.holds(page));
+            self.dense.release(page, cached);
         }
         for page in req.stream_pages.drain(..) {
-            self.stream.release(page);
+            self.stream.release(page, false);
         }
+        req.num_published = 0;
         self.reserved_pages -= std::mem::take(&mut req.reserved_pages);
         self.free_rows.push(req.row);
         if let Some(i) = self.prefilling.iter().position(|&s| s == slot) {
@@ -434,6 +470,8 @@ impl Scheduler {
         self.waiting
             .push(QueueKey::of(req, self.cfg.scheduling_policy), slot);
         self.num_preemptions += 1;
+        // Its tokens now include outputs, which readmission may find cached too.
+        self.hash_cacheable_pages(slot);
     }
 
     fn schedule_decodes(&mut self, budget: &mut u32) -> Result<()> {
@@ -495,11 +533,11 @@ impl Scheduler {
                 }
                 looked_past_skipped += 1;
             }
-            match self.admission_chunk(slot, *budget) {
-                Some(chunk) => {
+            match self.admission(slot, *budget) {
+                Some(admission) => {
                     self.waiting.remove(&key);
-                    self.admit(slot, chunk)?;
-                    *budget -= chunk;
+                    self.admit(slot, admission)?;
+                    *budget -= admission.chunk;
                 }
                 None => {
                     let head_age = self.num_steps - self.requests[slot].enqueued_step;
@@ -513,37 +551,114 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The first chunk of a waiting request if it can be admitted now: its whole prompt fits in
-    /// the unpromised dense pages minus the watermark, a streaming table is free, and it does not
+    /// How a waiting request can be admitted now, if it can: the pages of its whole prompt that
+    /// the prefix cache does not hold, and the free cached pages it revives, fit in the
+    /// unpromised dense pages minus the watermark, a streaming table is free, and it does not
     /// exceed the partial-prefill limit.
-    fn admission_chunk(&self, slot: u32, budget: u32) -> Option<u32> {
+    fn admission(&self, slot: u32, budget: u32) -> Option<Admission> {
         let req = &self.requests[slot];
+        let cached = self.cached_prefix(req);
+        let revived = cached
+            .iter()
+            .filter(|&&page| self.dense.ref_count(page) == 0)
+            .count() as u32;
+        let cached_pages = cached.len() as u32;
         let dense_room = self
             .unreserved_free_pages()
             .saturating_sub(self.watermark_pages);
-        if self.cfg.pages_for(req.prefill_len) > dense_room
+        if self.cfg.pages_for(req.prefill_len) - cached_pages + revived > dense_room
             || self.stream_table_len(req) > self.stream.num_free()
         {
             return None;
         }
-        let chunk = self.chunk_len(req.prefill_len, budget);
-        let stays_partial = req.prefill_len - chunk > 1;
+        let remaining = req.prefill_len - cached_pages * self.cfg.page_size;
+        let chunk = self.chunk_len(remaining, budget);
+        let stays_partial = remaining - chunk > 1;
         if stays_partial && self.prefilling.len() >= self.cfg.max_partial_prefills as usize {
             return None;
         }
-        Some(chunk)
+        Some(Admission {
+            chunk,
+            cached_pages,
+        })
+    }
+
+    fn caches(&self, req: &Request) -> bool {
+        self.cache.is_some() && req.cache_prefix
+    }
+
+    /// Leading pages of a waiting request that the cache may supply: full pages only, and never
+    /// the last prompt token, whose logits the first step samples from.
+    fn cacheable_pages(&self, req: &Request) -> u32 {
+        (req.prefill_len - 1) / self.cfg.page_size
+    }
+
+    /// Hashes the pages of a waiting request that admission may look up.
+    fn hash_cacheable_pages(&mut self, slot: u32) {
+        let req = &self.requests[slot];
+        if self.caches(req) {
+            let pages = self.cacheable_pages(req);
+            self.requests[slot].hash_pages(pages, self.cfg.page_size);
+        }
+    }
+
+    /// The cached pages that begin a waiting request's tokens, in order.
+    fn cached_prefix(&self, req: &Request) -> Vec<PageId> {
+        let Some(cache) = self.cache.as_ref().filter(|_| req.cache_prefix) else {
+            return Vec::new();
+        };
+        let known = self.cacheable_pages(req).min(req.page_hashes.len() as u32);
+        (0..known as usize)
+            .map_while(|i| {
+                let (parent, tokens) = req.page_key(i, self.cfg.page_size);
+                cache.find(parent, req.page_hashes[i], tokens)
+            })
+            .collect()
+    }
+
+    /// Offers the cache the pages the last step filled.
+    fn publish_full_pages(&mut self, slot: u32) {
+        let page_size = self.cfg.page_size;
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let req = &mut self.requests[slot];
+        let full = req.num_computed / page_size;
+        if !req.cache_prefix || req.num_published >= full {
+            return;
+        }
+        req.hash_pages(full, page_size);
+        for i in req.num_published as usize..full as usize {
+            let (parent, tokens) = req.page_key(i, page_size);
+            cache.publish(req.pages[i], parent, req.page_hashes[i], tokens);
+        }
+        req.num_published = full;
     }
 
     fn stream_table_len(&self, req: &Request) -> u32 {
         self.cfg.stream_table_len(req.max_len(self.max_seq_len))
     }
 
-    fn admit(&mut self, slot: u32, chunk: u32) -> Result<()> {
+    fn admit(&mut self, slot: u32, admission: Admission) -> Result<()> {
         let row = self
             .free_rows
             .pop()
             .expect("admission checks for a free row");
-        let reserve = self.cfg.pages_for(self.requests[slot].prefill_len);
+        let cached = self.cached_prefix(&self.requests[slot]);
+        debug_assert_eq!(cached.len() as u32, admission.cached_pages);
+        if self.caches(&self.requests[slot]) {
+            self.prefix_cache_queries += u64::from(self.requests[slot].prefill_len);
+            self.prefix_cache_hits += (cached.len() * self.cfg.page_size as usize) as u64;
+        }
+        let req = &mut self.requests[slot];
+        for (column, &page) in cached.iter().enumerate() {
+            self.dense.acquire(page);
+            self.io.push_page_update(row, column as u32, page);
+        }
+        req.num_computed = admission.cached_pages * self.cfg.page_size;
+        req.num_published = admission.cached_pages;
+        req.pages = cached;
+        let reserve = self.cfg.pages_for(req.prefill_len) - admission.cached_pages;
         let table_len = self.stream_table_len(&self.requests[slot]);
         let req = &mut self.requests[slot];
         req.status = Status::Running;
@@ -557,7 +672,7 @@ impl Scheduler {
             req.stream_pages.push(page);
             self.io.push_stream_update(row, column, page);
         }
-        self.schedule_chunk(slot, chunk, FLAG_NEW_ROW)?;
+        self.schedule_chunk(slot, admission.chunk, FLAG_NEW_ROW)?;
         if self.requests[slot].num_uncomputed() <= 1 {
             self.push_decoding(slot);
         } else {
@@ -577,6 +692,9 @@ impl Scheduler {
             let page = self.dense.alloc().ok_or_else(|| {
                 SchedulerError::Internal(format!("dense pool ran dry for request {}", req.id))
             })?;
+            if let Some(cache) = self.cache.as_mut() {
+                cache.forget(page);
+            }
             if req.reserved_pages > 0 {
                 req.reserved_pages -= 1;
                 self.reserved_pages -= 1;

@@ -319,9 +319,10 @@ step_buffers! {
     InputIds input_ids: i32, Schedule, Runner, count num_tokens,
         capacity |c| c.max_num_batched_tokens as usize;
     /// `(row, column, page)` writes into the dense page table, applied before the forward pass;
-    /// column c of a row holds the page of positions [c*page_size, (c+1)*page_size).
+    /// column c of a row holds the page of positions [c*page_size, (c+1)*page_size). One per
+    /// page allocated, plus one per cached page an admitted row starts with.
     PageUpdates page_updates: i32, Schedule, Runner, count num_page_updates * 3,
-        capacity |c| 3 * c.num_dense_pages as usize;
+        capacity |c| 3 * (c.num_dense_pages as usize + c.max_cached_columns_per_step());
     /// `(row, column, page)` writes into the streaming page table.
     StreamUpdates stream_updates: i32, Schedule, Runner, count num_stream_updates * 3,
         capacity |c| 3 * c.num_stream_pages.max(1) as usize;
@@ -437,7 +438,13 @@ mod tests {
         let cap = |b: Buffer| (b.name(), b.capacity(&cfg));
         assert_eq!(cap(Buffer::Qstart), ("qstart", 9));
         assert_eq!(cap(Buffer::InputIds), ("input_ids", 32));
-        assert_eq!(cap(Buffer::PageUpdates), ("page_updates", 30));
+        // A triple per page, and per row up to 2 cached pages (128 tokens).
+        assert_eq!(cap(Buffer::PageUpdates), ("page_updates", 3 * (10 + 8 * 2)));
+        let uncached = SchedulerConfig {
+            enable_prefix_caching: false,
+            ..cfg.clone()
+        };
+        assert_eq!(Buffer::PageUpdates.capacity(&uncached), 30);
         assert_eq!(
             cap(Buffer::StreamUpdates),
             ("stream_updates", 3),

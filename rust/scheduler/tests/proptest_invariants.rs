@@ -3,8 +3,11 @@
 //! After every operation the scheduler's own `check_invariants` must pass, and every step is
 //! checked against the model: budget and seat limits, positions, flags, input ids, and a model
 //! of the runner's device page tables fed only by the emitted updates (so a missing or stale
-//! update that would make two rows share a page is caught). At the end, a fair runner must
-//! finish every accepted request within a bound, leaving both pools empty.
+//! update that would make two rows share a page is caught). With the prefix cache on, prompts
+//! share prefixes and rows may share pages, but only pages nobody writes, and a model of every
+//! page's contents, fed by what each step computes, must show that a row starting after cached
+//! pages got exactly its own tokens' pages. At the end, a fair runner must finish every accepted
+//! request within a bound, leaving both pools empty.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -26,6 +29,9 @@ enum Op {
         min_tokens: u32,
         priority: i64,
         stops: bool,
+        /// Requests of one family share their prompts' prefixes; `None`: a prompt of its own.
+        family: Option<u8>,
+        cache_prefix: bool,
     },
     Step {
         seed: u64,
@@ -51,13 +57,14 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         8u32..200,
         1u32..4,
         prop::option::of((2u32..20, 0u32..3, 0u32..3)),
+        any::<bool>(),
     );
     (pages, seats, queue, misc).prop_map(
         |(
             (page_size, logical, num_dense_pages),
             (max_num_seqs, extra_budget, max_partial_prefills, threshold),
             (skip_limit, hol_age_steps, priority, watermark),
-            (max_model_len, selector_interval, stream),
+            (max_model_len, selector_interval, stream, prefix_caching),
         )| {
             let (num_stream_pages, stream_sink_pages, stream_local_pages) =
                 stream.unwrap_or((0, 0, 0));
@@ -80,6 +87,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                 stream_sink_pages,
                 stream_local_pages,
                 selector_interval,
+                enable_prefix_caching: prefix_caching && stream.is_none(),
                 ..SchedulerConfig::new(num_dense_pages, max_model_len)
             }
         },
@@ -87,13 +95,20 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let add = (1usize..40, 1u32..40, 0u32..5, -2i64..3, any::<bool>()).prop_map(
-        |(prompt_len, max_tokens, min_tokens, priority, stops)| Op::Add {
+    let prompt = (
+        1usize..40,
+        prop::option::of(0u8..3),
+        prop::bool::weighted(0.9),
+    );
+    let add = (prompt, 1u32..40, 0u32..5, -2i64..3, any::<bool>()).prop_map(
+        |((prompt_len, family, cache_prefix), max_tokens, min_tokens, priority, stops)| Op::Add {
             prompt_len,
             max_tokens,
             min_tokens: min_tokens.min(max_tokens),
             priority,
             stops,
+            family,
+            cache_prefix,
         },
     );
     prop_oneof![
@@ -114,9 +129,12 @@ struct ModelReq {
     max_tokens: u32,
     min_tokens: u32,
     stops: bool,
+    cache_prefix: bool,
     /// Decode steps since the last page selection; None until the first decode after a
     /// prefill chunk.
     since_select: Option<u32>,
+    /// The batch row while running.
+    row: Option<usize>,
 }
 
 struct Harness {
@@ -128,6 +146,8 @@ struct Harness {
     /// The runner's device page tables, row -> column -> page, fed by the emitted updates.
     dense_table: Vec<Vec<i32>>,
     stream_table: Vec<Vec<i32>>,
+    /// The token whose KV each dense page slot holds, as the steps computed them.
+    contents: HashMap<i32, Vec<Option<i32>>>,
 }
 
 impl Harness {
@@ -140,6 +160,7 @@ impl Harness {
             pending_aborts: VecDeque::new(),
             dense_table: vec![Vec::new(); rows],
             stream_table: vec![Vec::new(); rows],
+            contents: HashMap::new(),
             cfg,
         }
     }
@@ -150,6 +171,7 @@ impl Harness {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         prompt_len: usize,
@@ -157,11 +179,14 @@ impl Harness {
         min_tokens: u32,
         priority: i64,
         stops: bool,
+        family: Option<u8>,
+        cache_prefix: bool,
     ) {
         let id = self.ids.len() as RequestId;
         self.ids.push(id);
+        let seed = family.map_or(id as usize + 3, usize::from);
         let prompt: Vec<i32> = (0..prompt_len)
-            .map(|i| 1 + ((id as usize * 7 + i) % 100) as i32)
+            .map(|i| 1 + ((seed * 7 + i) % 100) as i32)
             .collect();
         let req = NewRequest {
             id,
@@ -170,6 +195,7 @@ impl Harness {
             min_tokens,
             stop_token_ids: if stops { vec![0] } else { vec![] },
             priority,
+            cache_prefix,
         };
         let cfg = &self.cfg;
         let max_len = (prompt_len as u32 + max_tokens).min(cfg.max_seq_len());
@@ -186,7 +212,9 @@ impl Harness {
                     max_tokens,
                     min_tokens,
                     stops,
+                    cache_prefix,
                     since_select: None,
+                    row: None,
                 };
                 self.live.insert(id, model);
             }
@@ -234,6 +262,7 @@ impl Harness {
             req.prefill_len = req.tokens.len();
             req.computed = 0;
             req.since_select = None;
+            req.row = None;
         }
 
         // The runner applies page updates after resetting new rows.
@@ -258,7 +287,37 @@ impl Harness {
             }
         }
 
-        let mut dense_in_use = HashSet::new();
+        // A row that starts after cached pages must find its own tokens in them, as computed by
+        // earlier steps (checked before this step's writes).
+        for i in 0..counts.num_reqs {
+            if io.flags()[i] & FLAG_NEW_ROW == 0 {
+                continue;
+            }
+            let (id, pos0) = (io.req_ids()[i], io.pos0()[i] as usize);
+            let req = &self.live[&id];
+            let page_size = cfg.page_size as usize;
+            assert!(
+                pos0 == 0 || (cfg.enable_prefix_caching && req.cache_prefix),
+                "request {id}: a new row starts at {pos0} without the prefix cache"
+            );
+            assert!(
+                pos0 % page_size == 0 && pos0 < req.prefill_len,
+                "request {id}: a new row starts at {pos0}"
+            );
+            let table = &self.dense_table[io.rows()[i] as usize];
+            for (p, &token) in req.tokens[..pos0].iter().enumerate() {
+                let page = table[p / page_size];
+                let held = self.contents.get(&page).and_then(|c| c[p % page_size]);
+                assert_eq!(
+                    held,
+                    Some(token),
+                    "request {id}: cached page {page} slot {p}"
+                );
+            }
+        }
+
+        // Pages this step writes, by the request and column writing them.
+        let mut written: HashMap<i32, (RequestId, usize)> = HashMap::new();
         let mut stream_in_use = HashSet::new();
         for i in 0..counts.num_reqs {
             let id = io.req_ids()[i];
@@ -269,13 +328,19 @@ impl Harness {
             );
             let req = self.live.get_mut(&id).expect("scheduled a live request");
             let end = pos0 + num_new;
-            assert_eq!(pos0, req.computed, "request {id}: pos0");
-            assert!(num_new >= 1 && end <= req.tokens.len());
+            let row = io.rows()[i] as usize;
             assert_eq!(
                 flags & FLAG_NEW_ROW != 0,
-                pos0 == 0,
+                req.row.is_none(),
                 "request {id}: NEW_ROW"
             );
+            if flags & FLAG_NEW_ROW != 0 {
+                req.row = Some(row);
+                req.computed = pos0;
+            }
+            assert_eq!(req.row, Some(row), "request {id}: row");
+            assert_eq!(pos0, req.computed, "request {id}: pos0");
+            assert!(num_new >= 1 && end <= req.tokens.len());
             assert_eq!(
                 flags & FLAG_PREFILL != 0,
                 pos0 < req.prefill_len,
@@ -314,15 +379,20 @@ impl Harness {
             );
             req.computed = end;
 
-            let row = io.rows()[i] as usize;
             let pages = cfg.pages_for(end as u32) as usize;
             let dense = &self.dense_table[row];
             assert!(dense.len() >= pages, "request {id}: page table too short");
-            for &page in &dense[..pages] {
-                assert!(
-                    page > 0 && dense_in_use.insert(page),
-                    "request {id}: dense page {page} shared or null"
-                );
+            let page_size = cfg.page_size as usize;
+            for (p, &token) in req.tokens.iter().enumerate().take(end).skip(pos0) {
+                let (column, page) = (p / page_size, dense[p / page_size]);
+                assert!(page > 0, "request {id}: writes the null page");
+                let writer = *written.entry(page).or_insert((id, column));
+                assert_eq!(writer, (id, column), "page {page} written twice");
+                let slots = self
+                    .contents
+                    .entry(page)
+                    .or_insert_with(|| vec![None; page_size]);
+                slots[p % page_size] = Some(token);
             }
             let stream = &self.stream_table[row];
             let max_len = (req.num_prompt as u32 + req.max_tokens).min(cfg.max_seq_len());
@@ -332,6 +402,18 @@ impl Harness {
                     page > 0 && stream_in_use.insert(page),
                     "request {id}: stream page {page} shared"
                 );
+            }
+        }
+
+        // No other running request holds a page being written, nor the writer elsewhere.
+        for (&id, req) in &self.live {
+            let Some(row) = req.row else { continue };
+            let pages = cfg.pages_for(req.computed as u32) as usize;
+            for (column, &page) in self.dense_table[row][..pages].iter().enumerate() {
+                assert!(page > 0, "request {id}: null page in its table");
+                if let Some(&writer) = written.get(&page) {
+                    assert_eq!(writer, (id, column), "page {page} is shared while written");
+                }
             }
         }
 
@@ -396,7 +478,17 @@ impl Harness {
                 min_tokens,
                 priority,
                 stops,
-            } => self.add(prompt_len, max_tokens, min_tokens, priority, stops),
+                family,
+                cache_prefix,
+            } => self.add(
+                prompt_len,
+                max_tokens,
+                min_tokens,
+                priority,
+                stops,
+                family,
+                cache_prefix,
+            ),
             Op::Step { seed } => self.step(seed),
             Op::Abort(index) => {
                 if let Some(id) = self.pick(index) {
@@ -480,12 +572,19 @@ fn tight_pool_liveness() {
                 0,
                 (i % 3) as i64,
                 false,
+                Some((i % 2) as u8),
+                true,
             );
         }
         h.drain();
+        let stats = h.sched.stats();
         assert!(
-            h.sched.stats().num_preemptions > 0,
+            stats.num_preemptions > 0,
             "{policy:?}: the pool should have been tight"
+        );
+        assert!(
+            stats.prefix_cache_hits > 0,
+            "{policy:?}: prompts share prefixes"
         );
     }
 }

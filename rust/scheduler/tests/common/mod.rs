@@ -5,7 +5,8 @@
 
 use _scheduler::{NewRequest, RequestId, Scheduler, SchedulerConfig, StepCounts};
 
-/// A small config for hand-checked traces: 4-token pages of 2 logical pages, no watermark.
+/// A small config for hand-checked traces: 4-token pages of 2 logical pages, no watermark, and
+/// no prefix cache (the traces' prompts are all alike; `prefix_cache.rs` turns it on).
 pub fn small_config(num_dense_pages: u32) -> SchedulerConfig {
     SchedulerConfig {
         page_size: 4,
@@ -14,6 +15,7 @@ pub fn small_config(num_dense_pages: u32) -> SchedulerConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         selector_interval: 2,
+        enable_prefix_caching: false,
         ..SchedulerConfig::new(num_dense_pages, 1024)
     }
 }
