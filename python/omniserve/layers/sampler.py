@@ -324,7 +324,9 @@ def _merge(results: Sequence[SampleResult | None]) -> SampleResult:
     logprobs, and rows with fewer top logprobs than the widest are padded as a prefix is read."""
     k = len(results)
     token_ids = torch.zeros(k, dtype=torch.int32)
-    with_logprobs = [(i, r) for i, r in enumerate(results) if r is not None and r.top_ids is not None]
+    with_logprobs = [
+        (i, r) for i, r in enumerate(results) if r is not None and r.top_ids is not None
+    ]
     for i, r in enumerate(results):
         if r is not None:
             token_ids[i] = r.token_ids[0]

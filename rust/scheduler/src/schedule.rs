@@ -650,17 +650,16 @@ impl Scheduler {
             self.prefix_cache_queries += u64::from(self.requests[slot].prefill_len);
             self.prefix_cache_hits += (cached.len() * self.cfg.page_size as usize) as u64;
         }
-        let req = &mut self.requests[slot];
         for (column, &page) in cached.iter().enumerate() {
             self.dense.acquire(page);
             self.io.push_page_update(row, column as u32, page);
         }
+        let table_len = self.stream_table_len(&self.requests[slot]);
+        let req = &mut self.requests[slot];
+        let reserve = self.cfg.pages_for(req.prefill_len) - admission.cached_pages;
         req.num_computed = admission.cached_pages * self.cfg.page_size;
         req.num_published = admission.cached_pages;
         req.pages = cached;
-        let reserve = self.cfg.pages_for(req.prefill_len) - admission.cached_pages;
-        let table_len = self.stream_table_len(&self.requests[slot]);
-        let req = &mut self.requests[slot];
         req.status = Status::Running;
         req.row = row;
         req.reserved_pages = reserve;
