@@ -22,20 +22,21 @@ use proptest::prelude::*;
 const VOCAB: u64 = 16;
 
 #[derive(Debug, Clone)]
+struct AddOp {
+    prompt_len: usize,
+    max_tokens: u32,
+    min_tokens: u32,
+    priority: i64,
+    stops: bool,
+    /// Requests of one family share their prompts' prefixes; `None`: a prompt of its own.
+    family: Option<u8>,
+    cache_prefix: bool,
+}
+
+#[derive(Debug, Clone)]
 enum Op {
-    Add {
-        prompt_len: usize,
-        max_tokens: u32,
-        min_tokens: u32,
-        priority: i64,
-        stops: bool,
-        /// Requests of one family share their prompts' prefixes; `None`: a prompt of its own.
-        family: Option<u8>,
-        cache_prefix: bool,
-    },
-    Step {
-        seed: u64,
-    },
+    Add(AddOp),
+    Step { seed: u64 },
     Abort(usize),
     Finish(usize),
 }
@@ -101,14 +102,16 @@ fn op() -> impl Strategy<Value = Op> {
         prop::bool::weighted(0.9),
     );
     let add = (prompt, 1u32..40, 0u32..5, -2i64..3, any::<bool>()).prop_map(
-        |((prompt_len, family, cache_prefix), max_tokens, min_tokens, priority, stops)| Op::Add {
-            prompt_len,
-            max_tokens,
-            min_tokens: min_tokens.min(max_tokens),
-            priority,
-            stops,
-            family,
-            cache_prefix,
+        |((prompt_len, family, cache_prefix), max_tokens, min_tokens, priority, stops)| {
+            Op::Add(AddOp {
+                prompt_len,
+                max_tokens,
+                min_tokens: min_tokens.min(max_tokens),
+                priority,
+                stops,
+                family,
+                cache_prefix,
+            })
         },
     );
     prop_oneof![
@@ -171,17 +174,16 @@ impl Harness {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn add(
-        &mut self,
-        prompt_len: usize,
-        max_tokens: u32,
-        min_tokens: u32,
-        priority: i64,
-        stops: bool,
-        family: Option<u8>,
-        cache_prefix: bool,
-    ) {
+    fn add(&mut self, op: &AddOp) {
+        let AddOp {
+            prompt_len,
+            max_tokens,
+            min_tokens,
+            priority,
+            stops,
+            family,
+            cache_prefix,
+        } = *op;
         let id = self.ids.len() as RequestId;
         self.ids.push(id);
         let seed = family.map_or(id as usize + 3, usize::from);
@@ -472,23 +474,7 @@ impl Harness {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Add {
-                prompt_len,
-                max_tokens,
-                min_tokens,
-                priority,
-                stops,
-                family,
-                cache_prefix,
-            } => self.add(
-                prompt_len,
-                max_tokens,
-                min_tokens,
-                priority,
-                stops,
-                family,
-                cache_prefix,
-            ),
+            Op::Add(ref add) => self.add(add),
             Op::Step { seed } => self.step(seed),
             Op::Abort(index) => {
                 if let Some(id) = self.pick(index) {
@@ -566,15 +552,15 @@ fn tight_pool_liveness() {
         };
         let mut h = Harness::new(cfg);
         for i in 0..40 {
-            h.add(
-                1 + (i * 7) % 30,
-                5 + (i as u32 * 3) % 30,
-                0,
-                (i % 3) as i64,
-                false,
-                Some((i % 2) as u8),
-                true,
-            );
+            h.add(&AddOp {
+                prompt_len: 1 + (i * 7) % 30,
+                max_tokens: 5 + (i as u32 * 3) % 30,
+                min_tokens: 0,
+                priority: (i % 3) as i64,
+                stops: false,
+                family: Some((i % 2) as u8),
+                cache_prefix: true,
+            });
         }
         h.drain();
         let stats = h.sched.stats();
