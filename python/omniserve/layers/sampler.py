@@ -324,19 +324,17 @@ def _merge(results: Sequence[SampleResult | None]) -> SampleResult:
     logprobs, and rows with fewer top logprobs than the widest are padded as a prefix is read."""
     k = len(results)
     token_ids = torch.zeros(k, dtype=torch.int32)
-    with_logprobs = [
-        (i, r) for i, r in enumerate(results) if r is not None and r.top_ids is not None
-    ]
     for i, r in enumerate(results):
         if r is not None:
             token_ids[i] = r.token_ids[0]
-    if not with_logprobs:
+    scored = [(i, r) for i, r in enumerate(results) if r is not None and r.top_ids is not None]
+    if not scored:
         return SampleResult(token_ids)
-    n = max(r.top_ids.shape[1] for _, r in with_logprobs if r.top_ids is not None)
+    n = max(len(r.top_ids[0]) for _, r in scored)  # type: ignore[index]
     logprobs = torch.full((k,), math.nan)
     top_ids = torch.zeros((k, n), dtype=torch.int32)
     top_logprobs = torch.full((k, n), -math.inf)
-    for i, r in with_logprobs:
+    for i, r in scored:
         assert r.logprobs is not None and r.top_ids is not None and r.top_logprobs is not None
         width = r.top_ids.shape[1]
         logprobs[i] = r.logprobs[0]

@@ -100,12 +100,12 @@ pub struct Stats {
 }
 
 /// How a waiting request would be admitted now.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Admission {
     /// Tokens of the first chunk.
     chunk: u32,
-    /// Leading pages taken from the prefix cache.
-    cached_pages: u32,
+    /// Leading pages taken from the prefix cache, in order.
+    cached: Vec<PageId>,
 }
 
 #[derive(Debug)]
@@ -536,8 +536,8 @@ impl Scheduler {
             match self.admission(slot, *budget) {
                 Some(admission) => {
                     self.waiting.remove(&key);
-                    self.admit(slot, admission)?;
                     *budget -= admission.chunk;
+                    self.admit(slot, admission)?;
                 }
                 None => {
                     let head_age = self.num_steps - self.requests[slot].enqueued_step;
@@ -577,10 +577,7 @@ impl Scheduler {
         if stays_partial && self.prefilling.len() >= self.cfg.max_partial_prefills as usize {
             return None;
         }
-        Some(Admission {
-            chunk,
-            cached_pages,
-        })
+        Some(Admission { chunk, cached })
     }
 
     fn caches(&self, req: &Request) -> bool {
@@ -604,7 +601,7 @@ impl Scheduler {
 
     /// The cached pages that begin a waiting request's tokens, in order.
     fn cached_prefix(&self, req: &Request) -> Vec<PageId> {
-        let Some(cache) = self.cache.as_ref().filter(|_| req.cache_prefix) else {
+        let Some(cache) = self.cache.as_ref().filter(|_| self.caches(req)) else {
             return Vec::new();
         };
         let known = self.cacheable_pages(req).min(req.page_hashes.len() as u32);
@@ -644,8 +641,8 @@ impl Scheduler {
             .free_rows
             .pop()
             .expect("admission checks for a free row");
-        let cached = self.cached_prefix(&self.requests[slot]);
-        debug_assert_eq!(cached.len() as u32, admission.cached_pages);
+        let Admission { chunk, cached } = admission;
+        let cached_pages = cached.len() as u32;
         if self.caches(&self.requests[slot]) {
             self.prefix_cache_queries += u64::from(self.requests[slot].prefill_len);
             self.prefix_cache_hits += (cached.len() * self.cfg.page_size as usize) as u64;
@@ -656,9 +653,9 @@ impl Scheduler {
         }
         let table_len = self.stream_table_len(&self.requests[slot]);
         let req = &mut self.requests[slot];
-        let reserve = self.cfg.pages_for(req.prefill_len) - admission.cached_pages;
-        req.num_computed = admission.cached_pages * self.cfg.page_size;
-        req.num_published = admission.cached_pages;
+        let reserve = self.cfg.pages_for(req.prefill_len) - cached_pages;
+        req.num_computed = cached_pages * self.cfg.page_size;
+        req.num_published = cached_pages;
         req.pages = cached;
         req.status = Status::Running;
         req.row = row;
@@ -671,7 +668,7 @@ impl Scheduler {
             req.stream_pages.push(page);
             self.io.push_stream_update(row, column, page);
         }
-        self.schedule_chunk(slot, admission.chunk, FLAG_NEW_ROW)?;
+        self.schedule_chunk(slot, chunk, FLAG_NEW_ROW)?;
         if self.requests[slot].num_uncomputed() <= 1 {
             self.push_decoding(slot);
         } else {
