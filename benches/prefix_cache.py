@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from omniserve import Engine, SamplingParams
+from omniserve.bench.step_breakdown import percentile
 from omniserve.bench.throughput import _materialize, device_name, free_cuda, random_prompts, sync
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import bundled_model_path
@@ -44,11 +45,6 @@ def _prompts(args: argparse.Namespace, vocab: int) -> tuple[list[int], list[list
     system = random_prompts(1, args.system_tokens, vocab, seed=0)[0]
     own = random_prompts(args.requests, args.own_tokens, vocab, seed=1)
     return system, [system + question for question in own]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_once(config: EngineConfig, run: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -86,8 +82,8 @@ def run_once(config: EngineConfig, run: str, args: argparse.Namespace) -> dict[s
         "run": run,
         "device": name,
         "ttft_mean_s": statistics.fmean(ttft),
-        "ttft_p50_s": _percentile(ttft, 0.5),
-        "ttft_p90_s": _percentile(ttft, 0.9),
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p90_s": percentile(ttft, 0.9),
         "ttft_max_s": max(ttft),
         "all_first_tokens_s": last_first - start,
         "wall_s": wall,

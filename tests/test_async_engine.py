@@ -248,7 +248,7 @@ async def test_request_errors_reach_only_their_consumer(engine: AsyncEngine) -> 
 
 async def test_engine_failure_reaches_every_consumer(engine: AsyncEngine) -> None:
     calls = 0
-    real = engine.engine.runner.execute
+    real = engine.engine.runner.launch
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
@@ -257,7 +257,7 @@ async def test_engine_failure_reaches_every_consumer(engine: AsyncEngine) -> Non
             raise RuntimeError("device fell off the bus")
         return real(*args, **kwargs)
 
-    engine.engine.runner.execute = failing  # type: ignore[method-assign]
+    engine.engine.runner.launch = failing  # type: ignore[method-assign]
     results = await asyncio.wait_for(
         asyncio.gather(*(collect(engine, f"p{i}", LONG) for i in range(5)), return_exceptions=True),
         10,

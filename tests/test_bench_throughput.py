@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from omniserve.bench import throughput
+from omniserve.bench import step_breakdown, throughput
 from omniserve.cli.main import main
 from tiny_models import save_checkpoint
 
@@ -201,3 +201,54 @@ def test_without_a_gpu_the_default_model_is_the_bundled_one(
     assert main(["bench", "throughput", *args, "--peer", "none", "--output-json", str(out)]) == 0
     assert "the bundled model" in capsys.readouterr().err
     assert json.loads(out.read_text())["setting"]["model"] == str(bundled_model_path())
+
+
+def test_breakdown_splits_the_run_into_prefill_decode_steps_and_ops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--breakdown: a second run of the batch, its prefill seconds, decode step statistics and
+    the profiled ops (aten ops on the CPU), by category, in the JSON, the table and the PNG."""
+    report, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--batch", "2", "--input-len", "8", "--output-len", "30", "--peer", "none"]
+    code = main(
+        ["bench", "throughput", *TINY, *args, "--breakdown"]
+        + ["--output-json", str(report), "--output-png", str(png)]
+    )
+    assert code == 0
+    (row,) = json.loads(report.read_text())["results"]
+    b = row["breakdown"]
+    assert b["prefill_s"] > 0 and b["profiled_steps"] == 16
+    # 29 decode steps after the first token, 16 profiled and one interval spanning the window
+    # and the steps before it left out.
+    assert 0 < b["decode_steps"] <= 29 - 16
+    assert 0 < b["decode_step_ms_median"] <= b["decode_step_ms_p90"]
+    assert b["device_ms_per_step"] == pytest.approx(sum(b["categories_ms"].values()))
+    assert b["categories_ms"]["gemm"] > 0 and b["top_kernels"]
+    assert all(k["name"].startswith("aten::") for k in b["top_kernels"])
+    assert b["device_busy_fraction"] == pytest.approx(
+        b["device_ms_per_step"] / b["decode_step_ms_median"]
+    )
+    out = capsys.readouterr().out
+    assert "decode step median" in out and "waiting for the host" in out
+    assert png.stat().st_size > 1000
+    assert step_breakdown.category("sm90_xmma_gemm_s8s8_s32") == "gemm"
+    assert step_breakdown.category("omniserve_decode_attention_kv4") == "attention"
+
+
+def test_breakdown_waits_for_chunked_prefills_before_profiling(tmp_path: Path) -> None:
+    """Prompts of 40 tokens in steps of 8 tokens beside 2 decodes: every first token comes
+    before the profiled window (the breakdown checks it), whichever scheduling mode."""
+    report = tmp_path / "bench.json"
+    for mode in ("--async-scheduling", "--no-async-scheduling"):
+        args = ["--batch", "2", "--input-len", "40", "--output-len", "24", "--peer", "none"]
+        extra = ["--max-num-batched-tokens", "8", "--max-num-seqs", "2", mode]
+        assert (
+            main(
+                ["bench", "throughput", *TINY, *args, *extra, "--breakdown"]
+                + ["--output-json", str(report)]
+            )
+            == 0
+        )
+        (row,) = json.loads(report.read_text())["results"]
+        assert row["breakdown"]["profiled_steps"] == 16
+        assert row["breakdown"]["prefill_s"] > 0

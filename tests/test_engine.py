@@ -1,6 +1,8 @@
 """The engine end to end on tiny random checkpoints: greedy ids equal HF transformers' (fp32) however
 the scheduler slices the work (batching, chunked prefill, preemption, late arrivals), and requests
-end cleanly (stop strings, aborts, bad input) without leaking pages."""
+end cleanly (stop strings, aborts, bad input) without leaking pages. Every test runs with the
+engine stepping synchronously and with async scheduling (step n+1 planned before step n's tokens
+are in)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,13 @@ from tiny_models import FAMILIES, VOCAB_SIZE, hf_greedy, save_checkpoint, save_s
 PROMPT_LENGTHS = (5, 23, 40, 1)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 NEW_TOKENS = 12
+_ASYNC = {"async_scheduling": False}
+"""The scheduling mode `_engine` builds engines with; the `scheduling` fixture sets it."""
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(_ASYNC, "async_scheduling", request.param)
 
 
 def _checkpoint(root: Path, family: str) -> tuple[Path, torch.nn.Module]:
@@ -45,7 +54,7 @@ def _greedy(max_tokens: int = NEW_TOKENS) -> SamplingParams:
 def _engine(path: Path, **options: object) -> Engine:
     # An explicit pool: on CUDA the memory profile would otherwise claim most of the card.
     defaults = {"device": "cpu", "dtype": "float32", "page_size": 16, "num_kv_pages": 256}
-    return Engine.from_pretrained(path, **{**defaults, **options})
+    return Engine.from_pretrained(path, **{**defaults, **_ASYNC, **options})
 
 
 def _assert_clean(engine: Engine) -> None:

@@ -156,13 +156,16 @@ def test_engine_config_hands_over_the_scheduler_options() -> None:
     defaults = ext.SchedulerConfig.DEFAULTS
     config = EngineConfig(model="m")
     assert "page_size" in SCHEDULER_OPTIONS and "scheduling_policy" in SCHEDULER_OPTIONS
-    # `enable_prefix_caching` None: the engine decides (on unless streaming heads are).
-    decided = {"enable_prefix_caching"}
+    # None: the engine decides `enable_prefix_caching` (on unless streaming heads are) and
+    # `async_scheduling` (on with a CUDA device).
+    decided = {"enable_prefix_caching", "async_scheduling"}
     assert config.scheduler_options() == {
         name: defaults[name] for name in SCHEDULER_OPTIONS if name not in decided
     }
-    off = EngineConfig(model="m", enable_prefix_caching=False).scheduler_options()
-    assert off["enable_prefix_caching"] is False
+    off = EngineConfig(
+        model="m", enable_prefix_caching=False, async_scheduling=False
+    ).scheduler_options()
+    assert off["enable_prefix_caching"] is False and off["async_scheduling"] is False
     with pytest.raises(ConfigError, match="enable_prefix_caching"):
         EngineConfig(model="m", enable_prefix_caching=True, static_sparsity=0.5)
     # The scheduler options an engine user cannot set: the runner derives them (the streaming

@@ -636,17 +636,17 @@ async def test_200_concurrent_streams_match_running_alone(server: ServerThread) 
 def test_engine_failure_is_reported_not_hung(model_dir: Path) -> None:
     srv = start_server(model_dir)
     runner = srv.engine.engine.runner
-    real_execute = runner.execute
+    real_launch = runner.launch
     steps = 0
 
-    def execute(*args: Any, **kwargs: Any) -> Any:
+    def launch(*args: Any, **kwargs: Any) -> Any:
         nonlocal steps
         steps += 1
         if steps > 5:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_execute(*args, **kwargs)
+        return real_launch(*args, **kwargs)
 
-    runner.execute = execute  # type: ignore[method-assign]
+    runner.launch = launch  # type: ignore[method-assign]
     try:
         client = srv.client()
         stream = client.completions.create(

@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from omniserve import Engine, SamplingParams
 from omniserve.errors import ConfigError
 from omniserve.outputs import RequestOutput
-from omniserve.runner.model_runner import ModelRunner, StepOutput
+from omniserve.runner.model_runner import ModelRunner, PendingStep
 from omniserve.runner.step_plan import StepPlan
 from tiny_models import save_servable
 
@@ -274,17 +274,21 @@ def test_statistics_stay_exact_through_preemption_and_page_reuse(
     )
     if gpu:
         assert engine.runner.kernels.rope_kv.kernel and engine.runner._graphs is not None
-    execute = engine.runner.execute
+    launch = engine.runner.launch
+    checked_steps = 0
 
-    def checked(plan: StepPlan) -> StepOutput:
-        out = execute(plan)
+    def checked(plan: StepPlan) -> PendingStep:
+        nonlocal checked_steps
+        out = launch(plan)
         _assert_stats_match_the_cache(engine.runner, plan)
+        checked_steps += 1
         return out
 
-    engine.runner.execute = checked  # type: ignore[method-assign]
+    engine.runner.launch = checked  # type: ignore[method-assign]
     outs = engine.generate(_prompts(4, (130, 75, 110, 50)), _greedy(40), use_tqdm=False)
     assert all(len(o.token_ids) == 40 for o in outs)
     assert engine.stats().num_preemptions > 0
+    assert checked_steps > 0  # the check ran (it wraps what the engine calls)
 
 
 def test_options_are_checked(model: tuple[Path, torch.nn.Module]) -> None:

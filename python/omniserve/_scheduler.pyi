@@ -69,7 +69,10 @@ class SchedulerConfig:
     page, so `num_dense_pages` counts it. `long_prefill_token_threshold` 0 means no per-request
     cap below the budget. The streaming pool is on when `num_stream_pages > 0`: each running
     request then owns `stream_sink_pages + stream_local_pages + 1` pages of it.
-    `enable_prefix_caching` (a bool, on by default) needs the streaming pool off."""
+    `enable_prefix_caching` (a bool, on by default) needs the streaming pool off.
+    `async_scheduling` (a bool, off by default) lets `schedule()` plan a step while the previous
+    one awaits `update()`; a decode whose input that step is still sampling then has the input id
+    `-(row + 1)`."""
 
     FIELDS: tuple[str, ...]
     DEFAULTS: dict[str, Any]  # each value has its field's type
@@ -90,6 +93,7 @@ class SchedulerConfig:
     logical_pages_per_page: int
     selector_interval: int
     enable_prefix_caching: bool
+    async_scheduling: bool
     def __init__(
         self, *, num_dense_pages: int, max_model_len: int, **options: bool | int | float | str
     ) -> None:
@@ -148,9 +152,11 @@ class Scheduler:
         needs every prompt token's logits)."""
     def schedule(self) -> StepCounts:
         """Apply pending aborts, then plan one step into the buffers. A step with num_reqs > 0
-        must be followed by update(); calling schedule() again first raises OmniserveError."""
+        must be followed by update(); calling schedule() again first raises OmniserveError
+        (with async_scheduling, once two such steps await update())."""
     def update(self) -> int:
-        """Consume `sampled` for the last schedule: append tokens for requests flagged
+        """Consume `sampled` for the oldest step awaiting it (indexed by that step's schedule
+        order; requests it planned that have ended since get nothing): append tokens for requests flagged
         FLAG_NEEDS_LOGITS, check stop tokens / max_tokens / max_model_len, free finished
         requests. Returns how many `out_*` entries were written (one per sampled token); 0 when no
         step is pending."""

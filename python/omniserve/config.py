@@ -146,6 +146,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     stay cached after their requests end until the pool needs them (least recently used first).
     None: on, unless streaming heads are (their KV lives in per-request tables); True with
     streaming heads is an error."""
+    async_scheduling: bool | None = None
+    """Plan and launch step n+1 before step n's tokens are back on the host, so that the host's
+    work (scheduling, inputs, outputs, detokenizing) hides behind the device's. A request that
+    ends on a token (stop token or string) has then already been planned one more step, whose
+    token is dropped; outputs are the same. None: on when the model runs on a CUDA device."""
 
     def __post_init__(self) -> None:
         sizes = {"num_dense_pages": self.num_kv_pages, "max_model_len": self.max_model_len}

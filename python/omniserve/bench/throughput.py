@@ -100,6 +100,8 @@ class RunResult(msgspec.Struct, frozen=True):
     speedup_vs_hf: float | None = None
     """tokens_per_s over HF transformers' at the same batch (omniserve rows)."""
     error: str | None = None
+    breakdown: dict[str, Any] | None = None
+    """With `breakdown`: a second run of the batch broken down (`bench/step_breakdown.py`)."""
 
 
 class EngineRun(NamedTuple):
@@ -158,9 +160,16 @@ def served_precision(config: EngineConfig, precision: Precision | None) -> Preci
 
 
 def bench_omniserve(
-    config: EngineConfig, batches: Sequence[int], input_len: int, output_len: int, seed: int
+    config: EngineConfig,
+    batches: Sequence[int],
+    input_len: int,
+    output_len: int,
+    seed: int,
+    breakdown: bool = False,
 ) -> EngineRun:
-    """Measure one engine, then delete it and return its GPU memory for the next system."""
+    """Measure one engine (and with `breakdown`, run each batch again, broken down), then delete
+    it and return its GPU memory for the next system."""
+    from omniserve.bench import step_breakdown
     from omniserve.engine.engine import Engine
     from omniserve.sampling_params import SamplingParams
 
@@ -188,6 +197,11 @@ def bench_omniserve(
         sync(device)
         wall = time.perf_counter() - start
         generated = sum(o.num_generated_tokens for o in outs)
+        parts = None
+        if breakdown:
+            # Prompts of their own: the timed run's are in the prefix cache now.
+            fresh = random_prompts(batch, input_len, vocab, seed + batch + 1)
+            parts = msgspec.to_builtins(step_breakdown.measure(engine, fresh, params))
         results.append(
             RunResult(
                 OMNISERVE,
@@ -199,6 +213,7 @@ def bench_omniserve(
                 output_len,
                 wall,
                 generated / wall,
+                breakdown=parts,
             )
         )
     info["preemptions"] = engine.stats().num_preemptions
@@ -292,10 +307,12 @@ def run(
     engine_options: dict[str, Any],
     systems: Sequence[BenchSystem] = (BenchSystem(),),
     progress: Callable[[dict[str, Any]], None] | None = None,
+    breakdown: bool = False,
 ) -> dict[str, Any]:
     """Measure each of `systems` (in order), then the peers; `engine_options` apply to every
     system, whose own fields take precedence. `progress` gets the report so far after each
-    system, so that a run cut short still leaves its measurements."""
+    system, so that a run cut short still leaves its measurements. `breakdown` adds a
+    broken-down second run of each batch to the omniserve rows."""
     # Imported here: it loads transformers, which `omniserve --help` need not wait for.
     from omniserve.models.loader import resolve_precision
 
@@ -327,7 +344,7 @@ def run(
         }
         runs: list[EngineRun] = []
         for config in configs:
-            runs.append(bench_omniserve(config, batches, input_len, output_len, seed))
+            runs.append(bench_omniserve(config, batches, input_len, output_len, seed, breakdown))
             if progress is not None:
                 progress(_report(setting, runs, []))
         peer_results = []
@@ -376,6 +393,8 @@ def label(row: dict[str, Any]) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
+    from omniserve.bench import step_breakdown  # it imports this module
+
     header = (
         f"{'system':<30} {'dtype':<9} {'batch':>6}   {'in/out':<10} {'wall_s':>8} "
         f"{'tokens/s':>11}   vs HF"
@@ -389,6 +408,9 @@ def table(report: dict[str, Any]) -> str:
         rows.append(
             f"{label(r):<30} {r['dtype']:<9} {r['batch']:>6}   {in_out:<10} {wall:>8} {tps:>11}{ratio}"
         )
+    for r in report["results"]:
+        if r.get("breakdown"):
+            rows += ["", f"{label(r)}, batch {r['batch']}:", step_breakdown.table(r["breakdown"])]
     return "\n".join(rows)
 
 
@@ -401,7 +423,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     systems = list(dict.fromkeys(label(r) for r in report["results"]))  # run order
     batches = report["setting"]["batches"]
     width = 0.8 / len(systems)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    broken_down = [r for r in report["results"] if r.get("breakdown")]
+    fig, axes = plt.subplots(
+        1 + bool(broken_down), 1, figsize=(7, 4 + 0.5 * len(broken_down) + 1.5 * bool(broken_down))
+    )
+    ax = axes[0] if broken_down else axes
     for i, system in enumerate(systems):
         values = [
             next(
@@ -425,6 +451,27 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"{s['model']}, {s['input_len']} in / {s['output_len']} out, {report['environment']['device']}"
     )
     ax.legend(fontsize="small")
+    if broken_down:
+        _plot_breakdown(axes[1], broken_down)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_breakdown(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """One stacked bar per broken-down row: device ms per decode step by category, then the time
+    the device waited for the host, adding up to the median decode step."""
+    names = list(dict.fromkeys(c for r in rows for c in r["breakdown"]["categories_ms"]))
+    names.append("waiting for the host")
+    labels = [f"{label(r)} b{r['batch']}" for r in rows]
+    left = [0.0] * len(rows)
+    for name in names:
+        widths = []
+        for r in rows:
+            b = r["breakdown"]
+            host = max(b["decode_step_ms_median"] - b["device_ms_per_step"], 0.0)
+            widths.append(host if name == names[-1] else b["categories_ms"].get(name, 0.0))
+        ax.barh(labels, widths, left=left, label=name)
+        left = [a + w for a, w in zip(left, widths)]
+    ax.set_xlabel("ms per decode step (median)")
+    ax.legend(fontsize="x-small", ncol=3, loc="lower right")

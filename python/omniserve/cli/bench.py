@@ -48,6 +48,13 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         "--peer", choices=["hf", "none"], default="hf", help="peer measured in the same run"
     )
     t.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
+    t.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="run each batch a second time, broken down: prefill seconds, decode step median and "
+        "p90, the device-busy fraction and per-op device time per decode step (torch.profiler); "
+        "printed, in the JSON and as a second panel of the PNG",
+    )
     _add_outputs(t, "a bar chart")
     add_engine_args(t)
     t.set_defaults(func=run_throughput)
@@ -241,6 +248,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         engine_options=engine_kwargs(args),
         systems=_systems(args) or [throughput.BenchSystem()],
         progress=write_json,
+        breakdown=args.breakdown,
     )
     print(throughput.table(report))
     write_json(report)

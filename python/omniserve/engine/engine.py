@@ -1,7 +1,9 @@
 """`Engine`: the synchronous front of the system.
 
 One step is: the Rust scheduler plans (`schedule`), the model runner computes and samples, the
-scheduler appends the tokens (`update`), and the engine turns them into text and outputs. Python
+scheduler appends the tokens (`update`), and the engine turns them into text and outputs. With
+async scheduling (the default on CUDA) the engine plans and launches step n+1 before it hands step
+n's tokens to the scheduler, so the host's part of a step runs while the device computes. Python
 keeps what only Python needs (sampling parameters, detokenizers, logprobs); the scheduler keeps
 tokens, pages and lifecycles.
 """
@@ -29,7 +31,7 @@ from omniserve.engine.step_io import StepIO
 from omniserve.errors import ConfigError, EngineDeadError, InvalidRequestError
 from omniserve.layers.sampler import SampleResult
 from omniserve.outputs import FinishReason, OutputKind, RequestOutput, TokenLogprob
-from omniserve.runner.model_runner import ModelRunner
+from omniserve.runner.model_runner import ModelRunner, PendingStep, StepOutput
 from omniserve.runner.step_plan import FLAG_NEW_ROW
 from omniserve.sampling_params import SamplingParams
 
@@ -121,6 +123,11 @@ class Engine:
         # A streaming head's KV lives in its request's own table, which no other request can
         # share: the prefix cache is on by default only where every head is dense.
         options.setdefault("enable_prefix_caching", not options.get("num_stream_pages"))
+        # On the CPU the host computes the step itself: nothing to overlap.
+        options.setdefault("async_scheduling", self.runner.device.type == "cuda")
+        self._async: bool = options["async_scheduling"]
+        self._in_flight: PendingStep | None = None
+        """The launched step whose tokens the next `step()` hands to the scheduler (async)."""
         scheduler = _scheduler.Scheduler(
             _scheduler.SchedulerConfig(
                 num_dense_pages=self.runner.num_kv_pages,
@@ -229,7 +236,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs per each request's output kind, plus every
-        request that finished or was aborted in this step."""
+        request that finished or was aborted in this step. With async scheduling the tokens are
+        those of the step launched by the previous call (this call launches the next one)."""
         self._check_alive()
         try:
             return self._step()
@@ -240,6 +248,23 @@ class Engine:
             raise EngineDeadError(f"engine step failed: {exc!r}") from exc
 
     def _step(self) -> list[RequestOutput]:
+        # With async scheduling the step planned now is launched before the one in flight is
+        # finished, so the device computes it while the host turns the earlier step's tokens
+        # into outputs; the scheduler plans it with the earlier step's tokens as placeholders.
+        outputs, launched = self._launch()
+        if self._in_flight is not None:
+            outputs += self._complete(self._in_flight.wait())
+            self._in_flight = None
+        if launched is not None:
+            if self._async:
+                self._in_flight = launched
+            else:
+                outputs += self._complete(launched.wait())
+        return outputs
+
+    def _launch(self) -> tuple[list[RequestOutput], PendingStep | None]:
+        """Schedule a step and queue it on the device; returns the outputs of the requests
+        aborted at this step boundary and the launched step, if any."""
         counts, plan = self._io.schedule()
         now = time.monotonic()
         outputs = [
@@ -248,16 +273,23 @@ class Engine:
             if ext_id in self._requests
         ]
         if plan is None:
-            return outputs
+            return outputs, None
         req_ids = self._io.req_ids(counts)
         for i in (plan.flags & FLAG_NEW_ROW).nonzero().flatten().tolist():
             req = self._requests[req_ids[i]]
             self.runner.bind_row(
                 int(plan.rows[i]), req.params, req.prompt_ids, req.token_ids, req.stop_ids
             )
-        sampled_idx, result, prompt_scores, failed = self.runner.execute(plan)
-        for i, logprobs in prompt_scores:
+        pending = self.runner.launch(plan)
+        # Prompt scores are on the host already; the plan's buffers are the next step's soon.
+        for i, logprobs in pending.prompt_scores:
             self._requests[req_ids[i]].record_prompt_logprobs(int(plan.pos0[i]), logprobs.tolist())
+        return outputs, pending
+
+    def _complete(self, step: StepOutput) -> list[RequestOutput]:
+        """Hand a step's tokens to the scheduler and turn them into outputs."""
+        sampled_idx, result, _, failed = step
+        outputs: list[RequestOutput] = []
         out_ids, out_tokens, out_sched, out_finish = self._io.update(sampled_idx, result.token_ids)
         k_of_sched = {s: k for k, s in enumerate(sampled_idx.tolist())}
         now = time.monotonic()

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 
 class SampleResult(NamedTuple):
-    """Tokens of one `Sampler.sample` call, in the order of its `rows`, all on the CPU."""
+    """Tokens of one `Sampler.sample` call, in the order of its `rows`, on the sampler's device
+    (`to_host` brings them over)."""
 
     token_ids: torch.Tensor
     """int32 [k]: the sampled tokens."""
@@ -60,6 +61,14 @@ class SampleResult(NamedTuple):
     the largest `logprobs` asked for in the call; a row that asked for fewer uses a prefix."""
     top_logprobs: torch.Tensor | None = None
     """float32 [k, n]: their raw logprobs."""
+
+    def to_host(self) -> SampleResult:
+        """The result on the CPU. From CUDA the copies go to pinned memory without waiting: the
+        caller synchronises (an event recorded after this call) before reading them."""
+        token_ids, *rest = self
+        return SampleResult(
+            _host_copy(token_ids), *(None if t is None else _host_copy(t) for t in rest)
+        )
 
 
 class Sampler:
@@ -183,14 +192,12 @@ class Sampler:
             ones = torch.ones(pen_pos.size, dtype=torch.int32, device=self.device)
             self._out_counts.index_put_((pen_slots, tokens[pen_idx]), ones, accumulate=True)
 
-        token_ids = tokens.to(torch.int32).cpu()
+        token_ids = tokens.to(torch.int32)
         if raw_logprobs is None:
             return SampleResult(token_ids)
         chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
         top = raw_logprobs.topk(num_logprobs, dim=-1)
-        return SampleResult(
-            token_ids, chosen.cpu(), top.indices.to(torch.int32).cpu(), top.values.cpu()
-        )
+        return SampleResult(token_ids, chosen, top.indices.to(torch.int32), top.values)
 
     def sample_isolating_failures(
         self, logits: torch.Tensor, rows: torch.Tensor
@@ -319,9 +326,16 @@ class Sampler:
         return torch.where(torch.from_numpy(greedy).to(self.device), argmax, tokens)
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
 def _merge(results: Sequence[SampleResult | None]) -> SampleResult:
-    """One result of single-row results; a missing row (None) gets token 0 and NaN/-inf
-    logprobs, and rows with fewer top logprobs than the widest are padded as a prefix is read."""
+    """One result (on the CPU) of single-row results; a missing row (None) gets token 0 and
+    NaN/-inf logprobs, and rows with fewer top logprobs than the widest are padded as a prefix
+    is read."""
     k = len(results)
     token_ids = torch.zeros(k, dtype=torch.int32)
     for i, r in enumerate(results):

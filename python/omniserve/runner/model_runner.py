@@ -35,12 +35,31 @@ class StepOutput(NamedTuple):
     sampled_idx: torch.Tensor
     """int64 CPU [k]: plan indices of the requests that got a token."""
     sample: SampleResult
-    """Their sampled tokens (and logprobs when asked)."""
+    """Their sampled tokens (and logprobs when asked), on the CPU."""
     prompt_scores: list[tuple[int, torch.Tensor]]
     """(plan index, logprobs of the prompt tokens from pos0 + 1) for prompt-logprob requests."""
     failed: dict[int, Exception]
     """Requests whose sampling failed (`Sampler.sample_isolating_failures`), by their index in
     `sampled_idx`; their tokens are placeholders."""
+
+
+class PendingStep:
+    """A launched step whose sampled tokens may still be on their way to the host."""
+
+    def __init__(self, output: StepOutput, copied: torch.cuda.Event | None) -> None:
+        self._output = output
+        self._copied = copied
+
+    @property
+    def prompt_scores(self) -> list[tuple[int, torch.Tensor]]:
+        """`StepOutput.prompt_scores`, on the host already (scoring waits for the device)."""
+        return self._output.prompt_scores
+
+    def wait(self) -> StepOutput:
+        """The step's output, once its device-to-host copies are done."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._output
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -165,16 +184,29 @@ class ModelRunner:
         else:
             self._prompt_targets.pop(row, None)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Run one step: sample for the requests flagged FLAG_NEEDS_LOGITS and score the prompt
-        tokens of requests that asked for prompt logprobs."""
+        """Run one step and wait for its output (`launch`, then `wait`)."""
+        return self.launch(plan).wait()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue one step on the device: sample for the requests flagged FLAG_NEEDS_LOGITS and
+        score the prompt tokens of requests that asked for prompt logprobs. It waits for the
+        device only where the host needs values (prompt logprobs), so the host can go on
+        planning the next step while the device computes this one; the next step's placeholder
+        input ids read the tokens sampled here on the device."""
         step, hidden = self._forward(plan, self._inputs)
         logits = self.model.compute_logits(hidden[step.logits_idx])
         rows = plan.rows[step.sampled_idx].long()
         sample, failed = self.sampler.sample_isolating_failures(logits, rows)
+        self._inputs.record_sampled(step.sampled_rows, sample.token_ids)
         scores = self._score_prompt_tokens(plan, hidden) if self._prompt_targets else []
-        return StepOutput(step.sampled_idx, sample, scores, failed)
+        host = StepOutput(step.sampled_idx, sample.to_host(), scores, failed)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        return PendingStep(host, copied)
 
     @torch.inference_mode()
     def compute_logits(

@@ -12,6 +12,10 @@ heads read of earlier chunks and their Λ mask (`layers/sparse_prefill.py`), and
 decode request's streaming heads see (`StreamTable.visible_pages`). A query takes the prefill
 window while it is inside its request's prompt and the decode window after it.
 
+With async scheduling a decode's input id may be a placeholder, `-(row + 1)`: the token its row
+sampled in the step still in flight, which the builder keeps on the device (`record_sampled`)
+and substitutes there, so the step never waits for the host to see that token.
+
 With page selection (`formats/page_selection.py`) the builder keeps each row's current view
 (selected count and tail) on the host: a prefill chunk makes it dense, a decode step flagged
 FLAG_RESELECT replaces it by the view of its `select_pages` columns (and selects on the device,
@@ -69,6 +73,8 @@ class StepInputs:
     attn: AttentionMetadata
     sampled_idx: torch.Tensor
     """long [k] on the CPU: requests (indices into the plan) whose last token is sampled."""
+    sampled_rows: torch.Tensor
+    """long [k] on the device: their rows."""
     logits_idx: torch.Tensor
     """long [k] on the device: the step token whose logits each of them samples from."""
 
@@ -118,6 +124,15 @@ class StepInputBuilder:
         # The copy out of the pinned buffer is asynchronous: the next step may refill the buffer
         # only once it is done (a step that samples nothing never synchronises on its own).
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        # The token each row sampled last, where the device made it: a placeholder input id
+        # -(row + 1) (async scheduling) stands for it, so the step that uses it need not wait for
+        # the host to see it.
+        self._last_sampled = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+
+    def record_sampled(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Keep the tokens just sampled for `rows` (`StepInputs.sampled_rows`) for the
+        placeholders of later steps."""
+        self._last_sampled[rows] = tokens.to(self.device, torch.int32)
 
     def build(self, plan: StepPlan) -> StepInputs:
         """Also applies the plan's page updates to the page table (cache rows depend on them)."""
@@ -156,6 +171,10 @@ class StepInputBuilder:
             self._copied.record()
         views = self._dev[:total].split(sizes)
         input_ids, updates = views[0], views[7]
+        if bool((plan.input_ids < 0).any()):
+            input_ids = torch.where(
+                input_ids < 0, self._last_sampled[(-1 - input_ids).clamp_min(0)], input_ids
+            )
         rows, pos0, num_new, qstart, order_d, sampled_d = (v.long() for v in views[1:7])
         self.kv_cache.apply_page_updates(updates.view(-1, 3), views[8].view(-1, 3))
 
@@ -237,6 +256,7 @@ class StepInputBuilder:
                 write_index, write_slots, by_window, decode_batch, stream_write_slots
             ),
             sampled_idx=sampled_idx,
+            sampled_rows=rows[sampled_d],
             logits_idx=qstart[1:][sampled_d] - 1,
         )
 

@@ -209,6 +209,11 @@ scheduler_config! {
         /// Share the full pages of identical prompt prefixes between requests
         /// (`prefix_cache.rs`); needs the streaming pool off.
         enable_prefix_caching: bool = true,
+        /// Let `schedule()` plan a step before `update()` has taken the previous one's tokens,
+        /// so that the caller prepares step n+1 while its device computes step n. A decode
+        /// whose previous token is still being sampled reads it as a placeholder input id
+        /// (`step_io::placeholder`).
+        async_scheduling: bool = false,
     }
 }
 
@@ -290,6 +295,15 @@ impl SchedulerConfig {
     /// Dense pages admission leaves free: ceil(watermark * num_dense_pages).
     pub fn watermark_pages(&self) -> u32 {
         (self.watermark * f64::from(self.num_dense_pages)).ceil() as u32
+    }
+
+    /// Steps `schedule()` may have planned that `update()` has not consumed.
+    pub fn max_steps_in_flight(&self) -> usize {
+        if self.async_scheduling {
+            2
+        } else {
+            1
+        }
     }
 
     /// Tokens in one logical (selection) page.
@@ -399,7 +413,7 @@ mod tests {
     #[test]
     fn fields_by_name() {
         let mut cfg = SchedulerConfig::new(100, 4096);
-        assert_eq!(SchedulerConfig::FIELDS.len(), 17);
+        assert_eq!(SchedulerConfig::FIELDS.len(), 18);
         assert_eq!(
             &SchedulerConfig::FIELDS[..2],
             ["num_dense_pages", "max_model_len"]

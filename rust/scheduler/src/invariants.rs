@@ -49,8 +49,18 @@ impl Scheduler {
         let (mut running, mut waiting, mut reserved) = (0, 0, 0);
         for (slot, req) in self.requests.iter() {
             let id = req.id;
-            if req.num_computed > req.num_tokens() || req.num_tokens() > self.max_seq_len {
+            if req.num_computed > req.num_planned() || req.num_planned() > self.max_seq_len {
                 return Err(format!("request {id}: bad token counts"));
+            }
+            let sampling = match req.status {
+                Status::Waiting => 0,
+                Status::Running => self.num_sampling(slot, id),
+            };
+            if req.num_in_flight != sampling {
+                return Err(format!(
+                    "request {id}: {} tokens in flight, but {sampling} steps in flight sample it",
+                    req.num_in_flight
+                ));
             }
             match req.status {
                 Status::Waiting => {

@@ -37,7 +37,7 @@ pub use error::{Result, SchedulerError};
 pub use request::{FinishReason, NewRequest, RequestId};
 pub use schedule::{Scheduler, Stats, StepCounts};
 pub use step_io::{
-    finish_code, BufData, Buffer, Dtype, Phase, Reader, StepIo, FINISH_LENGTH, FINISH_NONE,
-    FINISH_REASONS, FINISH_STOP, FLAGS, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL,
+    finish_code, placeholder, BufData, Buffer, Dtype, Phase, Reader, StepIo, FINISH_LENGTH,
+    FINISH_NONE, FINISH_REASONS, FINISH_STOP, FLAGS, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL,
     FLAG_RESELECT,
 };

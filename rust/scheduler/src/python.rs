@@ -415,12 +415,13 @@ impl PyScheduler {
     }
 
     fn update(&mut self, py: Python<'_>) -> PyResult<usize> {
-        let num_reqs = self.core.io().req_ids().len();
         let sampled = self.arrays[Buffer::Sampled as usize].bind(py);
         // SAFETY: the GIL is held (the module declares `gil_used`) and no Python code runs while
         // the slice lives, so nothing can resize or free the bytearray under it.
         let bytes = unsafe { sampled.as_bytes() };
-        let dst = &mut self.core.sampled_mut()[..num_reqs];
+        // All of it (max_num_seqs tokens): with async scheduling the step being updated is not
+        // the one the buffers describe now.
+        let dst = self.core.sampled_mut();
         if bytes.len() < dst.len() * 4 {
             return Err(OmniserveError::new_err("the 'sampled' buffer was resized"));
         }

@@ -114,6 +114,9 @@ pub struct Request {
     pub page_hashes: Vec<u64>,
     /// Leading entries of `pages` that came from the prefix cache or were offered to it.
     pub num_published: u32,
+    /// Tokens that planned steps will sample for the request and `update()` has not appended
+    /// yet (at most one per step in flight; always 0 between steps without async scheduling).
+    pub num_in_flight: u32,
 }
 
 impl Request {
@@ -142,6 +145,7 @@ impl Request {
             cache_prefix: req.cache_prefix,
             page_hashes: Vec::new(),
             num_published: 0,
+            num_in_flight: 0,
         }
     }
 
@@ -182,9 +186,14 @@ impl Request {
         self.num_tokens() - self.num_prompt
     }
 
-    /// Tokens known but not yet in the KV cache: 1 for a decode step, more for a prefill.
+    /// Tokens known or being sampled: what the request will hold once every planned step is in.
+    pub fn num_planned(&self) -> u32 {
+        self.num_tokens() + self.num_in_flight
+    }
+
+    /// Planned tokens not yet in the KV cache: 1 for a decode step, more for a prefill.
     pub fn num_uncomputed(&self) -> u32 {
-        self.num_tokens() - self.num_computed
+        self.num_planned() - self.num_computed
     }
 
     /// The `FINISH_*` code after `token` was appended: a stop token counts once `min_tokens`

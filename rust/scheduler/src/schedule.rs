@@ -16,6 +16,15 @@
 //! With the prefix cache on, admission first takes references to the cached pages that begin the
 //! request's tokens (always leaving at least one token to compute, whose logits it samples from)
 //! and starts the prefill after them; `update` publishes every page a step filled.
+//!
+//! With `async_scheduling`, `schedule()` may plan step n+1 before `update()` has taken step n's
+//! tokens. A decode whose input is such a token gets a placeholder input id; a request whose
+//! planned tokens already reach its length limit is not planned again. A request that stops on
+//! a token of step n has also been planned in step n+1: `update()` drops that token, since the
+//! request is gone. Pages freed at step n are reused from step n+2 on, after the device (one
+//! ordered stream) has finished what step n+1 writes to them.
+
+use std::collections::VecDeque;
 
 use crate::abort::AbortHandle;
 use crate::config::{Policy, SchedulerConfig};
@@ -25,7 +34,8 @@ use crate::prefix_cache::PrefixCache;
 use crate::queue::{QueueKey, WaitingQueue};
 use crate::request::{NewRequest, Request, RequestId, RequestSlab, Status};
 use crate::step_io::{
-    finish_code, ScheduledReq, StepIo, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL, FLAG_RESELECT,
+    finish_code, placeholder, ScheduledReq, StepIo, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL,
+    FLAG_RESELECT,
 };
 
 macro_rules! step_counts {
@@ -108,6 +118,22 @@ struct Admission {
     cached: Vec<PageId>,
 }
 
+/// What `update()` needs of one request a step planned.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    /// `Planned::VOID` once the request is preempted: what the step did for it is dropped.
+    slot: u32,
+    id: RequestId,
+    flags: i32,
+    /// Tokens in the KV cache once the step has run.
+    end: u32,
+}
+
+impl Planned {
+    /// A slot no request is in.
+    const VOID: u32 = u32::MAX;
+}
+
 #[derive(Debug)]
 pub struct Scheduler {
     pub(crate) cfg: SchedulerConfig,
@@ -129,8 +155,11 @@ pub struct Scheduler {
     pub(crate) free_rows: Vec<u32>,
     aborts: AbortHandle,
     pub(crate) io: StepIo,
-    /// The last `schedule()` planned requests and their `update()` has not come yet.
-    awaiting_update: bool,
+    /// Steps planned whose `update()` has not come yet, oldest first (at most
+    /// `cfg.max_steps_in_flight()`; a step that planned nothing is not one).
+    in_flight: VecDeque<Vec<Planned>>,
+    /// Record lists of updated steps, reused so that a step allocates nothing.
+    spare: Vec<Vec<Planned>>,
     next_arrival: u64,
     num_steps: u64,
     num_preemptions: u64,
@@ -159,7 +188,8 @@ impl Scheduler {
             free_rows: (0..cfg.max_num_seqs).rev().collect(),
             aborts: AbortHandle::default(),
             io: StepIo::new(&cfg),
-            awaiting_update: false,
+            in_flight: VecDeque::with_capacity(cfg.max_steps_in_flight()),
+            spare: Vec::new(),
             next_arrival: 0,
             num_steps: 0,
             num_preemptions: 0,
@@ -274,13 +304,18 @@ impl Scheduler {
 
     /// Applies pending aborts, then plans one step into the buffers (see the module docs).
     pub fn schedule(&mut self) -> Result<StepCounts> {
-        if self.awaiting_update {
-            return Err(SchedulerError::StepOrder(
-                "schedule() called before update() consumed the previous step",
-            ));
+        if self.in_flight.len() >= self.cfg.max_steps_in_flight() {
+            return Err(SchedulerError::StepOrder(if self.cfg.async_scheduling {
+                "schedule() called with two steps awaiting update()"
+            } else {
+                "schedule() called before update() consumed the previous step"
+            }));
         }
         self.num_steps += 1;
         self.io.begin_schedule();
+        let mut planned = self.spare.pop().unwrap_or_default();
+        planned.clear();
+        self.in_flight.push_back(planned);
         self.apply_aborts();
         let preempted = self.make_room_for_decodes();
         let mut budget = self.cfg.max_num_batched_tokens;
@@ -291,7 +326,9 @@ impl Scheduler {
         if !preempted {
             self.admit_waiting(&mut budget)?;
         }
-        self.awaiting_update = self.io.num_scheduled() > 0;
+        if self.io.num_scheduled() == 0 {
+            self.spare.extend(self.in_flight.pop_back());
+        }
         Ok(StepCounts {
             num_reqs: self.io.num_scheduled(),
             num_tokens: self.io.num_tokens() as usize,
@@ -302,36 +339,48 @@ impl Scheduler {
         })
     }
 
-    /// Consumes `sampled` for the last step: appends a token to every request flagged
-    /// `FLAG_NEEDS_LOGITS`, checks stop and length, frees finished requests. Returns the number
-    /// of `out_*` entries.
+    /// Consumes `sampled` for the oldest step in flight: appends a token to every request
+    /// flagged `FLAG_NEEDS_LOGITS`, checks stop and length, frees finished requests. Returns the
+    /// number of `out_*` entries.
     pub fn update(&mut self) -> Result<usize> {
         self.io.begin_update();
-        if !std::mem::take(&mut self.awaiting_update) {
+        let Some(planned) = self.in_flight.pop_front() else {
             return Ok(0);
-        }
-        for sched_idx in 0..self.io.num_scheduled() {
-            let (slot, id, flags) = self.io.scheduled(sched_idx);
-            // `finish()` may have ended the request since it was scheduled.
-            if !self.requests.holds(slot, id) || self.requests[slot].status != Status::Running {
+        };
+        for (sched_idx, p) in planned.iter().enumerate() {
+            // `finish()` or an abort may have ended the request since it was planned, or a later
+            // `schedule()` preempted it (which voided the record).
+            if !self.requests.holds(p.slot, p.id) {
                 continue;
             }
-            self.publish_full_pages(slot);
-            if flags & FLAG_NEEDS_LOGITS == 0 {
+            self.publish_full_pages(p.slot, p.end);
+            if p.flags & FLAG_NEEDS_LOGITS == 0 {
                 continue;
             }
             let token = self.io.sampled()[sched_idx];
-            let req = &mut self.requests[slot];
+            let req = &mut self.requests[p.slot];
+            req.num_in_flight -= 1;
             req.tokens.push(token);
             let finish = req.finish_reason(token, self.max_seq_len);
             self.io
-                .push_output(id, token, sched_idx, finish_code(finish));
+                .push_output(p.id, token, sched_idx, finish_code(finish));
             if finish.is_some() {
-                self.remove_request(slot);
+                self.remove_request(p.slot);
                 self.num_finished += 1;
             }
         }
+        self.spare.push(planned);
         Ok(self.io.out_req_ids().len())
+    }
+
+    /// Steps in flight that sample a token for the request `id` in `slot`.
+    pub(crate) fn num_sampling(&self, slot: u32, id: RequestId) -> u32 {
+        let sampling =
+            |p: &&Planned| p.slot == slot && p.id == id && p.flags & FLAG_NEEDS_LOGITS != 0;
+        self.in_flight
+            .iter()
+            .map(|step| step.iter().filter(sampling).count() as u32)
+            .sum()
     }
 
     /// Ends a request now (e.g. a stop string matched) and frees its pages; `false` if unknown.
@@ -403,9 +452,13 @@ impl Scheduler {
     }
 
     /// Whether the next token of this decode request starts a page its reservation doesn't cover.
+    /// Never for one whose planned tokens reach its length limit: it is not planned again, and
+    /// counting it would preempt it (or another) for a page nobody writes.
     fn needs_unreserved_page(&self, slot: u32) -> bool {
         let req = &self.requests[slot];
-        self.cfg.pages_for(req.num_computed + 1) > req.pages.len() as u32 + req.reserved_pages
+        req.num_planned() < req.max_len(self.max_seq_len)
+            && self.cfg.pages_for(req.num_computed + 1)
+                > req.pages.len() as u32 + req.reserved_pages
     }
 
     /// Preempts until every decode request can get the page its token needs. Returns whether
@@ -466,6 +519,16 @@ impl Scheduler {
         req.preempted = true;
         req.enqueued_step = step;
         req.steps_to_select = 0;
+        // Tokens still being sampled for it are dropped; the recompute samples them again.
+        req.num_in_flight = 0;
+        // So is everything the steps in flight do for it, even if it runs again before their
+        // update: a preempting step that plans nothing is not in flight, so the next
+        // `schedule()` may come first and readmit it.
+        for p in self.in_flight.iter_mut().flatten() {
+            if p.slot == slot {
+                p.slot = Planned::VOID;
+            }
+        }
         self.io.push_preempted(req.id);
         self.waiting
             .push(QueueKey::of(req, self.cfg.scheduling_policy), slot);
@@ -477,9 +540,15 @@ impl Scheduler {
     fn schedule_decodes(&mut self, budget: &mut u32) -> Result<()> {
         // `max_num_batched_tokens >= max_num_seqs` (validated), so every decode fits.
         for i in 0..self.decoding.len() {
-            self.schedule_chunk(self.decoding[i], 1, 0)?;
+            let slot = self.decoding[i];
+            let req = &self.requests[slot];
+            // Only with a step in flight: its token is this request's last, by length.
+            if req.num_planned() >= req.max_len(self.max_seq_len) {
+                continue;
+            }
+            self.schedule_chunk(slot, 1, 0)?;
+            *budget -= 1;
         }
-        *budget -= self.decoding.len() as u32;
         Ok(())
     }
 
@@ -613,14 +682,15 @@ impl Scheduler {
             .collect()
     }
 
-    /// Offers the cache the pages the last step filled.
-    fn publish_full_pages(&mut self, slot: u32) {
+    /// Offers the cache the pages a step filled: those below `end`, the tokens in the KV cache
+    /// once it has run (a later step in flight may be computing more).
+    fn publish_full_pages(&mut self, slot: u32, end: u32) {
         let page_size = self.cfg.page_size;
         let Some(cache) = self.cache.as_mut() else {
             return;
         };
         let req = &mut self.requests[slot];
-        let full = req.num_computed / page_size;
+        let full = end / page_size;
         if !req.cache_prefix || req.num_published >= full {
             return;
         }
@@ -700,7 +770,7 @@ impl Scheduler {
             req.pages.push(page);
         }
         let mut flags = extra_flags;
-        if end == req.num_tokens() {
+        if end == req.num_planned() {
             flags |= FLAG_NEEDS_LOGITS;
         }
         // A prefill chunk changes the page statistics, so the first decode step after it
@@ -714,10 +784,26 @@ impl Scheduler {
         } else {
             req.steps_to_select -= 1;
         }
-        self.io
-            .push_input_ids(&req.tokens[pos0 as usize..end as usize]);
+        if pos0 < req.num_tokens() {
+            self.io
+                .push_input_ids(&req.tokens[pos0 as usize..end as usize]);
+        } else {
+            // A decode of the token a step in flight is sampling.
+            self.io.push_input_ids(&[placeholder(req.row)]);
+        }
+        if flags & FLAG_NEEDS_LOGITS != 0 {
+            req.num_in_flight += 1;
+        }
+        self.in_flight
+            .back_mut()
+            .expect("schedule() opens the step's record list")
+            .push(Planned {
+                slot,
+                id: req.id,
+                flags,
+                end,
+            });
         self.io.push_scheduled(ScheduledReq {
-            slot,
             id: req.id,
             row: req.row,
             pos0,

@@ -145,10 +145,15 @@ impl BufData<'_> {
     }
 }
 
+/// The input id of a token that a step still in flight samples for `row` (async scheduling):
+/// `-(row + 1)`. The caller substitutes the token that step sampled for the row.
+pub fn placeholder(row: u32) -> i32 {
+    -(row as i32) - 1
+}
+
 /// One scheduled request, as `schedule()` records it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ScheduledReq {
-    pub slot: u32,
     pub id: RequestId,
     pub row: u32,
     pub pos0: u32,
@@ -256,8 +261,6 @@ macro_rules! step_buffers {
         #[derive(Debug)]
         pub struct StepIo {
             $( $name: Vec<$ty>, )*
-            /// Slot of each scheduled request, for `update()`.
-            slots: Vec<u32>,
         }
 
         impl StepIo {
@@ -270,7 +273,6 @@ macro_rules! step_buffers {
                             Phase::Schedule | Phase::Update => Vec::with_capacity(capacity),
                         }
                     }, )*
-                    slots: Vec::with_capacity(cfg.max_num_seqs as usize),
                 };
                 io.begin_schedule();
                 io
@@ -315,7 +317,8 @@ step_buffers! {
     /// columns a page selection chooses among (the newest page is always attended).
     SelectPages select_pages: i32, Schedule, Runner, count num_reqs,
         capacity |c| c.max_num_seqs as usize;
-    /// Token ids of every scheduled token, request after request.
+    /// Token ids of every scheduled token, request after request; with async scheduling, a
+    /// decode whose previous token is still being sampled has `-(row + 1)` (`placeholder`).
     InputIds input_ids: i32, Schedule, Runner, count num_tokens,
         capacity |c| c.max_num_batched_tokens as usize;
     /// `(row, column, page)` writes into the dense page table, applied before the forward pass;
@@ -356,15 +359,7 @@ impl StepIo {
     }
 
     pub(crate) fn num_scheduled(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub(crate) fn scheduled(&self, sched_idx: usize) -> (u32, RequestId, i32) {
-        (
-            self.slots[sched_idx],
-            self.req_ids[sched_idx],
-            self.flags[sched_idx],
-        )
+        self.req_ids.len()
     }
 
     pub(crate) fn num_tokens(&self) -> u32 {
@@ -372,14 +367,12 @@ impl StepIo {
     }
 
     pub(crate) fn begin_schedule(&mut self) {
-        self.slots.clear();
         self.clear(Phase::Schedule);
         self.qstart.push(0);
     }
 
     /// Records one scheduled request; its tokens go to `input_ids` separately.
     pub(crate) fn push_scheduled(&mut self, s: ScheduledReq) {
-        self.slots.push(s.slot);
         self.req_ids.push(s.id);
         self.rows.push(s.row as i32);
         self.pos0.push(s.pos0 as i32);
@@ -481,11 +474,10 @@ mod tests {
         };
         let mut io = StepIo::new(&cfg);
         io.begin_schedule();
-        for (slot, n) in [(0, 5), (1, 1), (2, 3)] {
+        for (row, n) in [(0, 5), (1, 1), (2, 3)] {
             io.push_scheduled(ScheduledReq {
-                slot,
-                id: slot.into(),
-                row: slot,
+                id: row.into(),
+                row,
                 pos0: 0,
                 num_new: n,
                 flags: 0,
@@ -498,5 +490,10 @@ mod tests {
         assert_eq!((io.qstart(), io.num_scheduled()), (&[0][..], 0));
         assert_eq!(io.data(Buffer::Sampled), BufData::I32(&[0; 4]));
         assert_eq!(io.data(Buffer::OutFinish), BufData::I32(&[]));
+    }
+
+    #[test]
+    fn placeholders_are_negative_and_name_their_row() {
+        assert_eq!([placeholder(0), placeholder(5)], [-1, -6]);
     }
 }

@@ -3,8 +3,8 @@
 
 mod common;
 
-use _scheduler::{NewRequest, RequestId, Scheduler, SchedulerConfig, FLAG_NEW_ROW, FLAG_PREFILL};
-use common::{small_config, step, Sched};
+use _scheduler::{NewRequest, Scheduler, SchedulerConfig, FLAG_NEW_ROW, FLAG_PREFILL};
+use common::{prompt, small_config, step, Sched};
 
 fn scheduler(num_dense_pages: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
@@ -12,12 +12,6 @@ fn scheduler(num_dense_pages: u32) -> Scheduler {
         ..small_config(num_dense_pages)
     })
     .unwrap()
-}
-
-/// A prompt of `shared` tokens common to every request, then `own` tokens of request `id`.
-fn prompt(id: RequestId, shared: usize, own: usize) -> Vec<i32> {
-    let own_tokens = (0..own).map(|t| 5000 + 100 * id as i32 + t as i32);
-    (1000..1000 + shared as i32).chain(own_tokens).collect()
 }
 
 fn add(s: &mut Scheduler, req: NewRequest) {

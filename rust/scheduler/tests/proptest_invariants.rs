@@ -8,18 +8,34 @@
 //! page's contents, fed by what each step computes, must show that a row starting after cached
 //! pages got exactly its own tokens' pages. At the end, a fair runner must finish every accepted
 //! request within a bound, leaving both pools empty.
+//!
+//! Every case runs twice: stepped in order, and with `async_scheduling` as an async engine
+//! drives it (`schedule()` of step n+1, then `update()` of step n). Sampling is a function of
+//! the request and the token's position, like greedy decoding, so the model knows the true token
+//! behind a placeholder input id, a recompute samples what the dropped step would have, and
+//! both modes must end every request with the same tokens.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use _scheduler::{
-    Buffer, NewRequest, Phase, Policy, RequestId, Scheduler, SchedulerConfig, SchedulerError,
-    FINISH_LENGTH, FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW, FLAG_PREFILL,
-    FLAG_RESELECT,
+    placeholder, Buffer, NewRequest, Phase, Policy, RequestId, Scheduler, SchedulerConfig,
+    SchedulerError, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, FLAG_NEEDS_LOGITS, FLAG_NEW_ROW,
+    FLAG_PREFILL, FLAG_RESELECT,
 };
 use proptest::prelude::*;
 
 /// Sampled tokens are drawn from 0..VOCAB; requests that stop at all stop on token 0.
 const VOCAB: u64 = 16;
+
+/// The fake sampler: the token that makes request `id` `len` tokens long (a stop token, 0,
+/// about once in VOCAB), fixed by the case's `salt`.
+fn sampled_token(salt: u64, id: RequestId, len: usize) -> i32 {
+    // splitmix64 of the three.
+    let mut z = salt ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (len as u64) << 32;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) % VOCAB) as i32
+}
 
 #[derive(Debug, Clone)]
 struct AddOp {
@@ -36,7 +52,10 @@ struct AddOp {
 #[derive(Debug, Clone)]
 enum Op {
     Add(AddOp),
-    Step { seed: u64 },
+    /// A step as an engine runs it.
+    Step,
+    /// `schedule()` alone, so that other operations come before its `update()`.
+    Plan,
     Abort(usize),
     Finish(usize),
 }
@@ -116,7 +135,8 @@ fn op() -> impl Strategy<Value = Op> {
     );
     prop_oneof![
         3 => add,
-        6 => any::<u64>().prop_map(|seed| Op::Step { seed }),
+        5 => Just(Op::Step),
+        1 => Just(Op::Plan),
         1 => any::<usize>().prop_map(Op::Abort),
         1 => any::<usize>().prop_map(Op::Finish),
     ]
@@ -138,11 +158,34 @@ struct ModelReq {
     since_select: Option<u32>,
     /// The batch row while running.
     row: Option<usize>,
+    /// Tokens that planned steps sample for it and `update()` has not appended yet.
+    in_flight: usize,
+}
+
+impl ModelReq {
+    /// Tokens it will hold once every planned step is updated.
+    fn planned(&self) -> usize {
+        self.tokens.len() + self.in_flight
+    }
+
+    fn max_len(&self, cfg: &SchedulerConfig) -> usize {
+        (self.num_prompt as u32 + self.max_tokens).min(cfg.max_seq_len()) as usize
+    }
+}
+
+/// What the harness keeps of one request a step planned, for that step's `update()`.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    id: RequestId,
+    flags: i32,
+    /// `pos0 + num_new`: with `FLAG_NEEDS_LOGITS`, the position of the token it samples.
+    end: usize,
 }
 
 struct Harness {
     sched: Scheduler,
     cfg: SchedulerConfig,
+    salt: u64,
     live: HashMap<RequestId, ModelReq>,
     ids: Vec<RequestId>,
     pending_aborts: VecDeque<RequestId>,
@@ -151,13 +194,20 @@ struct Harness {
     stream_table: Vec<Vec<i32>>,
     /// The token whose KV each dense page slot holds, as the steps computed them.
     contents: HashMap<i32, Vec<Option<i32>>>,
+    /// Steps planned and not updated yet, oldest first, each in schedule order.
+    in_flight: VecDeque<Vec<Planned>>,
+    /// The tokens of every request that finished in `update()`.
+    finished: HashMap<RequestId, Vec<i32>>,
 }
 
 impl Harness {
-    fn new(cfg: SchedulerConfig) -> Self {
+    fn new(cfg: SchedulerConfig, salt: u64) -> Self {
         let rows = cfg.max_num_seqs as usize;
         Self {
             sched: Scheduler::new(cfg.clone()).unwrap(),
+            salt,
+            in_flight: VecDeque::new(),
+            finished: HashMap::new(),
             live: HashMap::new(),
             ids: Vec::new(),
             pending_aborts: VecDeque::new(),
@@ -217,6 +267,7 @@ impl Harness {
                     cache_prefix,
                     since_select: None,
                     row: None,
+                    in_flight: 0,
                 };
                 self.live.insert(id, model);
             }
@@ -227,7 +278,30 @@ impl Harness {
         }
     }
 
-    fn step(&mut self, seed: u64) {
+    /// Plans a step, after updating the oldest one if as many as may be are in flight; returns
+    /// whether it planned anything.
+    fn plan(&mut self) -> bool {
+        if self.in_flight.len() == self.cfg.max_steps_in_flight() {
+            self.update_step();
+        }
+        self.schedule_step()
+    }
+
+    /// One engine step: plans a step, then updates the steps before it; an async engine keeps
+    /// the one just planned in flight (and waits on the older one when it planned nothing).
+    fn step(&mut self) {
+        let keep = if self.plan() {
+            self.cfg.max_steps_in_flight() - 1
+        } else {
+            0
+        };
+        while self.in_flight.len() > keep {
+            self.update_step();
+        }
+    }
+
+    /// `schedule()` and every check of what it planned; returns whether it planned anything.
+    fn schedule_step(&mut self) -> bool {
         let counts = self.sched.schedule().unwrap();
         self.check();
         let cfg = &self.cfg;
@@ -259,13 +333,25 @@ impl Harness {
             }
         }
         assert_eq!(io.aborted_ids(), expected_aborts);
+        // A preempted request recomputes the tokens it has; those in flight are dropped.
         for id in io.preempted_ids() {
             let req = self.live.get_mut(id).expect("preempted a live request");
             req.prefill_len = req.tokens.len();
             req.computed = 0;
             req.since_select = None;
             req.row = None;
+            req.in_flight = 0;
         }
+        // Running requests with one token to compute (decodes, and prefills down to their last
+        // token) are all planned, unless their planned tokens reach the length limit already.
+        let due_decodes: Vec<RequestId> = self
+            .live
+            .iter()
+            .filter(|(_, r)| {
+                r.row.is_some() && r.planned() == r.computed + 1 && r.planned() < r.max_len(cfg)
+            })
+            .map(|(&id, _)| id)
+            .collect();
 
         // The runner applies page updates after resetting new rows.
         for (i, &flags) in io.flags().iter().enumerate() {
@@ -321,6 +407,7 @@ impl Harness {
         // Pages this step writes, by the request and column writing them.
         let mut written: HashMap<i32, (RequestId, usize)> = HashMap::new();
         let mut stream_in_use = HashSet::new();
+        let mut planned = Vec::with_capacity(counts.num_reqs);
         for i in 0..counts.num_reqs {
             let id = io.req_ids()[i];
             let (pos0, num_new, flags) = (
@@ -342,13 +429,13 @@ impl Harness {
             }
             assert_eq!(req.row, Some(row), "request {id}: row");
             assert_eq!(pos0, req.computed, "request {id}: pos0");
-            assert!(num_new >= 1 && end <= req.tokens.len());
+            assert!(num_new >= 1 && end <= req.planned());
             assert_eq!(
                 flags & FLAG_PREFILL != 0,
                 pos0 < req.prefill_len,
                 "request {id}: PREFILL"
             );
-            assert_eq!(flags & FLAG_NEEDS_LOGITS != 0, end == req.tokens.len());
+            assert_eq!(flags & FLAG_NEEDS_LOGITS != 0, end == req.planned());
             // A selection at the first decode after a prefill chunk, then every interval.
             let reselect = if flags & FLAG_PREFILL != 0 {
                 req.since_select = None;
@@ -369,10 +456,23 @@ impl Harness {
                 reselect,
                 "request {id}: RESELECT"
             );
+            // Positions past the known tokens hold what a step in flight samples: only a decode
+            // reads one, as the placeholder of its row.
+            let known = req.tokens.len();
+            assert!(
+                end <= known || (num_new == 1 && flags & FLAG_PREFILL == 0),
+                "request {id}: a chunk of {num_new} reads unsampled tokens"
+            );
             let q = io.qstart()[i] as usize;
+            let expected_ids: Vec<i32> = (pos0..end)
+                .map(|p| match req.tokens.get(p) {
+                    Some(&token) => token,
+                    None => placeholder(row as u32),
+                })
+                .collect();
             assert_eq!(
                 io.input_ids()[q..q + num_new],
-                req.tokens[pos0..end],
+                expected_ids,
                 "request {id}: input ids"
             );
             assert_eq!(
@@ -380,12 +480,24 @@ impl Harness {
                 (end as u32 - 1) / cfg.page_size
             );
             req.computed = end;
+            if flags & FLAG_NEEDS_LOGITS != 0 {
+                assert!(
+                    req.planned() < req.max_len(cfg),
+                    "request {id}: planned past its length limit"
+                );
+                req.in_flight += 1;
+            }
+            planned.push(Planned { id, flags, end });
 
             let pages = cfg.pages_for(end as u32) as usize;
             let dense = &self.dense_table[row];
             assert!(dense.len() >= pages, "request {id}: page table too short");
             let page_size = cfg.page_size as usize;
-            for (p, &token) in req.tokens.iter().enumerate().take(end).skip(pos0) {
+            for p in pos0..end {
+                let token = match req.tokens.get(p) {
+                    Some(&token) => token,
+                    None => sampled_token(self.salt, id, p + 1),
+                };
                 let (column, page) = (p / page_size, dense[p / page_size]);
                 assert!(page > 0, "request {id}: writes the null page");
                 let writer = *written.entry(page).or_insert((id, column));
@@ -397,14 +509,22 @@ impl Harness {
                 slots[p % page_size] = Some(token);
             }
             let stream = &self.stream_table[row];
-            let max_len = (req.num_prompt as u32 + req.max_tokens).min(cfg.max_seq_len());
-            assert_eq!(stream.len(), cfg.stream_table_len(max_len) as usize);
+            assert_eq!(
+                stream.len(),
+                cfg.stream_table_len(req.max_len(cfg) as u32) as usize
+            );
             for &page in stream {
                 assert!(
                     page > 0 && stream_in_use.insert(page),
                     "request {id}: stream page {page} shared"
                 );
             }
+        }
+        for id in due_decodes {
+            assert!(
+                planned.iter().any(|p| p.id == id),
+                "request {id}: a decode was left out"
+            );
         }
 
         // No other running request holds a page being written, nor the writer elsewhere.
@@ -418,18 +538,19 @@ impl Harness {
                 }
             }
         }
-
-        // The fake runner samples; a stop token (0) comes up about once in VOCAB samples.
-        let mut rng = seed;
-        for i in 0..counts.num_reqs {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.sched.sampled_mut()[i] = ((rng >> 33) % VOCAB) as i32;
+        if planned.is_empty() {
+            return false;
         }
-        let scheduled: Vec<(RequestId, i32)> = (0..counts.num_reqs)
-            .map(|i| (self.sched.io().req_ids()[i], self.sched.io().flags()[i]))
-            .collect();
+        self.in_flight.push_back(planned);
+        true
+    }
+
+    /// Samples the oldest step in flight, `update()`s it and checks its outputs.
+    fn update_step(&mut self) {
+        let planned = self.in_flight.pop_front().expect("a step in flight");
+        for (i, p) in planned.iter().enumerate() {
+            self.sched.sampled_mut()[i] = sampled_token(self.salt, p.id, p.end + 1);
+        }
         let n_out = self.sched.update().unwrap();
         for &buf in Buffer::ALL.iter().filter(|b| b.phase() == Phase::Update) {
             assert_eq!(
@@ -438,20 +559,34 @@ impl Harness {
             );
         }
         self.check();
+        let cfg = &self.cfg;
         let io = self.sched.io();
-        let sampling: Vec<usize> = (0..scheduled.len())
-            .filter(|&i| scheduled[i].1 & FLAG_NEEDS_LOGITS != 0)
+        // A request that finished, was aborted or was preempted since the step was planned gets
+        // nothing from it.
+        let sampling: Vec<usize> = (0..planned.len())
+            .filter(|&i| {
+                let p = planned[i];
+                p.flags & FLAG_NEEDS_LOGITS != 0
+                    && self.live.get(&p.id).is_some_and(|r| r.row.is_some())
+            })
             .collect();
         assert_eq!(n_out, sampling.len());
         for (k, &i) in sampling.iter().enumerate() {
-            let id = scheduled[i].0;
+            let Planned { id, end, .. } = planned[i];
             assert_eq!(
                 (io.out_req_ids()[k], io.out_sched_idx()[k] as usize),
                 (id, i)
             );
             let token = io.out_tokens()[k];
+            assert_eq!(
+                token,
+                sampled_token(self.salt, id, end + 1),
+                "request {id}: token"
+            );
             let req = self.live.get_mut(&id).unwrap();
+            assert_eq!(req.tokens.len(), end, "request {id}: token out of order");
             req.tokens.push(token);
+            req.in_flight -= 1;
             let outputs = (req.tokens.len() - req.num_prompt) as u32;
             let expected = if req.stops && token == 0 && outputs >= req.min_tokens {
                 FINISH_STOP
@@ -462,7 +597,8 @@ impl Harness {
             };
             assert_eq!(io.out_finish()[k], expected, "request {id}: finish");
             if expected != FINISH_NONE {
-                self.live.remove(&id);
+                let req = self.live.remove(&id).unwrap();
+                self.finished.insert(id, req.tokens);
             }
         }
         assert_eq!(self.sched.num_unfinished(), self.live.len());
@@ -475,7 +611,10 @@ impl Harness {
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Add(ref add) => self.add(add),
-            Op::Step { seed } => self.step(seed),
+            Op::Step => self.step(),
+            Op::Plan => {
+                self.plan();
+            }
             Op::Abort(index) => {
                 if let Some(id) = self.pick(index) {
                     self.sched.abort_handle().abort(id);
@@ -506,8 +645,12 @@ impl Harness {
                 "{} requests still unfinished after {bound} steps",
                 self.live.len()
             );
-            self.step(steps as u64);
+            self.step();
             steps += 1;
+        }
+        // What is still in flight planned only requests that have ended since.
+        while !self.in_flight.is_empty() {
+            self.update_step();
         }
         assert!(self.live.is_empty());
         let stats = self.sched.stats();
@@ -520,6 +663,24 @@ impl Harness {
     }
 }
 
+/// `cfg` stepped in order, or as an async engine steps it.
+fn with_async(cfg: &SchedulerConfig, async_scheduling: bool) -> SchedulerConfig {
+    SchedulerConfig {
+        async_scheduling,
+        ..cfg.clone()
+    }
+}
+
+/// Runs `ops` and drains; returns the tokens each request finished with.
+fn run(cfg: SchedulerConfig, salt: u64, ops: &[Op]) -> HashMap<RequestId, Vec<i32>> {
+    let mut h = Harness::new(cfg, salt);
+    for op in ops {
+        h.apply(op);
+    }
+    h.drain();
+    h.finished
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -527,19 +688,38 @@ proptest! {
     fn random_operations_keep_invariants_and_finish(
         cfg in config(),
         ops in prop::collection::vec(op(), 1..150),
+        salt in any::<u64>(),
     ) {
-        let mut h = Harness::new(cfg);
-        for op in &ops {
-            h.apply(op);
+        for async_scheduling in [false, true] {
+            run(with_async(&cfg, async_scheduling), salt, &ops);
         }
-        h.drain();
+    }
+
+    /// Planning ahead changes when tokens are computed, never which: with no request ended
+    /// from outside, every request finishes with the same tokens in both modes.
+    #[test]
+    fn async_scheduling_yields_the_same_tokens(
+        cfg in config(),
+        ops in prop::collection::vec(op(), 1..150),
+        salt in any::<u64>(),
+    ) {
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter(|op| matches!(op, Op::Add(_) | Op::Step | Op::Plan))
+            .collect();
+        let in_order = run(with_async(&cfg, false), salt, &ops);
+        let ahead = run(with_async(&cfg, true), salt, &ops);
+        prop_assert_eq!(in_order, ahead);
     }
 }
 
 /// Many requests through a tight pool: exercises preemption storms and readmission.
 #[test]
 fn tight_pool_liveness() {
-    for policy in [Policy::Fcfs, Policy::Priority] {
+    for (policy, async_scheduling) in [Policy::Fcfs, Policy::Priority]
+        .into_iter()
+        .flat_map(|policy| [(policy, false), (policy, true)])
+    {
         let cfg = SchedulerConfig {
             page_size: 4,
             logical_pages_per_page: 2,
@@ -548,9 +728,10 @@ fn tight_pool_liveness() {
             long_prefill_token_threshold: 6,
             watermark: 0.1,
             scheduling_policy: policy,
+            async_scheduling,
             ..SchedulerConfig::new(12, 64)
         };
-        let mut h = Harness::new(cfg);
+        let mut h = Harness::new(cfg, 0);
         for i in 0..40 {
             h.add(&AddOp {
                 prompt_len: 1 + (i * 7) % 30,
@@ -566,11 +747,11 @@ fn tight_pool_liveness() {
         let stats = h.sched.stats();
         assert!(
             stats.num_preemptions > 0,
-            "{policy:?}: the pool should have been tight"
+            "{policy:?}, async {async_scheduling}: the pool should have been tight"
         );
         assert!(
             stats.prefix_cache_hits > 0,
-            "{policy:?}: prompts share prefixes"
+            "{policy:?}, async {async_scheduling}: prompts share prefixes"
         );
     }
 }

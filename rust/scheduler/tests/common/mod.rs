@@ -20,6 +20,12 @@ pub fn small_config(num_dense_pages: u32) -> SchedulerConfig {
     }
 }
 
+/// A prompt of `shared` tokens common to every request, then `own` tokens of request `id`.
+pub fn prompt(id: RequestId, shared: usize, own: usize) -> Vec<i32> {
+    let own_tokens = (0..own).map(|t| 5000 + 100 * id as i32 + t as i32);
+    (1000..1000 + shared as i32).chain(own_tokens).collect()
+}
+
 pub fn add(sched: &mut Scheduler, id: RequestId, prompt_len: usize, max_tokens: u32) {
     let prompt = (0..prompt_len as i32).map(|t| 1000 + t).collect();
     sched
@@ -71,9 +77,8 @@ impl Step {
     }
 }
 
-/// `schedule()`, then `update()` with `sample(id, sched_idx)` as the token of every request
-/// that needs one; checks the invariants on both sides.
-pub fn step_with(sched: &mut Scheduler, mut sample: impl FnMut(RequestId, usize) -> i32) -> Step {
+/// `schedule()` and a snapshot of what it planned (no outputs yet); checks the invariants.
+pub fn schedule(sched: &mut Scheduler) -> Step {
     let counts = sched.schedule().unwrap();
     sched.check_invariants().unwrap();
     let io = sched.io();
@@ -88,7 +93,7 @@ pub fn step_with(sched: &mut Scheduler, mut sample: impl FnMut(RequestId, usize)
         })
         .collect();
     let triples = |flat: &[i32]| flat.chunks_exact(3).map(|t| [t[0], t[1], t[2]]).collect();
-    let mut step = Step {
+    Step {
         counts,
         input_ids: io.input_ids().to_vec(),
         page_updates: triples(io.page_updates()),
@@ -97,7 +102,16 @@ pub fn step_with(sched: &mut Scheduler, mut sample: impl FnMut(RequestId, usize)
         preempted: io.preempted_ids().to_vec(),
         outputs: Vec::new(),
         reqs,
-    };
+    }
+}
+
+/// `update()` of `step`, which must be the oldest step awaiting it: `sample(id, sched_idx)` is
+/// the token of each of its requests; fills `step.outputs` and checks the invariants.
+pub fn update(
+    sched: &mut Scheduler,
+    step: &mut Step,
+    mut sample: impl FnMut(RequestId, usize) -> i32,
+) {
     for (i, r) in step.reqs.iter().enumerate() {
         sched.sampled_mut()[i] = sample(r.id, i);
     }
@@ -112,6 +126,13 @@ pub fn step_with(sched: &mut Scheduler, mut sample: impl FnMut(RequestId, usize)
             finish: io.out_finish()[i],
         })
         .collect();
+}
+
+/// `schedule()`, then `update()` with `sample(id, sched_idx)` as the token of every request
+/// that needs one; checks the invariants on both sides.
+pub fn step_with(sched: &mut Scheduler, sample: impl FnMut(RequestId, usize) -> i32) -> Step {
+    let mut step = schedule(sched);
+    update(sched, &mut step, sample);
     step
 }
 

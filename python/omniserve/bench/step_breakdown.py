@@ -1,0 +1,202 @@
+"""Where a generation run's time goes: prefill, decode steps, and the device's share of a step.
+
+`measure` runs a batch through an engine the way `Engine.generate` does, stamping every step:
+- prefill: from the start until every request has its first token;
+- decode steps: the intervals between consecutive `step()` returns once every request has its
+  first token (with async scheduling one return per device step), median and p90;
+- per-op device time of a decode step: a window of decode steps under `torch.profiler` (CUDA
+  kernels on a GPU, aten ops' own time on the CPU), summed per kernel and per category, divided
+  by the steps in the window. The window's steps are left out of the step statistics (the
+  profiler slows the host down).
+The device-busy fraction is the device time per decode step over the median decode step; what is
+left is time the device waits for the host.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from omniserve.bench.throughput import sync
+
+if TYPE_CHECKING:
+    from omniserve.engine.engine import Engine
+    from omniserve.outputs import RequestOutput
+    from omniserve.sampling_params import SamplingParams
+
+CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(pattern, re.IGNORECASE))
+    for name, pattern in (
+        ("attention", r"attention|attn|flash|sdpa|paged|combine"),
+        ("rope + kv write", r"rope|rotary|kv_write|kvwrite"),
+        ("activation quantization", r"quant"),
+        ("gemm", r"gemm|matmul|\bmm\b|addmm|cutlass|wgmma|xmma|sm90|cublas|linear"),
+        ("norm", r"norm"),
+        ("sampling", r"softmax|argmax|sort|topk|cumsum|searchsorted|sampl"),
+    )
+)
+"""Kernel (or op) name patterns, first match wins; anything else is "other"."""
+
+SLACK_STEPS = 3
+"""Steps beyond the longest prefill's own before the profiled window starts."""
+
+
+class KernelTime(msgspec.Struct, frozen=True):
+    name: str
+    ms_per_step: float
+    calls_per_step: float
+
+
+class Breakdown(msgspec.Struct, frozen=True):
+    prefill_s: float
+    """Until every request has its first token."""
+    decode_steps: int
+    """Decode steps in the statistics (the profiled window excluded)."""
+    decode_step_ms_median: float
+    decode_step_ms_p90: float
+    profiled_steps: int
+    device_ms_per_step: float
+    """Device time of one decode step in the profiled window (0: the profiler saw none)."""
+    device_busy_fraction: float
+    """device_ms_per_step / decode_step_ms_median."""
+    categories_ms: dict[str, float]
+    """Device ms per decode step by category (`CATEGORIES`, then "other")."""
+    top_kernels: list[KernelTime]
+    """The kernels (ops on the CPU) taking the most time, most first."""
+
+
+def category(name: str) -> str:
+    return next((cat for cat, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+def measure(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    profile_steps: int = 16,
+    top: int = 15,
+) -> Breakdown:
+    """Run `prompts` (on an otherwise idle engine) to the end and break the time down."""
+    device = engine.runner.device
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"breakdown-{i}", prompt, params)
+    sync(device)
+    # time.monotonic: the clock of the outputs' first_token_time.
+    start = time.monotonic()
+    stamps: list[list[float]] = [[]]  # runs of consecutive unprofiled steps
+    window_start: float | None = None
+    totals: dict[str, list[float]] = {}
+    first_tokens: list[float] = []
+    since_admitted = 0
+    window_after = _prefill_steps(engine, max(map(len, prompts))) + SLACK_STEPS
+    while engine.has_unfinished_requests():
+        if window_start is None and since_admitted == window_after and profile_steps:
+            window_start = time.monotonic()
+            totals, outputs = _profile(engine, profile_steps, device)
+            stamps.append([])  # no interval spans the window
+        else:
+            outputs = engine.step()
+            stamps[-1].append(time.monotonic())
+        first_tokens += [o.first_token_time for o in outputs if o.first_token_time is not None]
+        if engine.stats().waiting == 0:
+            since_admitted += 1
+    sync(device)
+    prefill_end = max(first_tokens, default=start)
+    if window_start is not None and window_start < prefill_end:  # a bound above is wrong
+        raise RuntimeError("the profiled window began before every request had its first token")
+    steps_ms = [1e3 * (b - a) for run in stamps for a, b in zip(run, run[1:]) if a >= prefill_end]
+    median = statistics.median(steps_ms) if steps_ms else 0.0
+    p90 = percentile(steps_ms, 0.9)
+    per_kernel = {
+        name: KernelTime(name, total_ms / profile_steps, calls / profile_steps)
+        for name, (total_ms, calls) in totals.items()
+    }
+    device_ms = sum(k.ms_per_step for k in per_kernel.values())
+    categories: dict[str, float] = defaultdict(float)
+    for kernel in per_kernel.values():
+        categories[category(kernel.name)] += kernel.ms_per_step
+    return Breakdown(
+        prefill_s=prefill_end - start,
+        decode_steps=len(steps_ms),
+        decode_step_ms_median=median,
+        decode_step_ms_p90=p90,
+        profiled_steps=profile_steps if window_start is not None else 0,
+        device_ms_per_step=device_ms,
+        device_busy_fraction=device_ms / median if median else 0.0,
+        categories_ms=dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        top_kernels=sorted(per_kernel.values(), key=lambda k: -k.ms_per_step)[:top],
+    )
+
+
+def _prefill_steps(engine: Engine, prompt_len: int) -> int:
+    """The most steps a prompt admitted now takes to its first token: chunks of the step budget
+    left beside every running decode (within the per-request cap), one more for a first chunk cut
+    short, one more for the token's own step to come back (async scheduling)."""
+    config = engine.config
+    chunk = config.max_num_batched_tokens - config.max_num_seqs
+    if config.long_prefill_token_threshold:
+        chunk = min(chunk, config.long_prefill_token_threshold)
+    return -(-prompt_len // max(chunk, 1)) + 2
+
+
+def _profile(
+    engine: Engine, steps: int, device: torch.device
+) -> tuple[dict[str, list[float]], list[RequestOutput]]:
+    """(total ms, calls) per kernel over `steps` engine steps (CUDA kernels on a GPU, aten ops'
+    self time on the CPU), and the steps' outputs."""
+    cuda = device.type == "cuda"
+    outputs: list[RequestOutput] = []
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            outputs += engine.step()
+        sync(device)
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for event in prof.events():
+        if cuda != (event.device_type == torch.autograd.DeviceType.CUDA):
+            continue
+        if not cuda and not event.name.startswith("aten::"):
+            continue
+        entry = totals[event.name]
+        entry[0] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        entry[1] += 1
+    return dict(totals), outputs
+
+
+def table(breakdown: dict[str, Any]) -> str:
+    """The breakdown as printed lines (from its JSON form)."""
+    b = breakdown
+    median = b["decode_step_ms_median"]
+    lines = [
+        f"prefill {b['prefill_s']:.2f} s; decode step median {median:.2f} ms, "
+        f"p90 {b['decode_step_ms_p90']:.2f} ms ({b['decode_steps']} steps); device busy "
+        f"{100 * b['device_busy_fraction']:.0f}% ({b['device_ms_per_step']:.2f} ms of device "
+        f"time per step over {b['profiled_steps']} profiled steps)",
+        f"  {'part':<28} {'ms/step':>8} {'share':>6}",
+    ]
+    parts = list(b["categories_ms"].items())
+    parts.append(("waiting for the host", max(median - b["device_ms_per_step"], 0.0)))
+    for name, ms in parts:
+        share = 100 * ms / median if median else 0.0
+        lines.append(f"  {name:<28} {ms:>8.3f} {share:>5.0f}%")
+    lines.append(f"  {'kernel':<60} {'ms/step':>8} {'calls':>6}")
+    for k in b["top_kernels"]:
+        lines.append(f"  {k['name'][:60]:<60} {k['ms_per_step']:>8.3f} {k['calls_per_step']:>6.1f}")
+    return "\n".join(lines)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-quantile of `values` (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
