@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from omniserve import Engine, SamplingParams
-from omniserve.bench.step_breakdown import percentile
-from omniserve.bench.throughput import _materialize, device_name, free_cuda, random_prompts, sync
+from omniserve.bench.throughput import _materialize, device_name, free_cuda, random_prompts
+from omniserve.bench.timing import percentile, sync
 from omniserve.config import EngineConfig
 from omniserve.engine.engine import bundled_model_path
 

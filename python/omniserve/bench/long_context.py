@@ -47,6 +47,7 @@ import torch
 
 from omniserve.bench import throughput
 from omniserve.bench.throughput import BenchSystem
+from omniserve.bench.timing import sync
 from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
 from omniserve.formats.head_pattern import (
@@ -572,7 +573,7 @@ def _time_batch(engine: Engine, prompts: list[list[int]], decode_tokens: int) ->
     device = engine.runner.device
     ids = [f"long-context-{i}" for i in range(len(prompts))]
     preemptions = engine.stats().num_preemptions
-    throughput.sync(device)
+    sync(device)
     start = time.perf_counter()
     for request_id, prompt in zip(ids, prompts, strict=True):
         params = SamplingParams(
@@ -582,7 +583,7 @@ def _time_batch(engine: Engine, prompts: list[list[int]], decode_tokens: int) ->
     waiting = set(ids)
     while waiting:
         waiting -= {out.request_id for out in _step(engine, may_end=False) if out.token_ids}
-    throughput.sync(device)
+    sync(device)
     first_token = time.perf_counter()
     dense_pages = stream_pages = 0
     for i in range(decode_tokens - 1):
@@ -593,7 +594,7 @@ def _time_batch(engine: Engine, prompts: list[list[int]], decode_tokens: int) ->
         tokens = sum(len(out.token_ids) for out in _step(engine, may_end=last))
         if tokens != len(prompts):
             raise RuntimeError(f"a decode step of {len(prompts)} requests gave {tokens} tokens")
-    throughput.sync(device)
+    sync(device)
     end = time.perf_counter()
     if engine.stats().num_preemptions != preemptions:
         raise RuntimeError(

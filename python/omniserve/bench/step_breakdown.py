@@ -25,7 +25,7 @@ import msgspec
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from omniserve.bench.throughput import sync
+from omniserve.bench.timing import percentile, sync
 
 if TYPE_CHECKING:
     from omniserve.engine.engine import Engine
@@ -192,11 +192,3 @@ def table(breakdown: dict[str, Any]) -> str:
     for k in b["top_kernels"]:
         lines.append(f"  {k['name'][:60]:<60} {k['ms_per_step']:>8.3f} {k['calls_per_step']:>6.1f}")
     return "\n".join(lines)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank q-quantile of `values` (0 for none)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import msgspec
 import torch
 
+from omniserve.bench import step_breakdown
+from omniserve.bench.timing import sync
 from omniserve.config import EngineConfig, kv_cache_bits
 from omniserve.errors import ConfigError
 from omniserve.formats.precision import PER_CHANNEL, PRECISION_CHOICES, Precision, parse
@@ -136,11 +138,6 @@ def random_prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[li
     return torch.randint(16, vocab, (batch, input_len), generator=g).tolist()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free_cuda() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -169,7 +166,6 @@ def bench_omniserve(
 ) -> EngineRun:
     """Measure one engine (and with `breakdown`, run each batch again, broken down), then delete
     it and return its GPU memory for the next system."""
-    from omniserve.bench import step_breakdown
     from omniserve.engine.engine import Engine
     from omniserve.sampling_params import SamplingParams
 
@@ -393,8 +389,6 @@ def label(row: dict[str, Any]) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    from omniserve.bench import step_breakdown  # it imports this module
-
     header = (
         f"{'system':<30} {'dtype':<9} {'batch':>6}   {'in/out':<10} {'wall_s':>8} "
         f"{'tokens/s':>11}   vs HF"
