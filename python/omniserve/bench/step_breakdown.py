@@ -37,8 +37,9 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for name, pattern in (
         ("attention", r"attention|attn|flash|sdpa|paged|combine"),
         ("rope + kv write", r"rope|rotary|kv_write|kvwrite"),
-        ("activation quantization", r"quant"),
+        # Before quantization: a quantized GEMM's name may say "quant" too.
         ("gemm", r"gemm|matmul|\bmm\b|addmm|cutlass|wgmma|xmma|sm90|cublas|linear"),
+        ("activation quantization", r"quant"),
         ("norm", r"norm"),
         ("sampling", r"softmax|argmax|sort|topk|cumsum|searchsorted|sampl"),
     )
