@@ -15,7 +15,12 @@ mkdir -p "$out"
 # installed package, not the checkout's python/.
 venv=${VENV:-/tmp/omniserve-venv}
 rm -rf "$venv"
+# Where the image's torch, transformers and pytest live: the system site, or a venv of the image's
+# own (then --system-site-packages alone does not see them, so a .pth file names the place).
+image_sites=$(python3 -c 'import os, pytest, torch, transformers
+print(*sorted({os.path.dirname(os.path.dirname(m.__file__)) for m in (torch, transformers, pytest)}), sep="\n")') || exit 1
 python3 -m venv --system-site-packages --without-pip "$venv" || exit 1
+echo "$image_sites" > "$(echo "$venv"/lib/python3*/site-packages)/_image_packages.pth"
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
 # The image's pip (seen through the system site) installs into the active venv.
