@@ -160,6 +160,8 @@ struct ModelReq {
     row: Option<usize>,
     /// Tokens that planned steps sample for it and `update()` has not appended yet.
     in_flight: usize,
+    /// Times it was preempted.
+    preemptions: usize,
 }
 
 impl ModelReq {
@@ -180,6 +182,9 @@ struct Planned {
     flags: i32,
     /// `pos0 + num_new`: with `FLAG_NEEDS_LOGITS`, the position of the token it samples.
     end: usize,
+    /// The request's `preemptions` when planned: a step planned before a preemption gives it
+    /// nothing, even once it runs again.
+    preemptions: usize,
 }
 
 struct Harness {
@@ -268,6 +273,7 @@ impl Harness {
                     since_select: None,
                     row: None,
                     in_flight: 0,
+                    preemptions: 0,
                 };
                 self.live.insert(id, model);
             }
@@ -341,6 +347,7 @@ impl Harness {
             req.since_select = None;
             req.row = None;
             req.in_flight = 0;
+            req.preemptions += 1;
         }
         // Running requests with one token to compute (decodes, and prefills down to their last
         // token) are all planned, unless their planned tokens reach the length limit already.
@@ -487,7 +494,12 @@ impl Harness {
                 );
                 req.in_flight += 1;
             }
-            planned.push(Planned { id, flags, end });
+            planned.push(Planned {
+                id,
+                flags,
+                end,
+                preemptions: req.preemptions,
+            });
 
             let pages = cfg.pages_for(end as u32) as usize;
             let dense = &self.dense_table[row];
@@ -567,7 +579,10 @@ impl Harness {
             .filter(|&i| {
                 let p = planned[i];
                 p.flags & FLAG_NEEDS_LOGITS != 0
-                    && self.live.get(&p.id).is_some_and(|r| r.row.is_some())
+                    && self
+                        .live
+                        .get(&p.id)
+                        .is_some_and(|r| r.row.is_some() && r.preemptions == p.preemptions)
             })
             .collect();
         assert_eq!(n_out, sampling.len());
