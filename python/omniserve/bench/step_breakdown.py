@@ -108,7 +108,7 @@ def measure(
             outputs = engine.step()
             stamps[-1].append(time.monotonic())
         first_tokens += [o.first_token_time for o in outputs if o.first_token_time is not None]
-        if engine.stats().waiting == 0:
+        if window_start is None and engine.stats().waiting == 0:  # only to place the window
             since_admitted += 1
     sync(device)
     prefill_end = max(first_tokens, default=start)

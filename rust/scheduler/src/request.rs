@@ -191,6 +191,12 @@ impl Request {
         self.num_tokens() + self.num_in_flight
     }
 
+    /// Whether the planned tokens reach the length limit: the request is planned no further and
+    /// finishes when the steps in flight are updated (only ever true with a step in flight).
+    pub fn fully_planned(&self, max_seq_len: u32) -> bool {
+        self.num_planned() >= self.max_len(max_seq_len)
+    }
+
     /// Planned tokens not yet in the KV cache: 1 for a decode step, more for a prefill.
     pub fn num_uncomputed(&self) -> u32 {
         self.num_planned() - self.num_computed

@@ -456,7 +456,7 @@ impl Scheduler {
     /// counting it would preempt it (or another) for a page nobody writes.
     fn needs_unreserved_page(&self, slot: u32) -> bool {
         let req = &self.requests[slot];
-        req.num_planned() < req.max_len(self.max_seq_len)
+        !req.fully_planned(self.max_seq_len)
             && self.cfg.pages_for(req.num_computed + 1)
                 > req.pages.len() as u32 + req.reserved_pages
     }
@@ -541,9 +541,7 @@ impl Scheduler {
         // `max_num_batched_tokens >= max_num_seqs` (validated), so every decode fits.
         for i in 0..self.decoding.len() {
             let slot = self.decoding[i];
-            let req = &self.requests[slot];
-            // Only with a step in flight: its token is this request's last, by length.
-            if req.num_planned() >= req.max_len(self.max_seq_len) {
+            if self.requests[slot].fully_planned(self.max_seq_len) {
                 continue;
             }
             self.schedule_chunk(slot, 1, 0)?;
