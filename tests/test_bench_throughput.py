@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from omniserve.bench import step_breakdown, throughput
 from omniserve.cli.main import main
@@ -225,6 +226,7 @@ def test_breakdown_splits_the_run_into_prefill_decode_steps_and_ops(
     assert b["device_ms_per_step"] == pytest.approx(sum(b["categories_ms"].values()))
     assert b["categories_ms"]["gemm"] > 0 and b["top_kernels"]
     assert all(k["name"].startswith("aten::") for k in b["top_kernels"])
+    assert b["host_waits_per_step"] is None and b["host_wait_sites"] == []  # a GPU-only check
     assert b["device_busy_fraction"] == pytest.approx(
         b["device_ms_per_step"] / b["decode_step_ms_median"]
     )
@@ -252,3 +254,27 @@ def test_breakdown_waits_for_chunked_prefills_before_profiling(tmp_path: Path) -
         (row,) = json.loads(report.read_text())["results"]
         assert row["breakdown"]["profiled_steps"] == 16
         assert row["breakdown"]["prefill_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_breakdown_names_the_calls_where_the_host_waits_on_a_gpu(tmp_path: Path) -> None:
+    """On a GPU the steps after the profiled window run under torch's sync check: the breakdown
+    counts the calls that made the host wait, by site, and prints them."""
+    report = tmp_path / "bench.json"
+    tiny_cuda = [a if a != "cpu" else "cuda" for a in TINY]
+    args = ["--batch", "2", "--input-len", "8", "--output-len", "48", "--peer", "none"]
+    assert (
+        main(
+            ["bench", "throughput", *tiny_cuda, *args, "--breakdown", "--output-json", str(report)]
+        )
+        == 0
+    )
+    (row,) = json.loads(report.read_text())["results"]
+    b = row["breakdown"]
+    assert b["host_waits_per_step"] is not None
+    assert sum(w["per_step"] for w in b["host_wait_sites"]) == pytest.approx(
+        b["host_waits_per_step"]
+    )
+    assert all(":" in w["site"] for w in b["host_wait_sites"])
+    assert "host waits per step" in step_breakdown.table(b)

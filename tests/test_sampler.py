@@ -299,3 +299,38 @@ def test_cuda_matches_cpu() -> None:
     allowed = _allowed(logits[0], params)
     for _ in range(300):
         assert _sample(sampler, logits.to(cuda), [2])[0] in allowed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampling_never_waits_for_the_device() -> None:
+    """With async scheduling the host samples step n while the device still computes it: any
+    blocking copy (from pageable host memory) in the sampler makes the host wait for the device
+    at every step. Greedy, filtered, penalised, seeded and min_tokens rows together, so that
+    every branch that moves host data to the device runs under torch's sync check."""
+    cuda = torch.device("cuda")
+    sampler = Sampler(4, V, cuda, seed=0)
+    sampler.bind_row(0, SamplingParams(temperature=0.0), [3, 4], [], [])
+    penalised = SamplingParams(
+        temperature=0.8,
+        top_k=8,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.2,
+        frequency_penalty=0.3,
+        presence_penalty=0.2,
+    )
+    sampler.bind_row(1, penalised, [5, 6], [7], [])
+    sampler.bind_row(2, SamplingParams(temperature=1.0, seed=7, min_tokens=4), [1], [], [9, 10])
+    logits = torch.randn(3, V, device=cuda)
+    rows = torch.tensor([0, 1, 2])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [sampler.sample(logits, rows).to_host() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    for result in results:
+        assert result.token_ids.shape == (3,)
+        assert int(result.token_ids[2]) not in (9, 10)  # min_tokens masks the stop ids

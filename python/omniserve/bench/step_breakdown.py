@@ -9,7 +9,10 @@
   by the steps in the window. The window's steps are left out of the step statistics (the
   profiler slows the host down).
 The device-busy fraction is the device time per decode step over the median decode step; what is
-left is time the device waits for the host.
+left is time the device waits for the host. On a GPU a few more decode steps run under torch's
+sync check (`torch.cuda.set_sync_debug_mode("warn")`), which names each call that makes the host
+wait for the device: with async scheduling only the wait for the previous step's tokens belongs
+there, and any other site is time the host cannot overlap.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -49,11 +53,20 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 SLACK_STEPS = 3
 """Steps beyond the longest prefill's own before the profiled window starts."""
 
+SYNC_CHECK_STEPS = 8
+"""Decode steps (after the profiled window) run under torch's sync check on a GPU."""
+
 
 class KernelTime(msgspec.Struct, frozen=True):
     name: str
     ms_per_step: float
     calls_per_step: float
+
+
+class HostWait(msgspec.Struct, frozen=True):
+    site: str
+    """file:line of the Python call that waited."""
+    per_step: float
 
 
 class Breakdown(msgspec.Struct, frozen=True):
@@ -72,6 +85,11 @@ class Breakdown(msgspec.Struct, frozen=True):
     """Device ms per decode step by category (`CATEGORIES`, then "other")."""
     top_kernels: list[KernelTime]
     """The kernels (ops on the CPU) taking the most time, most first."""
+    host_waits_per_step: float | None = None
+    """Calls per decode step that made the host wait for the device (torch's sync check); None
+    where not measured (the CPU, or no steps left after the profiled window)."""
+    host_wait_sites: list[HostWait] = []
+    """Those calls by site, most first."""
 
 
 def category(name: str) -> str:
@@ -96,6 +114,7 @@ def measure(
     stamps: list[list[float]] = [[]]  # runs of consecutive unprofiled steps
     window_start: float | None = None
     totals: dict[str, list[float]] = {}
+    waits: dict[str, int] | None = None
     first_tokens: list[float] = []
     since_admitted = 0
     window_after = _prefill_steps(engine, max(map(len, prompts))) + SLACK_STEPS
@@ -103,6 +122,9 @@ def measure(
         if window_start is None and since_admitted == window_after and profile_steps:
             window_start = time.monotonic()
             totals, outputs = _profile(engine, profile_steps, device)
+            if device.type == "cuda" and engine.has_unfinished_requests():
+                waits, checked = _host_waits(engine, SYNC_CHECK_STEPS)
+                outputs += checked
             stamps.append([])  # no interval spans the window
         else:
             outputs = engine.step()
@@ -135,6 +157,11 @@ def measure(
         device_busy_fraction=device_ms / median if median else 0.0,
         categories_ms=dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         top_kernels=sorted(per_kernel.values(), key=lambda k: -k.ms_per_step)[:top],
+        host_waits_per_step=None if waits is None else sum(waits.values()) / SYNC_CHECK_STEPS,
+        host_wait_sites=[
+            HostWait(site, count / SYNC_CHECK_STEPS)
+            for site, count in sorted((waits or {}).items(), key=lambda kv: -kv[1])
+        ],
     )
 
 
@@ -173,6 +200,25 @@ def _profile(
     return dict(totals), outputs
 
 
+def _host_waits(engine: Engine, steps: int) -> tuple[dict[str, int], list[RequestOutput]]:
+    """Calls that made the host wait for the device over `steps` engine steps, by call site (the
+    warnings of torch's sync check), and the steps' outputs."""
+    outputs: list[RequestOutput] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                outputs += engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = defaultdict(int)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{w.filename}:{w.lineno}"] += 1
+    return dict(sites), outputs
+
+
 def table(breakdown: dict[str, Any]) -> str:
     """The breakdown as printed lines (from its JSON form)."""
     b = breakdown
@@ -189,6 +235,10 @@ def table(breakdown: dict[str, Any]) -> str:
     for name, ms in parts:
         share = 100 * ms / median if median else 0.0
         lines.append(f"  {name:<28} {ms:>8.3f} {share:>5.0f}%")
+    if b.get("host_waits_per_step") is not None:
+        lines.append(f"  host waits per step (torch sync check): {b['host_waits_per_step']:.2f}")
+        for w in b["host_wait_sites"]:
+            lines.append(f"    {w['site'][-64:]:<64} {w['per_step']:>6.2f}")
     lines.append(f"  {'kernel':<60} {'ms/step':>8} {'calls':>6}")
     for k in b["top_kernels"]:
         lines.append(f"  {k['name'][:60]:<60} {k['ms_per_step']:>8.3f} {k['calls_per_step']:>6.1f}")

@@ -178,8 +178,8 @@ class Sampler:
         slots = self._slot[rows_np]
         pen_pos = np.flatnonzero(slots >= 0)
         if pen_pos.size:
-            pen_idx = torch.from_numpy(pen_pos).to(self.device)
-            pen_slots = torch.from_numpy(slots[pen_pos]).to(self.device)
+            pen_idx = self._to_device(pen_pos)
+            pen_slots = self._to_device(slots[pen_pos])
             self._apply_penalties(x, params[pen_pos], pen_idx, pen_slots)
         self._mask_stop_ids(x, rows_np)
         if greedy.all():
@@ -220,6 +220,16 @@ class Sampler:
                 failed[i] = exc
         return _merge(results), failed
 
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """`a` on the sampler's device without waiting for it: a blocking copy from pageable
+        memory synchronises the stream, which would make the host wait for the step in flight
+        (async scheduling) every time a row samples, filters or penalises. The pinned staging
+        buffer is kept by torch's host allocator until the copy is done."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _set_stop_ids(self, row: int, stops: np.ndarray) -> None:
         if stops.size > self._stop.shape[1]:
             wider = np.repeat(self._stop[:, :1], stops.size, axis=1)
@@ -240,9 +250,9 @@ class Sampler:
             self._slot[row] = slot
         seen = self._prompt_seen[slot]
         seen.zero_()
-        seen[torch.from_numpy(prompt).to(self.device)] = True
+        seen[self._to_device(prompt)] = True
         counts = torch.bincount(torch.from_numpy(outputs), minlength=self.vocab_size)
-        self._out_counts[slot].copy_(counts)
+        self._out_counts[slot].copy_(self._to_device(counts.numpy()))
 
     def _acquire_slot(self) -> int:
         if not self._free_slots:
@@ -261,7 +271,7 @@ class Sampler:
         counts = self._out_counts[slots]
         in_output = counts > 0
         seen = self._prompt_seen[slots] | in_output
-        p = torch.from_numpy(params[:, [_REP, _PRES, _FREQ]]).to(self.device, torch.float32)
+        p = self._to_device(params[:, [_REP, _PRES, _FREQ]]).float()
         rep, pres, freq = p[:, 0, None], p[:, 1, None], p[:, 2, None]
         z = x[idx]
         # Repetition (CTRL, as HF/vLLM): for tokens seen in prompt or output,
@@ -277,8 +287,8 @@ class Sampler:
         )
         pos = np.flatnonzero(active)
         if pos.size:
-            ids = torch.from_numpy(self._stop[rows_np[pos]]).to(self.device)
-            x[torch.from_numpy(pos).to(self.device)[:, None], ids] = float("-inf")
+            ids = self._to_device(self._stop[rows_np[pos]])
+            x[self._to_device(pos)[:, None], ids] = float("-inf")
 
     def _sample_random(
         self,
@@ -291,7 +301,7 @@ class Sampler:
         comes in (penalised, unscaled)."""
         vocab = self.vocab_size
         argmax = x.argmax(dim=-1) if greedy.any() else None
-        params = torch.from_numpy(params_np).to(self.device, torch.float32)
+        params = self._to_device(params_np).float()
         x.div_(params[:, _TEMP, None])
         top_k = params_np[:, _TOP_K]
         uses_top_k = top_k < vocab
@@ -316,14 +326,14 @@ class Sampler:
         cdf = x.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)
         total = cdf[:, -1:]
         target = torch.minimum(
-            torch.from_numpy(u).to(self.device)[:, None] * total,
+            self._to_device(u)[:, None] * total,
             torch.nextafter(total, torch.zeros_like(total)),
         )
         # The clamp only matters for NaN logits (a broken model), which searchsorted maps past V.
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab - 1)
         if argmax is None:
             return tokens
-        return torch.where(torch.from_numpy(greedy).to(self.device), argmax, tokens)
+        return torch.where(self._to_device(greedy), argmax, tokens)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:

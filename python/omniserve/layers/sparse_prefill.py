@@ -127,8 +127,9 @@ def block_mask(
     partial = some & ~full
 
     # Tensors, not Python ints, in the closure: the compiled kernel would specialise (recompile)
-    # on every new chunk start and prompt length.
-    p0, prompt = q_pos[0], torch.tensor(prompt_len, device=device)
+    # on every new chunk start and prompt length. Filled on the device: torch.tensor(int,
+    # device=cuda) copies from pageable memory, which waits for the step in flight.
+    p0, prompt = q_pos[0], torch.full((), prompt_len, device=device)
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
         return windows.visible(p0 + q_idx, k_pos[kv_idx], prompt)
