@@ -69,6 +69,30 @@ def test_bench_throughput_writes_json_and_png(
     assert "omniserve w16a16" in capsys.readouterr().out
 
 
+def test_bench_throughput_samples_on_both_sides_when_asked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--temperature above 0: every system and the HF peer sample (temperature and top-p, no
+    other filter), for the host cost of sampled traffic; a bad value fails before anything is
+    built."""
+    sampled = throughput.Decoding(temperature=0.8, top_p=0.9)
+    params = sampled.params(6)
+    assert (params.temperature, params.top_p, params.top_k) == (0.8, 0.9, 0)
+    assert sampled.hf_options() == {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 0}
+    assert throughput.GREEDY.hf_options() == {"do_sample": False}
+    report = tmp_path / "bench.json"
+    args = ["--batch", "2", "--input-len", "8", "--output-len", "5", "--output-json", str(report)]
+    assert (
+        main(["bench", "throughput", *TINY, *args, "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    )
+    data = json.loads(report.read_text())
+    assert data["setting"]["decoding"] == {"temperature": 0.8, "top_p": 0.9}
+    assert {r["system"] for r in data["results"]} == {"omniserve", "hf-transformers"}
+    assert all(r["tokens_per_s"] > 0 for r in data["results"])
+    assert main(["bench", "throughput", *TINY, *args, "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
 def test_bench_throughput_several_precisions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

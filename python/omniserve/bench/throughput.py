@@ -2,7 +2,8 @@
 
 Setting: random-token prompts of a fixed length, a fixed number of generated tokens (EOS
 ignored), a fixed batch submitted at once; throughput = generated tokens / wall time, prefill
-included. The model is built from a config alone with random weights (quantized ones for the
+included; tokens are greedy as in QServe's setting, or sampled (`Decoding`, for sampled traffic's
+host cost). The model is built from a config alone with random weights (quantized ones for the
 quantized precisions, models/loader.py), so any shape can be measured without downloading
 weights (speed does not depend on the weights' values, except through EOS, which is ignored).
 
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import torch
@@ -31,6 +32,9 @@ from omniserve.config import EngineConfig, kv_cache_bits
 from omniserve.errors import ConfigError
 from omniserve.formats.precision import PER_CHANNEL, PRECISION_CHOICES, Precision, parse
 
+if TYPE_CHECKING:
+    from omniserve.sampling_params import SamplingParams
+
 PRESETS = ("llama-3-8b", "llama-2-7b", "tiny-llama")
 
 DTYPE_SYSTEMS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -39,6 +43,31 @@ DTYPE_SYSTEMS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OMNISERVE, HF_TRANSFORMERS = "omniserve", "hf-transformers"
 
 _GIB = 1 << 30
+
+
+class Decoding(msgspec.Struct, frozen=True):
+    """How every system and the peer pick tokens: greedy at temperature 0 (QServe's setting), else
+    sampled with temperature and top-p (and no other filter, on both sides)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def params(self, max_tokens: int) -> SamplingParams:
+        """omniserve's SamplingParams; InvalidRequestError naming a bad value."""
+        from omniserve.sampling_params import SamplingParams
+
+        return SamplingParams(
+            max_tokens=max_tokens, ignore_eos=True, temperature=self.temperature, top_p=self.top_p
+        )
+
+    def hf_options(self) -> dict[str, Any]:
+        """The same choice for HF `generate()` (whose own defaults would add top-k 50)."""
+        if self.temperature == 0.0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+
+
+GREEDY = Decoding()
 
 
 class BenchSystem(msgspec.Struct, frozen=True):
@@ -163,6 +192,7 @@ def bench_omniserve(
     output_len: int,
     seed: int,
     breakdown: bool = False,
+    decoding: Decoding = GREEDY,
 ) -> EngineRun:
     """Measure one engine (and with `breakdown`, run each batch again, broken down), then delete
     it and return its GPU memory for the next system."""
@@ -181,7 +211,7 @@ def bench_omniserve(
         "startup_s": startup,
         **engine.runner.memory_report(),
     }
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    params = decoding.params(output_len)
     warm = SamplingParams(max_tokens=8, ignore_eos=True)
     engine.generate(random_prompts(2, min(input_len, 64), vocab, seed), warm, use_tqdm=False)
     results = []
@@ -229,6 +259,7 @@ def bench_transformers(
     input_len: int,
     output_len: int,
     seed: int,
+    decoding: Decoding = GREEDY,
 ) -> list[RunResult]:
     """HF transformers `generate()` on the same shape, unquantized in `dtype`, weights random."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -266,8 +297,8 @@ def bench_transformers(
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                do_sample=False,
                 pad_token_id=0,
+                **decoding.hf_options(),
             )
 
     warm = torch.tensor(random_prompts(2, min(input_len, 64), vocab, seed), device=device)
@@ -304,16 +335,19 @@ def run(
     systems: Sequence[BenchSystem] = (BenchSystem(),),
     progress: Callable[[dict[str, Any]], None] | None = None,
     breakdown: bool = False,
+    decoding: Decoding = GREEDY,
 ) -> dict[str, Any]:
     """Measure each of `systems` (in order), then the peers; `engine_options` apply to every
     system, whose own fields take precedence. `progress` gets the report so far after each
     system, so that a run cut short still leaves its measurements. `breakdown` adds a
-    broken-down second run of each batch to the omniserve rows."""
+    broken-down second run of each batch to the omniserve rows; `decoding` is how every system
+    and the peer pick tokens."""
     # Imported here: it loads transformers, which `omniserve --help` need not wait for.
     from omniserve.models.loader import resolve_precision
 
     if not systems:
         raise ConfigError("no system to measure: give at least one precision")
+    decoding.params(output_len)  # a bad value fails before anything is built
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _materialize(model, preset, Path(tmp))
         options = {
@@ -335,12 +369,15 @@ def run(
             "input_len": input_len,
             "output_len": output_len,
             "batches": list(batches),
+            "decoding": msgspec.to_builtins(decoding),
             "engine_options": options,
             "systems": [msgspec.to_builtins(s) for s in systems],
         }
         runs: list[EngineRun] = []
         for config in configs:
-            runs.append(bench_omniserve(config, batches, input_len, output_len, seed, breakdown))
+            runs.append(
+                bench_omniserve(config, batches, input_len, output_len, seed, breakdown, decoding)
+            )
             if progress is not None:
                 progress(_report(setting, runs, []))
         peer_results = []
@@ -348,7 +385,7 @@ def run(
             # The peer runs once, in the dtype of the first w16 system (else of the first).
             fp = next((e for e in runs if not e.precision.quantized_weights), runs[0])
             peer_results = bench_transformers(
-                model_dir, fp.device, fp.dtype, batches, input_len, output_len, seed
+                model_dir, fp.device, fp.dtype, batches, input_len, output_len, seed, decoding
             )
     return _report(setting, runs, peer_results)
 

@@ -49,6 +49,13 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     t.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy tokens (QServe's setting); above 0 every system and the peer sample",
+    )
+    t.add_argument("--top-p", type=float, default=1.0, help="top-p of sampled tokens")
+    t.add_argument(
         "--breakdown",
         action="store_true",
         help="run each batch a second time, broken down: prefill seconds, decode step median and "
@@ -249,6 +256,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         systems=_systems(args) or [throughput.BenchSystem()],
         progress=write_json,
         breakdown=args.breakdown,
+        decoding=throughput.Decoding(args.temperature, args.top_p),
     )
     print(throughput.table(report))
     write_json(report)
