@@ -21,7 +21,7 @@ import re
 import statistics
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -212,10 +212,7 @@ def _host_waits(engine: Engine, steps: int) -> tuple[dict[str, int], list[Reques
                 outputs += engine.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites: dict[str, int] = defaultdict(int)
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            sites[f"{w.filename}:{w.lineno}"] += 1
+    sites = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return dict(sites), outputs
 
 

@@ -251,8 +251,9 @@ class Sampler:
         seen = self._prompt_seen[slot]
         seen.zero_()
         seen[self._to_device(prompt)] = True
-        counts = torch.bincount(torch.from_numpy(outputs), minlength=self.vocab_size)
-        self._out_counts[slot].copy_(self._to_device(counts.numpy()))
+        self._out_counts[slot].copy_(
+            self._to_device(np.bincount(outputs, minlength=self.vocab_size))
+        )
 
     def _acquire_slot(self) -> int:
         if not self._free_slots:
@@ -271,7 +272,7 @@ class Sampler:
         counts = self._out_counts[slots]
         in_output = counts > 0
         seen = self._prompt_seen[slots] | in_output
-        p = self._to_device(params[:, [_REP, _PRES, _FREQ]]).float()
+        p = self._to_device(params[:, [_REP, _PRES, _FREQ]].astype(np.float32))
         rep, pres, freq = p[:, 0, None], p[:, 1, None], p[:, 2, None]
         z = x[idx]
         # Repetition (CTRL, as HF/vLLM): for tokens seen in prompt or output,
@@ -301,7 +302,7 @@ class Sampler:
         comes in (penalised, unscaled)."""
         vocab = self.vocab_size
         argmax = x.argmax(dim=-1) if greedy.any() else None
-        params = self._to_device(params_np).float()
+        params = self._to_device(params_np.astype(np.float32))
         x.div_(params[:, _TEMP, None])
         top_k = params_np[:, _TOP_K]
         uses_top_k = top_k < vocab
