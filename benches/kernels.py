@@ -25,6 +25,8 @@ GEMM_SPEEDUPS = {  # (our op, peer): column
     ("w4a8_per_channel", "int8_int_mm"): "W4A8 vs int8",
     ("w4a8_g128", "bf16_matmul"): "g128 vs bf16",
     ("w4a8_g128", "int8_int_mm"): "g128 vs int8",
+    ("w4a8_per_channel", "fp8_scaled_mm"): "W4A8 vs fp8",
+    ("w4a8_g128", "fp8_scaled_mm"): "g128 vs fp8",
 }
 ATTENTION_VARIANTS = {
     "torch_sdpa_fp16_dense": "SDPA fp16",
@@ -100,7 +102,7 @@ def _copy_fraction(row: Row) -> float:
 
 def gemm_tables(rows: Sequence[Row]) -> list[str]:
     """Per (shape, our kernels' path): rows M; each system's µs and fraction of its roofline;
-    the W4A8 kernels' speedups over cuBLAS bf16 and int8."""
+    the W4A8 kernels' speedups over cuBLAS bf16, int8 and fp8."""
     from omniserve.bench.kernels_gemm import CEILING_BYTES_PER_S, CEILING_TFLOPS
 
     names = {**GEMM_OURS, **GEMM_PEERS}

@@ -195,6 +195,24 @@ def test_int_core_exact(fmt: str, m: int, path: KernelPath) -> None:
     assert torch.equal(got.to(torch.int64), int_matmul(x.q, _int_weight(w)))
 
 
+TILES = [(tokens, split) for tokens in (64, 128, 256) for split in (1, 2, 3, 4)]
+
+
+@gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_tile_and_k_split_is_exact(fmt: str, tile: gk.Tile) -> None:
+    """Each block of a K-split cluster runs its share of the 9 K blocks (uneven at split 2 and 4)
+    and the cluster adds the shares: the int32 cores equal the reference exactly, partial last
+    tiles in M included, and the epilogue sees the summed cores."""
+    m = 300  # a partial last tile at 64, 128 and 256 tokens
+    w, packed, x = _cuda_case(fmt, m, 384, 1152, seed=7 * tile[0] + tile[1])
+    got = gk.int_accumulator(x, packed, "tensor_core", tile)
+    assert torch.equal(got.to(torch.int64), int_matmul(x.q, _int_weight(w)))
+    y = gk.quantized_gemm(x, packed, torch.bfloat16, "tensor_core", tile)
+    _assert_matches_reference(y, quantized_linear(x, w))
+
+
 def _assert_matches_reference(y: torch.Tensor, ref32: torch.Tensor) -> None:
     """y equals the fp32 reference rounded once to y's dtype, up to one ulp of that dtype."""
     ref = ref32.to(y.dtype)
@@ -247,6 +265,12 @@ def test_kernel_rejects_bad_input() -> None:
         gk.int_accumulator(_activation(65, 256, 0, "cuda"), packed, "small_m")
     with pytest.raises(ValueError, match="activations have K = 128"):
         gk.quantized_gemm(_activation(4, 128, 0, "cuda"), packed, torch.float16)
+    with pytest.raises(RuntimeError, match="a tile is 64, 128 or 256 tokens"):
+        gk.int_accumulator(x, packed, "tensor_core", (96, 1))
+    with pytest.raises(RuntimeError, match="with a K split of 1 to 4"):
+        gk.int_accumulator(x, packed, "tensor_core", (64, 5))
+    with pytest.raises(ValueError, match="on the tensor_core path only"):
+        gk.int_accumulator(x, packed, "auto", (64, 1))
     n_96 = gk.pack(_weight("w8a8", 96, 256, 0, "cuda"))
     with pytest.raises(RuntimeError, match="N = 96 must be a positive multiple of 128"):
         gk.quantized_gemm(x, n_96, torch.float16)

@@ -327,7 +327,10 @@ def test_cuda_sampling_never_waits_for_the_device() -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        results = [sampler.sample(logits, rows).to_host() for _ in range(3)]
+        results = [sampler.sample(logits, rows).to_host() for _ in range(2)]
+        # Binding happens mid-run too (admission, resumption after a preemption).
+        sampler.bind_row(1, penalised, [5, 6], [7, 8], [])
+        results.append(sampler.sample(logits, rows).to_host())
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -75,7 +75,7 @@ def _copies(weight_bytes: int) -> int:
 
 
 def _ours(
-    fmt: str, m: int, n: int, k: int, path: str
+    fmt: str, m: int, n: int, k: int, path: str, tile: tuple[int, int] | None
 ) -> tuple[list[Callable[[], object]], int, int]:
     from omniserve.formats.activation import quantize_per_token
     from omniserve.formats.weight import (
@@ -98,7 +98,7 @@ def _ours(
         for _ in range(_copies(weight_bytes) - 1)
     ]
     x = quantize_per_token(torch.randn(m, k, device="cuda"))
-    fns = [lambda w=w: gk.quantized_gemm(x, w, torch.bfloat16, path) for w in weights]
+    fns = [lambda w=w: gk.quantized_gemm(x, w, torch.bfloat16, path, tile) for w in weights]
     return fns, weight_bytes, m
 
 
@@ -129,14 +129,23 @@ def _peer(name: str, m: int, n: int, k: int) -> tuple[list[Callable[[], object]]
 
 
 def _row(
-    op: str, path: str, shape: str, m: int, n: int, k: int, args: argparse.Namespace
+    op: str,
+    path: str,
+    shape: str,
+    m: int,
+    n: int,
+    k: int,
+    args: argparse.Namespace,
+    tile: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"op": op, "shape": shape, "m": m, "n": n, "k": k}
     if op in OURS:
         row["path"] = path
+    if tile is not None:
+        row["tile"] = f"{tile[0]}x{tile[1]}"
     try:
         if op in OURS:
-            fns, weight_bytes, m_run = _ours(op, m, n, k, path)
+            fns, weight_bytes, m_run = _ours(op, m, n, k, path, tile)
         else:
             fns, weight_bytes, m_run = _peer(op, m, n, k)
         us = _gpu_time_us(fns, args.repeats, args.target_ms)
@@ -163,7 +172,7 @@ def _row(
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """All rows of the sweep (`args` as from `add_arguments`), with speedups of our kernels over
-    bf16 matmul and `_int_mm` at the same (shape, M)."""
+    bf16 matmul, `_int_mm` and FP8 `_scaled_mm` at the same (shape, M)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the GEMM benchmark needs a CUDA device")
     shapes = {s: LLAMA3_8B_SHAPES[s] for s in args.shapes}
@@ -172,11 +181,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for m in args.m:
             paths = [p for p in args.paths if p != "small_m" or m <= SMALL_M_MAX]
             group = [_row(op, p, shape, m, n, k, args) for op in args.ops for p in paths]
+            group += [
+                _row(op, "tensor_core", shape, m, n, k, args, tile)
+                for op in args.ops
+                for tile in args.tiles
+            ]
             group += [_row(op, "", shape, m, n, k, args) for op in PEERS]
             times = {r["op"]: r.get("us") for r in group}
             for r in group:
                 if r["op"] in OURS and r.get("us"):
-                    for peer in ("bf16_matmul", "int8_int_mm"):
+                    for peer in ("bf16_matmul", "int8_int_mm", "fp8_scaled_mm"):
                         if times.get(peer):
                             r[f"speedup_vs_{peer}"] = round(times[peer] / r["us"], 2)
             rows.extend(group)
@@ -203,14 +217,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "small_m", "tensor_core", "cutlass"],
         help="our kernels' paths to time (small_m only where M <= 64): tunes the dispatch",
     )
+    parser.add_argument(
+        "--tiles",
+        nargs="*",
+        default=[],
+        type=_tile,
+        metavar="TOKENSxSPLIT",
+        help="also time the tensor-core kernel at these forced tiles (e.g. 128x2): tunes its choice",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="graph replays; the median is kept")
     parser.add_argument("--target-ms", type=float, default=20.0, help="GPU time per graph replay")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
 
 
+def _tile(text: str) -> tuple[int, int]:
+    tokens, sep, split = text.partition("x")
+    if not (sep and tokens.isdigit() and split.isdigit()):
+        raise argparse.ArgumentTypeError(f"a tile is TOKENSxSPLIT, e.g. 128x2; got {text!r}")
+    return int(tokens), int(split)
+
+
 def _label(row: dict[str, Any]) -> str:
-    return f"{row['op']}[{row['path']}]" if row.get("path") else row["op"]
+    if not row.get("path"):
+        return row["op"]
+    path = f"{row['path']}@{row['tile']}" if row.get("tile") else row["path"]
+    return f"{row['op']}[{path}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     header = f"{'shape':8} {'M':>6} {'op':30} {'us':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} "
-    print(header + f"{'x bf16':>7} {'x int8':>7}")
+    print(header + f"{'x bf16':>7} {'x int8':>7} {'x fp8':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:8} {r['m']:>6} {_label(r):30} {r['error']}")
@@ -230,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['shape']:8} {r['m']:>6} {_label(r):30} {r['us']:>9.2f} {r['tflops']:>8.1f} "
             f"{100 * r['frac_compute_ceiling']:>5.1f}% {r['gbps']:>7.0f} "
-            f"{r.get('speedup_vs_bf16_matmul', ''):>7} {r.get('speedup_vs_int8_int_mm', ''):>7}"
+            f"{r.get('speedup_vs_bf16_matmul', ''):>7} {r.get('speedup_vs_int8_int_mm', ''):>7} "
+            f"{r.get('speedup_vs_fp8_scaled_mm', ''):>7}"
         )
     return 0
 

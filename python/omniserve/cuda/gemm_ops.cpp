@@ -35,9 +35,18 @@ at::ScalarType out_dtype(int64_t out_kind) {
 at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
                 const std::optional<at::Tensor>& a_sum, const at::Tensor& weight,
                 const std::optional<at::Tensor>& groups, const at::Tensor& w_scale,
-                const std::optional<at::Tensor>& w_szero, int64_t out_kind, int64_t path) {
+                const std::optional<at::Tensor>& w_szero, int64_t out_kind, int64_t path,
+                int64_t tile_tokens, int64_t tile_split) {
   const Format fmt = omniserve::gemm::checked_format(format);
   OMNI_CHECK(path >= 0 && path <= 2, "omniserve gemm: unknown kernel path ", path);
+  const bool auto_tile = tile_tokens == 0 && tile_split == 0;
+  OMNI_CHECK(auto_tile || (static_cast<Path>(path) == Path::kTensorCore &&
+                           (tile_tokens == 64 || tile_tokens == 128 || tile_tokens == 256) &&
+                           tile_split >= 1 && tile_split <= omniserve::gemm::kMaxSplit),
+             "omniserve gemm: a tile is 64, 128 or 256 tokens with a K split of 1 to ",
+             omniserve::gemm::kMaxSplit, ", for the tensor-core path; got ", tile_tokens, " x ",
+             tile_split, " for path ", path);
+  const omniserve::gemm::Tile tile{static_cast<int>(tile_tokens), static_cast<int>(tile_split)};
 
   OMNI_CHECK(x.is_cuda(), "omniserve gemm: activations must be on a CUDA device, got ",
              x.device());
@@ -75,13 +84,13 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
   const auto kernel_path = static_cast<Path>(path);
   switch (fmt) {
     case Format::kW8A8:
-      omniserve::gemm::launch_gemm<Format::kW8A8>(p, out_kind, kernel_path, stream);
+      omniserve::gemm::launch_gemm<Format::kW8A8>(p, out_kind, kernel_path, tile, stream);
       break;
     case Format::kW4A8PerChannel:
-      omniserve::gemm::launch_gemm<Format::kW4A8PerChannel>(p, out_kind, kernel_path, stream);
+      omniserve::gemm::launch_gemm<Format::kW4A8PerChannel>(p, out_kind, kernel_path, tile, stream);
       break;
     case Format::kW4A8G128:
-      omniserve::gemm::launch_gemm<Format::kW4A8G128>(p, out_kind, kernel_path, stream);
+      omniserve::gemm::launch_gemm<Format::kW4A8G128>(p, out_kind, kernel_path, tile, stream);
       break;
   }
   return out;
@@ -93,5 +102,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "Quantized GEMM (W8A8, W4A8 per-channel, W4A8 g128) on packed weights",
         py::arg("format"), py::arg("x"), py::arg("a_scale"), py::arg("a_sum"), py::arg("weight"),
         py::arg("groups"), py::arg("w_scale"), py::arg("w_szero"), py::arg("out_kind"),
-        py::arg("path"));
+        py::arg("path"), py::arg("tile_tokens"), py::arg("tile_split"));
 }

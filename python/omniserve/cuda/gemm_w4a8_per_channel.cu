@@ -3,5 +3,5 @@
 #include "gemm/dispatch.cuh"
 
 namespace omniserve::gemm {
-template void launch_gemm<Format::kW4A8PerChannel>(const GemmParams&, int, Path, cudaStream_t);
+template void launch_gemm<Format::kW4A8PerChannel>(const GemmParams&, int, Path, Tile, cudaStream_t);
 }  // namespace omniserve::gemm

@@ -67,6 +67,10 @@ KernelPath = Literal["auto", "small_m", "tensor_core", "cutlass"]
 M = 64 where the tensor-core grid would be small; the wgmma tensor-core kernel above; from
 `gemm_cutlass.MIN_M` the CUTLASS path on the weight expanded to int8, where CUTLASS is installed),
 or a forced one."""
+Tile = tuple[int, int]
+"""The tensor-core kernel's tile, forced with path "tensor_core" by tests and benchmarks: tokens per
+block (64, 128 or 256) and blocks sharing one output tile through a K split (1 to 4); by default
+the dispatcher chooses (cuda/gemm/dispatch.cuh `choose_tile`)."""
 _PATHS: dict[str, int] = {"auto": 0, "small_m": 1, "tensor_core": 2}
 """Paths of the packed-weight extension (cuda/gemm/params.h `Path`); "cutlass" is its own."""
 _FORMATS: dict[type, int] = {W8A8Weight: 0, W4A8PerChannelWeight: 1, W4A8PerGroupWeight: 2}
@@ -167,12 +171,18 @@ def concat(parts: Sequence[PackedWeight]) -> PackedWeight:
 
 
 def _run(
-    x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath
+    x: QuantizedActivation,
+    w: PackedWeight,
+    out_dtype: torch.dtype,
+    path: KernelPath,
+    tile: Tile | None,
 ) -> torch.Tensor:
     if out_dtype not in _OUT_KINDS:
         raise ValueError(f"output dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
     if path not in (*_PATHS, "cutlass"):
         raise ValueError(f"kernel path must be one of {[*_PATHS, 'cutlass']}, got {path!r}")
+    if tile is not None and path != "tensor_core":
+        raise ValueError(f"a tile is forced on the tensor_core path only, got path {path!r}")
     if x.q.shape[-1] != w.shape[1]:
         raise ValueError(f"activations have K = {x.q.shape[-1]}, the weight {w.shape[1]}")
     if _takes_cutlass(x.q.shape[0], out_dtype, path):
@@ -189,6 +199,7 @@ def _run(
         w.szeros,
         _OUT_KINDS[out_dtype],
         _PATHS[path],
+        *(tile or (0, 0)),
     )
 
 
@@ -212,18 +223,22 @@ def unpack_int8(w: PackedWeight) -> torch.Tensor:
 
 
 def quantized_gemm(
-    x: QuantizedActivation, w: PackedWeight, out_dtype: torch.dtype, path: KernelPath = "auto"
+    x: QuantizedActivation,
+    w: PackedWeight,
+    out_dtype: torch.dtype,
+    path: KernelPath = "auto",
+    tile: Tile | None = None,
 ) -> torch.Tensor:
     """y [M, N] in `out_dtype` (fp32, fp16 or bf16) = `formats.gemm.quantized_linear(x, unpack(w))`
     rounded once to `out_dtype` (CUDA tensors only)."""
     if out_dtype == torch.int32:
         raise ValueError("quantized_gemm returns floats; int_accumulator returns the int32 cores")
-    return _run(x, w, out_dtype, path)
+    return _run(x, w, out_dtype, path, tile)
 
 
 def int_accumulator(
-    x: QuantizedActivation, w: PackedWeight, path: KernelPath = "auto"
+    x: QuantizedActivation, w: PackedWeight, path: KernelPath = "auto", tile: Tile | None = None
 ) -> torch.Tensor:
     """The kernels' int32 accumulators Σ_k x_q · B (B: W8 codes, W4 codes, or g128's w8), [M, N]:
     the debug entry that pins the integer core to `formats.gemm.int_matmul` exactly."""
-    return _run(x, w, torch.int32, path)
+    return _run(x, w, torch.int32, path, tile)

@@ -250,7 +250,7 @@ class Sampler:
             self._slot[row] = slot
         seen = self._prompt_seen[slot]
         seen.zero_()
-        seen[self._to_device(prompt)] = True
+        seen.index_put_((self._to_device(prompt),), seen.new_ones(()))  # no host value: no wait
         self._out_counts[slot].copy_(
             self._to_device(np.bincount(outputs, minlength=self.vocab_size))
         )
@@ -289,7 +289,8 @@ class Sampler:
         pos = np.flatnonzero(active)
         if pos.size:
             ids = self._to_device(self._stop[rows_np[pos]])
-            x[self._to_device(pos)[:, None], ids] = float("-inf")
+            # A device value: assigning the Python float copies it from pageable memory, a wait.
+            x.index_put_((self._to_device(pos)[:, None], ids), x.new_full((), float("-inf")))
 
     def _sample_random(
         self,

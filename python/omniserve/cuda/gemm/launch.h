@@ -9,8 +9,7 @@
 
 namespace omniserve::gemm {
 
-inline void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
+inline void check_launch(const char* what, cudaError_t err = cudaGetLastError()) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("omniserve gemm: launching ") + what + " failed: " +
                              cudaGetErrorString(err));

@@ -38,9 +38,18 @@ enum class Path : int { kAuto = 0, kSmallM = 1, kTensorCore = 2 };
 
 constexpr int kSmallMMax = 64;  // the memory-bound kernel holds at most 4 m16 tiles
 
+// The tensor-core kernel's tile: tokens per block (64, 128 or 256: 1, 2 or 4 warpgroups) and
+// blocks per output tile (the K split, 1 to kMaxSplit). {0, 0}: the dispatcher's choice.
+struct Tile {
+  int tokens;
+  int split;
+};
+
+constexpr int kMaxSplit = 4;
+
 // Host-side launchers, one translation unit per format (gemm_<format>.cu).
 template <Format F>
-void launch_gemm(const GemmParams& p, int out_kind, Path path, cudaStream_t stream);
+void launch_gemm(const GemmParams& p, int out_kind, Path path, Tile tile, cudaStream_t stream);
 
 // out_kind values shared by the launchers and the host wrapper.
 enum OutKind : int { kOutInt32 = 0, kOutFloat = 1, kOutHalf = 2, kOutBFloat16 = 3 };

@@ -9,15 +9,25 @@
 // order, so every format (W4 codes, g128's level-1 w8, W8 codes) becomes two 16-byte stores per
 // lane, conflict-free under the swizzle. The wgmma then runs an ordinary int8 GEMM.
 //
-// Block: 1 or 2 warpgroups, each 64 tokens × 128 channels (wgmma.m64n128k32.s32.s8.s8, 64 int32
-// accumulators per thread); the warpgroups of a block share the expanded weight tile. K blocks of
-// 128 stream through a cp.async ring; the wgmma of block kb stays in flight while the threads
-// wait for, prefetch and expand block kb + 1 (the expanded tile is double-buffered for it). A
-// stage is refilled two iterations after its wgmma was issued, when every warpgroup has retired
-// it (each waits for all but its newest wgmma group before the next iteration's barrier).
+// Block: 1, 2 or 4 warpgroups, each 64 tokens × 128 channels (wgmma.m64n128k32.s32.s8.s8, 64
+// int32 accumulators per thread); the warpgroups of a block share the expanded weight tile. K
+// blocks of 128 stream through a cp.async ring; the wgmma of block kb stays in flight while the
+// threads wait for, prefetch and expand block kb + 1 (the expanded tile is double-buffered for
+// it). A stage is refilled two iterations after its wgmma was issued, when every warpgroup has
+// retired it (each waits for all but its newest wgmma group before the next iteration's barrier).
+//
+// Tile and K split: every K block moves the block's activation and weight tiles from L2 into
+// shared memory, so a taller block (more warpgroups on one expanded weight tile) moves fewer bytes
+// per product; at decode's M a tall block leaves a thin grid, which a K split fills again: a
+// cluster of `split` blocks shares one output tile, each block runs its share of the K blocks,
+// and the cluster adds the int32 accumulators through distributed shared memory before the
+// epilogue (exact, no workspace, no second launch). `choose_tile` picks both per call.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
+#include <array>
 
 #include "gemm/launch.h"
 #include "gemm/qgemm.cuh"
@@ -27,7 +37,6 @@ namespace omniserve::gemm {
 constexpr int kBlockN = 128;       // channels per block: the wgmma N
 constexpr int kWgTokens = 64;      // tokens per warpgroup: the wgmma M
 constexpr int kRasterGroupM = 8;   // block rows that sweep N together (L2 reuse of the weights)
-constexpr int kWave = 132;         // blocks that fill an H100 (or H200): one per SM
 constexpr int kSwizzleBytes = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
 
 // Byte offset of 16-byte chunk c of row `row` in a tile of 128-byte rows under the 128-byte
@@ -174,17 +183,18 @@ __device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], uint64_t desc_a, 
 
 // (first row, first column) of this block's output tile. Grouped raster: kRasterGroupM block rows
 // walk N together, so concurrent blocks share weight tiles in L2.
-__device__ __forceinline__ int2 raster_tile(const GemmParams& p, int bm) {
+__device__ __forceinline__ int2 raster_tile(const GemmParams& p, int bm, int index) {
   const int tiles_m = (p.m + bm - 1) / bm, tiles_n = p.n / kBlockN;
   const int per_group = kRasterGroupM * tiles_n;
-  const int first_m = blockIdx.x / per_group * kRasterGroupM;
+  const int first_m = index / per_group * kRasterGroupM;
   const int group_m = min(tiles_m - first_m, kRasterGroupM);
-  const int in_group = blockIdx.x % per_group;
+  const int in_group = index % per_group;
   return make_int2((first_m + in_group % group_m) * bm, in_group / group_m * kBlockN);
 }
 
+// `split` > 1: launched in clusters of `split` consecutive blocks, which share one output tile.
 template <Format F, typename OutT, int WGS>
-__global__ void __launch_bounds__(WGS * 128) tensor_core_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(WGS * 128) tensor_core_kernel(const GemmParams p, int split) {
   using S = TcSmem<F, WGS>;
   constexpr int THREADS = WGS * 128;
   extern __shared__ __align__(kSwizzleBytes) uint8_t smem_raw[];
@@ -194,11 +204,13 @@ __global__ void __launch_bounds__(WGS * 128) tensor_core_kernel(const GemmParams
       smem_raw + (-static_cast<int>(__cvta_generic_to_shared(smem_raw)) & (kSwizzleBytes - 1));
   uint8_t* expanded = smem + S::kStage * S::kStages;
 
-  const int2 tile = raster_tile(p, S::kBM);
+  const int rank = blockIdx.x % split;  // this block's share of K within its cluster
+  const int2 tile = raster_tile(p, S::kBM, blockIdx.x / split);
   const int m0 = tile.x, n0 = tile.y;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4, wg = warp / 4, wg_warp = warp % 4;
   const int k_blocks = p.k / kBlockK;
+  const int kb0 = rank * k_blocks / split, my_blocks = (rank + 1) * k_blocks / split - kb0;
   const StageLoader<F, WGS> loader(p, m0, n0);
 
   int acc[64];
@@ -209,21 +221,21 @@ __global__ void __launch_bounds__(WGS * 128) tensor_core_kernel(const GemmParams
   constexpr int kAhead = S::kStages - 2;
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < k_blocks) loader.load(smem + s * S::kStage, s);
+    if (s < my_blocks) loader.load(smem + s * S::kStage, kb0 + s);
     cp_async_commit();
   }
 
-  for (int kb = 0; kb < k_blocks; ++kb) {
+  for (int i = 0; i < my_blocks; ++i) {
     cp_async_wait<kAhead - 1>();
-    // Stage kb has landed for every thread, and every warpgroup has retired the wgmma of kb - 2:
+    // Stage i has landed for every thread, and every warpgroup has retired the wgmma of i - 2:
     // its stage and its expanded weight buffer may be overwritten.
     __syncthreads();
-    const int next = kb + kAhead;
-    if (next < k_blocks) loader.load(smem + (next % S::kStages) * S::kStage, next);
+    const int next = i + kAhead;
+    if (next < my_blocks) loader.load(smem + (next % S::kStages) * S::kStage, kb0 + next);
     cp_async_commit();
 
-    const uint8_t* stage = smem + (kb % S::kStages) * S::kStage;
-    uint8_t* weights = expanded + (kb % 2) * S::kExpanded;
+    const uint8_t* stage = smem + (i % S::kStages) * S::kStage;
+    uint8_t* weights = expanded + (i % 2) * S::kExpanded;
     expand_weights<F, THREADS>(stage + S::kA,
                                reinterpret_cast<const uint16_t*>(stage + S::kA + S::kB), weights);
     // The expanded tile was written through the generic proxy; wgmma reads it through the async
@@ -251,31 +263,99 @@ __global__ void __launch_bounds__(WGS * 128) tensor_core_kernel(const GemmParams
 
   // acc[4j + r]: token 16·wg_warp + g + 8·(r / 2) of the warpgroup, channel 8j + 2t + r % 2.
   const int row = m0 + wg * kWgTokens + wg_warp * 16 + g;
+  if (split == 1) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int col = n0 + j * 8 + 2 * t;
+      if (row < p.m) store_pair<F, OutT>(p, row, col, acc[4 * j], acc[4 * j + 1]);
+      if (row + 8 < p.m) store_pair<F, OutT>(p, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+    }
+    return;
+  }
+  // K split: every block parks its accumulators in its (now idle) ring, thread-minor so that the
+  // stores and the peers' loads are conflict-free; block `rank` then sums and stores the column
+  // groups j ≡ rank (mod split) of every block's share, so the epilogue is spread over the cluster.
+  static_assert(THREADS * 64 * 4 <= S::kStage * S::kStages, "the ring holds the accumulators");
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  int* parked = reinterpret_cast<int*>(smem);
+  __syncthreads();  // every warp is done with the ring
+#pragma unroll
+  for (int i = 0; i < 64; ++i) parked[i * THREADS + threadIdx.x] = acc[i];
+  cluster.sync();
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
+    if (j % split != rank) continue;
+    int sum[4] = {0, 0, 0, 0};
+    for (int q = 0; q < split; ++q) {
+      const int* peer = cluster.map_shared_rank(parked, q);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sum[r] += peer[(4 * j + r) * THREADS + threadIdx.x];
+    }
     const int col = n0 + j * 8 + 2 * t;
-    if (row < p.m) store_pair<F, OutT>(p, row, col, acc[4 * j], acc[4 * j + 1]);
-    if (row + 8 < p.m) store_pair<F, OutT>(p, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+    if (row < p.m) store_pair<F, OutT>(p, row, col, sum[0], sum[1]);
+    if (row + 8 < p.m) store_pair<F, OutT>(p, row + 8, col, sum[2], sum[3]);
   }
+  cluster.sync();  // no block leaves while a peer still reads its shared memory
+}
+
+// The launch of a grid of `blocks` blocks in clusters of `split`; `cluster` is the attribute that
+// `config.attrs` points to, so it lives with the config.
+template <Format F, int WGS>
+struct TensorCoreLaunch {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster{};
+
+  TensorCoreLaunch(int blocks, int split, cudaStream_t stream) {
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(WGS * 128);
+    config.dynamicSmemBytes = TcSmem<F, WGS>::kTotal;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = split;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+};
+
+// Output tiles (clusters of `split` blocks) of the kernel resident on the current GPU at once: a
+// wave. Clusters of 3 or 4 fit fewer blocks than there are SMs (each cluster sits in one GPC, and
+// GPCs differ in size), so this asks the runtime, once per split.
+template <Format F, typename OutT, int WGS>
+int resident_tiles(int split) {
+  constexpr auto kernel = tensor_core_kernel<F, OutT, WGS>;
+  static const std::array<int, kMaxSplit + 1> tiles = [] {
+    reserve_shared_memory<kernel>(TcSmem<F, WGS>::kTotal);
+    std::array<int, kMaxSplit + 1> counts{};
+    for (int s = 1; s <= kMaxSplit; ++s) {
+      TensorCoreLaunch<F, WGS> launch(s, s, nullptr);
+      check_launch("the occupancy query",
+                   cudaOccupancyMaxActiveClusters(&counts[s], kernel, &launch.config));
+      counts[s] = std::max(counts[s], 1);
+    }
+    return counts;
+  }();
+  return tiles[split];
 }
 
 template <Format F, typename OutT, int WGS>
-void launch_tensor_core_wgs(const GemmParams& p, cudaStream_t stream) {
-  constexpr int smem = TcSmem<F, WGS>::kTotal;
+void launch_tensor_core_wgs(const GemmParams& p, int split, cudaStream_t stream) {
   constexpr auto kernel = tensor_core_kernel<F, OutT, WGS>;
-  reserve_shared_memory<kernel>(smem);
-  const int blocks = (p.m + WGS * kWgTokens - 1) / (WGS * kWgTokens) * (p.n / kBlockN);
-  kernel<<<blocks, WGS * 128, smem, stream>>>(p);
-  check_launch("tensor_core_kernel");
+  reserve_shared_memory<kernel>(TcSmem<F, WGS>::kTotal);
+  const int tiles = (p.m + WGS * kWgTokens - 1) / (WGS * kWgTokens) * (p.n / kBlockN);
+  TensorCoreLaunch<F, WGS> launch(tiles * split, split, stream);
+  check_launch("tensor_core_kernel", cudaLaunchKernelEx(&launch.config, kernel, p, split));
 }
 
 template <Format F, typename OutT>
-void launch_tensor_core(const GemmParams& p, cudaStream_t stream) {
-  // 128-token blocks once they fill a wave; 64-token blocks (two per SM where W4 fits) below that.
-  if ((p.m + 127) / 128 * (p.n / kBlockN) >= kWave) {
-    launch_tensor_core_wgs<F, OutT, 2>(p, stream);
-  } else {
-    launch_tensor_core_wgs<F, OutT, 1>(p, stream);
+void launch_tensor_core(const GemmParams& p, Tile tile, cudaStream_t stream) {
+  switch (tile.tokens) {
+    case 64: return launch_tensor_core_wgs<F, OutT, 1>(p, tile.split, stream);
+    case 128: return launch_tensor_core_wgs<F, OutT, 2>(p, tile.split, stream);
+    case 256: return launch_tensor_core_wgs<F, OutT, 4>(p, tile.split, stream);
+    default: throw std::invalid_argument("omniserve gemm: tensor-core tiles are 64, 128 or 256 tokens");
   }
 }
 
