@@ -21,13 +21,12 @@
 // per product; at decode's M a tall block leaves a thin grid, which a K split fills again: a
 // cluster of `split` blocks shares one output tile, each block runs its share of the K blocks,
 // and the cluster adds the int32 accumulators through distributed shared memory before the
-// epilogue (exact, no workspace, no second launch). `choose_tile` picks both per call.
+// epilogue (exact, no workspace, no second launch). gemm/dispatch.cuh `choose_tile` picks both.
 #pragma once
 
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <array>
 
 #include "gemm/launch.h"
 #include "gemm/qgemm.cuh"
@@ -316,29 +315,9 @@ struct TensorCoreLaunch {
     cluster.val.clusterDim.y = 1;
     cluster.val.clusterDim.z = 1;
     config.attrs = &cluster;
-    config.numAttrs = 1;
+    config.numAttrs = split > 1 ? 1 : 0;
   }
 };
-
-// Output tiles (clusters of `split` blocks) of the kernel resident on the current GPU at once: a
-// wave. Clusters of 3 or 4 fit fewer blocks than there are SMs (each cluster sits in one GPC, and
-// GPCs differ in size), so this asks the runtime, once per split.
-template <Format F, typename OutT, int WGS>
-int resident_tiles(int split) {
-  constexpr auto kernel = tensor_core_kernel<F, OutT, WGS>;
-  static const std::array<int, kMaxSplit + 1> tiles = [] {
-    reserve_shared_memory<kernel>(TcSmem<F, WGS>::kTotal);
-    std::array<int, kMaxSplit + 1> counts{};
-    for (int s = 1; s <= kMaxSplit; ++s) {
-      TensorCoreLaunch<F, WGS> launch(s, s, nullptr);
-      check_launch("the occupancy query",
-                   cudaOccupancyMaxActiveClusters(&counts[s], kernel, &launch.config));
-      counts[s] = std::max(counts[s], 1);
-    }
-    return counts;
-  }();
-  return tiles[split];
-}
 
 template <Format F, typename OutT, int WGS>
 void launch_tensor_core_wgs(const GemmParams& p, int split, cudaStream_t stream) {
