@@ -20,9 +20,12 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from omniserve.kernels.gemm import Tile
 
 CEILING_TFLOPS = {"bf16": 790.0, "int8": 950.0, "fp8": 1430.0}
 CEILING_BYTES_PER_S = 3.0e12
@@ -75,7 +78,7 @@ def _copies(weight_bytes: int) -> int:
 
 
 def _ours(
-    fmt: str, m: int, n: int, k: int, path: str, tile: tuple[int, int] | None
+    fmt: str, m: int, n: int, k: int, path: str, tile: Tile | None
 ) -> tuple[list[Callable[[], object]], int, int]:
     from omniserve.formats.activation import quantize_per_token
     from omniserve.formats.weight import (
@@ -136,7 +139,7 @@ def _row(
     n: int,
     k: int,
     args: argparse.Namespace,
-    tile: tuple[int, int] | None = None,
+    tile: Tile | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"op": op, "shape": shape, "m": m, "n": n, "k": k}
     if op in OURS:
@@ -231,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")
 
 
-def _tile(text: str) -> tuple[int, int]:
+def _tile(text: str) -> Tile:
     tokens, sep, split = text.partition("x")
     if not (sep and tokens.isdigit() and split.isdigit()):
         raise argparse.ArgumentTypeError(f"a tile is TOKENSxSPLIT, e.g. 128x2; got {text!r}")
