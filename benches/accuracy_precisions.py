@@ -1,5 +1,6 @@
 """Accuracy of one model at every precision through the engine: perplexity (round-to-nearest vs
-QoQ) and, with --niah-lengths, passkey retrieval (fp weights and QoQ).
+QoQ) and, with --niah-lengths, passkey retrieval (fp weights and QoQ; fp8, which QoQ does not
+target, with its round-to-nearest weights).
 
     python benches/accuracy_precisions.py --niah-lengths 1024,8192 --output accuracy.json
 
@@ -40,6 +41,7 @@ ROWS: tuple[tuple[str, int], ...] = (
     ("w4a8", 128),
     ("w4a8kv4", 128),
     ("w4a8kv4", PER_CHANNEL),
+    ("fp8", PER_CHANNEL),
 )
 
 
@@ -90,8 +92,11 @@ def main() -> None:
             calib_file, tokenizer, args.calib_samples, args.calib_seq_len
         )
 
-        def evaluate(model: Path, precision: str, group_size: int, row: dict, key: str) -> None:
-            """row[key] = perplexity; row["niah"] = the NIAH grid when one was asked for."""
+        def evaluate(
+            model: Path, precision: str, group_size: int, row: dict, key: str, niah: bool
+        ) -> None:
+            """row[key] = perplexity; row["niah"] = the NIAH grid when `niah` and one was asked
+            for."""
             engine = Engine.from_pretrained(
                 model,
                 precision=precision,
@@ -101,7 +106,7 @@ def main() -> None:
                 max_num_batched_tokens=8192,
             )
             row[key] = perplexity(engine, text, args.seq_len, args.max_windows).perplexity
-            if key != "rtn" and args.niah_lengths:
+            if niah and args.niah_lengths:
                 result = run_niah(engine, args.niah_lengths, args.niah_depths, args.niah_samples)
                 row["niah"] = {"accuracy": result.accuracy, "overall": result.overall}
 
@@ -110,14 +115,18 @@ def main() -> None:
             row: dict = {"precision": name, "group_size": group_size}
             start = time.perf_counter()
             if not precision.quantized_weights:
-                evaluate(args.model, name, group_size, row, "fp_weights")
+                evaluate(args.model, name, group_size, row, "fp_weights", niah=True)
+            elif precision.float8:
+                rtn_dir = Path(tmp) / f"rtn-{name}"
+                write_rtn_checkpoint(args.model, rtn_dir, precision)
+                evaluate(rtn_dir, name, group_size, row, "rtn", niah=True)
             else:
                 rtn_dir, qoq_dir = (
                     Path(tmp) / f"rtn-{name}-{group_size}",
                     Path(tmp) / f"qoq-{name}-{group_size}",
                 )
                 write_rtn_checkpoint(args.model, rtn_dir, precision)
-                evaluate(rtn_dir, name, group_size, row, "rtn")
+                evaluate(rtn_dir, name, group_size, row, "rtn", niah=False)
                 quantize_checkpoint(
                     args.model,
                     qoq_dir,
@@ -127,7 +136,7 @@ def main() -> None:
                     torch.device(args.device),
                     progress=False,
                 )
-                evaluate(qoq_dir, name, group_size, row, "qoq")
+                evaluate(qoq_dir, name, group_size, row, "qoq", niah=True)
             row["seconds"] = round(time.perf_counter() - start, 1)
             print(json.dumps(row), flush=True)
             results.append(row)
@@ -140,7 +149,7 @@ def main() -> None:
     if args.niah_lengths:
         lengths = " | ".join(str(n) for n in args.niah_lengths)
         print(
-            f"\nNIAH (fp weights or QoQ), accuracy per context length over depths "
+            f"\nNIAH (fp weights, QoQ, or RTN for fp8), accuracy per context length over depths "
             f"{args.niah_depths}, {args.niah_samples} needles per cell\n"
         )
         print(

@@ -285,3 +285,33 @@ def test_gpu_choices_on_this_device() -> None:
     summary = dict(choices.summary())
     assert summary.pop("streaming-head prefill") == "kernel"  # Triton is on every CUDA box here
     assert list(summary.values()) == [want] * 7
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ((9, 0), KERNEL),
+        ((8, 9), KERNEL),
+        (
+            (8, 0),
+            Choice(
+                False,
+                "reference: FP8 tensor cores need compute capability 8.9+, this GPU has 8.0",
+                fallback=True,
+            ),
+        ),
+    ],
+)
+def test_fp8_models_take_cublas_where_the_gpu_has_fp8_tensor_cores(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: Choice
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    probe = _Probe()
+    choices = _decide(ModelShape(32, 8, 128, fp8=True), probe=probe)
+    assert choices.fp8_gemm == expected and choices.gemm == {}
+    assert choices.act_quant == Choice(False, "unused: FP8 activations")
+    assert choices.summary()[-1] == ("FP8 GEMM", expected.reason)
+    assert fused.EXTENSION.name not in probe.asked and gemm.EXTENSION.name not in probe.asked
+    cpu = _decide(ModelShape(32, 8, 128, fp8=True), device=CPU, dtype=torch.float32)
+    assert cpu.fp8_gemm == Choice(False, "reference: device is cpu")
+    assert _decide().fp8_gemm is None  # integer and fp models have no FP8 GEMM

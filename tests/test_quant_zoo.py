@@ -174,6 +174,9 @@ def test_zoo_precision_follows_the_request_and_kv_scales(
         ConfigError, match="holds per-tensor static KV8 scales .* request a kv8 precision"
     ):
         ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w8"), **OPTIONS, precision="w8a8kv4"))
+    # A W8A8 zoo checkpoint is int8, not the FP8 precision of the same width.
+    with pytest.raises(ConfigError, match="requested precision fp8 .* holds w8a8kv8"):
+        ModelRunner(EngineConfig.from_kwargs(str(tmp_path / "w8"), **OPTIONS, precision="fp8"))
 
 
 def test_broken_zoo_checkpoints_are_named(ours: dict[str, Path], tmp_path: Path) -> None:

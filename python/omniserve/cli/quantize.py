@@ -1,4 +1,5 @@
-"""`omniserve quantize`: QoQ-quantize an HF fp checkpoint into our W4A8 / W8A8 checkpoint."""
+"""`omniserve quantize`: QoQ-quantize an HF fp checkpoint into our W4A8 / W8A8 checkpoint, or
+round it to the FP8 one (`--precision fp8`, which needs no calibration)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from omniserve.formats.precision import GROUP_SIZE_CHOICES, PER_CHANNEL, PRECISI
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="QoQ-quantize an HF checkpoint (W4A8 / W8A8)",
+        help="QoQ-quantize an HF checkpoint (W4A8 / W8A8), or round it to FP8",
         description=(
             "QoQ quantization (rotation, smoothing, SmoothAttention, clipping, g128 reordering, "
             "optional GPTQ), calibrated layer by layer on a text file; writes a checkpoint that "
             "`omniserve generate/serve --model DIR` loads. The KV cache needs no calibration: "
-            "the precision's kv4/kv8 part is quantized per token at run time."
+            "the precision's kv4/kv8 part is quantized per token at run time. --precision fp8 "
+            "rounds each weight to e4m3 per channel instead (activations are scaled per token "
+            "at run time), with no calibration and no QoQ options."
         ),
     )
     p.add_argument("--model", type=Path, required=True, help="HF fp checkpoint directory")
@@ -26,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision",
         required=True,
-        help=f"one of {', '.join(PRECISION_CHOICES)} with quantized weights (w4a8*, w8a8*)",
+        help=f"one of {', '.join(PRECISION_CHOICES)} with quantized weights (w4a8*, w8a8*, fp8)",
     )
     p.add_argument(
         "--group-size",
@@ -40,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=PER_TOKEN_HEAD,
         help="per_token_head: dynamic KV scales at run time; per_tensor: static per-layer KV8 scales calibrated here (kv8 precisions)",
     )
-    p.add_argument("--calib", type=Path, required=True, help="calibration text file (UTF-8)")
+    p.add_argument(
+        "--calib", type=Path, help="calibration text file (UTF-8); required except for fp8"
+    )
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, <s> included")
     p.add_argument(
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from omniserve.formats.precision import parse
     from omniserve.quantize.qoq import QoQOptions, load_calibration, quantize_checkpoint
     from omniserve.quantize.qoq.model import SourceModel
+    from omniserve.quantize.rtn_model import write_rtn_checkpoint
 
     precision = parse(args.precision, args.group_size)
     check_kv_granularity(args.kv_granularity, precision)  # before any loading
@@ -90,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
             f"precision {precision.name} keeps the model's fp weights; its KV cache is quantized "
             f"at run time without calibration: serve {args.model} with --precision {precision.name}"
         )
+    if precision.float8:
+        write_rtn_checkpoint(args.model, args.output, precision)
+        print(f"wrote {precision.name} (e4m3 weights, a scale per channel) to {args.output}")
+        return 0
+    if args.calib is None:
+        raise ConfigError(f"--precision {precision.name} is calibrated with QoQ: pass --calib")
     try:
         options = QoQOptions(
             rotation=not args.no_rotation,

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from omniserve.errors import CheckpointError, ConfigError
 from omniserve.formats.kv import KV_GRANULARITIES, PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.formats.precision import Precision, parse
-from omniserve.formats.weight import QuantizedWeight, weight_format
+from omniserve.formats.weight import StoredWeight, weight_format
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "omniserve"
@@ -142,7 +142,7 @@ class QuantizedCheckpoint:
     hf_config: dict[str, Any]
     """config.json without its quantization_config."""
     quant: QuantizationConfig
-    linears: dict[str, QuantizedWeight]
+    linears: dict[str, StoredWeight]
     tensors: dict[str, torch.Tensor]
     """Every stored tensor that is not part of a quantized linear or a KV scale."""
     kv_scales: torch.Tensor | None = None
@@ -176,7 +176,7 @@ def write_checkpoint(
     path: str | Path,
     hf_config: Mapping[str, Any],
     precision: Precision,
-    linears: Mapping[str, QuantizedWeight],
+    linears: Mapping[str, StoredWeight],
     tensors: Mapping[str, torch.Tensor],
     recipe: Mapping[str, Any] | None = None,
     kv_scales: torch.Tensor | None = None,
@@ -248,7 +248,7 @@ def read_checkpoint(path: str | Path, precision: Precision | None = None) -> Qua
         check_precision(root, precision, quant.precision)
     stored = _load_safetensors(root)
     fmt = weight_format(quant.precision)
-    linears: dict[str, QuantizedWeight] = {}
+    linears: dict[str, StoredWeight] = {}
     for prefix, (n, k) in quant.modules.items():
         try:
             fmt.check_shape(n, k)
@@ -351,9 +351,7 @@ def _load_safetensors(root: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def linear_from_qserve(
-    tensors: Mapping[str, torch.Tensor], precision: Precision
-) -> QuantizedWeight:
+def linear_from_qserve(tensors: Mapping[str, torch.Tensor], precision: Precision) -> StoredWeight:
     """One linear of a QServe zoo state dict (tensor name suffix → tensor) in our format.
 
     The names are the same; the zoo stores `qweight` as int8 and we store the same bytes as uint8.

@@ -8,6 +8,10 @@ of the KV cache (kv): `w4a8kv4` = uint4 weights, per-token int8 activations, 4-b
 model dtype for `w16a16`. The group size is -1 (one scale per output channel) or 128 (progressive
 g128 quantization, docs/formats.md#w4a8-g128), and 128 exists only for W4A8: W8A8 is per-channel
 by construction and fp16 weights have no groups.
+
+`fp8` is the Hopper industry configuration (vLLM's and TensorRT-LLM's FP8): e4m3 weights with a
+scale per output channel, per-token dynamic e4m3 activations, and the KV cache in the model dtype
+(their default; docs/formats.md#fp8). It is the peer the integer precisions are measured against.
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ PER_CHANNEL = -1
 GROUP_SIZE_128 = 128
 """The only per-group size: QServe's g128 kernels hard-code it."""
 
-# text -> (weight_bits, act_bits, kv_bits or None for a KV cache in the model dtype)
-_PRECISIONS: dict[str, tuple[int, int, int | None]] = {
-    "w4a8kv4": (4, 8, 4),
-    "w4a8kv8": (4, 8, 8),
-    "w4a8": (4, 8, 8),
-    "w8a8kv4": (8, 8, 4),
-    "w8a8kv8": (8, 8, 8),
-    "w8a8": (8, 8, 8),
-    "w16a16kv4": (16, 16, 4),
-    "w16a16kv8": (16, 16, 8),
-    "w16a16": (16, 16, None),
+# text -> (weight_bits, act_bits, kv_bits or None for a KV cache in the model dtype, float8)
+_PRECISIONS: dict[str, tuple[int, int, int | None, bool]] = {
+    "w4a8kv4": (4, 8, 4, False),
+    "w4a8kv8": (4, 8, 8, False),
+    "w4a8": (4, 8, 8, False),
+    "w8a8kv4": (8, 8, 4, False),
+    "w8a8kv8": (8, 8, 8, False),
+    "w8a8": (8, 8, 8, False),
+    "w16a16kv4": (16, 16, 4, False),
+    "w16a16kv8": (16, 16, 8, False),
+    "w16a16": (16, 16, None, False),
+    "fp8": (8, 8, None, True),
 }
 
 PRECISION_CHOICES: tuple[str, ...] = tuple(_PRECISIONS)
@@ -53,10 +58,14 @@ class Precision:
     """4 or 8 for a quantized KV cache, None for a KV cache in the model dtype."""
     group_size: int
     """-1 (per output channel) or 128 (progressive per-group, W4A8 only)."""
+    float8: bool = False
+    """Weights and activations are FP8 e4m3 (`fp8`) rather than integers."""
 
     @property
     def name(self) -> str:
         """Canonical text, with the KV part always spelled out where it is quantized."""
+        if self.float8:
+            return "fp8"
         kv = "" if self.kv_bits is None else f"kv{self.kv_bits}"
         return f"w{self.weight_bits}a{self.act_bits}{kv}"
 
@@ -72,7 +81,7 @@ def parse(text: str, group_size: int = PER_CHANNEL) -> Precision:
         raise ConfigError(
             f"precision {text!r} is not supported; valid choices: {', '.join(PRECISION_CHOICES)}"
         )
-    weight_bits, act_bits, kv_bits = _PRECISIONS[key]
+    weight_bits, act_bits, kv_bits, float8 = _PRECISIONS[key]
     if group_size not in GROUP_SIZE_CHOICES:
         raise ConfigError(
             f"group_size {group_size} is not supported; valid choices: "
@@ -83,4 +92,4 @@ def parse(text: str, group_size: int = PER_CHANNEL) -> Precision:
             f"group_size 128 is only valid for W4A8 precisions (w4a8kv4, w4a8kv8, w4a8); "
             f"{key} requires group_size -1 (per-channel)"
         )
-    return Precision(weight_bits, act_bits, kv_bits, group_size)
+    return Precision(weight_bits, act_bits, kv_bits, group_size, float8)

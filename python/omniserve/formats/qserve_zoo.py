@@ -47,7 +47,7 @@ from omniserve.formats.checkpoint import (
 from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.formats.packing import TILE
 from omniserve.formats.precision import GROUP_SIZE_128, PER_CHANNEL, Precision, parse
-from omniserve.formats.weight import QuantizedWeight, weight_format
+from omniserve.formats.weight import StoredWeight, weight_format
 
 RECIPE_SOURCE = "qserve_zoo"
 """`quantization_config.recipe["source"]` of a checkpoint read from the zoo format."""
@@ -101,7 +101,7 @@ def read_qserve_checkpoint(path: str | Path, requested: Precision | None) -> Qua
         else:
             tensors[name] = t
     expected = {f.name for f in dataclasses.fields(weight_format(precision))}
-    linears: dict[str, QuantizedWeight] = {}
+    linears: dict[str, StoredWeight] = {}
     for prefix, parts in groups.items():
         extra = sorted(set(parts) - expected)
         if extra:
@@ -169,7 +169,11 @@ def _detect(
     per_tensor = any(name.endswith(KV_SCALE_SUFFIX) for name in state)
     weights = "w4a8" if w4 else "w8a8"
     if requested is not None:
-        if requested.weight_bits != (4 if w4 else 8) or requested.group_size != group_size:
+        if (
+            requested.float8
+            or requested.weight_bits != (4 if w4 else 8)
+            or requested.group_size != group_size
+        ):
             stored = parse(f"{weights}kv{requested.kv_bits or 8}", group_size)
             check_precision(root, requested, stored)  # raises, naming both
         if per_tensor and requested.kv_bits != 8:

@@ -28,6 +28,9 @@ W4A8 g128, progressive (`W4A8PerGroupWeight`):
 W8A8 (`W8A8Weight`): symmetric int8 per channel,
     weight = round(W / s) ∈ [−127, 127],  s = dequant_scale fp16 [N],  Ŵ = s · weight,  |W − Ŵ| ≤ s / 2.
 
+FP8 (`Fp8Weight`, the `fp8` precision): e4m3 per channel under an fp32 scale (fp8.py),
+    weight = e4m3(W / s),  s = weight_scale = max_k |W| / 448,  Ŵ = s · weight.
+
 The QoQ quantizer (qoq/) changes W (rotation, smoothing) and the ranges (per-row clipping ratios
 `clip`) before these formulas, and GPTQ chooses the codes on the grid they define (`WeightGrid`);
 the stored formats and dequantization stay these.
@@ -42,6 +45,7 @@ from typing import ClassVar
 
 import torch
 
+from omniserve.formats.fp8 import FP8_DTYPE, fp8_scales, to_fp8
 from omniserve.formats.packing import (
     pack_w4,
     permute_group_columns,
@@ -210,11 +214,40 @@ class W8A8Weight(_StoredWeight):
         return self.dequant_scale.float().unsqueeze(1) * self.weight.float()
 
 
+@dataclass(frozen=True)
+class Fp8Weight(_StoredWeight):
+    weight: torch.Tensor
+    """float8_e4m3fn [N, K] codes."""
+    weight_scale: torch.Tensor
+    """fp32 [N]."""
+
+    # cuBLAS's FP8 GEMM needs both dimensions in multiples of 16.
+    N_MULTIPLE: ClassVar[int] = 16
+    K_MULTIPLE: ClassVar[int] = 16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1]
+
+    @classmethod
+    def tensor_specs(cls, n: int, k: int) -> dict[str, TensorSpec]:
+        return {"weight": (FP8_DTYPE, (n, k)), "weight_scale": (torch.float32, (n,))}
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K]: Ŵ = s · weight."""
+        return self.weight_scale.unsqueeze(1) * self.weight.float()
+
+
 QuantizedWeight = W4A8PerChannelWeight | W4A8PerGroupWeight | W8A8Weight
+"""The integer formats: what the integer GEMMs (gemm.py, kernels/gemm.py) read."""
+StoredWeight = QuantizedWeight | Fp8Weight
+"""Every stored format: what checkpoints hold and quantizers write."""
 
 
-def weight_format(precision: Precision) -> type[QuantizedWeight]:
+def weight_format(precision: Precision) -> type[StoredWeight]:
     """The stored format of a quantized-weight precision; ValueError for w16."""
+    if precision.float8:
+        return Fp8Weight
     if precision.weight_bits == 8:
         return W8A8Weight
     if precision.weight_bits == 4:
@@ -243,7 +276,7 @@ class WeightGrid(abc.ABC):
         """fp32 [N, n]: the stored format's Ŵ of the codes q of columns [start, start + n)."""
 
     @abc.abstractmethod
-    def pack(self, q: torch.Tensor) -> QuantizedWeight:
+    def pack(self, q: torch.Tensor) -> StoredWeight:
         """The stored weight of the codes q [N, K] of every column."""
 
     def fake_quantize(self, w: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -337,6 +370,21 @@ class W8Grid(WeightGrid):
         return W8A8Weight(q.to(torch.int8), self.s)
 
 
+@dataclass(frozen=True)
+class Fp8Grid(WeightGrid):
+    s: torch.Tensor
+    """fp32 [N]."""
+
+    def codes(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        return to_fp8(w, self.s)
+
+    def dequantize(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        return self.s.unsqueeze(1) * q.float()
+
+    def pack(self, q: torch.Tensor) -> Fp8Weight:
+        return Fp8Weight(q.to(FP8_DTYPE), self.s)
+
+
 def w4_per_channel_grid(w: torch.Tensor, clip: torch.Tensor | None = None) -> W4PerChannelGrid:
     """The uint4 per-channel grid of W [N, K] (N, K multiples of 32); `clip` [N] in (0, 1]
     shrinks each row's range [lo, hi] (weight clipping)."""
@@ -366,11 +414,20 @@ def w8_grid(w: torch.Tensor, clip: torch.Tensor | None = None) -> W8Grid:
     return W8Grid(quantize_symmetric(w, W8_QMAX, clip)[1])
 
 
+def fp8_grid(w: torch.Tensor, clip: torch.Tensor | None = None) -> Fp8Grid:
+    """The e4m3 per-channel grid of W [N, K] (N, K multiples of 16); `clip` [N] in (0, 1] shrinks
+    each row's range (codes beyond it saturate at ±448)."""
+    _check_weight(w, Fp8Weight, clip)
+    return Fp8Grid(fp8_scales(w, clip))
+
+
 def weight_grid(
     w: torch.Tensor, precision: Precision, clip: torch.Tensor | None = None
 ) -> WeightGrid:
     """The grid of W [N, K] in the stored format of `precision` (ValueError for w16)."""
     fmt = weight_format(precision)
+    if fmt is Fp8Weight:
+        return fp8_grid(w, clip)
     if fmt is W8A8Weight:
         return w8_grid(w, clip)
     if fmt is W4A8PerGroupWeight:
@@ -400,7 +457,7 @@ def quantize_w8a8(w: torch.Tensor, clip: torch.Tensor | None = None) -> W8A8Weig
 
 def quantize_weight(
     w: torch.Tensor, precision: Precision, clip: torch.Tensor | None = None
-) -> QuantizedWeight:
+) -> StoredWeight:
     """RTN-quantize W [N, K] into the stored format of `precision`; `clip` [N] in (0, 1] are
     per-row clipping ratios (None: no clipping)."""
     grid = weight_grid(w, precision, clip)
@@ -408,7 +465,7 @@ def quantize_weight(
 
 
 def _check_weight(
-    w: torch.Tensor, fmt: type[QuantizedWeight], clip: torch.Tensor | None = None
+    w: torch.Tensor, fmt: type[StoredWeight], clip: torch.Tensor | None = None
 ) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")

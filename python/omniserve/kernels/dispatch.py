@@ -64,6 +64,8 @@ class ModelShape:
     weights, which quantize no activations."""
     streaming: bool = False
     """Whether some KV heads stream (their prefill takes a block-sparse path)."""
+    fp8: bool = False
+    """Whether the projections are FP8 (`layers/fp8_linear.py`; then `projections` is empty)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,9 @@ class KernelChoices:
     Triton kernel torch compiles), else SDPA under a dense mask."""
     gemm: Mapping[str, Choice]
     """The quantized GEMM (kernels/gemm.py) of each `ModelShape.projections` entry, by name."""
+    fp8_gemm: Choice | None
+    """cuBLAS's FP8 GEMM (`torch._scaled_mm`) for every projection of an FP8 model; None for
+    other models."""
 
     def activation_ops(self) -> fused.ActivationOps:
         """The int8-activation ops `act_quant` chose: the kernels or their references."""
@@ -87,12 +92,16 @@ class KernelChoices:
     def by_op(self) -> list[tuple[str, Choice]]:
         """(op, choice) for every op, in a fixed order."""
         gemms = [(f"quantized GEMM {name}", c) for name, c in self.gemm.items()]
+        if self.fp8_gemm is not None:
+            gemms = [("FP8 GEMM", self.fp8_gemm)]
+        elif not gemms:
+            gemms = [("quantized GEMM", unused("fp weights"))]
         return [
             ("activation quantization", self.act_quant),
             ("RoPE + KV write", self.rope_kv),
             ("decode attention", self.decode_attention),
             ("streaming-head prefill", self.stream_prefill),
-            *(gemms or [("quantized GEMM", unused("fp weights"))]),
+            *gemms,
         ]
 
     def summary(self) -> list[tuple[str, str]]:
@@ -160,7 +169,7 @@ def decide(
         act_quant=(
             choose(fused.EXTENSION, lambda: fused.unsupported(dtype))
             if shape.projections
-            else unused("fp weights")
+            else unused("FP8 activations" if shape.fp8 else "fp weights")
         ),
         rope_kv=choose(rope_kv.EXTENSION, backend, lambda: rope_kv.unsupported(head_dim, dtype)),
         decode_attention=choose(
@@ -173,7 +182,26 @@ def decide(
             name: choose(gemm.EXTENSION, partial(gemm.unsupported, sizes, k))
             for name, (sizes, k) in shape.projections.items()
         },
+        fp8_gemm=_fp8_gemm(device) if shape.fp8 else None,
     )
+
+
+FP8_CAPABILITY = (8, 9)
+"""Compute capability from which GPUs have FP8 tensor cores (Ada, Hopper and later)."""
+
+
+def _fp8_gemm(device: torch.device) -> Choice:
+    """cuBLAS's FP8 GEMM on a GPU with FP8 tensor cores; nothing to build."""
+    if device.type != "cuda":
+        return reference(f"device is {device.type}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        return reference(
+            f"FP8 tensor cores need compute capability 8.9+, this GPU has "
+            f"{capability[0]}.{capability[1]}",
+            fallback=True,
+        )
+    return KERNEL
 
 
 def _stream_prefill(device: torch.device, shape: ModelShape, backend: str | None) -> Choice:

@@ -17,11 +17,12 @@ from transformers import PretrainedConfig
 
 from omniserve.formats.activation import QuantizedActivation
 from omniserve.formats.precision import Precision
-from omniserve.formats.weight import QuantizedWeight, weight_format
+from omniserve.formats.weight import Fp8Weight, StoredWeight, weight_format
 from omniserve.kernels.dispatch import KernelChoices, ModelShape
 from omniserve.kernels.fused import ActivationOps
 from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.attention import AttentionMetadata, PagedAttention
+from omniserve.layers.fp8_linear import Fp8Linear
 from omniserve.layers.linear import Linear
 from omniserve.layers.norm import RMSNorm
 from omniserve.layers.quantized_linear import QuantizedLinear
@@ -74,8 +75,13 @@ def layer_windows(config: PretrainedConfig, max_positions: int) -> list[int | No
     return [w if w is not None and w < max_positions else None for w in sliding_windows(config)]
 
 
-WeightFormat = type[QuantizedWeight] | None
-"""The stored format of the decoder's projections, None for fp weights (`Linear`)."""
+WeightFormat = type[StoredWeight] | None
+"""The stored format of the decoder's projections, None for fp weights (`Linear`); `Fp8Weight`
+makes them `Fp8Linear`, the integer formats `QuantizedLinear`."""
+
+StoredWeightLinear = QuantizedLinear | Fp8Linear
+"""A projection whose weights are a stored format (formats/weight.py), which the loader places
+slice by slice (`quantized_slots`, `set_weight`) rather than as parameters."""
 
 ProjectionShape = tuple[tuple[int, ...], int]
 """(output sizes of a projection's shards, in_features)."""
@@ -108,10 +114,14 @@ def projection_shapes(config: PretrainedConfig) -> dict[str, ProjectionShape]:
 
 def kernel_shape(config: PretrainedConfig, precision: Precision | None) -> ModelShape:
     """What the model's kernel choices depend on (kernels/dispatch.py `decide`): its attention
-    shape, and its projections where `precision` quantizes the weights."""
+    shape, and its projections where `precision` quantizes the weights to integers (FP8 ones run
+    cuBLAS at any shape)."""
     quantized = precision is not None and precision.quantized_weights
+    fp8 = quantized and precision is not None and precision.float8
     return ModelShape(
-        *head_dims(config), projections=projection_shapes(config) if quantized else {}
+        *head_dims(config),
+        projections=projection_shapes(config) if quantized and not fp8 else {},
+        fp8=fp8,
     )
 
 
@@ -122,10 +132,13 @@ def _projection(
     fmt: WeightFormat,
     kernels: KernelChoices,
     shard_names: tuple[str, ...] | None = None,
-) -> Linear | QuantizedLinear:
+) -> Linear | QuantizedLinear | Fp8Linear:
     out_sizes, in_features = projection_shapes(config)[name]
     if fmt is None:
         return Linear(in_features, out_sizes, bias, shard_names)
+    if issubclass(fmt, Fp8Weight):
+        kernel = kernels.fp8_gemm is not None and kernels.fp8_gemm.kernel
+        return Fp8Linear(in_features, out_sizes, bias, shard_names, kernel=kernel)
     return QuantizedLinear(
         in_features,
         out_sizes,
@@ -159,8 +172,8 @@ def projection_input_ops(fmt: WeightFormat, quantized: ActivationOps) -> Project
     of kernels/fused.py or their references, as chosen for the model), one launch each where the
     float ops take several and the projection's quantizer one more. Their references are exactly
     that composition, so outputs do not change. o_proj reads the attention output, which stays
-    float."""
-    if fmt is None:
+    float. Fp weights and FP8 ones (`Fp8Linear` quantizes its own input) read float."""
+    if fmt is None or fmt is Fp8Weight:
         return ProjectionInputOps(norm=_rmsnorm, add_norm=_add_rmsnorm, act=SiluAndMul())
 
     def norm(x: torch.Tensor, n: RMSNorm) -> QuantizedActivation:
@@ -309,7 +322,7 @@ class LlamaForCausalLM(nn.Module):
     """Built under the loader's default device and dtype, with uninitialised parameters.
 
     `precision` with quantized weights makes every decoder projection a `QuantizedLinear` of its
-    format; embeddings, norms and lm_head stay in the model dtype, as in QServe. `kernels`: which
+    format (an `Fp8Linear` for fp8); embeddings, norms and lm_head stay in the model dtype, as in QServe. `kernels`: which
     ops run CUDA kernels (kernels/dispatch.py, decided for `kernel_shape(config, precision)`)."""
 
     def __init__(

@@ -43,12 +43,16 @@ from omniserve.formats.qserve_zoo import (
     qserve_precision,
     read_qserve_checkpoint,
 )
-from omniserve.formats.weight import QuantizedWeight, quantize_weight
+from omniserve.formats.weight import StoredWeight, quantize_weight
 from omniserve.kernels.dispatch import KernelChoices
 from omniserve.layers.linear import TensorSlot
 from omniserve.layers.norm import RMSNorm
-from omniserve.layers.quantized_linear import QuantizedLinear
-from omniserve.models.llama import ARCHITECTURES, MODEL_TYPES, LlamaForCausalLM
+from omniserve.models.llama import (
+    ARCHITECTURES,
+    MODEL_TYPES,
+    LlamaForCausalLM,
+    StoredWeightLinear,
+)
 
 DUMMY_INIT_STD = 0.02
 """Std of random weights: HF's usual initializer_range. With an RMSNorm in front of every block the
@@ -243,26 +247,26 @@ def init_dummy_weights(
         if precision is None or not precision.quantized_weights:
             return
 
-        def random_weight(_name: str, shape: tuple[int, int]) -> QuantizedWeight:
+        def random_weight(_name: str, shape: tuple[int, int]) -> StoredWeight:
             w = torch.empty(shape, dtype=torch.float32, device=device)
             return quantize_weight(w.normal_(0.0, DUMMY_INIT_STD, generator=generator), precision)
 
         _set_quantized_weights(quantized_slots(model), random_weight, device, "random weights")
 
 
-def quantized_slots(model: torch.nn.Module) -> dict[str, tuple[QuantizedLinear, int]]:
+def quantized_slots(model: torch.nn.Module) -> dict[str, tuple[StoredWeightLinear, int]]:
     """Every quantized linear slice of the model: checkpoint linear name → (layer, slice index)."""
     return {
         name: (module, index)
         for prefix, module in model.named_modules()
-        if isinstance(module, QuantizedLinear)
+        if isinstance(module, StoredWeightLinear)
         for name, index in module.quantized_slots(prefix).items()
     }
 
 
 def _set_quantized_weights(
-    slots: dict[str, tuple[QuantizedLinear, int]],
-    weight_of: Callable[[str, tuple[int, int]], QuantizedWeight],
+    slots: dict[str, tuple[StoredWeightLinear, int]],
+    weight_of: Callable[[str, tuple[int, int]], StoredWeight],
     device: torch.device,
     source: str,
 ) -> None:
@@ -271,7 +275,7 @@ def _set_quantized_weights(
     for name, (module, index) in slots.items():
         shape = (module.out_sizes[index], module.in_features)
         try:
-            module.set_weight(index, weight_of(name, shape), device)
+            module.set_weight(index, weight_of(name, shape), device)  # type: ignore[arg-type]
         except ValueError as exc:
             raise CheckpointError(f"{source}: quantized linear {name}: {exc}") from None
 

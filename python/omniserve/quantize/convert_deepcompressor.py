@@ -115,6 +115,8 @@ def convert_deepcompressor(
     source, dump, out = Path(model_dir), Path(dump_dir), Path(output_dir)
     if not precision.quantized_weights:
         raise ConfigError(f"{precision.name} keeps fp weights; a dump converts to w4a8 or w8a8")
+    if precision.float8:
+        raise ConfigError("a DeepCompressor dump holds integer grids; it converts to w4a8 or w8a8")
     check_kv_granularity(kv_granularity, precision)
     if out.exists() and out.resolve() in (source.resolve(), dump.resolve()):
         raise ConfigError(f"{output_dir}: write the checkpoint to a new directory")

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from omniserve.errors import CheckpointError, ConfigError
 from omniserve.formats.checkpoint import CONFIG_FILE, copy_side_files, write_checkpoint
 from omniserve.formats.precision import Precision
-from omniserve.formats.weight import QuantizedWeight, quantize_weight
+from omniserve.formats.weight import StoredWeight, quantize_weight
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECIPE: dict[str, Any] = {"method": "rtn"}
@@ -42,7 +42,7 @@ def write_rtn_checkpoint(src: str | Path, dst: str | Path, precision: Precision)
     config = json.loads((source / CONFIG_FILE).read_text())
     if "quantization_config" in config:
         raise CheckpointError(f"{src} is already quantized; RTN needs an fp checkpoint")
-    linears: dict[str, QuantizedWeight] = {}
+    linears: dict[str, StoredWeight] = {}
     tensors: dict[str, torch.Tensor] = {}
     files = sorted(source.glob("*.safetensors"))
     if not files:

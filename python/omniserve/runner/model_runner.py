@@ -17,9 +17,8 @@ from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.formats.page_selection import PageSelection
 from omniserve.formats.precision import Precision
 from omniserve.kernels import dispatch
-from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.sampler import Sampler, SampleResult
-from omniserve.models.llama import kernel_shape, layer_windows
+from omniserve.models.llama import StoredWeightLinear, kernel_shape, layer_windows
 from omniserve.models.loader import load_hf_config, load_model, resolve_precision
 from omniserve.runner.decode_graphs import DecodeGraphs
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StreamPool
@@ -269,7 +268,7 @@ class ModelRunner:
         """GiB held by the weights and the KV cache, and the activation peak measured at start-up
         (0 on CPU, where nothing is profiled)."""
         weights = sum(p.nbytes for p in self.model.parameters()) + sum(
-            m.quantized_nbytes for m in self.model.modules() if isinstance(m, QuantizedLinear)
+            m.quantized_nbytes for m in self.model.modules() if isinstance(m, StoredWeightLinear)
         )
         return {
             "weights": weights / _GIB,

@@ -39,7 +39,7 @@ from omniserve.formats.checkpoint import (
 )
 from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD, static_kv_scales
 from omniserve.formats.precision import Precision
-from omniserve.formats.weight import QuantizedWeight, weight_grid
+from omniserve.formats.weight import StoredWeight, weight_grid
 from omniserve.quantize.qoq.calibration import (
     CalibrationData,
     LayerStatistics,
@@ -174,6 +174,12 @@ def quantize_checkpoint(
             f"{precision.name} keeps the model's fp weights (its KV cache is quantized at run "
             "time, with no calibration); quantize to a w4a8 or w8a8 precision"
         )
+    if precision.float8:
+        raise ConfigError(
+            "QoQ targets the integer grids; fp8 is rounded per channel with no calibration "
+            "(omniserve.quantize.rtn_model.write_rtn_checkpoint, `omniserve quantize --precision "
+            "fp8`)"
+        )
     if out.exists() and out.resolve() == source_dir.resolve():
         raise ConfigError(f"{dst}: write the quantized checkpoint to another directory than {src}")
     dev = torch.device(device)
@@ -305,14 +311,14 @@ class _Quantizer:
 
     def run(
         self, progress: bool
-    ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, StoredWeight], dict[str, torch.Tensor], dict[str, Any]]:
         src = self.source
         embed = src.tensor(EMBED)
         x = F.embedding(self.calibration.ids.to(self.device), embed.to(self.device).float())
         if self.rotation is not None:
             x = x @ self.rotation
         rope = rope_tables(src.config, self.calibration.ids.shape[1], self.device)
-        linears: dict[str, QuantizedWeight] = {}
+        linears: dict[str, StoredWeight] = {}
         tensors: dict[str, torch.Tensor] = {}
         bar = tqdm(range(src.num_layers), desc="QoQ layers", unit="layer", disable=not progress)
         for i in bar:
@@ -350,7 +356,7 @@ class _Quantizer:
 
     def _layer(
         self, index: int, layer: Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, QuantizedWeight]]:
+    ) -> tuple[torch.Tensor, dict[str, StoredWeight]]:
         """Transform and quantize one layer: (its fp outputs, its projections by name)."""
         if self.rotation is not None:
             rotate_layer(layer, self.rotation)
@@ -487,7 +493,7 @@ class _Quantizer:
         rows: torch.Tensor,
         rows_hat: torch.Tensor,
         hessian: torch.Tensor | None,
-    ) -> QuantizedWeight:
+    ) -> StoredWeight:
         """The stored weight of one linear (clipped RTN or GPTQ codes); records its error."""
         try:
             clip = (
