@@ -1,5 +1,5 @@
-"""Quantized KV cache (KV8/KV4, `formats/kv.py`): the format's error bound and packing, paged
-attention against dense references, memory sizing, and the engine end to end.
+"""Quantized KV cache (KV8/KV4 and FP8, `formats/kv.py`): the format's error bound and packing,
+paged attention against dense references, memory sizing, and the engine end to end.
 
 Tolerances (derived here, checked below):
 - Round trip: |x̂ − x| ≤ scale / 2 per element (round to nearest; `formats/kv.py` shows clamping never
@@ -14,6 +14,8 @@ Tolerances (derived here, checked below):
   16, 2 layers) rounds each cached row with ε ≈ 0.4% (KV8) or ≈ 7% (KV4), compounded over K and V
   of two layers; measured relative logit errors reach 2.2e-2 (KV8) and 0.31 (KV4), cosine 0.9997
   and 0.953. We assert about twice that: 4e-2 / cosine ≥ 0.999 (KV8), 0.5 / cosine ≥ 0.9 (KV4).
+  The FP8 cache (e4m3 under unit scales, ≈ 2% relative per value) measures 0.107 and cosine
+  0.994; asserted 0.2 / cosine ≥ 0.985.
 - Greedy ids: the tiny random model has near-ties (top-2 logit margins down to 0.001 within 12
   tokens) while KV8 moves logits by up to ~0.04, so exact equality with fp32 is not a property of a
   correct cache. We assert that each KV8 sequence equals fp32 up to the first step whose fp32 top-2
@@ -38,13 +40,15 @@ from omniserve.formats.kv import (
     PER_TENSOR,
     PER_TOKEN_HEAD,
     dequantize_kv,
+    dequantize_kv_fp8,
     pack_int4,
     quantize_kv,
+    quantize_kv_fp8,
     row_params_or_scale,
     unpack_int4,
 )
 from omniserve.layers.attention import PagedAttention
-from omniserve.runner.kv_cache import KVCache, KVCacheSpec
+from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StaticFp8Rows
 from omniserve.runner.model_runner import ModelRunner
 from omniserve.runner.step_inputs import StepInputBuilder
 from test_attention import HEAD_DIM, _reference
@@ -169,7 +173,8 @@ def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "kv_cache_dtype,max_rel_error,min_cosine", [("int8", 4e-2, 0.999), ("int4", 0.5, 0.9)]
+    "kv_cache_dtype,max_rel_error,min_cosine",
+    [("int8", 4e-2, 0.999), ("int4", 0.5, 0.9), ("fp8", 0.2, 0.985)],
 )
 def test_decode_logits_along_a_fixed_path_are_close_to_fp32(
     llama: tuple[Path, torch.nn.Module],
@@ -231,7 +236,7 @@ def test_kv8_greedy_matches_fp32_up_to_near_ties(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_quantized_tokens_do_not_depend_on_chunking_or_preemption(
     tmp_path: Path, family: str, kv_cache_dtype: str, device: str
@@ -283,12 +288,13 @@ def test_a_byte_budget_holds_more_quantized_pages(llama: tuple[Path, torch.nn.Mo
     path, _ = llama
     budget_gib = 0.004
     pages = {}
-    for kv_cache_dtype in ("auto", "int8", "int4"):
+    for kv_cache_dtype in ("auto", "int8", "int4", "fp8"):
         runner = _runner(
             path, dtype="float16", cpu_kv_cache_gib=budget_gib, kv_cache_dtype=kv_cache_dtype
         )
-        # tiny llama3: 2 layers x K,V x 16 tokens x 2 KV heads x (values + 4 bytes of scale, zero).
-        row_bytes = {"auto": 16 * 2, "int8": 16 + 4, "int4": 8 + 4}[kv_cache_dtype]
+        # tiny llama3: 2 layers x K,V x 16 tokens x 2 KV heads x (values + 4 bytes of scale, zero;
+        # FP8 has one scale per layer instead).
+        row_bytes = {"auto": 16 * 2, "int8": 16 + 4, "int4": 8 + 4, "fp8": 16}[kv_cache_dtype]
         assert runner._kv_spec.bytes_per_page == 2 * 2 * 16 * 2 * row_bytes
         pages[kv_cache_dtype] = runner.num_kv_pages
         assert pages[kv_cache_dtype] == int(budget_gib * 2**30) // runner._kv_spec.bytes_per_page
@@ -296,19 +302,66 @@ def test_a_byte_budget_holds_more_quantized_pages(llama: tuple[Path, torch.nn.Mo
     # At head_dim 16 the 4 bytes of scale and zero per row weigh more than at 128.
     assert pages["int8"] == pytest.approx(pages["auto"] * 32 / 20, rel=1e-3)
     assert pages["int4"] == pytest.approx(pages["auto"] * 32 / 12, rel=1e-3)
+    assert pages["fp8"] == pytest.approx(pages["auto"] * 2, rel=1e-3)
 
 
 def test_kv_cache_dtype_option() -> None:
     assert EngineConfig(model="m").kv_cache_dtype == "auto"
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
-        EngineConfig.from_kwargs("m", kv_cache_dtype="fp8")
+        EngineConfig.from_kwargs("m", kv_cache_dtype="fp16")
+    # FP8 takes the place of a model-dtype cache only.
+    for precision in ("w16a16", "fp8"):
+        assert EngineConfig.from_kwargs("m", precision=precision, kv_cache_dtype="fp8")
+    for precision in ("w8a8kv8", "w4a8kv4", "w16a16kv8"):
+        with pytest.raises(ConfigError, match=f"kv_cache_dtype='fp8' contradicts .*{precision}"):
+            EngineConfig.from_kwargs("m", precision=precision, kv_cache_dtype="fp8")
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    assert engine_kwargs(parser.parse_args(["--kv-cache-dtype", "int4"])) == {
-        "kv_cache_dtype": "int4"
-    }
+    for value in ("int4", "fp8"):
+        assert engine_kwargs(parser.parse_args(["--kv-cache-dtype", value])) == {
+            "kv_cache_dtype": value
+        }
     with pytest.raises(SystemExit):
-        parser.parse_args(["--kv-cache-dtype", "fp8"])
+        parser.parse_args(["--kv-cache-dtype", "fp16"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_cache_rows_round_to_e4m3_under_a_unit_scale(device: str) -> None:
+    """e4m3 keeps 3 mantissa bits: |x̂ − x| ≤ 2^-4 |x| above 2^-6, half the subnormal step 2^-10
+    below; values past ±448 saturate (docs/formats.md#fp8)."""
+    x = _rows_with_outliers((4, 37, 64), torch.Generator().manual_seed(5)).to(device)
+    scale = torch.ones((), device=device)
+    codes = quantize_kv_fp8(x, scale)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == x.shape
+    back = dequantize_kv_fp8(codes, scale, torch.float32)
+    bound = torch.maximum(x.abs() * 2.0**-4, torch.full_like(x, 2.0**-10))
+    assert bool(((back - x).abs() <= bound * (1 + 1e-6)).all())
+    big = dequantize_kv_fp8(
+        quantize_kv_fp8(torch.tensor([1e4, -1e4]), torch.ones(())), torch.ones(()), torch.float32
+    )
+    assert big.tolist() == [448.0, -448.0]
+    # The cache stores e4m3 codes under the given per-layer scales and reads them back.
+    spec = KVCacheSpec(
+        2, 16, 2, 64, torch.float32, kv_bits=8, kv_granularity=PER_TENSOR, kv_fp8=True
+    )
+    assert spec.bytes_per_row == 64
+    scales = torch.tensor([[1.0, 0.5], [2.0, 0.25]])
+    cache = KVCache(spec, 4, 2, 4, torch.device(device), static_scales=scales)
+    rows = cache._rows(1, 1)
+    assert isinstance(rows, StaticFp8Rows) and cache.storage.dtype == torch.float8_e4m3fn
+    index = torch.tensor([3, 70], device=device)
+    stored = rows.store(index, x[0, :2])
+    assert torch.equal(
+        stored,
+        dequantize_kv_fp8(
+            quantize_kv_fp8(x[0, :2], scales[1, 1].to(device)),
+            scales[1, 1].to(device),
+            torch.float32,
+        ),
+    )
+    assert torch.equal(rows.read(index), stored)
+    with pytest.raises(ValueError, match="FP8 KV cache is per-tensor"):
+        KVCacheSpec(2, 16, 2, 64, torch.float32, kv_bits=8, kv_fp8=True)
 
 
 @pytest.mark.parametrize("granularity", [PER_TOKEN_HEAD, PER_TENSOR])

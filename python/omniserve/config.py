@@ -19,7 +19,7 @@ _SCHEDULER_DEFAULTS = SchedulerConfig.DEFAULTS
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Policy = Literal["fcfs", "priority"]
-KVCacheDType = Literal["auto", "int8", "int4"]
+KVCacheDType = Literal["auto", "int8", "int4", "fp8"]
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -217,8 +217,16 @@ SCHEDULER_OPTIONS: tuple[str, ...] = tuple(
 
 
 def check_kv_cache_dtype(kv_cache_dtype: KVCacheDType, precision: Precision) -> None:
-    """ConfigError when an explicit `kv_cache_dtype` contradicts the precision's KV bits."""
-    if kv_cache_dtype != "auto" and KV_CACHE_BITS[kv_cache_dtype] != precision.kv_bits:
+    """ConfigError when an explicit `kv_cache_dtype` contradicts the precision's KV bits ("fp8"
+    takes the place of a model-dtype cache only)."""
+    if kv_cache_dtype == "auto":
+        return
+    fits = (
+        precision.kv_bits is None
+        if kv_cache_dtype == "fp8"
+        else KV_CACHE_BITS[kv_cache_dtype] == precision.kv_bits
+    )
+    if not fits:
         kv = "the model dtype" if precision.kv_bits is None else f"int{precision.kv_bits}"
         raise ConfigError(
             f"kv_cache_dtype={kv_cache_dtype!r} contradicts precision {precision.name}, whose KV "

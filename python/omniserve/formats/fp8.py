@@ -44,7 +44,8 @@ def fp8_scales(x: torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tenso
 
 
 def to_fp8(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """e4m3 codes of x [rows, cols] under fp32 `scales` [rows]: e4m3(x / s), clamped to ±448."""
+    """e4m3 codes of x [..., cols] under fp32 `scales` [...] (a scale per row; 0-d: one for
+    all): e4m3(x / s), clamped to ±448."""
     return (x.float() / scales.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 

@@ -34,6 +34,15 @@ symmetric, signed, no zero, nothing stored per row:
 |x̂ − x| ≤ s / 2 wherever |x| ≤ 127.5 · s (the calibrated range); values beyond it are clamped to
 ±127 · s, an error of |x| − 127 · s. KV4 has no per-tensor form: a symmetric 4-bit grid without a
 zero point is too coarse, and QServe refuses it too.
+
+Per-tensor FP8 (`kv_cache_dtype` "fp8", vLLM's and TensorRT-LLM's FP8 KV cache): e4m3 codes
+(formats/fp8.py) under one fp32 scale per layer for K and one for V, nothing stored per row:
+
+    q = e4m3(x / s)  (clamped to ±448)                  x̂ = s · q
+
+The scales are 1 (vLLM's default without calibrated scales): keys and values of these models stay
+far inside ±448, and e4m3 keeps 3 mantissa bits at any magnitude above 2^-6, so
+|x̂ − x| ≤ 2^-4 · |x| there (half the subnormal step, 2^-10 · s, below).
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ from typing import Protocol
 
 import torch
 
-KV_CACHE_BITS: dict[str, int] = {"int8": 8, "int4": 4}
+from omniserve.formats.fp8 import to_fp8
+
+KV_CACHE_BITS: dict[str, int] = {"int8": 8, "int4": 4, "fp8": 8}
 """Bits per cached value of each quantized `kv_cache_dtype`."""
 
 PER_TOKEN_HEAD = "per_token_head"
@@ -113,6 +124,16 @@ def dequantize_kv_static(
     codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Inverse of `quantize_kv_static`: x̂ = scale · q in fp32, returned as `dtype`."""
+    return codes.float().mul_(scale).to(dtype)
+
+
+def quantize_kv_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., head_dim] (any float dtype), scale a 0-d fp32 tensor -> e4m3 codes [..., head_dim]."""
+    return to_fp8(x, scale)
+
+
+def dequantize_kv_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_kv_fp8`: x̂ = scale · q in fp32, returned as `dtype`."""
     return codes.float().mul_(scale).to(dtype)
 
 

@@ -24,7 +24,9 @@ with the paged decode kernel (`kernels/attention.py`).
 
 Per-tensor static KV8 (`kv_granularity` "per_tensor") stores int8 codes only: each layer's K and V
 have one fixed scale (`static_scales`, from the checkpoint), so rows carry no parameters; the
-kernels take that scale in place of per-row parameters.
+kernels take that scale in place of per-row parameters. The FP8 cache (`kv_fp8`) is per-tensor
+too, with e4m3 codes under unit scales; no CUDA kernel reads it yet, so attention over it runs
+the torch path (kernels/dispatch.py).
 
 With page selection at decode (LServe's dynamic sparsity, `formats/page_selection.py`) the cache
 also keeps each layer's key statistics, one stat row per `logical_tokens` cache rows (min and max
@@ -40,14 +42,17 @@ from dataclasses import dataclass
 
 import torch
 
+from omniserve.formats.fp8 import FP8_DTYPE
 from omniserve.formats.kv import (
     PER_TENSOR,
     PER_TOKEN_HEAD,
     CacheRows,
     dequantize_kv,
+    dequantize_kv_fp8,
     dequantize_kv_static,
     packed_dim,
     quantize_kv,
+    quantize_kv_fp8,
     quantize_kv_static,
 )
 from omniserve.formats.page_selection import PageSelection
@@ -67,6 +72,8 @@ class KVCacheSpec:
     """8 or 4 for a quantized cache (`formats/kv.py`); None stores `dtype`."""
     kv_granularity: str = PER_TOKEN_HEAD
     """PER_TOKEN_HEAD, or PER_TENSOR (static KV8: kv_bits 8, scales given to the KVCache)."""
+    kv_fp8: bool = False
+    """Per-tensor codes are e4m3 rather than int8 (`kv_cache_dtype` "fp8")."""
     stream_heads: tuple[tuple[int, ...], ...] = ()
     """Per layer, its streaming KV heads (sorted); () when no layer has any."""
     stat_tokens: int | None = None
@@ -77,6 +84,8 @@ class KVCacheSpec:
             raise ValueError(
                 f"kv_granularity {PER_TENSOR!r} needs an int8 KV cache, got kv_bits={self.kv_bits}"
             )
+        if self.kv_fp8 and self.kv_granularity != PER_TENSOR:
+            raise ValueError(f"an FP8 KV cache is per-tensor (kv_granularity {PER_TENSOR!r})")
         if self.stream_heads and len(self.stream_heads) != self.num_layers:
             raise ValueError(
                 f"stream_heads lists {len(self.stream_heads)} layers, the model has "
@@ -167,19 +176,29 @@ class QuantizedRows:
 class StaticInt8Rows:
     """Cache rows stored as `quantize_kv_static` int8 codes under one fixed scale."""
 
+    quantize = staticmethod(quantize_kv_static)
+    dequantize = staticmethod(dequantize_kv_static)
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         self.codes, self.scale, self.dtype = codes, scale, dtype
 
     def store(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        codes = quantize_kv_static(x, self.scale)
+        codes = self.quantize(x, self.scale)
         self.codes[index] = codes
-        return dequantize_kv_static(codes, self.scale, self.dtype)
+        return self.dequantize(codes, self.scale, self.dtype)
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
-        return dequantize_kv_static(self.codes[index], self.scale, self.dtype)
+        return self.dequantize(self.codes[index], self.scale, self.dtype)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.codes, self.scale
+
+
+class StaticFp8Rows(StaticInt8Rows):
+    """Cache rows stored as `quantize_kv_fp8` e4m3 codes under one fixed scale."""
+
+    quantize = staticmethod(quantize_kv_fp8)
+    dequantize = staticmethod(dequantize_kv_fp8)
 
 
 class KVCache:
@@ -228,14 +247,15 @@ class KVCache:
         # through 0 * NaN); zero codes with a zero scale dequantize to 0 as well.
         rows = 2 * sum(self._layer_rows)
         self.storage: torch.Tensor
-        """[rows, head_dim] values, [rows, packed_dim] uint8 codes, or [rows, head_dim] int8
-        codes (per-tensor); `layer_storage` gives one layer's [2 (K, V), rows, ...] view."""
+        """[rows, head_dim] values, [rows, packed_dim] uint8 codes, or [rows, head_dim] int8 or
+        e4m3 codes (per-tensor); `layer_storage` gives one layer's [2 (K, V), rows, ...] view."""
         self.params: torch.Tensor | None = None
         """[rows, 2 (scale, zero)] fp16 when quantized per token."""
         if spec.kv_bits is None:
             self.storage = torch.zeros(rows, spec.head_dim, dtype=spec.dtype, device=device)
         elif self.static_scales is not None:
-            self.storage = torch.zeros(rows, spec.head_dim, dtype=torch.int8, device=device)
+            codes = FP8_DTYPE if spec.kv_fp8 else torch.int8
+            self.storage = torch.zeros(rows, spec.head_dim, dtype=codes, device=device)
         else:
             width = packed_dim(spec.head_dim, spec.kv_bits)
             self.storage = torch.zeros(rows, width, dtype=torch.uint8, device=device)
@@ -325,7 +345,8 @@ class KVCache:
     def _rows(self, layer: int, kv: int) -> CacheRows:
         data = self.layer_storage(layer)[kv]
         if self.static_scales is not None:
-            return StaticInt8Rows(data, self.static_scales[layer, kv], self.spec.dtype)
+            rows = StaticFp8Rows if self.spec.kv_fp8 else StaticInt8Rows
+            return rows(data, self.static_scales[layer, kv], self.spec.dtype)
         if self.params is None:
             return DenseRows(data)
         bits = self.spec.kv_bits

@@ -104,11 +104,12 @@ class ModelRunner:
         windows = layer_windows(self.hf_config, self.max_model_len)
         self.streaming = StreamingSetup.from_config(config, shape.num_kv_heads, windows)
         self.selection = selection_from_config(config, windows, self.max_model_len)
+        kv_fp8 = config.kv_cache_dtype == "fp8"
         self.kernels = dispatch.decide(
             device=self.device,
             dtype=self.dtype,
             attention_backend=config.attention_backend,
-            shape=dataclasses.replace(shape, streaming=self.streaming is not None),
+            shape=dataclasses.replace(shape, streaming=self.streaming is not None, kv_fp8=kv_fp8),
         )
         for op, reason in self.kernels.summary():
             logger.info("%s: %s", op, reason)
@@ -129,6 +130,8 @@ class ModelRunner:
             dummy_seed=config.seed if config.load_format == "dummy" else None,
         )
         attn = self.model.attention_layers
+        if kv_fp8:  # unit scales: vLLM's FP8 cache without calibrated scales (formats/kv.py)
+            self._kv_scales = torch.ones(len(attn), 2)
         self._kv_spec = KVCacheSpec(
             num_layers=len(attn),
             page_size=config.page_size,
@@ -138,6 +141,7 @@ class ModelRunner:
             kv_bits=kv_cache_bits(config.kv_cache_dtype, self.precision),
             # A per-tensor KV8 checkpoint (static scales) selects static KV8.
             kv_granularity=PER_TOKEN_HEAD if self._kv_scales is None else PER_TENSOR,
+            kv_fp8=kv_fp8,
             stream_heads=() if self.streaming is None else self.streaming.stream_heads,
             stat_tokens=None if self.selection is None else self.selection.logical_tokens,
         )
