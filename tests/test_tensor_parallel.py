@@ -3,10 +3,15 @@ over two ranks (tiny_models.TP_SIZES), and the parts it is made of.
 
 End to end, per model and precision (GQA, MHA with KV4 and a vocabulary that does not divide,
 Qwen2 with biases, tied embeddings and one KV head for two ranks, W4A8 g128, W4A8 per-channel
-KV4, W8A8): the same greedy tokens, finish reasons and prompt logprobs under chunked prefill,
-preemption and an abort, and teacher-forced logits that agree to fp32 rounding (a row-parallel
-layer sums its ranks' partial outputs, which rounds differently from one sum). The GQA case runs
-with async scheduling, so the sampled tokens' broadcast serves the TP = 2 placeholders. A worker
+KV4, W8A8): the same greedy tokens and finish reasons under chunked prefill, preemption and an
+abort, and teacher-forced logits and prompt logprobs that agree. Quantized linears are exact
+across ranks (a row-parallel one sums its ranks' integer cores and code sums, then runs one
+epilogue: `test_row_parallel_quantized_gemm_is_the_whole`); fp linears agree to fp32 rounding (a
+row-parallel one sums its ranks' float outputs, which rounds differently from one sum), and so
+does attention, whose head batches differ in size (2 of 4 query heads per rank). Where that
+rounding carries a value across a quantization code boundary (per-token activations, KV), the
+code moves by a whole step. The GQA case runs with async scheduling, so the sampled tokens'
+broadcast serves the TP = 2 placeholders. A worker
 killed with SIGKILL fails the next step with EngineDeadError within seconds, and a worker that
 fails to start fails the engine with its traceback.
 """
@@ -29,6 +34,7 @@ from omniserve.config import EngineConfig
 from omniserve.distributed import ParallelGroup
 from omniserve.errors import ConfigError, EngineDeadError
 from omniserve.formats.activation import quantize_per_token, quantize_per_token_across
+from omniserve.formats.gemm import accumulate, epilogue, quantized_linear
 from omniserve.formats.precision import parse
 from omniserve.formats.weight import W4A8PerGroupWeight, quantize_weight
 from omniserve.models.llama import check_shares, rank_share
@@ -52,12 +58,12 @@ PROMPT_LENGTHS = (5, 23, 40, 1, 17)
 NEW_TOKENS = 16
 ABORTED = "r1"
 FP_LOGIT_TOLERANCE = 1e-4
-"""Teacher-forced logit difference (a fraction of the largest |logit|) with fp weights and KV: the
-row-parallel sums round differently from TP = 1's single sums, by fp32 rounding."""
+"""Teacher-forced logit difference (a fraction of the largest |logit|) with fp weights, activations
+and KV: fp32 rounding."""
 QUANTIZED_LOGIT_TOLERANCE = 0.06
-"""The same where activations or KV are quantized: where rounding carries a value across a code
-boundary, that code moves by a whole step (a KV4 step is 1/15 of its row's range), as between a
-kernel and its reference (tests/test_kernels_attention.py LOGIT_TOLERANCE)."""
+"""The same where activations or KV are quantized: a value that rounding carries across a code
+boundary moves by a whole step (a KV4 step is 1/15 of its row's range), as between a kernel and
+its reference (tests/test_kernels_attention.py LOGIT_TOLERANCE)."""
 
 # name → (family, config overrides, RTN precision and group size or None, engine options)
 CASES: dict[str, tuple[str, dict[str, Any], tuple[str, int] | None, dict[str, Any]]] = {
@@ -125,21 +131,20 @@ def test_tp2_matches_tp1(case: str, checkpoints: dict[str, Path]) -> None:
         assert {r: (t, f) for r, (t, f, _) in got.items()} == {
             r: (t, f) for r, (t, f, _) in want.items()
         }
+        quantized = CASES[case][2] is not None or tp1.runner.kv_cache.spec.kv_bits is not None
+        tolerance = QUANTIZED_LOGIT_TOLERANCE if quantized else FP_LOGIT_TOLERANCE
         scored_want, scored_got = want["r4"][2], got["r4"][2]
         assert scored_want is not None and scored_got is not None
         torch.testing.assert_close(
-            torch.tensor(scored_got[1:]), torch.tensor(scored_want[1:]), rtol=1e-3, atol=1e-3
+            torch.tensor(scored_got[1:]), torch.tensor(scored_want[1:]), rtol=tolerance, atol=0.0
         )
         # Teacher-forced logits of TP = 1's tokens (the engines are idle: their caches are free).
         prompts = [_prompts()[0], _prompts()[2]]
         tokens = [want["r0"][0], want["r2"][0][:8]]
         assert_greedy_agreement(
             tokens,
-            teacher_forced_logits(tp1.runner, prompts, tokens),
-            teacher_forced_logits(tp2.runner, prompts, tokens),
-            logit_tolerance=QUANTIZED_LOGIT_TOLERANCE
-            if CASES[case][2] or tp1.runner.kv_cache.spec.kv_bits
-            else FP_LOGIT_TOLERANCE,
+            *(teacher_forced_logits(e.runner, prompts, tokens) for e in (tp1, tp2)),
+            logit_tolerance=tolerance,
             max_tie_rate=0.05,
         )
 
@@ -219,6 +224,22 @@ def test_narrowed_weights_are_the_parts_of_the_whole(precision: str, group_size:
     if group_size == 128:
         with pytest.raises(ValueError, match="multiples of 128"):
             q.narrow(1, 64, 128)
+
+
+@pytest.mark.parametrize(("precision", "group_size"), [("w4a8", -1), ("w4a8", 128), ("w8a8", -1)])
+def test_row_parallel_quantized_gemm_is_the_whole(precision: str, group_size: int) -> None:
+    """What a row-parallel QuantizedLinear's ranks compute on the reference path: each its K
+    part's integer core and code sums, summed, then one epilogue, which is the whole GEMM to the
+    bit."""
+    g = torch.Generator().manual_seed(2)
+    w = quantize_weight(torch.randn(64, 256, generator=g), parse(precision, group_size))
+    x = quantize_per_token(torch.randn(5, 256, generator=g))
+    parts = [
+        (w.narrow(1, k, 128), x._replace(q=x.q[:, k : k + 128].contiguous())) for k in (0, 128)
+    ]
+    acc = sum(accumulate(xk, wk) for wk, xk in parts)
+    sums = sum(xk.q.sum(-1) for _, xk in parts)
+    assert torch.equal(epilogue(acc, x._replace(sums=sums), parts[0][0]), quantized_linear(x, w))
 
 
 def test_row_split_activation_quantization_is_the_whole_rows() -> None:

@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from omniserve.distributed import ParallelGroup
 from omniserve.formats.activation import QuantizedActivation
-from omniserve.formats.gemm import quantized_linear
+from omniserve.formats.gemm import accumulate, epilogue, quantized_linear
 from omniserve.formats.weight import QuantizedWeight
 from omniserve.kernels import gemm as gemm_kernels
 from omniserve.kernels.packed_weight import PackedWeight
@@ -166,17 +167,36 @@ class QuantizedLinear(nn.Module):
         return sum(t.nbytes for w in placed for t in w.tensors().values())
 
     def _gemm(self, xq: QuantizedActivation, out_dtype: torch.dtype) -> torch.Tensor:
+        row_parallel = self.split is not None and self.split.row_parallel
         if self.uses_kernels:
             if self.packed is None:
                 raise RuntimeError("QuantizedLinear used before its weights were loaded")
             y = gemm_kernels.quantized_gemm(xq, self.packed, out_dtype)
+            if row_parallel:  # the ranks' epilogues are linear in their K parts: their sum
+                y = self._group.all_reduce_sum(y)
+        elif row_parallel:
+            y = self._row_parallel_reference(xq).to(out_dtype)
         else:
             y = torch.cat(
                 [quantized_linear(xq, self._weight(i)) for i in range(len(self.weights))], -1
             ).to(out_dtype)
-        if self.split is not None and self.split.row_parallel:
-            y = self.split.group.all_reduce_sum(y)  # the bias, whole on every rank, once after
+        # A row-parallel bias is whole on every rank: added once, after the sum.
         return y if self.bias is None else y + self.bias
+
+    @property
+    def _group(self) -> ParallelGroup:
+        assert self.split is not None
+        return self.split.group
+
+    def _row_parallel_reference(self, xq: QuantizedActivation) -> torch.Tensor:
+        """The reference GEMM of this rank's K part, exactly the whole's: the integer cores and
+        the activations' code sums are summed over the ranks (exact, in one all-reduce), then
+        the one float epilogue runs on the sums, as for one rank (a row-parallel layer has one
+        output slice)."""
+        weight = self._weight(0)
+        acc = torch.cat([accumulate(xq, weight), xq.sums.to(torch.int64).unsqueeze(1)], 1)
+        acc = self._group.all_reduce_sum(acc)
+        return epilogue(acc[:, :-1], xq._replace(sums=acc[:, -1]), weight)
 
     def _weight(self, index: int) -> QuantizedWeight:
         weight = self.weights[index]
