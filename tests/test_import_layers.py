@@ -32,7 +32,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
             {"runner"},
             {"models"},
             {"layers"},
-            {"kernels"},
+            {"kernels", "distributed"},  # ops on one device; collectives across ranks
             {"config"},
             {"formats"},  # run-time number formats: what layers and kernels store and compute
             {"outputs", "sampling_params", "training"},

@@ -103,6 +103,12 @@ FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {
 }
 
 
+TP_SIZES: dict[str, Any] = dict(hidden_size=256, intermediate_size=512)
+"""Overrides that split over two ranks in every weight format: row-parallel inputs keep whole
+128-groups (o_proj: 4 heads x 64 = 256 → 128 per rank; down_proj: 512 → 256) and every shard's
+output channels whole 32-channel tiles."""
+
+
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     return FAMILIES[family](**overrides)
 

@@ -39,6 +39,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
     seed: int = 0
     """Seed for requests without their own seed and for random-weight models."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (Megatron-style tensor parallelism): the engine process is
+    rank 0 and starts the others as worker processes, one device each (cuda:i after the first;
+    on the CPU, gloo processes). Attention heads, MLP channels and the vocabulary are split; the
+    scheduler and the sampler stay on rank 0."""
 
     # KV cache
     page_size: int = _SCHEDULER_DEFAULTS["page_size"]
@@ -187,6 +192,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             )
         if self.num_stream_kv_pages is not None and self.num_stream_kv_pages < 2:
             raise ConfigError(f"num_stream_kv_pages must be >= 2, got {self.num_stream_kv_pages}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and (self.static_sparsity > 0 or self.sparse_decode):
+            raise ConfigError(
+                "tensor_parallel_size > 1 does not support sparse attention yet (static_sparsity, "
+                "sparse_decode): their per-KV-head patterns and page lists are not split over "
+                "ranks"
+            )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"

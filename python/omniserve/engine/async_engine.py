@@ -163,6 +163,7 @@ class AsyncEngine:
         # those callbacks run before the join's result reaches us (call_soon_threadsafe keeps
         # order), so every consumer has its final output when this returns.
         await asyncio.to_thread(thread.join)
+        self.engine.close()  # the worker processes of tensor parallelism, if any
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import TracebackType
 from typing import Any, cast
 
 import msgspec
@@ -33,6 +34,7 @@ from omniserve.layers.sampler import SampleResult
 from omniserve.outputs import FinishReason, OutputKind, RequestOutput, TokenLogprob
 from omniserve.runner.model_runner import ModelRunner, PendingStep, StepOutput
 from omniserve.runner.step_plan import FLAG_NEW_ROW
+from omniserve.runner.worker import WorkerPool
 from omniserve.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -111,11 +113,25 @@ class Engine:
     """Continuous-batching generation over a paged KV cache.
 
     `add_request` and `step` belong to one thread; `abort` may be called from any thread.
+    With `tensor_parallel_size > 1` the engine starts worker processes, which `close()` (or
+    leaving a `with` block, or the engine's collection, or the interpreter's exit) ends.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
+        self._workers = WorkerPool(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(
+                config, None if self._workers is None else self._workers.group
+            )
+        except Exception as exc:
+            if self._workers is None:
+                raise
+            failure = self._workers.failure(exc)
+            self._workers.close()
+            if failure is None:
+                raise
+            raise failure from exc
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
         self._eos_ids = _eos_token_ids(self.runner.hf_config, self.tokenizer, config.model)
@@ -240,12 +256,43 @@ class Engine:
         those of the step launched by the previous call (this call launches the next one)."""
         self._check_alive()
         try:
+            if self._workers is not None:
+                self._workers.check()
             return self._step()
         except Exception as exc:
             # A failure between schedule() and update() leaves the scheduler's view of the KV
             # cache out of step with the runner's: nothing after it can be trusted.
             self._dead = exc
+            if isinstance(exc, EngineDeadError):
+                raise
+            failure = None if self._workers is None else self._workers.failure(exc)
+            if failure is not None:
+                raise failure from exc
             raise EngineDeadError(f"engine step failed: {exc!r}") from exc
+
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the tensor-parallel workers (ranks 1..N-1); () without them."""
+        return () if self._workers is None else self._workers.pids
+
+    def close(self) -> None:
+        """End the worker processes of tensor parallelism (nothing to do without them); the
+        engine serves no more. Idempotent."""
+        if self._dead is None:
+            self._dead = EngineDeadError("the engine was closed")
+        if self._workers is not None:
+            self._workers.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _step(self) -> list[RequestOutput]:
         # With async scheduling the step planned now is launched before the one in flight is

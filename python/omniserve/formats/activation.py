@@ -21,12 +21,13 @@ layers/activation.py are modules around them, and kernels/fused.py must match th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from omniserve.formats.rtn import quantize_symmetric
+from omniserve.formats.rtn import fp16_ceil, quantize_symmetric, symmetric_codes
 
 ACT_QMAX = 127
 """Symmetric int8 range [−127, 127]: −128 is never produced, so negation cannot overflow."""
@@ -66,6 +67,21 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
     if x.dim() != 2:
         raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
     q, scales = quantize_symmetric(x, ACT_QMAX)
+    return QuantizedActivation(q, scales, q.sum(dim=-1, dtype=torch.int32))
+
+
+def quantize_per_token_across(
+    x: torch.Tensor, all_reduce_max: Callable[[torch.Tensor], torch.Tensor]
+) -> QuantizedActivation:
+    """`quantize_per_token` of x [T, K], one rank's columns of rows split over ranks (the input
+    of a row-parallel linear under tensor parallelism): each row's scale comes from its absmax
+    over every rank (`all_reduce_max` of the local one), so each rank's codes are exactly those
+    columns of the whole row's codes, and its code sums are its part of the whole row's."""
+    if x.dim() != 2:
+        raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
+    absmax = all_reduce_max(x.float().abs().amax(dim=-1))
+    scales = fp16_ceil(absmax / ACT_QMAX)
+    q = symmetric_codes(x, scales, ACT_QMAX)
     return QuantizedActivation(q, scales, q.sum(dim=-1, dtype=torch.int32))
 
 

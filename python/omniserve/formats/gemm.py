@@ -33,7 +33,6 @@ from omniserve.formats.weight import (
     QuantizedWeight,
     W4A8PerChannelWeight,
     W4A8PerGroupWeight,
-    W8A8Weight,
 )
 
 
@@ -54,34 +53,28 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).to(torch.int64)
 
 
-def gemm_w4a8_per_channel(x: QuantizedActivation, w: W4A8PerChannelWeight) -> torch.Tensor:
-    """W4A8 per-channel GEMM: fp32 [M, N] (module doc)."""
-    acc = int_matmul(x.q, unpack_w4(w.qweight)).float()
-    correction = w.s1_szeros.float().unsqueeze(0) * x.sums.float().unsqueeze(1)
-    return x.scales.float().unsqueeze(1) * (w.s1_scales.float().unsqueeze(0) * acc - correction)
-
-
-def gemm_w4a8_g128(x: QuantizedActivation, w: W4A8PerGroupWeight) -> torch.Tensor:
-    """W4A8 g128 progressive GEMM: fp32 [M, N] (module doc)."""
-    return _scale_epilogue(int_matmul(x.q, w.int8_weight()), x, w.s1_scales)
-
-
-def gemm_w8a8(x: QuantizedActivation, w: W8A8Weight) -> torch.Tensor:
-    """W8A8 GEMM: fp32 [M, N] (module doc)."""
-    return _scale_epilogue(int_matmul(x.q, w.weight), x, w.dequant_scale)
-
-
 def quantized_linear(x: QuantizedActivation, w: QuantizedWeight) -> torch.Tensor:
-    """The GEMM of w's format."""
+    """The GEMM of w's format: fp32 [M, N] (module doc)."""
+    return epilogue(accumulate(x, w), x, w)
+
+
+def accumulate(x: QuantizedActivation, w: QuantizedWeight) -> torch.Tensor:
+    """The exact integer core of w's GEMM: acc int64 [M, N] (module doc). Over a split of K (a
+    row-parallel linear's ranks) the parts' accumulators, and their activations' code sums, add up
+    exactly to the whole's, so that one `epilogue` of the sums is the whole GEMM."""
     if isinstance(w, W4A8PerChannelWeight):
-        return gemm_w4a8_per_channel(x, w)
+        return int_matmul(x.q, unpack_w4(w.qweight))
     if isinstance(w, W4A8PerGroupWeight):
-        return gemm_w4a8_g128(x, w)
-    return gemm_w8a8(x, w)
+        return int_matmul(x.q, w.int8_weight())
+    return int_matmul(x.q, w.weight)
 
 
-def _scale_epilogue(
-    acc: torch.Tensor, x: QuantizedActivation, w_scale: torch.Tensor
-) -> torch.Tensor:
-    """y = acc · s_w[n] · a_s[m] in fp32."""
-    return acc.float() * w_scale.float().unsqueeze(0) * x.scales.float().unsqueeze(1)
+def epilogue(acc: torch.Tensor, x: QuantizedActivation, w: QuantizedWeight) -> torch.Tensor:
+    """fp32 [M, N] of w's GEMM from its integer core `acc` (module doc); of x it reads the
+    per-token scales and code sums only."""
+    a_s = x.scales.float().unsqueeze(1)
+    if isinstance(w, W4A8PerChannelWeight):
+        correction = w.s1_szeros.float().unsqueeze(0) * x.sums.float().unsqueeze(1)
+        return a_s * (w.s1_scales.float().unsqueeze(0) * acc.float() - correction)
+    w_scale = w.s1_scales if isinstance(w, W4A8PerGroupWeight) else w.dequant_scale
+    return acc.float() * w_scale.float().unsqueeze(0) * a_s

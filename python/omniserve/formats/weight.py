@@ -41,7 +41,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
@@ -69,6 +69,8 @@ W8_QMAX = 127
 
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 """(dtype, shape) a stored tensor must have."""
+
+_W = TypeVar("_W", bound="_StoredWeight")
 
 
 class _StoredWeight(abc.ABC):
@@ -119,6 +121,46 @@ class _StoredWeight(abc.ABC):
         """The stored tensors by checkpoint name (suffix after the linear's prefix)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    def narrow(self: _W, dim: int, start: int, size: int) -> _W:
+        """The weight of output channels (`dim` 0) or input channels (`dim` 1) [start, start +
+        size), in this format: one rank's shard under tensor parallelism. The bounds must be
+        multiples of the format's N or K multiple (its packed tile, or its group), so that codes,
+        scales and zeros split whole and the shard's GEMM is the same integer arithmetic."""
+        multiple = (self.N_MULTIPLE, self.K_MULTIPLE)[dim]
+        if start % multiple or size % multiple or start + size > self.shape[dim]:
+            raise ValueError(
+                f"{type(self).__name__}: cannot take channels [{start}, {start + size}) of dim "
+                f"{dim} (extent {self.shape[dim]}): the bounds must be multiples of {multiple}"
+            )
+        return self._narrow(dim, start, size)
+
+    @abc.abstractmethod
+    def _narrow(self: _W, dim: int, start: int, size: int) -> _W:
+        """`narrow` after its checks."""
+
+
+def _narrow_w4(qweight: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
+    """Packed uint4 codes of a channel range: unpacked, cut and packed again (packing.py's tiles
+    do not cut along channels)."""
+    return pack_w4(unpack_w4(qweight).narrow(dim, start, size).contiguous())
+
+
+def _narrow_groups(t: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
+    """g128 group tensors [K/128, N] (QServe's column order) of an output (`dim` 0) or input
+    (`dim` 1) channel range."""
+    natural = unpermute_group_columns(t)
+    part = (
+        natural[:, start : start + size]
+        if dim == 0
+        else natural[start // GROUP_SIZE_128 : (start + size) // GROUP_SIZE_128]
+    )
+    return permute_group_columns(part.contiguous())
+
+
+def _narrow_channels(t: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
+    """A per-output-channel tensor [N] of a channel range: cut along N, whole along K."""
+    return t[start : start + size].clone() if dim == 0 else t
+
 
 @dataclass(frozen=True)
 class W4A8PerChannelWeight(_StoredWeight):
@@ -148,6 +190,15 @@ class W4A8PerChannelWeight(_StoredWeight):
         """fp32 [N, K]: Ŵ = s1 · q − s1_szeros."""
         q = unpack_w4(self.qweight).float()
         return self.s1_scales.float().unsqueeze(1) * q - self.s1_szeros.float().unsqueeze(1)
+
+    def _narrow(self, dim: int, start: int, size: int) -> W4A8PerChannelWeight:
+        # A K range keeps every channel's scale and zero: its GEMM's zero correction then uses
+        # the code sums of that range, and the ranks' partial outputs add up to the whole.
+        return W4A8PerChannelWeight(
+            _narrow_w4(self.qweight, dim, start, size),
+            _narrow_channels(self.s1_scales, dim, start, size),
+            _narrow_channels(self.s1_szeros, dim, start, size),
+        )
 
 
 @dataclass(frozen=True)
@@ -190,6 +241,14 @@ class W4A8PerGroupWeight(_StoredWeight):
         """fp32 [N, K]: Ŵ = s1 · w8."""
         return self.s1_scales.float().unsqueeze(1) * self.int8_weight().float()
 
+    def _narrow(self, dim: int, start: int, size: int) -> W4A8PerGroupWeight:
+        return W4A8PerGroupWeight(
+            _narrow_w4(self.qweight, dim, start, size),
+            _narrow_channels(self.s1_scales, dim, start, size),
+            _narrow_groups(self.s2_scales, dim, start, size),
+            _narrow_groups(self.s2_zeros, dim, start, size),
+        )
+
 
 @dataclass(frozen=True)
 class W8A8Weight(_StoredWeight):
@@ -212,6 +271,12 @@ class W8A8Weight(_StoredWeight):
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K]: Ŵ = s · weight."""
         return self.dequant_scale.float().unsqueeze(1) * self.weight.float()
+
+    def _narrow(self, dim: int, start: int, size: int) -> W8A8Weight:
+        return W8A8Weight(
+            self.weight.narrow(dim, start, size).contiguous(),
+            _narrow_channels(self.dequant_scale, dim, start, size),
+        )
 
 
 @dataclass(frozen=True)
@@ -236,6 +301,12 @@ class Fp8Weight(_StoredWeight):
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K]: Ŵ = s · weight."""
         return self.weight_scale.unsqueeze(1) * self.weight.float()
+
+    def _narrow(self, dim: int, start: int, size: int) -> Fp8Weight:
+        return Fp8Weight(
+            self.weight.narrow(dim, start, size).contiguous(),
+            _narrow_channels(self.weight_scale, dim, start, size),
+        )
 
 
 QuantizedWeight = W4A8PerChannelWeight | W4A8PerGroupWeight | W8A8Weight

@@ -75,6 +75,10 @@ class Fp8Linear(nn.Module):
         """Checkpoint quantized-linear names this layer reads → output slice index."""
         return {name: i for i, name in enumerate(shard_prefixes(prefix, self.shard_names))}
 
+    def checkpoint_shape(self, index: int) -> tuple[int, int]:
+        """(N, K) of slice `index`'s weight in the checkpoint (never sharded: one rank)."""
+        return self.out_sizes[index], self.in_features
+
     def set_weight(self, index: int, weight: Fp8Weight, device: torch.device) -> None:
         """Copy slice `index`'s codes and scales into the layer on `device`; ValueError if the
         format or shape differ."""

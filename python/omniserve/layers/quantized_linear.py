@@ -28,12 +28,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from omniserve.distributed import ParallelGroup
 from omniserve.formats.activation import QuantizedActivation
-from omniserve.formats.gemm import quantized_linear
+from omniserve.formats.gemm import accumulate, epilogue, quantized_linear
 from omniserve.formats.weight import QuantizedWeight
 from omniserve.kernels import gemm as gemm_kernels
 from omniserve.kernels.packed_weight import PackedWeight
 from omniserve.layers.linear import (
+    ParallelSplit,
     TensorSlot,
     checked_shard_names,
     fused_slots,
@@ -47,7 +49,9 @@ class QuantizedLinear(nn.Module):
     Biases stay in the model dtype, under the same fused slots as `Linear`'s. The stored weights
     are filled by `set_weight` from `quantized_slots`: checkpoint linear name → slice index.
     `kernel`: run the CUDA GEMM (else the reference); `quantize`: the per-token quantizer of float
-    inputs (`ActivationOps.quantize_per_token`). Both are the model's kernel choices.
+    inputs (`ActivationOps.quantize_per_token`). Both are the model's kernel choices. `split`: this
+    rank's part under tensor parallelism (`Linear`'s); a row-parallel layer's `quantize` must give
+    every rank the scale of the whole row (`quantize_per_token_across`).
     """
 
     _dtype_tracker: torch.Tensor
@@ -62,8 +66,10 @@ class QuantizedLinear(nn.Module):
         *,
         kernel: bool,
         quantize: Callable[[torch.Tensor], QuantizedActivation],
+        split: ParallelSplit | None = None,
     ) -> None:
         super().__init__()
+        self.split = split
         self.uses_kernels = kernel
         """Whether the weights are placed for, and forward runs, the CUDA GEMM."""
         self.quantize = quantize
@@ -116,20 +122,35 @@ class QuantizedLinear(nn.Module):
 
     def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
         """The fp tensors this layer reads (biases), as `Linear.checkpoint_slots`."""
-        return fused_slots(prefix, self.shard_names, self.out_sizes, {"bias": self.bias})
+        return fused_slots(
+            prefix, self.shard_names, self.out_sizes, {"bias": self.bias}, self.split
+        )
 
     def quantized_slots(self, prefix: str) -> dict[str, int]:
         """Checkpoint quantized-linear names this layer reads → output slice index."""
         return {name: i for i, name in enumerate(shard_prefixes(prefix, self.shard_names))}
 
+    def checkpoint_shape(self, index: int) -> tuple[int, int]:
+        """(N, K) of slice `index`'s weight in the checkpoint (under tensor parallelism the
+        whole, of which this rank holds its part)."""
+        n, k = self.out_sizes[index], self.in_features
+        part = None if self.split is None else self.split.part(index)
+        if part is None:
+            return n, k
+        return (part.full, k) if part.dim == 0 else (n, part.full)
+
     def set_weight(self, index: int, weight: QuantizedWeight, device: torch.device) -> None:
-        """Place slice `index`'s stored weight on `device`; ValueError if format or shape differ."""
-        expected = (self.out_sizes[index], self.in_features)
+        """Place slice `index`'s stored weight (the checkpoint's; this rank's part of it under
+        tensor parallelism) on `device`; ValueError if format or shape differ."""
+        expected = self.checkpoint_shape(index)
         if not isinstance(weight, self.fmt) or weight.shape != expected:
             raise ValueError(
                 f"expected {self.fmt.__name__} of shape {list(expected)}, got "
                 f"{type(weight).__name__} of shape {list(weight.shape)}"
             )
+        part = None if self.split is None else self.split.part(index)
+        if part is not None:
+            weight = weight.narrow(part.dim, part.start, part.size)
         moved = type(weight)(**{name: t.to(device) for name, t in weight.tensors().items()})
         if not self.uses_kernels:
             self.weights[index] = moved
@@ -146,15 +167,36 @@ class QuantizedLinear(nn.Module):
         return sum(t.nbytes for w in placed for t in w.tensors().values())
 
     def _gemm(self, xq: QuantizedActivation, out_dtype: torch.dtype) -> torch.Tensor:
+        row_parallel = self.split is not None and self.split.row_parallel
         if self.uses_kernels:
             if self.packed is None:
                 raise RuntimeError("QuantizedLinear used before its weights were loaded")
             y = gemm_kernels.quantized_gemm(xq, self.packed, out_dtype)
+            if row_parallel:  # the ranks' epilogues are linear in their K parts: their sum
+                y = self._group.all_reduce_sum(y)
+        elif row_parallel:
+            y = self._row_parallel_reference(xq).to(out_dtype)
         else:
             y = torch.cat(
                 [quantized_linear(xq, self._weight(i)) for i in range(len(self.weights))], -1
             ).to(out_dtype)
+        # A row-parallel bias is whole on every rank: added once, after the sum.
         return y if self.bias is None else y + self.bias
+
+    @property
+    def _group(self) -> ParallelGroup:
+        assert self.split is not None
+        return self.split.group
+
+    def _row_parallel_reference(self, xq: QuantizedActivation) -> torch.Tensor:
+        """The reference GEMM of this rank's K part, exactly the whole's: the integer cores and
+        the activations' code sums are summed over the ranks (exact, in one all-reduce), then
+        the one float epilogue runs on the sums, as for one rank (a row-parallel layer has one
+        output slice)."""
+        weight = self._weight(0)
+        acc = torch.cat([accumulate(xq, weight), xq.sums.to(torch.int64).unsqueeze(1)], 1)
+        acc = self._group.all_reduce_sum(acc)
+        return epilogue(acc[:, :-1], xq._replace(sums=acc[:, -1]), weight)
 
     def _weight(self, index: int) -> QuantizedWeight:
         weight = self.weights[index]

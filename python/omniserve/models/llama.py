@@ -3,11 +3,18 @@
 The members differ only in what config.json says: RoPE scaling, biases, tied embeddings, sliding
 windows and head_dim. Module and parameter names follow HF's `*ForCausalLM`, so checkpoints load by
 name; q/k/v and gate/up are fused into one matmul each, filled slice by slice at load time.
+
+Under tensor parallelism each rank builds the decoder with its share (`RankShare`, Megatron-style):
+column-parallel q/k/v (its query heads and their KV heads) and gate/up (its MLP channels),
+row-parallel o_proj and down_proj (one all-reduce each), a vocabulary-parallel embedding (one
+all-reduce) and LM head (one all-gather of the logits). The residual stream, the norms and RoPE
+are whole on every rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -15,15 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from omniserve.formats.activation import QuantizedActivation
+from omniserve.distributed import ParallelGroup
+from omniserve.errors import ConfigError
+from omniserve.formats.activation import QuantizedActivation, quantize_per_token_across
 from omniserve.formats.precision import Precision
 from omniserve.formats.weight import Fp8Weight, StoredWeight, weight_format
 from omniserve.kernels.dispatch import KernelChoices, ModelShape
 from omniserve.kernels.fused import ActivationOps
 from omniserve.layers.activation import SiluAndMul
 from omniserve.layers.attention import AttentionMetadata, PagedAttention
+from omniserve.layers.embedding import VocabParallelEmbedding
 from omniserve.layers.fp8_linear import Fp8Linear
-from omniserve.layers.linear import Linear
+from omniserve.layers.linear import Linear, ParallelSplit, Part
 from omniserve.layers.norm import RMSNorm
 from omniserve.layers.quantized_linear import QuantizedLinear
 from omniserve.layers.rotary import RotaryEmbedding
@@ -98,12 +108,91 @@ def head_dims(config: PretrainedConfig) -> tuple[int, int, int]:
     )
 
 
-def projection_shapes(config: PretrainedConfig) -> dict[str, ProjectionShape]:
-    """Every decoder layer's projections, by module name: what they are built with and what their
-    GEMM kernel choice is made for."""
-    hidden, inter = config.hidden_size, config.intermediate_size
+@dataclass(frozen=True)
+class RankShare:
+    """What one rank of `group` holds of the decoder: query heads [first_head, + num_heads),
+    KV heads [first_kv_head, + num_kv_heads) (those its query heads read: a KV head is on every
+    rank whose query heads use it when there are fewer KV heads than ranks), MLP channels
+    [first_channel, + intermediate) and `vocab` rows of the vocabulary from rank · vocab (the
+    vocabulary padded to a multiple of the ranks). One rank alone holds everything."""
+
+    group: ParallelGroup
+    num_heads: int
+    first_head: int
+    num_kv_heads: int
+    first_kv_head: int
+    head_dim: int
+    intermediate: int
+    first_channel: int
+    vocab: int
+
+    @property
+    def parallel(self) -> bool:
+        return self.group.world_size > 1
+
+    def split(self, name: str, config: PretrainedConfig) -> ParallelSplit | None:
+        """How projection `name` is split over the ranks; None for one rank."""
+        if not self.parallel:
+            return None
+        num_heads, num_kv_heads, head_dim = head_dims(config)
+        q = Part(0, self.first_head * head_dim, self.num_heads * head_dim, num_heads * head_dim)
+        kv = Part(
+            0, self.first_kv_head * head_dim, self.num_kv_heads * head_dim, num_kv_heads * head_dim
+        )
+        inter = config.intermediate_size
+        mlp = Part(0, self.first_channel, self.intermediate, inter)
+        if name == "qkv_proj":
+            return ParallelSplit(self.group, rows=(q, kv, kv))
+        if name == "gate_up_proj":
+            return ParallelSplit(self.group, rows=(mlp, mlp))
+        if name == "o_proj":
+            return ParallelSplit(self.group, columns=Part(1, q.start, q.size, q.full))
+        if name == "down_proj":
+            return ParallelSplit(self.group, columns=Part(1, mlp.start, mlp.size, mlp.full))
+        raise KeyError(name)
+
+    def vocab_part(self, vocab_size: int) -> Part:
+        """The embedding's and the LM head's rows on this rank."""
+        return Part(0, self.group.rank * self.vocab, self.vocab, vocab_size)
+
+
+def rank_share(config: PretrainedConfig, group: ParallelGroup | None = None) -> RankShare:
+    """This rank's share of the decoder (everything for one rank); ConfigError naming the model
+    sizes that do not split over `group.world_size` ranks."""
+    group = group or ParallelGroup()
+    n, rank = group.world_size, group.rank
     num_heads, num_kv_heads, head_dim = head_dims(config)
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    inter = config.intermediate_size
+    if num_heads % n or inter % n or (num_kv_heads % n and n % num_kv_heads):
+        raise ConfigError(
+            f"tensor_parallel_size={n} must divide the model's {num_heads} attention heads and "
+            f"{inter} MLP channels, and divide or be a multiple of its {num_kv_heads} KV heads"
+        )
+    heads = num_heads // n
+    kv_heads = max(num_kv_heads // n, 1)
+    # With fewer KV heads than ranks, the one KV head a rank's query heads read.
+    first_kv = rank * kv_heads if num_kv_heads >= n else rank * num_kv_heads // n
+    return RankShare(
+        group=group,
+        num_heads=heads,
+        first_head=rank * heads,
+        num_kv_heads=kv_heads,
+        first_kv_head=first_kv,
+        head_dim=head_dim,
+        intermediate=inter // n,
+        first_channel=rank * inter // n,
+        vocab=-(-config.vocab_size // n),
+    )
+
+
+def projection_shapes(
+    config: PretrainedConfig, share: RankShare | None = None
+) -> dict[str, ProjectionShape]:
+    """Every decoder layer's projections, by module name: what they are built with and what their
+    GEMM kernel choice is made for; on one rank of tensor parallelism (`share`) its parts."""
+    share = share or rank_share(config)
+    hidden, inter = config.hidden_size, share.intermediate
+    q_size, kv_size = share.num_heads * share.head_dim, share.num_kv_heads * share.head_dim
     return {
         "qkv_proj": ((q_size, kv_size, kv_size), hidden),
         "o_proj": ((hidden,), q_size),
@@ -112,15 +201,41 @@ def projection_shapes(config: PretrainedConfig) -> dict[str, ProjectionShape]:
     }
 
 
-def kernel_shape(config: PretrainedConfig, precision: Precision | None) -> ModelShape:
+def check_shares(config: PretrainedConfig, fmt: WeightFormat, group: ParallelGroup) -> None:
+    """ConfigError unless every rank's projections fit the weight format's layout: under tensor
+    parallelism a shard must hold whole tiles along N and whole tiles or groups along K."""
+    if fmt is None or group.world_size == 1:
+        return
+    if issubclass(fmt, Fp8Weight):
+        raise ConfigError(
+            f"tensor_parallel_size={group.world_size}: fp8 projections are not sharded yet; serve "
+            "fp8 on one GPU or an integer precision across several"
+        )
+    for name, (out_sizes, k) in projection_shapes(config, rank_share(config, group)).items():
+        for n in out_sizes:
+            try:
+                fmt.check_shape(n, k)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"tensor_parallel_size={group.world_size}: {name}'s shard [{n}, {k}] does "
+                    f"not split the {fmt.__name__} layout ({exc})"
+                ) from None
+
+
+def kernel_shape(
+    config: PretrainedConfig, precision: Precision | None, share: RankShare | None = None
+) -> ModelShape:
     """What the model's kernel choices depend on (kernels/dispatch.py `decide`): its attention
     shape, and its projections where `precision` quantizes the weights to integers (FP8 ones run
-    cuBLAS at any shape)."""
+    cuBLAS at any shape); one rank's (`share`) under tensor parallelism."""
+    share = share or rank_share(config)
     quantized = precision is not None and precision.quantized_weights
     fp8 = quantized and precision is not None and precision.float8
     return ModelShape(
-        *head_dims(config),
-        projections=projection_shapes(config) if quantized and not fp8 else {},
+        share.num_heads,
+        share.num_kv_heads,
+        share.head_dim,
+        projections=projection_shapes(config, share) if quantized and not fp8 else {},
         fp8=fp8,
     )
 
@@ -131,14 +246,25 @@ def _projection(
     bias: bool,
     fmt: WeightFormat,
     kernels: KernelChoices,
+    share: RankShare,
     shard_names: tuple[str, ...] | None = None,
 ) -> Linear | QuantizedLinear | Fp8Linear:
-    out_sizes, in_features = projection_shapes(config)[name]
+    out_sizes, in_features = projection_shapes(config, share)[name]
+    split = share.split(name, config)
     if fmt is None:
-        return Linear(in_features, out_sizes, bias, shard_names)
+        return Linear(in_features, out_sizes, bias, shard_names, split)
     if issubclass(fmt, Fp8Weight):
+        if split is not None:  # the runner refuses fp8 under tensor parallelism first
+            raise ValueError("fp8 projections are not sharded for tensor parallelism")
         kernel = kernels.fp8_gemm is not None and kernels.fp8_gemm.kernel
         return Fp8Linear(in_features, out_sizes, bias, shard_names, kernel=kernel)
+    quantize = kernels.activation_ops().quantize_per_token
+    if split is not None and split.row_parallel:
+        group = share.group
+
+        def quantize(x: torch.Tensor) -> QuantizedActivation:
+            return quantize_per_token_across(x, group.all_reduce_max)
+
     return QuantizedLinear(
         in_features,
         out_sizes,
@@ -146,7 +272,8 @@ def _projection(
         bias,
         shard_names,
         kernel=kernels.gemm[name].kernel,
-        quantize=kernels.activation_ops().quantize_per_token,
+        quantize=quantize,
+        split=split,
     )
 
 
@@ -205,19 +332,21 @@ class LlamaAttention(nn.Module):
         sliding_window: int | None,
         fmt: WeightFormat,
         kernels: KernelChoices,
+        share: RankShare,
     ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = head_dims(config)
-        self.qkv_sizes = list(projection_shapes(config)["qkv_proj"][0])
+        self.num_heads, self.num_kv_heads = share.num_heads, share.num_kv_heads
+        self.head_dim = share.head_dim
+        self.qkv_sizes = list(projection_shapes(config, share)["qkv_proj"][0])
         # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
         if config.model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = _projection(
-            "qkv_proj", config, qkv_bias, fmt, kernels, ("q_proj", "k_proj", "v_proj")
+            "qkv_proj", config, qkv_bias, fmt, kernels, share, ("q_proj", "k_proj", "v_proj")
         )
-        self.o_proj = _projection("o_proj", config, o_bias, fmt, kernels)
+        self.o_proj = _projection("o_proj", config, o_bias, fmt, kernels, share)
         self.attn = PagedAttention(
             self.num_heads,
             self.num_kv_heads,
@@ -237,16 +366,28 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, fmt: WeightFormat, kernels: KernelChoices) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        fmt: WeightFormat,
+        kernels: KernelChoices,
+        share: RankShare,
+    ) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = _projection(
-            "gate_up_proj", config, bias, fmt, kernels, ("gate_proj", "up_proj")
+            "gate_up_proj", config, bias, fmt, kernels, share, ("gate_proj", "up_proj")
         )
-        self.act = projection_input_ops(fmt, kernels.activation_ops()).act
-        self.down_proj = _projection("down_proj", config, bias, fmt, kernels)
+        # Split over ranks, down_proj's input is quantized by the scale of the whole row, which
+        # the fused SiLU·mul quantizer cannot see: it then gets the float product.
+        self.act: Callable[[torch.Tensor], ProjectionInput] = (
+            SiluAndMul()
+            if share.parallel
+            else projection_input_ops(fmt, kernels.activation_ops()).act
+        )
+        self.down_proj = _projection("down_proj", config, bias, fmt, kernels, share)
 
     def forward(self, x: ProjectionInput) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -259,12 +400,13 @@ class LlamaDecoderLayer(nn.Module):
         sliding_window: int | None,
         fmt: WeightFormat,
         kernels: KernelChoices,
+        share: RankShare,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, sliding_window, fmt, kernels)
+        self.self_attn = LlamaAttention(config, sliding_window, fmt, kernels, share)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, fmt, kernels)
+        self.mlp = LlamaMLP(config, fmt, kernels, share)
         ops = projection_input_ops(fmt, kernels.activation_ops())
         self.normalize, self.add_normalize = ops.norm, ops.add_norm
 
@@ -295,13 +437,22 @@ class LlamaModel(nn.Module):
         max_positions: int,
         fmt: WeightFormat,
         kernels: KernelChoices,
+        share: RankShare,
     ) -> None:
         super().__init__()
-        # `_weight` skips nn.Embedding's random init: the loader fills the table.
-        table = torch.empty(config.vocab_size, config.hidden_size)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
+        self.embed_tokens: nn.Embedding | VocabParallelEmbedding
+        if share.parallel:
+            self.embed_tokens = VocabParallelEmbedding(
+                share.vocab_part(config.vocab_size), config.hidden_size, share.group
+            )
+        else:
+            # `_weight` skips nn.Embedding's random init: the loader fills the table.
+            table = torch.empty(config.vocab_size, config.hidden_size)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         windows = layer_windows(config, max_positions)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w, fmt, kernels) for w in windows)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, w, fmt, kernels, share) for w in windows
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # nn.ModuleList is untyped: its items are the LlamaDecoderLayers built above.
         head_dim = cast(LlamaDecoderLayer, self.layers[0]).self_attn.head_dim
@@ -323,7 +474,9 @@ class LlamaForCausalLM(nn.Module):
 
     `precision` with quantized weights makes every decoder projection a `QuantizedLinear` of its
     format (an `Fp8Linear` for fp8); embeddings, norms and lm_head stay in the model dtype, as in QServe. `kernels`: which
-    ops run CUDA kernels (kernels/dispatch.py, decided for `kernel_shape(config, precision)`)."""
+    ops run CUDA kernels (kernels/dispatch.py, decided for `kernel_shape(config, precision)`).
+    `group`: the ranks of tensor parallelism, of which this one builds its share (`RankShare`);
+    None: one rank."""
 
     def __init__(
         self,
@@ -331,6 +484,7 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int,
         precision: Precision | None,
         kernels: KernelChoices,
+        group: ParallelGroup | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -339,11 +493,14 @@ class LlamaForCausalLM(nn.Module):
             if precision is not None and precision.quantized_weights
             else None
         )
-        self.model = LlamaModel(config, max_positions, fmt, kernels)
+        self.share = rank_share(config, group)
+        self.model = LlamaModel(config, max_positions, fmt, kernels, self.share)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = (
-            None if self.tie_word_embeddings else Linear(config.hidden_size, [config.vocab_size])
-        )
+        self.lm_head = None
+        if not self.tie_word_embeddings:
+            vocab = self.share.vocab_part(config.vocab_size)
+            split = ParallelSplit(self.share.group, rows=(vocab,)) if self.share.parallel else None
+            self.lm_head = Linear(config.hidden_size, [vocab.size], split=split)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -355,8 +512,12 @@ class LlamaForCausalLM(nn.Module):
         """fp32 logits [k, vocab] of the given final hidden states (computed in the model dtype,
         as HF does)."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        if self.share.parallel:  # each rank's vocabulary rows, the padding cut off
+            logits = self.share.group.all_gather(logits)[:, : self.config.vocab_size]
+        return logits.float()
 
     @property
     def attention_layers(self) -> list[PagedAttention]:

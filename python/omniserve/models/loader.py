@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from omniserve.distributed import ParallelGroup
 from omniserve.errors import CheckpointError, ConfigError
 from omniserve.formats.checkpoint import (
     QuantizationConfig,
@@ -135,6 +136,7 @@ def load_model(
     kernels: KernelChoices,
     precision: Precision | None = None,
     dummy_seed: int | None = None,
+    group: ParallelGroup | None = None,
 ) -> LoadedModel:
     """The model on `device` in `dtype`, its ops on the kernels or references `kernels` chose
     (kernels/dispatch.py, for `llama.kernel_shape(hf_config, precision)`); random weights seeded
@@ -142,11 +144,12 @@ def load_model(
     `init_dummy_weights`), else the checkpoint's safetensors. `precision` (from
     `resolve_precision`) with quantized weights reads a quantized checkpoint (ours or QServe's
     zoo) that must hold exactly that precision; a per-tensor KV8 one also gives its static KV
-    scales (random weights use per-token KV)."""
+    scales (random weights use per-token KV). Under tensor parallelism (`group`) the model is
+    this rank's share, each slot taking its part of the checkpoint's (or random) tensors."""
     quantized = precision if precision is not None and precision.quantized_weights else None
     try:
         with _default_device_and_dtype(device, dtype):
-            model = LlamaForCausalLM(hf_config, max_positions, precision, kernels)
+            model = LlamaForCausalLM(hf_config, max_positions, precision, kernels, group)
     except ValueError as exc:  # a config value the model (or the weight format) does not allow
         raise CheckpointError(f"{model_dir}/config.json: {exc}") from None
     kv_scales = None
@@ -231,16 +234,19 @@ def init_dummy_weights(
 ) -> None:
     """Random weights from `seed` (same seed and device: same model); norm scales are 1.
 
-    A model built for a quantized-weight `precision` gets each `QuantizedLinear` slice as the RTN
-    (formats/weight.py) of fp32 weights drawn like the parameters, one slice at a time on the
-    model's device, so memory beyond the model stays at one slice of fp weights (plus the
-    quantizer's temporaries).
+    Each checkpoint tensor is drawn whole, in checkpoint order, and loaded through its slot, so
+    that the ranks of tensor parallelism draw the same model and each keeps its part. A model
+    built for a quantized-weight `precision` gets each `QuantizedLinear` slice as the RTN
+    (formats/weight.py) of fp32 weights drawn the same way, one slice at a time on the model's
+    device, so memory beyond the model stays at one slice of fp weights (plus the quantizer's
+    temporaries).
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, DUMMY_INIT_STD, generator=generator)
+        for slot in checkpoint_slots(model).values():
+            w = torch.empty(slot.shape, dtype=slot.param.dtype, device=device)
+            slot.load(w.normal_(0.0, DUMMY_INIT_STD, generator=generator))
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
@@ -273,7 +279,7 @@ def _set_quantized_weights(
     """Place `weight_of(name, (N, K))` into each slice, asking for the next only once the previous
     is placed (random weights are drawn one slice at a time); `source` prefixes the errors."""
     for name, (module, index) in slots.items():
-        shape = (module.out_sizes[index], module.in_features)
+        shape = module.checkpoint_shape(index)
         try:
             module.set_weight(index, weight_of(name, shape), device)  # type: ignore[arg-type]
         except ValueError as exc:

@@ -1,4 +1,10 @@
-"""The model runner: owns the model, the KV cache and the sampler, and executes step plans."""
+"""The model runner: owns the model, the KV cache and the sampler, and executes step plans.
+
+Under tensor parallelism every rank has a runner over its share of the model and its own KV
+cache (its heads' pages). Rank 0's runner is the engine's: it sends each step's plan to the other
+ranks (runner/step_messages.py) before running it, and only it samples. The others run `serve`
+on the plans they receive (runner/worker.py); the collectives inside the model keep them in step.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +18,28 @@ import torch
 import transformers
 
 from omniserve.config import EngineConfig, check_kv_cache_dtype, kv_cache_bits
+from omniserve.distributed import ParallelGroup
 from omniserve.errors import ConfigError
 from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD
 from omniserve.formats.page_selection import PageSelection
 from omniserve.formats.precision import Precision
+from omniserve.formats.weight import weight_format
 from omniserve.kernels import dispatch
 from omniserve.layers.sampler import Sampler, SampleResult
-from omniserve.models.llama import StoredWeightLinear, kernel_shape, layer_windows
+from omniserve.models.llama import (
+    StoredWeightLinear,
+    check_shares,
+    kernel_shape,
+    layer_windows,
+    rank_share,
+)
 from omniserve.models.loader import load_hf_config, load_model, resolve_precision
 from omniserve.runner.decode_graphs import DecodeGraphs
 from omniserve.runner.kv_cache import KVCache, KVCacheSpec, StreamPool
 from omniserve.runner.memory import cuda_memory_for_kv_cache
 from omniserve.runner.selection import selection_from_config
 from omniserve.runner.step_inputs import StepInputBuilder, StepInputs, StreamInputs
+from omniserve.runner.step_messages import Span, StepMessage, send_step
 from omniserve.runner.step_plan import FLAG_NEEDS_LOGITS, StepPlan
 from omniserve.runner.streaming import StreamingSetup
 from omniserve.sampling_params import SamplingParams
@@ -84,10 +99,13 @@ class ModelRunner:
     served without one (w16a16, KV cache per kv_cache_dtype)."""
     kernels: dispatch.KernelChoices
     """Which ops run CUDA kernels and which their torch references, decided once for the model."""
+    group: ParallelGroup
+    """The ranks of tensor parallelism (one rank alone without it)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, group: ParallelGroup | None = None) -> None:
         self.config = config
-        self.device = _resolve_device(config.device)
+        self.group = group or ParallelGroup()
+        self.device = resolve_device(config.device, self.group.rank)
         self.dtype = _DTYPES.get(
             config.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )
@@ -100,7 +118,10 @@ class ModelRunner:
         )
         if self.precision is not None:  # the checkpoint's precision binds kv_cache_dtype too
             check_kv_cache_dtype(config.kv_cache_dtype, self.precision)
-        shape = kernel_shape(self.hf_config, self.precision)
+        share = rank_share(self.hf_config, self.group)
+        if self.precision is not None and self.precision.quantized_weights:
+            check_shares(self.hf_config, weight_format(self.precision), self.group)
+        shape = kernel_shape(self.hf_config, self.precision, share)
         windows = layer_windows(self.hf_config, self.max_model_len)
         self.streaming = StreamingSetup.from_config(config, shape.num_kv_heads, windows)
         self.selection = selection_from_config(config, windows, self.max_model_len)
@@ -128,6 +149,7 @@ class ModelRunner:
             kernels=self.kernels,
             precision=self.precision,
             dummy_seed=config.seed if config.load_format == "dummy" else None,
+            group=self.group,
         )
         attn = self.model.attention_layers
         if kv_fp8:  # unit scales: vLLM's FP8 cache without calibrated scales (formats/kv.py)
@@ -198,12 +220,15 @@ class ModelRunner:
         device only where the host needs values (prompt logprobs), so the host can go on
         planning the next step while the device computes this one; the next step's placeholder
         input ids read the tokens sampled here on the device."""
+        spans = self._score_spans(plan)
+        self._send(plan, spans, samples=True)
         step, hidden = self._forward(plan, self._inputs)
         logits = self.model.compute_logits(hidden[step.logits_idx])
         rows = plan.rows[step.sampled_idx].long()
         sample, failed = self.sampler.sample_isolating_failures(logits, rows)
-        self._inputs.record_sampled(step.sampled_rows, sample.token_ids)
-        scores = self._score_prompt_tokens(plan, hidden) if self._prompt_targets else []
+        # The other ranks replace the next step's placeholder ids by these tokens too.
+        self._inputs.record_sampled(step.sampled_rows, self.group.broadcast(sample.token_ids))
+        scores = self._score_prompt_tokens(plan, hidden, spans)
         host = StepOutput(step.sampled_idx, sample.to_host(), scores, failed)
         copied = None
         if self.device.type == "cuda":
@@ -218,9 +243,28 @@ class ModelRunner:
         """Run the model over the plan's tokens (writing their KV); returns the plan indices of the
         requests flagged FLAG_NEEDS_LOGITS (int64 CPU [k]) and the fp32 logits [k, vocab] of
         their last scheduled token. `inputs` overrides the step-input builder (and so the cache)
-        the step runs against; the start-up memory profile uses it."""
+        the step runs against; the start-up memory profile uses it (on every rank at once)."""
+        if inputs is None:
+            self._send(plan, [], samples=False)
         step, hidden = self._forward(plan, inputs or self._inputs)
         return step.sampled_idx, self.model.compute_logits(hidden[step.logits_idx])
+
+    @torch.inference_mode()
+    def serve(self, message: StepMessage) -> None:
+        """Run a step rank 0 sent (ranks > 0 of tensor parallelism): the same forward, logits
+        and collectives as rank 0's `launch` or `compute_logits`, without sampling."""
+        plan, spans, samples = message
+        step, hidden = self._forward(plan, self._inputs)
+        self.model.compute_logits(hidden[step.logits_idx])
+        if samples:
+            tokens = torch.empty(len(step.sampled_idx), dtype=torch.int32, device=self.device)
+            self._inputs.record_sampled(step.sampled_rows, self.group.broadcast(tokens))
+        self._span_logits(hidden, spans)
+
+    def _send(self, plan: StepPlan, spans: list[Span], *, samples: bool) -> None:
+        """Rank 0 of tensor parallelism: hand the step to the other ranks before running it."""
+        if self.group.world_size > 1:
+            send_step(self.group, plan, spans, samples)
 
     def _forward(self, plan: StepPlan, inputs: StepInputBuilder) -> tuple[StepInputs, torch.Tensor]:
         step = inputs.build(plan)
@@ -245,25 +289,39 @@ class ModelRunner:
         `enforce_eager`."""
         return inputs.decode_kernel and not self.config.enforce_eager
 
-    def _score_prompt_tokens(
-        self, plan: StepPlan, hidden: torch.Tensor
-    ) -> list[tuple[int, torch.Tensor]]:
-        """(plan index, fp32 CPU logprobs of prompt tokens pos0+1 .. ) for rows that asked.
+    def _score_spans(self, plan: StepPlan) -> list[Span]:
+        """The step's prompt tokens scored for prompt logprobs: for rows that asked, those whose
+        next token is in the prompt.
 
         The targets come from the prompt bound to the row, so a chunk boundary needs no state
         from the previous step, and a recompute after preemption scores the same positions
         again (the engine writes them by position)."""
-        scores = []
+        if not self._prompt_targets:
+            return []
+        spans = []
         for i, row in enumerate(plan.rows.tolist()):
             targets = self._prompt_targets.get(row)
             if targets is None:
                 continue
-            pos0, start = int(plan.pos0[i]), int(plan.qstart[i])
+            pos0 = int(plan.pos0[i])
             end = min(pos0 + int(plan.num_new[i]), len(targets) - 1)
-            if end <= pos0:
-                continue
-            logits = self.model.compute_logits(hidden[start : start + end - pos0]).float()
-            want = torch.tensor(targets[pos0 + 1 : end + 1], device=logits.device)
+            if end > pos0:
+                spans.append((i, int(plan.qstart[i]), end - pos0))
+        return spans
+
+    def _span_logits(self, hidden: torch.Tensor, spans: list[Span]) -> list[torch.Tensor]:
+        """fp32 logits of each span's tokens (one LM head, and its gather, per span)."""
+        return [self.model.compute_logits(hidden[start : start + n]) for _, start, n in spans]
+
+    def _score_prompt_tokens(
+        self, plan: StepPlan, hidden: torch.Tensor, spans: list[Span]
+    ) -> list[tuple[int, torch.Tensor]]:
+        """(plan index, fp32 CPU logprobs of prompt tokens pos0+1 .. ) for each span."""
+        scores = []
+        for (i, _, n), logits in zip(spans, self._span_logits(hidden, spans)):
+            pos0 = int(plan.pos0[i])
+            targets = self._prompt_targets[int(plan.rows[i])]
+            want = torch.tensor(targets[pos0 + 1 : pos0 + 1 + n], device=logits.device)
             logprobs = torch.log_softmax(logits, -1).gather(1, want[:, None]).squeeze(1)
             scores.append((i, logprobs.cpu()))
         return scores
@@ -371,7 +429,10 @@ class ModelRunner:
             return config.num_kv_pages, num_stream
         if spec.bytes_per_page == 0:  # every head streams: dense pages only count positions
             return config.max_num_seqs * self._max_pages_per_seq + 1, num_stream
-        num_pages = max(available, 0) // spec.bytes_per_page
+        # Each rank's pages hold its own heads; the scheduler's one page id names a page on every
+        # rank, so all ranks take the smallest count.
+        pages = torch.tensor([max(available, 0) // spec.bytes_per_page], device=self.device)
+        num_pages = int(-self.group.all_reduce_max(-pages))
         if num_pages - 1 < self._max_pages_per_seq:  # page 0 holds no tokens
             raise ConfigError(
                 f"the KV cache fits {max(num_pages - 1, 0)} pages of {config.page_size} tokens "
@@ -459,7 +520,9 @@ def _synthetic_plan(pos0: list[int], num_new: list[int]) -> StepPlan:
     )
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank `rank`: the configured one for rank 0, the CUDA devices
+    after it for the others."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -467,8 +530,9 @@ def _resolve_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available")
     device = torch.device(name)
-    index = torch.cuda.current_device() if device.index is None else device.index
+    index = (torch.cuda.current_device() if device.index is None else device.index) + rank
     if index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise ConfigError(f"device={name!r} but only {count} CUDA devices exist")
+        need = f"rank {rank} of tensor parallelism needs cuda:{index}, " if rank else ""
+        raise ConfigError(f"device={name!r} but {need}only {count} CUDA devices exist")
     return torch.device("cuda", index)
