@@ -55,11 +55,14 @@ class Fp8Linear(nn.Module):
         self.weight_scale: torch.Tensor | None = None
         """fp32 [N]."""
         self._loaded = [False] * len(self.out_sizes)
+        self._ready = False
+        """Every slice is placed: checked once per load, not on each forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y [T, N] in x's dtype of float activations x [T, K]."""
-        if self.weight is None or self.weight_scale is None or not all(self._loaded):
+        if not self._ready:
             raise RuntimeError("Fp8Linear used before its weights were loaded")
+        assert self.weight is not None and self.weight_scale is not None
         xq = quantize_per_token_fp8(x)
         if self.uses_kernels:
             y = _scaled_mm(xq, self.weight, self.weight_scale).to(x.dtype)
@@ -97,6 +100,7 @@ class Fp8Linear(nn.Module):
         self.weight[rows].copy_(weight.weight)
         self.weight_scale[rows].copy_(weight.weight_scale)
         self._loaded[index] = True
+        self._ready = all(self._loaded)
 
     @property
     def quantized_nbytes(self) -> int:
