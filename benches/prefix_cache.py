@@ -13,12 +13,11 @@ arrival to its first token), the time until the last first token, the prompt tok
 and whether the greedy outputs equal the `off` run's. `ttft_speedup` is `off`'s mean over the
 run's.
 
-    python -P benches/prefix_cache.py --json benches/results/cpu-prefix-cache-bundled.json
-    python -P benches/prefix_cache.py --model-config llama-3-8b --precision w4a8kv4 \\
+    python benches/prefix_cache.py --json benches/results/cpu-prefix-cache-bundled.json
+    python benches/prefix_cache.py --model-config llama-3-8b --precision w4a8kv4 \\
         --json benches/results/h100-prefix-cache-w4a8kv4.json
 
-Run it with `python -P` (`benches/kernels.py` would shadow the `kernels` module transformers
-imports). Without `--model`/`--model-config` it serves the bundled model, with its weights.
+Without `--model`/`--model-config` it serves the bundled model, with its weights.
 """
 
 from __future__ import annotations

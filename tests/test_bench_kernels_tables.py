@@ -1,4 +1,4 @@
-"""benches/kernels.py's tables, printed from the H100 results checked in under benches/results
+"""benches/kernel_sweeps.py's tables, printed from the H100 results checked in under benches/results
 (`--from-json`, no GPU): every measured row lands in its table's row and column, as µs and the
 fraction of its ceiling, next to the speedups the sweeps computed."""
 
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benches" / "kernels.py"
+SCRIPT = ROOT / "benches" / "kernel_sweeps.py"
 GEMM_FILES = ["h100-kernels-gemm.json"]
 ATTENTION_FILE = ROOT / "benches" / "results" / "h100-kernels-attention.json"
 FUSED_OPS = ("quantize_per_token", "rmsnorm_quant", "add_rmsnorm_quant", "silu_mul_quant")

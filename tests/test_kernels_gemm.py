@@ -254,6 +254,24 @@ def test_llama_shapes(fmt: str, shape: tuple[int, int], m: int) -> None:
 
 
 @gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", (1, 32, 33, 64, 256, 511))
+def test_the_automatic_choice_names_a_kernel_that_reproduces_auto(fmt: str, m: int) -> None:
+    """`auto_choice` names the small-M kernel to M = 32 and a tensor-core tile of the forced set
+    above (the cost model's pick, which depends on the device's cluster occupancy); forcing it
+    gives auto's output bit for bit."""
+    n, k = 4096, 4096
+    _, packed, x = _cuda_case(fmt, m, n, k, seed=3 * m)
+    path, tile = gk.auto_choice(packed.fmt, m, n, k)
+    if m <= 32:
+        assert (path, tile) == ("small_m", None)
+    else:
+        assert path == "tensor_core" and tile in TILES
+    y = gk.quantized_gemm(x, packed, torch.bfloat16)
+    assert torch.equal(y, gk.quantized_gemm(x, packed, torch.bfloat16, path, tile))
+
+
+@gpu
 def test_kernel_rejects_bad_input() -> None:
     _, packed, x = _cuda_case("w4a8_per_channel", 4, 128, 256, seed=0)
     with pytest.raises(RuntimeError, match="must be contiguous"):

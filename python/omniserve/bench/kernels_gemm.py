@@ -145,8 +145,10 @@ def _row(
     if op in OURS:
         row["path"] = path
     if tile is not None:
-        row["tile"] = f"{tile[0]}x{tile[1]}"
+        row["tile"] = _tile_label(tile)
     try:
+        if op in OURS and path == "auto":
+            row["chosen"] = _chosen(op, m, n, k)
         if op in OURS:
             fns, weight_bytes, m_run = _ours(op, m, n, k, path, tile)
         else:
@@ -171,6 +173,24 @@ def _row(
         frac_bandwidth_ceiling=round(moved / us * 1e6 / CEILING_BYTES_PER_S, 3),
     )
     return row
+
+
+def _tile_label(tile: Tile) -> str:
+    return f"{tile[0]}x{tile[1]}"
+
+
+def _chosen(op: str, m: int, n: int, k: int) -> str:
+    """What the automatic path runs for this row: "small_m", "tensor_core@TOKENSxSPLIT", "cutlass"."""
+    from omniserve.formats.weight import W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
+    from omniserve.kernels import gemm as gk
+
+    fmt = {
+        "w4a8_per_channel": W4A8PerChannelWeight,
+        "w4a8_g128": W4A8PerGroupWeight,
+        "w8a8": W8A8Weight,
+    }[op]
+    path, tile = gk.auto_choice(fmt, m, n, k)
+    return path if tile is None else f"{path}@{_tile_label(tile)}"
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -245,6 +265,8 @@ def _label(row: dict[str, Any]) -> str:
     if not row.get("path"):
         return row["op"]
     path = f"{row['path']}@{row['tile']}" if row.get("tile") else row["path"]
+    if row.get("chosen"):
+        path += f"={row['chosen']}"
     return f"{row['op']}[{path}]"
 
 
@@ -256,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
-    header = f"{'shape':8} {'M':>6} {'op':30} {'us':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} "
+    header = f"{'shape':8} {'M':>6} {'op':50} {'us':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} "
     print(header + f"{'x bf16':>7} {'x int8':>7} {'x fp8':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:8} {r['m']:>6} {_label(r):30} {r['error']}")
+            print(f"{r['shape']:8} {r['m']:>6} {_label(r):50} {r['error']}")
             continue
         print(
-            f"{r['shape']:8} {r['m']:>6} {_label(r):30} {r['us']:>9.2f} {r['tflops']:>8.1f} "
+            f"{r['shape']:8} {r['m']:>6} {_label(r):50} {r['us']:>9.2f} {r['tflops']:>8.1f} "
             f"{100 * r['frac_compute_ceiling']:>5.1f}% {r['gbps']:>7.0f} "
             f"{r.get('speedup_vs_bf16_matmul', ''):>7} {r.get('speedup_vs_int8_int_mm', ''):>7} "
             f"{r.get('speedup_vs_fp8_scaled_mm', ''):>7}"

@@ -96,6 +96,30 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
   return out;
 }
 
+// (tokens, split) of the tile the automatic path runs for an [M, K] x [K, N] GEMM on the current
+// device; (0, 0): the small-M kernel. For benchmarks, which label the automatic rows with it.
+std::tuple<int64_t, int64_t> auto_tile(int64_t format, int64_t m, int64_t n, int64_t k,
+                                       int64_t out_kind) {
+  const Format fmt = omniserve::gemm::checked_format(format);
+  OMNI_CHECK(m > 0 && m <= std::numeric_limits<int>::max() / 2 && n > 0 &&
+                 n % omniserve::gemm::kBlockN == 0 && k > 0 && k % omniserve::gemm::kBlockK == 0,
+             "omniserve gemm: no tile for M = ", m, ", N = ", n, ", K = ", k);
+  out_dtype(out_kind);  // checks the kind
+  GemmParams p{};
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  omniserve::gemm::Tile tile{};
+  switch (fmt) {
+    case Format::kW8A8: tile = omniserve::gemm::auto_tile<Format::kW8A8>(p, out_kind); break;
+    case Format::kW4A8PerChannel:
+      tile = omniserve::gemm::auto_tile<Format::kW4A8PerChannel>(p, out_kind);
+      break;
+    case Format::kW4A8G128: tile = omniserve::gemm::auto_tile<Format::kW4A8G128>(p, out_kind); break;
+  }
+  return {tile.tokens, tile.split};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -103,4 +127,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("format"), py::arg("x"), py::arg("a_scale"), py::arg("a_sum"), py::arg("weight"),
         py::arg("groups"), py::arg("w_scale"), py::arg("w_szero"), py::arg("out_kind"),
         py::arg("path"), py::arg("tile_tokens"), py::arg("tile_split"));
+  m.def("auto_tile", &auto_tile, "The tensor-core tile the automatic path runs for a shape",
+        py::arg("format"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_kind"));
 }

@@ -63,10 +63,10 @@ MAX_G128_SCALE = 17
 """The kernel multiplies four codes per 32-bit word by s2; q · s2 ≤ 15 · 17 < 256 keeps lanes apart."""
 
 KernelPath = Literal["auto", "small_m", "tensor_core", "cutlass"]
-"""Which kernel runs: the dispatcher's choice (the memory-bound mma.sync kernel for M ≤ 32, and to
-M = 64 where the tensor-core grid would be small; the wgmma tensor-core kernel above; from
+"""Which kernel runs: the dispatcher's choice (the memory-bound mma.sync kernel for M ≤ 32; the
+wgmma tensor-core kernel above, at the tile its cost model prices cheapest; from
 `gemm_cutlass.MIN_M` the CUTLASS path on the weight expanded to int8, where CUTLASS is installed),
-or a forced one."""
+or a forced one. `auto_choice` says which the dispatcher takes."""
 Tile = tuple[int, int]
 """The tensor-core kernel's tile, forced with path "tensor_core" by tests and benchmarks: tokens per
 block (64, 128 or 256) and blocks sharing one output tile through a K split (1 to 4); by default
@@ -214,6 +214,19 @@ def _takes_cutlass(m: int, out_dtype: torch.dtype, path: KernelPath) -> bool:
         and out_dtype != torch.int32
         and gemm_cutlass.available()
     )
+
+
+def auto_choice(
+    fmt: type[QuantizedWeight], m: int, n: int, k: int, out_dtype: torch.dtype = torch.bfloat16
+) -> tuple[KernelPath, Tile | None]:
+    """The kernel, and for the tensor-core kernel its tile, that path "auto" runs for an
+    [M, K] x [K, N] GEMM of this weight format on the current CUDA device."""
+    if out_dtype not in _OUT_KINDS:
+        raise ValueError(f"output dtype must be one of {list(_OUT_KINDS)}, got {out_dtype}")
+    if _takes_cutlass(m, out_dtype, "auto"):
+        return "cutlass", None
+    tokens, split = EXTENSION.load().auto_tile(_FORMATS[fmt], m, n, k, _OUT_KINDS[out_dtype])
+    return ("small_m", None) if tokens == 0 else ("tensor_core", (tokens, split))
 
 
 def unpack_int8(w: PackedWeight) -> torch.Tensor:

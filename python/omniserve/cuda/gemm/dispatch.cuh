@@ -2,49 +2,137 @@
 // Large M goes to the CUTLASS path (kernels/gemm_cutlass.py) before reaching this extension.
 #pragma once
 
+#include <array>
+#include <limits>
+#include <mutex>
+
 #include "gemm/small_m.cuh"
 #include "gemm/tensor_core.cuh"
 
 namespace omniserve::gemm {
 
-// Auto: the memory-bound kernel up to M = 32, and up to kSmallMMax while the tensor-core grid
-// would fill under a third of the SMs (such a grid leaves most SMs idle, and the memory-bound
-// kernel, which splits K over its warps, is then faster; with a fuller grid the tensor-core kernel
-// is); the tensor-core kernel above. Retune by timing both paths:
-// `python -m omniserve.bench.kernels_gemm --paths small_m tensor_core`.
-constexpr int kSms = 132;  // an H100's (or H200's) SMs
+// Auto: the memory-bound kernel up to M = 32 (where it reads the weight once at near the copy
+// rate), the tensor-core kernel at the tile `choose_tile` prices cheapest above.
+constexpr int kSmallMAutoMax = 32;
 
-inline bool small_m_wins(const GemmParams& p) {
-  const int tensor_core_blocks = (p.m + kWgTokens - 1) / kWgTokens * (p.n / kBlockN);
-  return p.m <= 32 || (p.m <= kSmallMMax && 3 * tensor_core_blocks < kSms);
+// The tensor-core tile's cost model, fitted to the forced-tile sweep on an H100
+// (benches/results/h100-kernels-gemm-tiles.json: 12 tiles x M 64..512 x the four 8B shapes, 3 %
+// median error; the fitted choice is within 0.2 % of the sweep's best in total): a grid runs in
+// waves of the clusters the GPU holds at once; a wave costs a fill (prologue, pipeline ramp,
+// epilogue) plus one K-block step per K block of a cluster member's share, and a K split adds
+// one distributed-shared-memory reduction. Refit after kernel changes with
+// `python -m omniserve.bench.kernels_gemm --tiles 64x1 ... 256x4`.
+constexpr double kFillUs = 7.20;
+constexpr double kReduceUs = 2.03;
+
+// µs per K block (128 inputs) of one block, by tile height (64, 128, 256 tokens): it grows with
+// the activation bytes the block stages and with the format's expansion work.
+template <Format F>
+constexpr std::array<double, 3> kKBlockUs = F == Format::kW8A8 ? std::array<double, 3>{0.466, 0.605, 1.083}
+                                          : F == Format::kW4A8PerChannel
+                                              ? std::array<double, 3>{0.578, 0.533, 0.983}
+                                              : std::array<double, 3>{0.710, 0.628, 1.080};
+
+constexpr std::array<int, 3> kTileTokens = {64, 128, 256};
+
+// Clusters of `split` blocks of the WGS-warpgroup kernel the current device holds at once, by
+// split (1..kMaxSplit), from the occupancy API: a cluster's blocks must share a GPC, so what fits
+// is less than the SMs / split. Blocks that fit two to an SM (64-token W4 tiles) pair up on the
+// same SMs, so their clusters count twice the one-per-SM kernel's: the sweep shows a 64-token grid
+// needing a second wave exactly there, where an SM-count bound would still promise one.
+template <Format F, typename OutT, int WGS>
+int resident_clusters(int split) {
+  static std::mutex mutex;
+  static std::array<std::array<int, kMaxSplit + 1>, 64> by_device{};  // 0: not queried yet
+  int device = 0;
+  check_cuda("cudaGetDevice", cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::array<int, kMaxSplit + 1>& clusters = by_device.at(device);
+  if (clusters[1] == 0) {
+    constexpr auto kernel = tensor_core_kernel<F, OutT, WGS>;
+    constexpr auto one_per_sm = tensor_core_kernel<F, OutT, 4>;  // 4 warpgroups never share an SM
+    reserve_shared_memory<kernel>(TcSmem<F, WGS>::kTotal);
+    reserve_shared_memory<one_per_sm>(TcSmem<F, 4>::kTotal);
+    int per_sm = 0, sms = 0;
+    check_cuda("the occupancy query", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                                 &per_sm, kernel, WGS * 128, TcSmem<F, WGS>::kTotal));
+    check_cuda("cudaDeviceGetAttribute",
+                 cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    clusters[1] = std::max(1, per_sm * sms);
+    for (int split = 2; split <= kMaxSplit; ++split) {
+      TensorCoreLaunch<F, 4> launch(split, split, nullptr);
+      int fit = 0;
+      check_cuda("the cluster occupancy query",
+                   cudaOccupancyMaxActiveClusters(&fit, one_per_sm, &launch.config));
+      clusters[split] = std::max(1, per_sm * fit);
+    }
+  }
+  return clusters[split];
 }
 
-// The tensor-core tile: 128-token blocks once they fill a wave; 64-token blocks (two per SM where
-// W4 fits) below that; no K split. Forced tiles (tests, `kernels_gemm --tiles`) measure the
-// others; a per-call choice among them waits for its GPU validation.
-inline Tile choose_tile(const GemmParams& p) {
-  if ((p.m + 127) / 128 * (p.n / kBlockN) >= kSms) return {128, 1};
-  return {64, 1};
+template <Format F>
+double tile_cost(const GemmParams& p, int tokens, int split, int resident) {
+  const int tiles = (p.m + tokens - 1) / tokens * (p.n / kBlockN);
+  const int waves = (tiles + resident - 1) / resident;
+  const int k_blocks = (p.k / kBlockK + split - 1) / split;
+  const int height = tokens == 64 ? 0 : tokens == 128 ? 1 : 2;
+  return waves * (kFillUs + k_blocks * kKBlockUs<F>[height]) + (split > 1 ? kReduceUs : 0.0);
 }
 
 template <Format F, typename OutT>
-void launch_typed(const GemmParams& p, Path path, Tile tile, cudaStream_t stream) {
-  if (path == Path::kSmallM || (path == Path::kAuto && small_m_wins(p))) {
-    launch_small_m<F, OutT>(p, stream);
-  } else {
-    launch_tensor_core<F, OutT>(p, tile.tokens ? tile : choose_tile(p), stream);
+int resident_clusters_of(int tokens, int split) {
+  switch (tokens) {
+    case 64: return resident_clusters<F, OutT, 1>(split);
+    case 128: return resident_clusters<F, OutT, 2>(split);
+    default: return resident_clusters<F, OutT, 4>(split);
+  }
+}
+
+// The cheapest tile under the cost model (ties keep the shorter tile, then the smaller split).
+template <Format F, typename OutT>
+Tile choose_tile(const GemmParams& p) {
+  Tile best{128, 1};
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (const int tokens : kTileTokens) {
+    for (int split = 1; split <= std::min(kMaxSplit, p.k / kBlockK); ++split) {
+      const double cost = tile_cost<F>(p, tokens, split, resident_clusters_of<F, OutT>(tokens, split));
+      if (cost < best_cost) {
+        best = {tokens, split};
+        best_cost = cost;
+      }
+    }
+  }
+  return best;
+}
+
+// Calls fn with a value of the output type `out_kind` names.
+template <typename Fn>
+decltype(auto) with_out_type(int out_kind, Fn&& fn) {
+  switch (out_kind) {
+    case kOutInt32: return fn(int32_t{});
+    case kOutFloat: return fn(float{});
+    case kOutHalf: return fn(__half{});
+    case kOutBFloat16: return fn(__nv_bfloat16{});
+    default: throw std::invalid_argument("omniserve gemm: unknown output kind");
   }
 }
 
 template <Format F>
+Tile auto_tile(const GemmParams& p, int out_kind) {
+  if (p.m <= kSmallMAutoMax) return {0, 0};
+  return with_out_type(out_kind, [&](auto out) { return choose_tile<F, decltype(out)>(p); });
+}
+
+template <Format F>
 void launch_gemm(const GemmParams& p, int out_kind, Path path, Tile tile, cudaStream_t stream) {
-  switch (out_kind) {
-    case kOutInt32: return launch_typed<F, int32_t>(p, path, tile, stream);
-    case kOutFloat: return launch_typed<F, float>(p, path, tile, stream);
-    case kOutHalf: return launch_typed<F, __half>(p, path, tile, stream);
-    case kOutBFloat16: return launch_typed<F, __nv_bfloat16>(p, path, tile, stream);
-    default: throw std::invalid_argument("omniserve gemm: unknown output kind");
-  }
+  with_out_type(out_kind, [&](auto out) {
+    using OutT = decltype(out);
+    if (path == Path::kSmallM || (path == Path::kAuto && p.m <= kSmallMAutoMax)) {
+      launch_small_m<F, OutT>(p, stream);
+    } else {
+      launch_tensor_core<F, OutT>(p, tile.tokens ? tile : choose_tile<F, OutT>(p), stream);
+    }
+  });
 }
 
 }  // namespace omniserve::gemm

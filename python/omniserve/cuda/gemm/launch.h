@@ -9,11 +9,14 @@
 
 namespace omniserve::gemm {
 
-inline void check_launch(const char* what, cudaError_t err = cudaGetLastError()) {
+inline void check_cuda(const std::string& what, cudaError_t err) {
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("omniserve gemm: launching ") + what + " failed: " +
-                             cudaGetErrorString(err));
+    throw std::runtime_error("omniserve gemm: " + what + " failed: " + cudaGetErrorString(err));
   }
+}
+
+inline void check_launch(const char* what, cudaError_t err = cudaGetLastError()) {
+  check_cuda(std::string("launching ") + what, err);
 }
 
 // Opts `kernel` into `bytes` of dynamic shared memory, once per kernel (the first call's answer is

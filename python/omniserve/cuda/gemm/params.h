@@ -13,6 +13,7 @@ namespace omniserve::gemm {
 enum class Format : int { kW8A8 = 0, kW4A8PerChannel = 1, kW4A8G128 = 2 };
 
 constexpr int kBlockK = 128;  // K per main-loop block: one g128 group, four m16n8k32 steps
+constexpr int kBlockN = 128;  // N per tensor-core block: the wgmma N (N has no tail)
 
 template <Format F>
 constexpr bool kIsW4 = F != Format::kW8A8;
@@ -50,6 +51,9 @@ constexpr int kMaxSplit = 4;
 // Host-side launchers, one translation unit per format (gemm_<format>.cu).
 template <Format F>
 void launch_gemm(const GemmParams& p, int out_kind, Path path, Tile tile, cudaStream_t stream);
+// The tile the automatic path runs for p's shape on the current device; {0, 0}: the small-M kernel.
+template <Format F>
+Tile auto_tile(const GemmParams& p, int out_kind);
 
 // out_kind values shared by the launchers and the host wrapper.
 enum OutKind : int { kOutInt32 = 0, kOutFloat = 1, kOutHalf = 2, kOutBFloat16 = 3 };

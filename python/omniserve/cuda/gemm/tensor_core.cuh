@@ -33,7 +33,6 @@
 
 namespace omniserve::gemm {
 
-constexpr int kBlockN = 128;       // channels per block: the wgmma N
 constexpr int kWgTokens = 64;      // tokens per warpgroup: the wgmma M
 constexpr int kRasterGroupM = 8;   // block rows that sweep N together (L2 reuse of the weights)
 constexpr int kSwizzleBytes = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes

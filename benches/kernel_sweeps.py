@@ -1,7 +1,7 @@
-"""One command for every kernel benchmark: `python benches/kernels.py [--ops attention,gemm]
+"""One command for every kernel benchmark: `python benches/kernel_sweeps.py [--ops attention,gemm]
 [--json OUT]` runs each named sweep (omniserve.bench.kernels_<op>) with its default arguments,
 prints one table per op and writes all rows, tagged with their sweep, to one JSON file.
-`python benches/kernels.py --from-json FILE` prints the tables of a saved file (this command's,
+`python benches/kernel_sweeps.py --from-json FILE` prints the tables of a saved file (this command's,
 or a sweep's own `--json` output) without running anything."""
 
 from __future__ import annotations
