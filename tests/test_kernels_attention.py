@@ -19,10 +19,13 @@ import torch
 
 from omniserve import Engine, SamplingParams
 from omniserve.config import EngineConfig
+from omniserve.formats.fp8 import FP8_MAX
 from omniserve.formats.kv import (
     dequantize_kv,
+    dequantize_kv_fp8,
     dequantize_kv_static,
     quantize_kv,
+    quantize_kv_fp8,
     quantize_kv_static,
 )
 from omniserve.kernels import attention as kernel
@@ -52,8 +55,9 @@ CONTEXTS = {
     "b64-random": torch.randint(1, 700, (64,), generator=torch.Generator().manual_seed(0)).tolist(),
 }
 STATIC = "static"
-KV_BITS = {"kv16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC}
-"""Cache formats: dense, per-row KV8 and KV4 (`quantize_kv`), per-tensor static KV8."""
+FP8 = "fp8"
+KV_BITS = {"kv16": None, "kv8": 8, "kv4": 4, "kv8static": STATIC, "fp8": FP8}
+"""Cache formats: dense, per-row KV8 and KV4 (`quantize_kv`), per-tensor static KV8 and FP8."""
 TOLERANCE = {
     torch.float16: {"atol": 3e-3, "rtol": 1e-2},
     torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
@@ -144,6 +148,11 @@ class PagedCase:
                 codes = quantize_kv_static(kv, scale)
                 self.operands.append((codes, scale))
                 self.dequantized.append(dequantize_kv_static(codes, scale, torch.float32))
+            elif bits == FP8:
+                scale = 0.9 * kv.abs().amax() / FP8_MAX
+                codes = quantize_kv_fp8(kv, scale)
+                self.operands.append((codes, scale))
+                self.dequantized.append(dequantize_kv_fp8(codes, scale, torch.float32))
             else:
                 codes, params = quantize_kv(kv, bits)
                 self.operands.append((codes, params))
@@ -317,7 +326,10 @@ def test_bad_inputs_are_named() -> None:
         ops.decode_attention(case.q, k8, v8, None, None, ks, None, *args)
     with pytest.raises(RuntimeError, match="not both"):
         ops.decode_attention(case.q, k8, v8, p4, q4, ks, vs, *args)
-    with pytest.raises(RuntimeError, match=r"static KV8 cache must be int8 \[rows, 64\], got Byte"):
+    wrong_dtype = (
+        r"static cache must be int8 \(KV8\) or float8_e4m3fn \(FP8\) \[rows, 64\], got Byte"
+    )
+    with pytest.raises(RuntimeError, match=wrong_dtype):
         ops.decode_attention(
             case.q, k8.view(torch.uint8), v8.view(torch.uint8), None, None, ks, vs, *args
         )
@@ -341,6 +353,7 @@ STREAM_FORMATS = {  # (compute dtype, cache format): every storage format, both 
     "bf16-kv8": (torch.bfloat16, 8),
     "fp16-kv4": (torch.float16, 4),
     "fp16-kv8static": (torch.float16, STATIC),
+    "bf16-fp8": (torch.bfloat16, FP8),
 }
 STREAM_PATTERNS = {  # the KV heads that stream, of a layer with `kv_heads`
     "dense": lambda kv_heads: (),
@@ -518,7 +531,7 @@ def test_streaming_heads_checks_its_tensors() -> None:
             kernel.StreamingHeads(**{**good, **change})
 
 
-ENGINE_KV_DTYPES = ["auto", "int8", "int4"]
+ENGINE_KV_DTYPES = ["auto", "int8", "int4", "fp8"]
 ENGINE_KV = [*ENGINE_KV_DTYPES, STATIC]
 """The engine's KV cache formats: a `kv_cache_dtype`, or STATIC for a W8A8 checkpoint with
 per-tensor static KV8 scales."""

@@ -315,12 +315,3 @@ def test_fp8_models_take_cublas_where_the_gpu_has_fp8_tensor_cores(
     cpu = _decide(ModelShape(32, 8, 128, fp8=True), device=CPU, dtype=torch.float32)
     assert cpu.fp8_gemm == Choice(False, "reference: device is cpu")
     assert _decide().fp8_gemm is None  # integer and fp models have no FP8 GEMM
-
-
-def test_an_fp8_kv_cache_keeps_attention_on_torch_with_a_warning() -> None:
-    probe = _Probe()
-    choices = _decide(ModelShape(32, 8, 128, kv_fp8=True), probe=probe)
-    fallback = Choice(False, "reference: no kernel reads an FP8 KV cache yet", fallback=True)
-    assert choices.rope_kv == choices.decode_attention == fallback
-    assert ("decode attention", fallback.reason) in choices.fallbacks()
-    assert probe.asked == []  # nothing is built for ops that cannot take the cache

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from omniserve.config import EngineConfig
+from omniserve.formats.fp8 import FP8_MAX
 from omniserve.formats.kv import PER_TENSOR, PER_TOKEN_HEAD, CacheRows, static_kv_scales
 from omniserve.kernels import KernelUnavailableError, dispatch, rope_kv
 from omniserve.layers.attention import AttentionMetadata, PagedAttention
@@ -46,8 +47,9 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-
 
 DTYPES = [torch.float16, torch.bfloat16]
 STATIC = "static"
-KV_FORMATS: list[int | str | None] = [None, 8, 4, STATIC]
-"""Cache formats: dense, per-row KV8 and KV4 (`quantize_kv`), per-tensor static KV8."""
+FP8 = "fp8"
+KV_FORMATS: list[int | str | None] = [None, 8, 4, STATIC, FP8]
+"""Cache formats: dense, per-row KV8 and KV4 (`quantize_kv`), per-tensor static KV8 and FP8."""
 SHAPES = [(32, 8, 128), (4, 2, 64), (8, 8, 128), (4, 4, 64), (8, 2, 256)]
 """(query heads, KV heads, head_dim): GQA 4:1 and 2:1, MHA, and the largest head_dim."""
 TOKENS = [1, 7, 255, 4097]
@@ -57,8 +59,8 @@ MAX_POSITIONS = 8192
 
 
 def _spec(kv_heads: int, head_dim: int, dtype: torch.dtype, fmt: int | str | None) -> KVCacheSpec:
-    if fmt == STATIC:
-        return KVCacheSpec(1, PAGE_SIZE, kv_heads, head_dim, dtype, 8, PER_TENSOR)
+    if fmt in (STATIC, FP8):
+        return KVCacheSpec(1, PAGE_SIZE, kv_heads, head_dim, dtype, 8, PER_TENSOR, fmt == FP8)
     assert not isinstance(fmt, str)
     return KVCacheSpec(1, PAGE_SIZE, kv_heads, head_dim, dtype, fmt, PER_TOKEN_HEAD)
 
@@ -89,6 +91,8 @@ def _cache(
         cache.storage.normal_(generator=g)
     elif fmt == STATIC:
         cache.storage.random_(-128, 128, generator=g)
+    elif fmt == FP8:  # finite positive e4m3 codes (0x7F is NaN, which no comparison equals)
+        cache.storage.view(torch.uint8).random_(0, 0x7F, generator=g)
     else:
         cache.storage.random_(0, 256, generator=g)
         assert cache.params is not None
@@ -96,11 +100,11 @@ def _cache(
     return cache
 
 
-def _calibrated(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[1, 2] static KV8 (K, V) scales from 90% of the largest |k| and |v| (|k| before RoPE,
-    which can grow it by up to √2): the largest values clamp, as in serving."""
-    absmax = torch.stack([k.abs().amax(), v.abs().amax()]).float()
-    return static_kv_scales(0.9 * absmax)[None]
+def _calibrated(k: torch.Tensor, v: torch.Tensor, fmt: int | str | None = STATIC) -> torch.Tensor:
+    """[1, 2] static KV8 or FP8 (K, V) scales from 90% of the largest |k| and |v| (|k| before
+    RoPE, which can grow it by up to √2): the largest values clamp, as in serving."""
+    absmax = 0.9 * torch.stack([k.abs().amax(), v.abs().amax()]).float()
+    return (absmax / FP8_MAX if fmt == FP8 else static_kv_scales(absmax))[None]
 
 
 def _bound(cache: KVCache, heads: int) -> PagedAttention:
@@ -202,12 +206,12 @@ def _run_both(
     seed: int,
     static_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Kernel against reference on two equal caches. A static KV8 cache takes `static_scales`
-    ([1, 2]), by default `_calibrated` on k and v. Returns the rows the kernel wrote,
-    [2 (K, V), kv_heads, tokens, width]."""
+    """Kernel against reference on two equal caches. A static KV8 or FP8 cache takes
+    `static_scales` ([1, 2]), by default `_calibrated` on k and v. Returns the rows the kernel
+    wrote, [2 (K, V), kv_heads, tokens, width]."""
     tokens, heads, head_dim = q.shape
-    if fmt == STATIC and static_scales is None:
-        static_scales = _calibrated(k, v)
+    if fmt in (STATIC, FP8) and static_scales is None:
+        static_scales = _calibrated(k, v, fmt)
     got_cache, want_cache = (
         _cache(k.shape[1], head_dim, q.dtype, fmt, tokens, seed, static_scales) for _ in range(2)
     )
@@ -240,7 +244,8 @@ def test_extreme_rows(dtype: torch.dtype, fmt: int | str | None) -> None:
     """All-zero, constant, one-signed, tiny (below the 2^-14 scale floor) and large rows, in keys
     (rotated first) and values alike. Large stays below fp16's range after rotation (|y| ≤ √2 max)
     and keeps the KV4 scale, (max − min) / 15, a finite fp16. Static KV8 is calibrated on the
-    ordinary rows only: the large rows clamp to ±127 and the tiny ones quantize to 0."""
+    ordinary rows only: the large rows clamp to ±127 and the tiny ones quantize to 0; FP8 likewise,
+    to ±448."""
     heads, kv_heads, head_dim, tokens = 8, 4, 128, 33
     q, k, v = _qkv(tokens, heads, kv_heads, head_dim, dtype, seed=5)
     g = torch.Generator(device="cuda").manual_seed(6)
@@ -256,10 +261,12 @@ def test_extreme_rows(dtype: torch.dtype, fmt: int | str | None) -> None:
         x[7, :, 1::2] = -3e4
         x[8, 0] = 0  # one zero head among ordinary ones
     q[0] = 0
-    scales = _calibrated(k[9:], v[9:]) if fmt == STATIC else None
+    scales = _calibrated(k[9:], v[9:], fmt) if fmt in (STATIC, FP8) else None
     written = _run_both(q, k, v, _rope(tokens, head_dim, dtype, seed=7), fmt, 8, scales)
     if fmt == STATIC:
         assert {-127, 127} <= set(written.unique().tolist())
+    if fmt == FP8:
+        assert {-FP8_MAX, FP8_MAX} <= set(written.float().unique().tolist())
 
 
 @gpu
@@ -447,11 +454,12 @@ def test_bad_inputs_are_named() -> None:
         ),
         (
             {"k_cache": codes, "v_cache": codes},
-            r"a per-tensor static KV8 cache must be int8 \[rows, 64\], got Byte \[\d+, 64\]",
+            r"a per-tensor static cache must be int8 \(KV8\) or float8_e4m3fn \(FP8\) \[rows, 64\], "
+            r"got Byte \[\d+, 64\]",
         ),
         (
             {"k_cache": narrow_signed, "v_cache": narrow_signed.clone()},
-            r"static KV8 cache must be int8 \[rows, 64\], got Char \[\d+, 32\]",
+            r"\(FP8\) \[rows, 64\], got Char \[\d+, 32\]",
         ),
         ({"k_scale": scale.half()}, r"k_scale must be one fp32 value on cuda:0, got Half \[\]"),
         (
@@ -488,7 +496,7 @@ def _cpu_step_layers(
     dtype: torch.dtype, fmt: int | str | None
 ) -> tuple[list[tuple[PagedAttention, KVCache, StepInputBuilder]], PagedRequests]:
     # Static scales that clamp the largest of the unit-normal keys and values.
-    scales = torch.tensor([[0.02, 0.015]]) if fmt == STATIC else None
+    scales = {STATIC: torch.tensor([[0.02, 0.015]]), FP8: torch.tensor([[0.006, 0.005]])}.get(fmt)
     layers = []
     for _ in range(2):
         cache = KVCache(

@@ -1,5 +1,6 @@
 // Host side of the paged decode attention: checks every operand, sizes the split-K launch and
-// dispatches to the per-format instantiations (decode_attention_{kv16,kv8,kv4,kv8_static}.cu).
+// dispatches to the per-format instantiations
+// (decode_attention_{kv16,kv8,kv4,kv8_static,fp8_static}.cu).
 // The kernels and their design are in common/decode_attention.cuh.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,10 +21,12 @@ OMNISERVE_DECLARE_FORMAT(__half, kDense)
 OMNISERVE_DECLARE_FORMAT(__half, kKV8)
 OMNISERVE_DECLARE_FORMAT(__half, kKV4)
 OMNISERVE_DECLARE_FORMAT(__half, kStaticKV8)
+OMNISERVE_DECLARE_FORMAT(__half, kStaticFP8)
 OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kDense)
 OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kKV8)
 OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kKV4)
 OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kStaticKV8)
+OMNISERVE_DECLARE_FORMAT(__nv_bfloat16, kStaticFP8)
 #undef OMNISERVE_DECLARE_FORMAT
 }  // namespace decode
 
@@ -209,6 +212,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
       case KVFormat::kKV4: return run(std::integral_constant<KVFormat, KVFormat::kKV4>());
       case KVFormat::kStaticKV8:
         return run(std::integral_constant<KVFormat, KVFormat::kStaticKV8>());
+      case KVFormat::kStaticFP8:
+        return run(std::integral_constant<KVFormat, KVFormat::kStaticFP8>());
     }
   });
   return out;

@@ -9,8 +9,9 @@
 //     even channel in the low nibble) with an fp16 (scale, zero) per row; or per-tensor static
 //     KV8, formats/kv.quantize_kv_static int8 codes under the cache's one fp32 scale, which the
 //     kernel reads from device memory (no host sync, so the launch can be captured in a graph);
-//   k_out, v_out = what reads of those rows return (dequantize_kv or dequantize_kv_static of the
-//     stored codes; a dense cache returns k_rot and v themselves), which prefill attention
+//     or per-tensor FP8, formats/kv.quantize_kv_fp8 e4m3 codes under such a scale;
+//   k_out, v_out = what reads of those rows return (dequantize_kv, dequantize_kv_static or
+//     dequantize_kv_fp8 of the stored codes; a dense cache returns k_rot and v themselves), which prefill attention
 //     consumes.
 // The arithmetic is the references' as torch runs them on the GPU, op for op: IEEE division and
 // explicitly rounded adds and multiplies (nothing contracted into an FMA or approximated), round
@@ -41,6 +42,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <optional>
@@ -57,6 +59,7 @@ namespace {
 
 constexpr float kMinKVScale = 6.103515625e-05f;  // 2^-14, formats/kv.py's scale floor
 constexpr float kStaticKVQMax = 127.f;            // formats/kv.STATIC_KV_QMAX
+constexpr float kFp8Max = 448.f;                  // formats/fp8.FP8_MAX
 constexpr int kWarpsPerBlock = 4;
 
 template <typename T, int N>
@@ -218,7 +221,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       if (keeps_stats) fold_key_stats<T, kHeadDim, kPerLane>(a, cache_row, c0, y);
     }
   } else {
-    constexpr bool kPerRow = kFormat != KVFormat::kStaticKV8;
+    constexpr bool kPerRow = !kIsStatic<kFormat>;
     constexpr int kBits = kBitsOf<kFormat>;
     constexpr int kLevels = (1 << kBits) - 1;
     constexpr float kInvLevels = 1.0f / kLevels;  // rounded once, as torch rounds 1 / Q
@@ -232,7 +235,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       hi = warp_reduce<kLanes>(hi, MaxOp());
     }
     if (is_kv) {
-      uint8_t q[2 * kPerLane];  // code bytes (static KV8: the int8 codes' two's complement)
+      uint8_t q[2 * kPerLane];  // code bytes (static KV8: the int8 codes' two's complement; FP8:
+                                // e4m3 bits)
       float x_hat[2 * kPerLane];
       __half scale_h, zero_h;  // per-row formats' parameters
       if constexpr (kPerRow) {
@@ -245,6 +249,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           const float c = rintf(__fadd_rn(__fdiv_rn(y[i], scale), zero));
           q[i] = static_cast<uint8_t>(fminf(fmaxf(c, 0.f), static_cast<float>(kLevels)));
           x_hat[i] = __fmul_rn(__fsub_rn(static_cast<float>(q[i]), zero), scale);
+        }
+      } else if constexpr (kFormat == KVFormat::kStaticFP8) {
+        const float scale = *(is_k ? a.k_scale : a.v_scale);
+#pragma unroll
+        for (int i = 0; i < 2 * kPerLane; ++i) {
+          // formats/fp8.to_fp8: y / s clamped to ±448, then e4m3 round-to-nearest-even.
+          const float x = fminf(fmaxf(__fdiv_rn(y[i], scale), -kFp8Max), kFp8Max);
+          q[i] = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+          x_hat[i] = __fmul_rn(
+              __half2float(__half(__nv_cvt_fp8_to_halfraw(q[i], __NV_E4M3))), scale);
         }
       } else {
         const float scale = *(is_k ? a.k_scale : a.v_scale);
@@ -448,6 +462,8 @@ std::vector<at::Tensor> rope_kv_write(const at::Tensor& q, const at::Tensor& k,
         return launch_for_head_dim<T, KVFormat::kKV4>(args, tokens, head_dim, stream);
       case KVFormat::kStaticKV8:
         return launch_for_head_dim<T, KVFormat::kStaticKV8>(args, tokens, head_dim, stream);
+      case KVFormat::kStaticFP8:
+        return launch_for_head_dim<T, KVFormat::kStaticFP8>(args, tokens, head_dim, stream);
     }
   });
   return {q_out, k_out, v_out};

@@ -29,6 +29,7 @@ EXTENSION = Extension(
         "decode_attention_kv8.cu",
         "decode_attention_kv4.cu",
         "decode_attention_kv8_static.cu",
+        "decode_attention_fp8_static.cu",
         "decode_attention_bindings.cpp",
     ),
     # Safe: the approximate exp2 and division err far below the fp16/bf16 rounding of the output,

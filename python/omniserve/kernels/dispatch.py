@@ -66,8 +66,6 @@ class ModelShape:
     """Whether some KV heads stream (their prefill takes a block-sparse path)."""
     fp8: bool = False
     """Whether the projections are FP8 (`layers/fp8_linear.py`; then `projections` is empty)."""
-    kv_fp8: bool = False
-    """Whether the KV cache is FP8, which no attention kernel reads or writes yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +164,6 @@ def decide(
     def backend() -> str | None:
         return f"attention_backend={attention_backend!r}" if attention_backend == "torch" else None
 
-    def fp8_cache() -> str | None:
-        return "no kernel reads an FP8 KV cache yet" if shape.kv_fp8 else None
-
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     return KernelChoices(
         act_quant=(
@@ -179,13 +174,11 @@ def decide(
         rope_kv=choose(
             rope_kv.EXTENSION,
             backend,
-            fp8_cache,
             lambda: rope_kv.unsupported(head_dim, dtype),
         ),
         decode_attention=choose(
             attention.EXTENSION,
             backend,
-            fp8_cache,
             lambda: attention.unsupported(heads, kv_heads, head_dim, dtype),
         ),
         stream_prefill=_stream_prefill(device, shape, backend()),

@@ -130,7 +130,7 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             attention_backend=config.attention_backend,
-            shape=dataclasses.replace(shape, streaming=self.streaming is not None, kv_fp8=kv_fp8),
+            shape=dataclasses.replace(shape, streaming=self.streaming is not None),
         )
         for op, reason in self.kernels.summary():
             logger.info("%s: %s", op, reason)

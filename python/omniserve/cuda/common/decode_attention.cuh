@@ -5,7 +5,8 @@
 // with an fp16 (scale, zero) per row: x̂ = scale * (q - zero) (formats/kv.py), or as per-tensor
 // static KV8: int8 codes under one fp32 scale per layer for K and one for V, x̂ = scale * q. The
 // kernels read those codes flipped to uint8 (q + 128, one XOR per four codes) with the row
-// parameters (scale, 128), so that one KV8 path serves both.
+// parameters (scale, 128), so that one KV8 path serves both. Per-tensor FP8 rows (e4m3 codes,
+// x̂ = scale * e4m3(q)) take the same path with row parameters (scale, 0).
 //
 // Split-K ("flash decoding"): block (split, kv_head, request) attends the query heads of one GQA
 // group to one partition of up to `partition` tokens, so each K/V row is read once for the whole
@@ -44,6 +45,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -81,9 +83,9 @@ struct DecodeConfig {
   static_assert(kLanesPerToken >= 1 && kLanesPerToken <= 32 && 32 % kLanesPerToken == 0, "lanes");
 };
 
-// Converts one lane's chunk of a row to floats: 16-bit values, or KV8 codes (written into the
-// mantissa of 2^23: exact, two integer/float ops, no I2F; static KV8's int8 codes flipped to
-// q + 128 first).
+// Converts one lane's chunk of a row to floats: 16-bit values, FP8 e4m3 codes (the hardware's
+// paired conversion to fp16, exact), or KV8 codes (written into the mantissa of 2^23: exact, two
+// integer/float ops, no I2F; static KV8's int8 codes flipped to q + 128 first).
 template <typename T, KVFormat F, int Vals>
 __device__ __forceinline__ void decode_chunk(const Chunk<Vals * kBitsOf<F> / 8>& c,
                                              float (&f)[Vals]) {
@@ -96,6 +98,18 @@ __device__ __forceinline__ void decode_chunk(const Chunk<Vals * kBitsOf<F> / 8>&
           *reinterpret_cast<const typename Float16Traits<T>::Pair*>(&c.w[j]));
       f[2 * j] = v.x;
       f[2 * j + 1] = v.y;
+    }
+  } else if constexpr (F == KVFormat::kStaticFP8) {
+#pragma unroll
+    for (int j = 0; j < Vals / 4; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const __half2_raw pair = __nv_cvt_fp8x2_to_halfraw2(
+            static_cast<__nv_fp8x2_storage_t>(c.w[j] >> (16 * h)), __NV_E4M3);
+        const float2 v = __half22float2(__half2(pair));
+        f[4 * j + 2 * h] = v.x;
+        f[4 * j + 2 * h + 1] = v.y;
+      }
     }
   } else {
 #pragma unroll
@@ -253,11 +267,13 @@ __device__ __forceinline__ void write_unattended(const DecodeParams& p, int b, i
   }
 }
 
-// The (scale, zero) every row of a static KV8 cache is read with (see the file comment).
+// The (scale, zero) every row of a static cache is read with (see the file comment).
 template <KVFormat F>
 __device__ __forceinline__ float2 static_row_params(const float* scale) {
   if constexpr (F == KVFormat::kStaticKV8) {
     return make_float2(*scale, 128.f);
+  } else if constexpr (F == KVFormat::kStaticFP8) {
+    return make_float2(*scale, 0.f);
   } else {
     return make_float2(0.f, 0.f);  // unused
   }
@@ -265,7 +281,7 @@ __device__ __forceinline__ float2 static_row_params(const float* scale) {
 
 // Issues this lane's loads for the next kUnroll tokens of its token group (tokens base +
 // u · kTokenGroups + token_group, those below n) before any is used: its chunk of each K or V row
-// and, for per-row quantized rows, the row's (scale, zero); static KV8 rows all take `fixed`.
+// and, for per-row quantized rows, the row's (scale, zero); static rows all take `fixed`.
 template <typename Cfg, KVFormat F>
 __device__ __forceinline__ void load_chunks(const uint8_t* rows, const __half2* params,
                                             float2 fixed, const uint32_t* s_row, int n, int base,
@@ -280,7 +296,7 @@ __device__ __forceinline__ void load_chunks(const uint8_t* rows, const __half2* 
       chunk[u] = *reinterpret_cast<const Chunk<Cfg::kLoadBytes>*>(
           rows + static_cast<int64_t>(row) * Cfg::kRowBytes + lane_in_token * Cfg::kLoadBytes);
       if constexpr (F == KVFormat::kKV8) row_params[u] = __half22float2(params[row]);
-      if constexpr (F == KVFormat::kStaticKV8) row_params[u] = fixed;
+      if constexpr (kIsStatic<F>) row_params[u] = fixed;
     }
   }
 }

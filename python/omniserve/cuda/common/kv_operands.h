@@ -56,16 +56,17 @@ inline KVFormat check_kv_operands(const at::Tensor& k_cache, const at::Tensor& v
     return width == head_dim ? KVFormat::kKV8 : KVFormat::kKV4;
   }
   if (per_tensor) {
-    OMNI_CHECK(k_cache.scalar_type() == at::kChar && width == head_dim,
-               "a per-tensor static KV8 cache must be int8 [rows, ", head_dim, "], got ",
-               k_cache.scalar_type(), " ", k_cache.sizes());
+    const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+    OMNI_CHECK((fp8 || k_cache.scalar_type() == at::kChar) && width == head_dim,
+               "a per-tensor static cache must be int8 (KV8) or float8_e4m3fn (FP8) [rows, ",
+               head_dim, "], got ", k_cache.scalar_type(), " ", k_cache.sizes());
     for (const auto& [scale, name] : {std::pair{&*k_scale, "k_scale"}, {&*v_scale, "v_scale"}}) {
       OMNI_CHECK(scale->device() == device && scale->scalar_type() == at::kFloat &&
                      scale->numel() == 1,
                  name, " must be one fp32 value on ", device, ", got ", scale->scalar_type(), " ",
                  scale->sizes(), " on ", scale->device());
     }
-    return KVFormat::kStaticKV8;
+    return fp8 ? KVFormat::kStaticFP8 : KVFormat::kStaticKV8;
   }
   OMNI_CHECK(k_cache.scalar_type() == dtype && width == head_dim,
              "a cache without params or scales holds rows of q's dtype and head_dim: expected ",
