@@ -179,18 +179,34 @@ def _tile_label(tile: Tile) -> str:
     return f"{tile[0]}x{tile[1]}"
 
 
-def _chosen(op: str, m: int, n: int, k: int) -> str:
-    """What the automatic path runs for this row: "small_m", "tensor_core@TOKENSxSPLIT", "cutlass"."""
+def _format(op: str) -> type:
     from omniserve.formats.weight import W4A8PerChannelWeight, W4A8PerGroupWeight, W8A8Weight
-    from omniserve.kernels import gemm as gk
 
-    fmt = {
+    return {
         "w4a8_per_channel": W4A8PerChannelWeight,
         "w4a8_g128": W4A8PerGroupWeight,
         "w8a8": W8A8Weight,
     }[op]
-    path, tile = gk.auto_choice(fmt, m, n, k)
+
+
+def _chosen(op: str, m: int, n: int, k: int) -> str:
+    """What the automatic path runs for this row: "small_m", "tensor_core@TOKENSxSPLIT", "cutlass"."""
+    from omniserve.kernels import gemm as gk
+
+    path, tile = gk.auto_choice(_format(op), m, n, k)
     return path if tile is None else f"{path}@{_tile_label(tile)}"
+
+
+def residency(ops: list[str], tiles: list[Tile]) -> dict[str, dict[str, int]]:
+    """Per op and forced tile, the output tiles the device runs at once (the tile cost model's
+    waves; benches/fit_gemm_tiles.py refits the model from them and the rows)."""
+    from omniserve.kernels import gemm as gk
+
+    return {
+        op: {_tile_label(t): gk.resident_clusters(_format(op), t) for t in tiles}
+        for op in ops
+        if op in OURS
+    }
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -277,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            saved: dict[str, Any] = {"device": torch.cuda.get_device_name(), "rows": rows}
+            if args.tiles:
+                saved["resident_clusters"] = residency(args.ops, args.tiles)
+            json.dump(saved, f, indent=1)
     header = f"{'shape':8} {'M':>6} {'op':50} {'us':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB/s':>7} "
     print(header + f"{'x bf16':>7} {'x int8':>7} {'x fp8':>7}")
     for r in rows:

@@ -120,6 +120,28 @@ std::tuple<int64_t, int64_t> auto_tile(int64_t format, int64_t m, int64_t n, int
   return {tile.tokens, tile.split};
 }
 
+// Clusters of `split` blocks of the `tile_tokens`-token tensor-core kernel the current device
+// holds at once (the cost model's waves), for the benchmark that refits the model.
+int64_t resident_clusters(int64_t format, int64_t tile_tokens, int64_t tile_split,
+                          int64_t out_kind) {
+  const Format fmt = omniserve::gemm::checked_format(format);
+  OMNI_CHECK((tile_tokens == 64 || tile_tokens == 128 || tile_tokens == 256) && tile_split >= 1 &&
+                 tile_split <= omniserve::gemm::kMaxSplit,
+             "omniserve gemm: a tile is 64, 128 or 256 tokens with a K split of 1 to ",
+             omniserve::gemm::kMaxSplit, "; got ", tile_tokens, " x ", tile_split);
+  out_dtype(out_kind);  // checks the kind
+  const int tokens = static_cast<int>(tile_tokens), split = static_cast<int>(tile_split);
+  switch (fmt) {
+    case Format::kW8A8:
+      return omniserve::gemm::resident_clusters<Format::kW8A8>(tokens, split, out_kind);
+    case Format::kW4A8PerChannel:
+      return omniserve::gemm::resident_clusters<Format::kW4A8PerChannel>(tokens, split, out_kind);
+    case Format::kW4A8G128:
+      return omniserve::gemm::resident_clusters<Format::kW4A8G128>(tokens, split, out_kind);
+  }
+  return 0;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -129,4 +151,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("path"), py::arg("tile_tokens"), py::arg("tile_split"));
   m.def("auto_tile", &auto_tile, "The tensor-core tile the automatic path runs for a shape",
         py::arg("format"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_kind"));
+  m.def("resident_clusters", &resident_clusters,
+        "Clusters of a tensor-core tile the current device holds at once", py::arg("format"),
+        py::arg("tile_tokens"), py::arg("tile_split"), py::arg("out_kind"));
 }

@@ -5,4 +5,5 @@
 namespace omniserve::gemm {
 template void launch_gemm<Format::kW4A8G128>(const GemmParams&, int, Path, Tile, cudaStream_t);
 template Tile auto_tile<Format::kW4A8G128>(const GemmParams&, int);
+template int resident_clusters<Format::kW4A8G128>(int, int, int);
 }  // namespace omniserve::gemm

@@ -229,6 +229,12 @@ def auto_choice(
     return ("small_m", None) if tokens == 0 else ("tensor_core", (tokens, split))
 
 
+def resident_clusters(fmt: type[QuantizedWeight], tile: Tile) -> int:
+    """Output tiles of the tensor-core kernel at `tile` (each a cluster of `split` blocks) that
+    the current CUDA device runs at once: the waves of the dispatcher's tile cost model."""
+    return EXTENSION.load().resident_clusters(_FORMATS[fmt], *tile, _OUT_KINDS[torch.bfloat16])
+
+
 def unpack_int8(w: PackedWeight) -> torch.Tensor:
     """int8 [N, K] operand B of the integer core (W8 codes, W4 codes, g128's level-1 w8) as the
     CUTLASS path expands it on the GPU (debug entry: equals `formats.gemm`'s B exactly)."""

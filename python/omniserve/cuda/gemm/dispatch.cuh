@@ -41,7 +41,7 @@ constexpr std::array<int, 3> kTileTokens = {64, 128, 256};
 // same SMs, so their clusters count twice the one-per-SM kernel's: the sweep shows a 64-token grid
 // needing a second wave exactly there, where an SM-count bound would still promise one.
 template <Format F, typename OutT, int WGS>
-int resident_clusters(int split) {
+int device_clusters(int split) {
   static std::mutex mutex;
   static std::array<std::array<int, kMaxSplit + 1>, 64> by_device{};  // 0: not queried yet
   int device = 0;
@@ -80,11 +80,11 @@ double tile_cost(const GemmParams& p, int tokens, int split, int resident) {
 }
 
 template <Format F, typename OutT>
-int resident_clusters_of(int tokens, int split) {
+int tile_clusters(int tokens, int split) {
   switch (tokens) {
-    case 64: return resident_clusters<F, OutT, 1>(split);
-    case 128: return resident_clusters<F, OutT, 2>(split);
-    default: return resident_clusters<F, OutT, 4>(split);
+    case 64: return device_clusters<F, OutT, 1>(split);
+    case 128: return device_clusters<F, OutT, 2>(split);
+    default: return device_clusters<F, OutT, 4>(split);
   }
 }
 
@@ -95,7 +95,7 @@ Tile choose_tile(const GemmParams& p) {
   double best_cost = std::numeric_limits<double>::infinity();
   for (const int tokens : kTileTokens) {
     for (int split = 1; split <= std::min(kMaxSplit, p.k / kBlockK); ++split) {
-      const double cost = tile_cost<F>(p, tokens, split, resident_clusters_of<F, OutT>(tokens, split));
+      const double cost = tile_cost<F>(p, tokens, split, tile_clusters<F, OutT>(tokens, split));
       if (cost < best_cost) {
         best = {tokens, split};
         best_cost = cost;
@@ -115,6 +115,12 @@ decltype(auto) with_out_type(int out_kind, Fn&& fn) {
     case kOutBFloat16: return fn(__nv_bfloat16{});
     default: throw std::invalid_argument("omniserve gemm: unknown output kind");
   }
+}
+
+template <Format F>
+int resident_clusters(int tokens, int split, int out_kind) {
+  return with_out_type(out_kind,
+                       [&](auto out) { return tile_clusters<F, decltype(out)>(tokens, split); });
 }
 
 template <Format F>

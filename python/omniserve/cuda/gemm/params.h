@@ -54,6 +54,10 @@ void launch_gemm(const GemmParams& p, int out_kind, Path path, Tile tile, cudaSt
 // The tile the automatic path runs for p's shape on the current device; {0, 0}: the small-M kernel.
 template <Format F>
 Tile auto_tile(const GemmParams& p, int out_kind);
+// Clusters of `split` blocks of the `tokens`-token tensor-core kernel the current device holds at
+// once: the waves of the tile cost model.
+template <Format F>
+int resident_clusters(int tokens, int split, int out_kind);
 
 // out_kind values shared by the launchers and the host wrapper.
 enum OutKind : int { kOutInt32 = 0, kOutFloat = 1, kOutHalf = 2, kOutBFloat16 = 3 };
