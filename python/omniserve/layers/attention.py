@@ -228,6 +228,9 @@ class DecodeBatch:
     """int32 [g]: tokens on those pages (the last page ends at the request's new token)."""
     selection: DecodeSelection | None = None
     """The dense heads' selected views, with page selection on."""
+    whole_step: bool = False
+    """Whether token_idx is every token of the step in order (a decode-only step): the kernel
+    then reads q and its output is the step's, with no gather or scatter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +372,9 @@ class PagedAttention(nn.Module):
             v = self.v_cache.store(rows, v.transpose(0, 1)).transpose(0, 1)
         if self.selection is not None and not folded:
             self._fold_key_stats(rows, k)
+        batch = meta.decode_batch
+        if batch is not None and batch.whole_step:
+            return self._decode_kernel(q, batch)
         batches = meta.by_window[self.sliding_window]
         out = torch.empty_like(q)
         for i, chunk in enumerate(batches.prefills):
@@ -378,10 +384,8 @@ class PagedAttention(nn.Module):
             if group.selection is not None:
                 self._select(q[group.token_idx], group.selection, None)
             out[group.token_idx] = self._decode(q, group)
-        if (batch := meta.decode_batch) is not None:
-            if batch.selection is not None:
-                self._select(q[batch.token_idx], batch.selection, batch.seq_rows)
-            out[batch.token_idx] = self._decode_kernel(q, batch)
+        if batch is not None:
+            out[batch.token_idx] = self._decode_kernel(q[batch.token_idx], batch)
         return out
 
     def _fold_key_stats(self, rows: torch.Tensor, k: torch.Tensor) -> None:
@@ -465,6 +469,10 @@ class PagedAttention(nn.Module):
         return past
 
     def _decode_kernel(self, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        """The decode batch's output [g, heads, head_dim] from its queries q (the same), after
+        refreshing the selected lists of the requests that select."""
+        if batch.selection is not None:
+            self._select(q, batch.selection, batch.seq_rows)
         num_kv, base, is_stream = self.num_kv_heads, self.heads.base, self.heads.stream
         if batch.selection is not None and self.select_heads.group == 1 < self._group:
             # Per query head: launched "as MHA", each query head a KV head of its own.
@@ -479,7 +487,7 @@ class PagedAttention(nn.Module):
             selected = SelectedPages(self.selected, sel.count, sel.tail)
             head_base = base if streaming is None else None
         return decode_attention(
-            q[batch.token_idx],
+            q,
             self.k_cache.kernel_operands(),
             self.v_cache.kernel_operands(),
             batch.page_table,

@@ -104,6 +104,7 @@ class DecodeGraphs:
                 stream_table=self._stream_table[:size] if self._streaming else None,
                 stream_context_lens=self._stream_lens[:size] if self._streaming else None,
                 selection=None if selection is None else self._decode_selection(size, selects),
+                whole_step=True,
             )
             meta = AttentionMetadata(
                 self._write_index[:, :size],
@@ -152,7 +153,7 @@ class DecodeGraphs:
         self._write_index[:, n:size].copy_(self._null_rows[:, n:size])
         self._write_slots[:n].copy_(step.attn.write_slots)
         self._write_slots[n:size].zero_()
-        # The step lists decodes longest context first; the graph reads them in token order.
+        # The graph reads the decodes in token order, whatever order the step lists them in.
         self._seq_rows.index_copy_(0, batch.token_idx, batch.seq_rows)
         self._context_lens.index_copy_(0, batch.token_idx, batch.context_lens)
         if self._streaming:

@@ -141,8 +141,14 @@ class StepInputBuilder:
         decode = (plan.num_new == 1).nonzero().squeeze(1)
         select = None if self.selection is None else self._select_views(plan, ctx)
         attended = ctx if select is None else select[2]
-        # Most positions first, so that each decode group pads its requests to similar lengths.
-        order = decode[torch.argsort(attended[decode], descending=True, stable=True)]
+        # The kernel takes decodes in token order (a decode-only step then reads q and writes the
+        # output in place); the torch path's groups, most positions first, pad their requests to
+        # similar lengths.
+        order = (
+            decode
+            if self.decode_kernel
+            else decode[torch.argsort(attended[decode], descending=True, stable=True)]
+        )
         sampled_idx = ((plan.flags & FLAG_NEEDS_LOGITS) != 0).nonzero().squeeze(1)
         prompt_lens = None if self.stream is None else self.stream.prompt_lens[plan.rows.long()]
         # The decodes' views, in decode order (host; the device copy is the buffer's last parts).
@@ -221,7 +227,7 @@ class StepInputBuilder:
                 stream_table, stream_lens = self._stream_decode(
                     rows[order_d], pos0[order_d], *stream_pages[:2]
                 )
-            selection, max_len = None, decode_ctx[0]  # most first
+            selection, max_len = None, max(decode_ctx)
             if select_order is not None:
                 selection = self._decode_selection(*select_order, rows[order_d], 0, len(order))
                 if stream_pages is not None:  # streaming heads may see more than dense ones
@@ -236,6 +242,7 @@ class StepInputBuilder:
                 stream_table=stream_table,
                 stream_context_lens=stream_lens,
                 selection=selection,
+                whole_step=len(decode_ctx) == num_tokens,
             )
         by_window = {
             w: AttentionBatches(
