@@ -255,6 +255,8 @@ def test_breakdown_splits_the_run_into_prefill_decode_steps_and_ops(
     assert b["device_busy_fraction"] == pytest.approx(
         b["device_ms_per_step"] / b["decode_step_ms_median"]
     )
+    # 16 prompt tokens fill no two whole steps: prefill is timed, not profiled.
+    assert b["prefill_profiled_steps"] == 0 and b["prefill_categories_ms"] == {}
     out = capsys.readouterr().out
     assert "decode step median" in out and "waiting for the host" in out
     assert png.stat().st_size > 1000
@@ -264,7 +266,8 @@ def test_breakdown_splits_the_run_into_prefill_decode_steps_and_ops(
 
 def test_breakdown_waits_for_chunked_prefills_before_profiling(tmp_path: Path) -> None:
     """Prompts of 40 tokens in steps of 8 tokens beside 2 decodes: every first token comes
-    before the profiled window (the breakdown checks it), whichever scheduling mode."""
+    before the profiled window (the breakdown checks it), whichever scheduling mode, and the
+    prefill steps are profiled too."""
     report = tmp_path / "bench.json"
     for mode in ("--async-scheduling", "--no-async-scheduling"):
         args = ["--batch", "2", "--input-len", "40", "--output-len", "24", "--peer", "none"]
@@ -277,8 +280,16 @@ def test_breakdown_waits_for_chunked_prefills_before_profiling(tmp_path: Path) -
             == 0
         )
         (row,) = json.loads(report.read_text())["results"]
-        assert row["breakdown"]["profiled_steps"] == 16
-        assert row["breakdown"]["prefill_s"] > 0
+        b = row["breakdown"]
+        assert b["profiled_steps"] == 16 and b["prefill_s"] > 0
+        # 80 prompt tokens fill 10 steps of 8: one warm step, then 2 profiled, all prefill.
+        assert b["prefill_profiled_steps"] == step_breakdown.PREFILL_PROFILE_STEPS == 2
+        assert b["prefill_categories_ms"]["gemm"] > 0 and b["prefill_top_kernels"]
+        assert b["prefill_device_ms_per_step"] == pytest.approx(
+            sum(b["prefill_categories_ms"].values())
+        )
+        assert 0 < b["prefill_step_ms_median"] < 1e3 * b["prefill_s"]
+        assert "prefill step median" in step_breakdown.table(b)
 
 
 @pytest.mark.gpu

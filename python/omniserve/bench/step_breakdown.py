@@ -1,7 +1,9 @@
 """Where a generation run's time goes: prefill, decode steps, and the device's share of a step.
 
 `measure` runs a batch through an engine the way `Engine.generate` does, stamping every step:
-- prefill: from the start until every request has its first token;
+- prefill: from the start until every request has its first token; where the batch's prompts
+  fill enough whole steps, the median prefill step and the per-op device time of a few of them
+  under `torch.profiler` (after one warm step), as for decode;
 - decode steps: the intervals between consecutive `step()` returns once every request has its
   first token (with async scheduling one return per device step), median and p90;
 - per-op device time of a decode step: a window of decode steps under `torch.profiler` (CUDA
@@ -53,6 +55,10 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 SLACK_STEPS = 3
 """Steps beyond the longest prefill's own before the profiled window starts."""
 
+PREFILL_PROFILE_STEPS = 2
+"""Prefill steps profiled, after a first one (which also pays one-time costs), where the prompts
+fill at least this many + 2 whole steps (so the window holds no decode)."""
+
 SYNC_CHECK_STEPS = 8
 """Decode steps (after the profiled window) run under torch's sync check on a GPU."""
 
@@ -92,6 +98,15 @@ class Breakdown(msgspec.Struct, frozen=True):
     where not measured (the CPU, or no steps left after the profiled window)."""
     host_wait_sites: list[HostWait] = []
     """Those calls by site, most first."""
+    prefill_step_ms_median: float | None = None
+    """Median interval between steps before every request has its first token (None: fewer
+    than two such intervals outside the profiled window)."""
+    prefill_profiled_steps: int = 0
+    """Prefill steps profiled (0: the prompts fill too few whole steps)."""
+    prefill_device_ms_per_step: float = 0.0
+    prefill_categories_ms: dict[str, float] = {}
+    """Device ms per profiled prefill step by category."""
+    prefill_top_kernels: list[KernelTime] = []
 
 
 def category(name: str) -> str:
@@ -120,8 +135,15 @@ def measure(
     first_tokens: list[float] = []
     since_admitted = 0
     window_after = _prefill_steps(engine, max(map(len, prompts))) + SLACK_STEPS
+    full_prefill_steps = sum(map(len, prompts)) // engine.config.max_num_batched_tokens
+    profile_prefill = full_prefill_steps >= PREFILL_PROFILE_STEPS + 2
+    prefill_totals: dict[str, list[float]] = {}
+    steps_taken = 0
     while engine.has_unfinished_requests():
-        if window_start is None and since_admitted == window_after and profile_steps:
+        if profile_prefill and steps_taken == 1:
+            prefill_totals, outputs = _profile(engine, PREFILL_PROFILE_STEPS, device)
+            stamps.append([])
+        elif window_start is None and since_admitted == window_after and profile_steps:
             window_start = time.monotonic()
             totals, outputs = _profile(engine, profile_steps, device)
             if device.type == "cuda" and engine.has_unfinished_requests():
@@ -131,6 +153,7 @@ def measure(
         else:
             outputs = engine.step()
             stamps[-1].append(time.monotonic())
+        steps_taken += 1
         first_tokens += [o.first_token_time for o in outputs if o.first_token_time is not None]
         if window_start is None and engine.stats().waiting == 0:  # only to place the window
             since_admitted += 1
@@ -138,17 +161,15 @@ def measure(
     prefill_end = max(first_tokens, default=start)
     if window_start is not None and window_start < prefill_end:  # a bound above is wrong
         raise RuntimeError("the profiled window began before every request had its first token")
-    steps_ms = [1e3 * (b - a) for run in stamps for a, b in zip(run, run[1:]) if a >= prefill_end]
+    intervals = [(a, 1e3 * (b - a)) for run in stamps for a, b in zip(run, run[1:])]
+    steps_ms = [ms for a, ms in intervals if a >= prefill_end]
+    prefill_ms = [ms for a, ms in intervals if a + ms / 1e3 <= prefill_end]
     median = statistics.median(steps_ms) if steps_ms else 0.0
     p90 = percentile(steps_ms, 0.9)
-    per_kernel = {
-        name: KernelTime(name, total_ms / profile_steps, calls / profile_steps)
-        for name, (total_ms, calls) in totals.items()
-    }
-    device_ms = sum(k.ms_per_step for k in per_kernel.values())
-    categories: dict[str, float] = defaultdict(float)
-    for kernel in per_kernel.values():
-        categories[category(kernel.name)] += kernel.ms_per_step
+    device_ms, categories, kernels = _per_step(totals, profile_steps, top)
+    prefill_device_ms, prefill_categories, prefill_kernels = _per_step(
+        prefill_totals, PREFILL_PROFILE_STEPS, top
+    )
     return Breakdown(
         prefill_s=prefill_end - start,
         decode_steps=len(steps_ms),
@@ -157,13 +178,36 @@ def measure(
         profiled_steps=profile_steps if window_start is not None else 0,
         device_ms_per_step=device_ms,
         device_busy_fraction=device_ms / median if median else 0.0,
-        categories_ms=dict(sorted(categories.items(), key=lambda kv: -kv[1])),
-        top_kernels=sorted(per_kernel.values(), key=lambda k: -k.ms_per_step)[:top],
+        categories_ms=categories,
+        top_kernels=kernels,
         host_waits_per_step=None if waits is None else sum(waits.values()) / SYNC_CHECK_STEPS,
         host_wait_sites=[
             HostWait(site, count / SYNC_CHECK_STEPS)
             for site, count in sorted((waits or {}).items(), key=lambda kv: -kv[1])
         ],
+        prefill_step_ms_median=statistics.median(prefill_ms) if len(prefill_ms) > 1 else None,
+        prefill_profiled_steps=PREFILL_PROFILE_STEPS if profile_prefill else 0,
+        prefill_device_ms_per_step=prefill_device_ms,
+        prefill_categories_ms=prefill_categories,
+        prefill_top_kernels=prefill_kernels,
+    )
+
+
+def _per_step(
+    totals: dict[str, list[float]], steps: int, top: int
+) -> tuple[float, dict[str, float], list[KernelTime]]:
+    """Device ms per step, its split by category (most first) and the `top` kernels, from a
+    profiled window's (total ms, calls) per kernel over `steps` steps."""
+    per_kernel = [
+        KernelTime(name, ms / steps, calls / steps) for name, (ms, calls) in totals.items()
+    ]
+    categories: dict[str, float] = defaultdict(float)
+    for kernel in per_kernel:
+        categories[category(kernel.name)] += kernel.ms_per_step
+    return (
+        sum(k.ms_per_step for k in per_kernel),
+        dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        sorted(per_kernel, key=lambda k: -k.ms_per_step)[:top],
     )
 
 
@@ -240,7 +284,24 @@ def table(breakdown: dict[str, Any]) -> str:
         lines.append(f"  host waits per step (torch sync check): {b['host_waits_per_step']:.2f}")
         for w in b["host_wait_sites"]:
             lines.append(f"    {w['site'][-64:]:<64} {w['per_step']:>6.2f}")
-    lines.append(f"  {'kernel':<60} {'ms/step':>8} {'calls':>6}")
-    for k in b["top_kernels"]:
-        lines.append(f"  {k['name'][:60]:<60} {k['ms_per_step']:>8.3f} {k['calls_per_step']:>6.1f}")
+    lines += _kernel_lines(b["top_kernels"])
+    if b.get("prefill_profiled_steps"):
+        step = b["prefill_step_ms_median"]
+        lines.append(
+            f"prefill step median {step or float('nan'):.2f} ms; "
+            f"{b['prefill_device_ms_per_step']:.2f} ms of device time per step over "
+            f"{b['prefill_profiled_steps']} profiled steps"
+        )
+        lines.append(f"  {'part':<28} {'ms/step':>8} {'share':>6}")
+        for name, ms in b["prefill_categories_ms"].items():
+            share = 100 * ms / step if step else 0.0
+            lines.append(f"  {name:<28} {ms:>8.3f} {share:>5.0f}%")
+        lines += _kernel_lines(b["prefill_top_kernels"])
     return "\n".join(lines)
+
+
+def _kernel_lines(kernels: list[dict[str, Any]]) -> list[str]:
+    lines = [f"  {'kernel':<60} {'ms/step':>8} {'calls':>6}"]
+    for k in kernels:
+        lines.append(f"  {k['name'][:60]:<60} {k['ms_per_step']:>8.3f} {k['calls_per_step']:>6.1f}")
+    return lines
