@@ -6,8 +6,10 @@
 
 #include <limits>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
@@ -20,6 +22,18 @@ using omniserve::gemm::check_tensor;
 using omniserve::gemm::Format;
 using omniserve::gemm::GemmParams;
 using omniserve::gemm::Path;
+
+// Calls fn with std::integral_constant<Format, F> for the format `fmt` names.
+template <typename Fn>
+decltype(auto) with_format(Format fmt, Fn&& fn) {
+  switch (fmt) {
+    case Format::kW8A8: return fn(std::integral_constant<Format, Format::kW8A8>());
+    case Format::kW4A8PerChannel:
+      return fn(std::integral_constant<Format, Format::kW4A8PerChannel>());
+    case Format::kW4A8G128: return fn(std::integral_constant<Format, Format::kW4A8G128>());
+  }
+  throw std::invalid_argument("omniserve gemm: unknown format");
+}
 
 at::ScalarType out_dtype(int64_t out_kind) {
   switch (out_kind) {
@@ -81,18 +95,10 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto kernel_path = static_cast<Path>(path);
-  switch (fmt) {
-    case Format::kW8A8:
-      omniserve::gemm::launch_gemm<Format::kW8A8>(p, out_kind, kernel_path, tile, stream);
-      break;
-    case Format::kW4A8PerChannel:
-      omniserve::gemm::launch_gemm<Format::kW4A8PerChannel>(p, out_kind, kernel_path, tile, stream);
-      break;
-    case Format::kW4A8G128:
-      omniserve::gemm::launch_gemm<Format::kW4A8G128>(p, out_kind, kernel_path, tile, stream);
-      break;
-  }
+  with_format(fmt, [&](auto f) {
+    constexpr Format kFormat = decltype(f)::value;
+    omniserve::gemm::launch_gemm<kFormat>(p, out_kind, static_cast<Path>(path), tile, stream);
+  });
   return out;
 }
 
@@ -109,14 +115,10 @@ std::tuple<int64_t, int64_t> auto_tile(int64_t format, int64_t m, int64_t n, int
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
-  omniserve::gemm::Tile tile{};
-  switch (fmt) {
-    case Format::kW8A8: tile = omniserve::gemm::auto_tile<Format::kW8A8>(p, out_kind); break;
-    case Format::kW4A8PerChannel:
-      tile = omniserve::gemm::auto_tile<Format::kW4A8PerChannel>(p, out_kind);
-      break;
-    case Format::kW4A8G128: tile = omniserve::gemm::auto_tile<Format::kW4A8G128>(p, out_kind); break;
-  }
+  const omniserve::gemm::Tile tile = with_format(fmt, [&](auto f) {
+    constexpr Format kFormat = decltype(f)::value;
+    return omniserve::gemm::auto_tile<kFormat>(p, static_cast<int>(out_kind));
+  });
   return {tile.tokens, tile.split};
 }
 
@@ -131,15 +133,10 @@ int64_t resident_clusters(int64_t format, int64_t tile_tokens, int64_t tile_spli
              omniserve::gemm::kMaxSplit, "; got ", tile_tokens, " x ", tile_split);
   out_dtype(out_kind);  // checks the kind
   const int tokens = static_cast<int>(tile_tokens), split = static_cast<int>(tile_split);
-  switch (fmt) {
-    case Format::kW8A8:
-      return omniserve::gemm::resident_clusters<Format::kW8A8>(tokens, split, out_kind);
-    case Format::kW4A8PerChannel:
-      return omniserve::gemm::resident_clusters<Format::kW4A8PerChannel>(tokens, split, out_kind);
-    case Format::kW4A8G128:
-      return omniserve::gemm::resident_clusters<Format::kW4A8G128>(tokens, split, out_kind);
-  }
-  return 0;
+  return with_format(fmt, [&](auto f) {
+    constexpr Format kFormat = decltype(f)::value;
+    return omniserve::gemm::resident_clusters<kFormat>(tokens, split, static_cast<int>(out_kind));
+  });
 }
 
 }  // namespace
