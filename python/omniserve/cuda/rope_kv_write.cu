@@ -11,8 +11,8 @@
 //     kernel reads from device memory (no host sync, so the launch can be captured in a graph);
 //     or per-tensor FP8, formats/kv.quantize_kv_fp8 e4m3 codes under such a scale;
 //   k_out, v_out = what reads of those rows return (dequantize_kv, dequantize_kv_static or
-//     dequantize_kv_fp8 of the stored codes; a dense cache returns k_rot and v themselves), which prefill attention
-//     consumes.
+//     dequantize_kv_fp8 of the stored codes; a dense cache returns k_rot and v themselves),
+//     which prefill attention consumes.
 // The arithmetic is the references' as torch runs them on the GPU, op for op: IEEE division and
 // explicitly rounded adds and multiplies (nothing contracted into an FMA or approximated), round
 // half to even, the same clamps, and (hi − lo) / Q as (hi − lo) · fl(1 / Q), because torch's CUDA
