@@ -3,10 +3,11 @@ over two ranks (tiny_models.TP_SIZES), and the parts it is made of.
 
 End to end, per model and precision (GQA, MHA with KV4 and a vocabulary that does not divide,
 Qwen2 with biases, tied embeddings and one KV head for two ranks, W4A8 g128, W4A8 per-channel
-KV4, W8A8): the same greedy tokens and finish reasons under chunked prefill, preemption and an
+KV4, W8A8, FP8 with an FP8 KV cache): the same greedy tokens and finish reasons under chunked prefill, preemption and an
 abort, and teacher-forced logits and prompt logprobs that agree. Quantized linears are exact
 across ranks (a row-parallel one sums its ranks' integer cores and code sums, then runs one
-epilogue: `test_row_parallel_quantized_gemm_is_the_whole`); fp linears agree to fp32 rounding (a
+epilogue: `test_row_parallel_quantized_gemm_is_the_whole`; an FP8 one sums its ranks' exact
+float64 cores: `test_row_parallel_fp8_gemm_is_the_whole`); fp linears agree to fp32 rounding (a
 row-parallel one sums its ranks' float outputs, which rounds differently from one sum), and so
 does attention, whose head batches differ in size (2 of 4 query heads per rank). Where that
 rounding carries a value across a quantization code boundary (per-token activations, KV), the
@@ -34,9 +35,16 @@ from omniserve.config import EngineConfig
 from omniserve.distributed import ParallelGroup
 from omniserve.errors import ConfigError, EngineDeadError
 from omniserve.formats.activation import quantize_per_token, quantize_per_token_across
+from omniserve.formats.fp8 import (
+    accumulate_fp8,
+    epilogue_fp8,
+    gemm_fp8,
+    quantize_per_token_fp8,
+    quantize_per_token_fp8_across,
+)
 from omniserve.formats.gemm import accumulate, epilogue, quantized_linear
 from omniserve.formats.precision import parse
-from omniserve.formats.weight import W4A8PerGroupWeight, quantize_weight
+from omniserve.formats.weight import Fp8Weight, W4A8PerGroupWeight, quantize_weight
 from omniserve.models.llama import check_shares, rank_share
 from omniserve.quantize.rtn_model import write_rtn_checkpoint
 from teacher_forcing import assert_greedy_agreement, teacher_forced_logits
@@ -73,6 +81,7 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[str, int] | None, dict[str, An
     "llama3-w4a8-g128": ("llama3", {}, ("w4a8", 128), {}),
     "qwen2-kv1-w4a8kv4": ("qwen2", {"num_key_value_heads": 1}, ("w4a8kv4", -1), {}),
     "mha-w8a8": ("llama_linear_mha", {}, ("w8a8", -1), {}),
+    "llama3-fp8-kvfp8": ("llama3", {}, ("fp8", -1), {"kv_cache_dtype": "fp8"}),
 }
 
 
@@ -212,7 +221,9 @@ def test_rank_share_refuses_what_does_not_split() -> None:
         check_shares(small, W4A8PerGroupWeight, _Ranks(0, 2))
 
 
-@pytest.mark.parametrize(("precision", "group_size"), [("w4a8", -1), ("w4a8", 128), ("w8a8", -1)])
+@pytest.mark.parametrize(
+    ("precision", "group_size"), [("w4a8", -1), ("w4a8", 128), ("w8a8", -1), ("fp8", -1)]
+)
 def test_narrowed_weights_are_the_parts_of_the_whole(precision: str, group_size: int) -> None:
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     q = quantize_weight(w, parse(precision, group_size))
@@ -240,6 +251,31 @@ def test_row_parallel_quantized_gemm_is_the_whole(precision: str, group_size: in
     acc = sum(accumulate(xk, wk) for wk, xk in parts)
     sums = sum(xk.q.sum(-1) for _, xk in parts)
     assert torch.equal(epilogue(acc, x._replace(sums=sums), parts[0][0]), quantized_linear(x, w))
+
+
+def test_row_parallel_fp8_gemm_is_the_whole() -> None:
+    """A row-parallel Fp8Linear's ranks on the reference path: each quantizes its columns under
+    the whole rows' scales (so its codes are the whole's columns) and accumulates its K part;
+    the parts' sum, scaled once, is the whole GEMM to the bit."""
+    g = torch.Generator().manual_seed(3)
+    w = quantize_weight(torch.randn(64, 256, generator=g), parse("fp8", -1))
+    assert isinstance(w, Fp8Weight)
+    x = torch.randn(5, 256, generator=g)
+    row_max = x.abs().amax(-1)
+    whole = quantize_per_token_fp8(x)
+    parts = [
+        quantize_per_token_fp8_across(x[:, k : k + 128], lambda m: torch.maximum(m, row_max))
+        for k in (0, 128)
+    ]
+    assert torch.equal(
+        torch.cat([p.q for p in parts], -1).view(torch.uint8), whole.q.view(torch.uint8)
+    )
+    assert all(torch.equal(p.scales, whole.scales) for p in parts)
+    halves = [w.narrow(1, k, 128) for k in (0, 128)]
+    acc = sum(accumulate_fp8(p, h.weight) for p, h in zip(parts, halves, strict=True))
+    assert isinstance(acc, torch.Tensor)
+    got = epilogue_fp8(acc, whole.scales, w.weight_scale)
+    assert torch.equal(got, gemm_fp8(whole, w.weight, w.weight_scale))
 
 
 def test_row_split_activation_quantization_is_the_whole_rows() -> None:

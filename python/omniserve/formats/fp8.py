@@ -23,6 +23,7 @@ so it equals this up to fp32 accumulation rounding, not bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,10 @@ def fp8_scales(x: torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tenso
     absmax = x.float().abs().amax(-1)
     if clip is not None:
         absmax = absmax * clip.float()
+    return _scales_of(absmax)
+
+
+def _scales_of(absmax: torch.Tensor) -> torch.Tensor:
     return absmax.clamp_min(_MIN_ABSMAX) / FP8_MAX
 
 
@@ -68,13 +73,39 @@ def quantize_per_token_fp8(x: torch.Tensor) -> Fp8Activation:
     return Fp8Activation(to_fp8(x, scales), scales)
 
 
-def gemm_fp8(x: Fp8Activation, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """Reference FP8 GEMM: fp32 [M, N] = s_a[m] · s_w[n] · Σ_k x_q · W_q of e4m3 weight codes
-    [N, K] with fp32 scales [N] (the module doc)."""
+def quantize_per_token_fp8_across(
+    x: torch.Tensor, all_reduce_max: Callable[[torch.Tensor], torch.Tensor]
+) -> Fp8Activation:
+    """`quantize_per_token_fp8` of x [T, K], one rank's columns of rows split over ranks (the
+    input of a row-parallel linear under tensor parallelism): each row's scale comes from its
+    absmax over every rank (`all_reduce_max` of the local one), so each rank's codes are exactly
+    those columns of the whole row's codes."""
+    if x.dim() != 2:
+        raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
+    scales = _scales_of(all_reduce_max(x.float().abs().amax(-1)))
+    return Fp8Activation(to_fp8(x, scales), scales)
+
+
+def accumulate_fp8(x: Fp8Activation, weight: torch.Tensor) -> torch.Tensor:
+    """float64 [M, N] = Σ_k x_q · W_q of e4m3 weight codes [N, K], exact (the module doc: e4m3
+    values are multiples of 2⁻⁹ below 2⁹, so a product takes 36 bits and a sum of K < 2¹⁷ of
+    them 53), so the sums of K parts under tensor parallelism add up to the whole's."""
     if x.q.shape[1] != weight.shape[1]:
         raise ValueError(
             f"gemm_fp8: activations [{x.q.shape[0]}, {x.q.shape[1]}] and weight "
             f"[{weight.shape[0]}, {weight.shape[1]}] do not match on K"
         )
-    acc = (x.q.double() @ weight.double().t()).float()
-    return acc * x.scales.unsqueeze(1) * weight_scale.unsqueeze(0)
+    return x.q.double() @ weight.double().t()
+
+
+def epilogue_fp8(
+    acc: torch.Tensor, scales: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    """fp32 [M, N] = s_a[m] · s_w[n] · acc of `accumulate_fp8`'s sums."""
+    return acc.float() * scales.unsqueeze(1) * weight_scale.unsqueeze(0)
+
+
+def gemm_fp8(x: Fp8Activation, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Reference FP8 GEMM: fp32 [M, N] = s_a[m] · s_w[n] · Σ_k x_q · W_q of e4m3 weight codes
+    [N, K] with fp32 scales [N] (the module doc)."""
+    return epilogue_fp8(accumulate_fp8(x, weight), x.scales, weight_scale)

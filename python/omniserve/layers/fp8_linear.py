@@ -10,6 +10,12 @@ Fused projections (q/k/v, gate/up) hold one weight: each shard's rows are copied
 by `set_weight`, so forward is one GEMM. The loader fills the layer as it fills `QuantizedLinear`
 (`quantized_slots`, `set_weight`); the weights are not parameters, so a float `.to(dtype)` of the
 model cannot cast the codes.
+
+Under tensor parallelism (`split`) a column-parallel layer holds its rows of each slice; a
+row-parallel one its input columns, quantizing its part of each row under the whole row's scale
+(`quantize_per_token_fp8_across`) and summing the ranks' outputs: on the reference path their
+exact float64 sums, so the result is one rank's bit for bit; with cuBLAS their outputs in the
+model dtype, as vLLM sums them.
 """
 
 from __future__ import annotations
@@ -20,9 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniserve.formats.fp8 import FP8_DTYPE, Fp8Activation, gemm_fp8, quantize_per_token_fp8
+from omniserve.formats.fp8 import (
+    FP8_DTYPE,
+    Fp8Activation,
+    accumulate_fp8,
+    epilogue_fp8,
+    quantize_per_token_fp8,
+    quantize_per_token_fp8_across,
+)
 from omniserve.formats.weight import Fp8Weight
-from omniserve.layers.linear import TensorSlot, checked_shard_names, fused_slots, shard_prefixes
+from omniserve.layers.linear import (
+    ParallelSplit,
+    TensorSlot,
+    checked_shard_names,
+    fused_slots,
+    shard_prefixes,
+)
 
 _SCALED_MM_ROWS = 16
 """cuBLAS's FP8 GEMM takes M in multiples of 16: shorter inputs are padded with zero rows."""
@@ -31,7 +50,8 @@ _SCALED_MM_ROWS = 16
 class Fp8Linear(nn.Module):
     """Drop-in for `Linear` whose weight is e4m3 codes [sum(out_sizes), in_features] with an fp32
     scale per output channel. Biases stay in the model dtype, under `Linear`'s fused slots.
-    `kernel`: run cuBLAS's FP8 GEMM (else the reference)."""
+    `kernel`: run cuBLAS's FP8 GEMM (else the reference); `split`: this rank's part under tensor
+    parallelism (the sizes are the part's)."""
 
     def __init__(
         self,
@@ -41,8 +61,10 @@ class Fp8Linear(nn.Module):
         shard_names: Sequence[str] | None = None,
         *,
         kernel: bool,
+        split: ParallelSplit | None = None,
     ) -> None:
         super().__init__()
+        self.split = split
         self.uses_kernels = kernel
         self.in_features = in_features
         self.shard_names = checked_shard_names(out_sizes, shard_names)
@@ -63,34 +85,52 @@ class Fp8Linear(nn.Module):
         if not self._ready:
             raise RuntimeError("Fp8Linear used before its weights were loaded")
         assert self.weight is not None and self.weight_scale is not None
-        xq = quantize_per_token_fp8(x)
+        group = self.split.group if self.split is not None and self.split.row_parallel else None
+        if group is None:
+            xq = quantize_per_token_fp8(x)
+        else:
+            xq = quantize_per_token_fp8_across(x, group.all_reduce_max)
         if self.uses_kernels:
             y = _scaled_mm(xq, self.weight, self.weight_scale).to(x.dtype)
+            if group is not None:
+                y = group.all_reduce_sum(y)
         else:
-            y = gemm_fp8(xq, self.weight, self.weight_scale).to(x.dtype)
+            acc = accumulate_fp8(xq, self.weight)
+            if group is not None:
+                acc = group.all_reduce_sum(acc)
+            y = epilogue_fp8(acc, xq.scales, self.weight_scale).to(x.dtype)
+        # A row-parallel bias is whole on every rank: added once, after the sum.
         return y if self.bias is None else y + self.bias
 
     def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
         """The fp tensors this layer reads (biases), as `Linear.checkpoint_slots`."""
-        return fused_slots(prefix, self.shard_names, self.out_sizes, {"bias": self.bias})
+        return fused_slots(
+            prefix, self.shard_names, self.out_sizes, {"bias": self.bias}, self.split
+        )
 
     def quantized_slots(self, prefix: str) -> dict[str, int]:
         """Checkpoint quantized-linear names this layer reads → output slice index."""
         return {name: i for i, name in enumerate(shard_prefixes(prefix, self.shard_names))}
 
     def checkpoint_shape(self, index: int) -> tuple[int, int]:
-        """(N, K) of slice `index`'s weight in the checkpoint (never sharded: one rank)."""
-        return self.out_sizes[index], self.in_features
+        """(N, K) of slice `index`'s weight in the checkpoint (under tensor parallelism the
+        whole, of which this rank holds its part)."""
+        n, k = self.out_sizes[index], self.in_features
+        return (n, k) if self.split is None else self.split.checkpoint_shape(index, n, k)
 
     def set_weight(self, index: int, weight: Fp8Weight, device: torch.device) -> None:
-        """Copy slice `index`'s codes and scales into the layer on `device`; ValueError if the
-        format or shape differ."""
-        expected = (self.out_sizes[index], self.in_features)
+        """Copy slice `index`'s codes and scales (the checkpoint's; this rank's part of them
+        under tensor parallelism) into the layer on `device`; ValueError if the format or shape
+        differ."""
+        expected = self.checkpoint_shape(index)
         if not isinstance(weight, Fp8Weight) or weight.shape != expected:
             raise ValueError(
                 f"expected Fp8Weight of shape {list(expected)}, got "
                 f"{type(weight).__name__} of shape {list(weight.shape)}"
             )
+        part = None if self.split is None else self.split.part(index)
+        if part is not None:
+            weight = weight.narrow(part.dim, part.start, part.size)
         if self.weight is None or self.weight_scale is None:
             n = sum(self.out_sizes)
             self.weight = torch.empty(n, self.in_features, dtype=FP8_DTYPE, device=device)

@@ -77,6 +77,14 @@ class ParallelSplit:
     def row_parallel(self) -> bool:
         return self.columns is not None
 
+    def checkpoint_shape(self, slice_index: int, n: int, k: int) -> tuple[int, int]:
+        """(N, K) in the checkpoint of output slice `slice_index`'s weight, of which this rank
+        holds [n, k]."""
+        part = self.part(slice_index)
+        if part is None:
+            return n, k
+        return (part.full, k) if part.dim == 0 else (n, part.full)
+
     def part(self, slice_index: int, ndim: int = 2) -> Part | None:
         """The part of a checkpoint tensor that a parameter of output slice `slice_index` with
         `ndim` dims (2: a weight, 1: a bias or a per-channel tensor) holds; None: all of it."""

@@ -134,10 +134,7 @@ class QuantizedLinear(nn.Module):
         """(N, K) of slice `index`'s weight in the checkpoint (under tensor parallelism the
         whole, of which this rank holds its part)."""
         n, k = self.out_sizes[index], self.in_features
-        part = None if self.split is None else self.split.part(index)
-        if part is None:
-            return n, k
-        return (part.full, k) if part.dim == 0 else (n, part.full)
+        return (n, k) if self.split is None else self.split.checkpoint_shape(index, n, k)
 
     def set_weight(self, index: int, weight: QuantizedWeight, device: torch.device) -> None:
         """Place slice `index`'s stored weight (the checkpoint's; this rank's part of it under

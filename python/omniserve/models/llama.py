@@ -206,11 +206,6 @@ def check_shares(config: PretrainedConfig, fmt: WeightFormat, group: ParallelGro
     parallelism a shard must hold whole tiles along N and whole tiles or groups along K."""
     if fmt is None or group.world_size == 1:
         return
-    if issubclass(fmt, Fp8Weight):
-        raise ConfigError(
-            f"tensor_parallel_size={group.world_size}: fp8 projections are not sharded yet; serve "
-            "fp8 on one GPU or an integer precision across several"
-        )
     for name, (out_sizes, k) in projection_shapes(config, rank_share(config, group)).items():
         for n in out_sizes:
             try:
@@ -254,10 +249,8 @@ def _projection(
     if fmt is None:
         return Linear(in_features, out_sizes, bias, shard_names, split)
     if issubclass(fmt, Fp8Weight):
-        if split is not None:  # the runner refuses fp8 under tensor parallelism first
-            raise ValueError("fp8 projections are not sharded for tensor parallelism")
         kernel = kernels.fp8_gemm is not None and kernels.fp8_gemm.kernel
-        return Fp8Linear(in_features, out_sizes, bias, shard_names, kernel=kernel)
+        return Fp8Linear(in_features, out_sizes, bias, shard_names, kernel=kernel, split=split)
     quantize = kernels.activation_ops().quantize_per_token
     if split is not None and split.row_parallel:
         group = share.group
