@@ -3,7 +3,7 @@ over two ranks (tiny_models.TP_SIZES), and the parts it is made of.
 
 End to end, per model and precision (GQA, MHA with KV4 and a vocabulary that does not divide,
 Qwen2 with biases, tied embeddings and one KV head for two ranks, W4A8 g128, W4A8 per-channel
-KV4, W8A8, FP8 with an FP8 KV cache): the same greedy tokens and finish reasons under chunked prefill, preemption and an
+KV4, W8A8, FP8 with an FP8 KV cache, page selection): the same greedy tokens and finish reasons under chunked prefill, preemption and an
 abort, and teacher-forced logits and prompt logprobs that agree. Quantized linears are exact
 across ranks (a row-parallel one sums its ranks' integer cores and code sums, then runs one
 epilogue: `test_row_parallel_quantized_gemm_is_the_whole`; an FP8 one sums its ranks' exact
@@ -82,6 +82,14 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[str, int] | None, dict[str, An
     "qwen2-kv1-w4a8kv4": ("qwen2", {"num_key_value_heads": 1}, ("w4a8kv4", -1), {}),
     "mha-w8a8": ("llama_linear_mha", {}, ("w8a8", -1), {}),
     "llama3-fp8-kvfp8": ("llama3", {}, ("fp8", -1), {"kv_cache_dtype": "fp8"}),
+    # Page selection: 2 of each context's 16-token pages (most contexts have 2 to 4), per KV head,
+    # so each rank selects for its own heads.
+    "llama3-sparse-decode": (
+        "llama3",
+        {},
+        None,
+        {"sparse_decode": True, "token_budget": 32, "logical_pages_per_page": 4},
+    ),
 }
 
 
@@ -147,6 +155,12 @@ def test_tp2_matches_tp1(case: str, checkpoints: dict[str, Path]) -> None:
         torch.testing.assert_close(
             torch.tensor(scored_got[1:]), torch.tensor(scored_want[1:]), rtol=tolerance, atol=0.0
         )
+        if tp1.runner.selection is not None:
+            # Selection changes what the workload decodes (else the case would test nothing);
+            # teacher forcing does not drive it, so the equal tokens above are the check.
+            dense = _workload(Engine.from_pretrained(path, **OPTIONS))
+            assert any(dense[r][0] != want[r][0] for r in want)
+            return
         # Teacher-forced logits of TP = 1's tokens (the engines are idle: their caches are free).
         prompts = [_prompts()[0], _prompts()[2]]
         tokens = [want["r0"][0], want["r2"][0][:8]]
@@ -294,8 +308,9 @@ def test_row_split_activation_quantization_is_the_whole_rows() -> None:
 def test_options() -> None:
     with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
         EngineConfig(model="m", tensor_parallel_size=0)
-    with pytest.raises(ConfigError, match="does not support sparse attention"):
-        EngineConfig(model="m", tensor_parallel_size=2, sparse_decode=True)
+    with pytest.raises(ConfigError, match="does not support static_sparsity"):
+        EngineConfig(model="m", tensor_parallel_size=2, static_sparsity=0.5)
+    EngineConfig(model="m", tensor_parallel_size=2, sparse_decode=True)  # page selection splits
     import argparse
 
     parser = argparse.ArgumentParser()
