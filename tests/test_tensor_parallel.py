@@ -3,7 +3,8 @@ over two ranks (tiny_models.TP_SIZES), and the parts it is made of.
 
 End to end, per model and precision (GQA, MHA with KV4 and a vocabulary that does not divide,
 Qwen2 with biases, tied embeddings and one KV head for two ranks, W4A8 g128, W4A8 per-channel
-KV4, W8A8, FP8 with an FP8 KV cache, page selection): the same greedy tokens and finish reasons under chunked prefill, preemption and an
+KV4, W8A8, FP8 with an FP8 KV cache, page selection, streaming heads all on one rank): the same
+greedy tokens and finish reasons under chunked prefill, preemption and an
 abort, and teacher-forced logits and prompt logprobs that agree. Quantized linears are exact
 across ranks (a row-parallel one sums its ranks' integer cores and code sums, then runs one
 epilogue: `test_row_parallel_quantized_gemm_is_the_whole`; an FP8 one sums its ranks' exact
@@ -90,7 +91,23 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[str, int] | None, dict[str, An
         None,
         {"sparse_decode": True, "token_budget": 32, "logical_pages_per_page": 4},
     ),
+    # Streaming heads (STREAMING_GATES): layer 0's and layer 1's KV head 1, both on rank 1, so
+    # rank 0 has none and keeps only the streaming pool's bookkeeping.
+    "llama3-streaming": (
+        "llama3",
+        {},
+        None,
+        {
+            "static_sparsity": 0.5,
+            "prefill_sink_tokens": 16,
+            "prefill_local_tokens": 16,
+            "decode_sink_tokens": 16,
+            "decode_local_tokens": 16,
+        },
+    ),
 }
+STREAMING_GATES = "0.9\t0.1\n0.8\t0.2\n"
+"""The head pattern of the streaming case (layers x KV heads, DuoAttention's gates)."""
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +124,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         if rtn is not None:
             out[name] = root / name
             write_rtn_checkpoint(fp_dirs[key], out[name], parse(*rtn))
+        if "static_sparsity" in CASES[name][3]:  # the model's own pattern directory
+            pattern = out[name] / "attn_pattern"
+            pattern.mkdir(exist_ok=True)
+            (pattern / "full_attention_heads.tsv").write_text(STREAMING_GATES)
+            (pattern / "config.json").write_text('{"sink_size": 16, "recent_size": 16}')
     return out
 
 
@@ -155,12 +177,16 @@ def test_tp2_matches_tp1(case: str, checkpoints: dict[str, Path]) -> None:
         torch.testing.assert_close(
             torch.tensor(scored_got[1:]), torch.tensor(scored_want[1:]), rtol=tolerance, atol=0.0
         )
-        if tp1.runner.selection is not None:
-            # Selection changes what the workload decodes (else the case would test nothing);
-            # teacher forcing does not drive it, so the equal tokens above are the check.
+        if tp1.runner.streaming is not None:
+            assert tp1.runner.streaming.stream_heads == ((1,), (1,))
+            assert tp2.runner.streaming is not None  # rank 0: the pool, no streaming head
+            assert tp2.runner.streaming.stream_heads == ((), ())
+        if tp1.runner.selection is not None or tp1.runner.streaming is not None:
+            # Sparse attention changes what the workload decodes (else the case tests nothing).
             dense = _workload(Engine.from_pretrained(path, **OPTIONS))
             assert any(dense[r][0] != want[r][0] for r in want)
-            return
+        if tp1.runner.selection is not None:
+            return  # teacher forcing does not drive page selection: the tokens are the check
         # Teacher-forced logits of TP = 1's tokens (the engines are idle: their caches are free).
         prompts = [_prompts()[0], _prompts()[2]]
         tokens = [want["r0"][0], want["r2"][0][:8]]
@@ -308,9 +334,6 @@ def test_row_split_activation_quantization_is_the_whole_rows() -> None:
 def test_options() -> None:
     with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
         EngineConfig(model="m", tensor_parallel_size=0)
-    with pytest.raises(ConfigError, match="does not support static_sparsity"):
-        EngineConfig(model="m", tensor_parallel_size=2, static_sparsity=0.5)
-    EngineConfig(model="m", tensor_parallel_size=2, sparse_decode=True)  # page selection splits
     import argparse
 
     parser = argparse.ArgumentParser()

@@ -194,11 +194,6 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ConfigError(f"num_stream_kv_pages must be >= 2, got {self.num_stream_kv_pages}")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.static_sparsity > 0:
-            raise ConfigError(
-                "tensor_parallel_size > 1 does not support static_sparsity yet: the streaming "
-                "heads' pattern and pool are not split over ranks (sparse_decode is)"
-            )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"

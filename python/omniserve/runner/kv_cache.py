@@ -97,8 +97,9 @@ class KVCacheSpec:
 
     @property
     def streaming(self) -> bool:
-        """Whether any layer has a streaming head (and the cache a streaming pool)."""
-        return any(self.stream_heads)
+        """Whether the model has streaming heads (and the cache a streaming pool), on this rank
+        or, under tensor parallelism, another: every rank keeps the pool's bookkeeping."""
+        return bool(self.stream_heads)
 
     @property
     def bytes_per_row(self) -> int:

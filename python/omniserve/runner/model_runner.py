@@ -29,6 +29,7 @@ from omniserve.layers.sampler import Sampler, SampleResult
 from omniserve.models.llama import (
     StoredWeightLinear,
     check_shares,
+    head_dims,
     kernel_shape,
     layer_windows,
     rank_share,
@@ -123,7 +124,12 @@ class ModelRunner:
             check_shares(self.hf_config, weight_format(self.precision), self.group)
         shape = kernel_shape(self.hf_config, self.precision, share)
         windows = layer_windows(self.hf_config, self.max_model_len)
-        self.streaming = StreamingSetup.from_config(config, shape.num_kv_heads, windows)
+        self.streaming = StreamingSetup.from_config(
+            config,
+            head_dims(self.hf_config)[1],
+            windows,
+            range(share.first_kv_head, share.first_kv_head + share.num_kv_heads),
+        )
         self.selection = selection_from_config(config, windows, self.max_model_len)
         kv_fp8 = config.kv_cache_dtype == "fp8"
         self.kernels = dispatch.decide(
@@ -423,6 +429,9 @@ class ModelRunner:
             num_stream = config.num_stream_kv_pages or self._default_stream_pages(
                 available, table_pages
             )
+            # One streaming page id names a page on every rank, as for dense pages below.
+            fits = torch.tensor([-num_stream], device=self.device)
+            num_stream = int(-self.group.all_reduce_max(fits))
             self._check_stream_pages(num_stream, table_pages, source)
             available -= num_stream * spec.bytes_per_stream_page
         if config.num_kv_pages is not None:

@@ -12,8 +12,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from omniserve.config import EngineConfig
 from omniserve.errors import ConfigError
 from omniserve.formats.head_pattern import load_head_pattern, streaming_heads
@@ -29,7 +27,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class StreamingSetup:
     stream_heads: tuple[tuple[int, ...], ...]
-    """Per layer, its streaming KV heads."""
+    """Per layer, its streaming KV heads among this rank's (local indices; under tensor
+    parallelism a rank may hold none)."""
     windows: StreamWindows
     table: StreamTable
     pattern: Path
@@ -40,7 +39,11 @@ class StreamingSetup:
         config: EngineConfig,
         num_kv_heads: int,
         sliding_windows: list[int | None],
+        rank_kv_heads: range | None = None,
     ) -> StreamingSetup | None:
+        """The model's streaming heads (of `num_kv_heads` KV heads per layer) as this rank's,
+        `rank_kv_heads` (all on one rank): which heads stream is decided over the whole model,
+        so every rank of tensor parallelism agrees on whether any does."""
         if config.static_sparsity == 0:
             return None
         path = Path(config.attn_pattern or Path(config.model) / PATTERN_DIR)
@@ -64,7 +67,8 @@ class StreamingSetup:
             _window(config, "prefill", config.prefill_sink_tokens, config.prefill_local_tokens),
             _window(config, "decode", config.decode_sink_tokens, config.decode_local_tokens),
         )
-        heads = tuple(tuple(torch.nonzero(row).flatten().tolist()) for row in stream)
+        rank = range(num_kv_heads) if rank_kv_heads is None else rank_kv_heads
+        heads = tuple(tuple(j for j, h in enumerate(rank) if row[h]) for row in stream.tolist())
         logger.info(
             "streaming heads (static_sparsity=%s, pattern %s): %d of %d KV heads; per layer %s",
             config.static_sparsity,
