@@ -4,31 +4,22 @@ the model's picks come within 1% of the sweep's fastest tiles in total."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benches" / "fit_gemm_tiles.py"
 SWEEP = ROOT / "benches" / "results" / "h100-kernels-gemm-tiles.json"
 DISPATCH = ROOT / "cuda" / "gemm" / "dispatch.cuh"
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fit_gemm_tiles", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fitted() -> dict:
-    return _load_script().fit(json.loads(SWEEP.read_text()))
+    return load_bench_script("fit_gemm_tiles").fit(json.loads(SWEEP.read_text()))
 
 
 def _shipped() -> dict[str, float]:
@@ -40,7 +31,7 @@ def _shipped() -> dict[str, float]:
     }
     arrays = re.findall(r"std::array<double, 3>\{([\d., ]+)\}", text)
     # Declared in the order W8A8, W4A8 per-channel, W4A8 g128 (the fit's FORMATS).
-    for op, values in zip(_load_script().FORMATS, arrays, strict=True):
+    for op, values in zip(load_bench_script("fit_gemm_tiles").FORMATS, arrays, strict=True):
         for height, value in zip((64, 128, 256), values.split(","), strict=True):
             found[f"{op}@{height}"] = float(value)
     return found

@@ -4,16 +4,16 @@ fraction of its ceiling, next to the speedups the sweeps computed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import pytest
+
+from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benches" / "kernel_sweeps.py"
@@ -38,15 +38,7 @@ DECODE_COLUMNS = {
 }
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benches_kernels", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_bench_script("kernel_sweeps")
 
 
 def _rows(name: str) -> list[dict[str, Any]]:
