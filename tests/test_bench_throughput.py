@@ -259,7 +259,8 @@ def test_breakdown_splits_the_run_into_prefill_decode_steps_and_ops(
     assert b["prefill_profiled_steps"] == 0 and b["prefill_categories_ms"] == {}
     out = capsys.readouterr().out
     assert "decode step median" in out and "waiting for the host" in out
-    assert png.stat().st_size > 1000
+    # Two panels (throughput, decode breakdown; no prefill profiled): 4 + 2 inches at 120 dpi.
+    assert int.from_bytes(png.read_bytes()[20:24], "big") == 120 * 6
     assert step_breakdown.category("sm90_xmma_gemm_s8s8_s32") == "gemm"
     assert step_breakdown.category("omniserve_decode_attention_kv4") == "attention"
 
@@ -268,17 +269,19 @@ def test_breakdown_waits_for_chunked_prefills_before_profiling(tmp_path: Path) -
     """Prompts of 40 tokens in steps of 8 tokens beside 2 decodes: every first token comes
     before the profiled window (the breakdown checks it), whichever scheduling mode, and the
     prefill steps are profiled too."""
-    report = tmp_path / "bench.json"
+    report, png = tmp_path / "bench.json", tmp_path / "bench.png"
     for mode in ("--async-scheduling", "--no-async-scheduling"):
         args = ["--batch", "2", "--input-len", "40", "--output-len", "24", "--peer", "none"]
         extra = ["--max-num-batched-tokens", "8", "--max-num-seqs", "2", mode]
         assert (
             main(
                 ["bench", "throughput", *TINY, *args, *extra, "--breakdown"]
-                + ["--output-json", str(report)]
+                + ["--output-json", str(report), "--output-png", str(png)]
             )
             == 0
         )
+        # Three panels (throughput, decode and prefill breakdowns): 4 + 2 x 2 inches at 120 dpi.
+        assert int.from_bytes(png.read_bytes()[20:24], "big") == 120 * 8
         (row,) = json.loads(report.read_text())["results"]
         b = row["breakdown"]
         assert b["profiled_steps"] == 16 and b["prefill_s"] > 0

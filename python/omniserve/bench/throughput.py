@@ -455,10 +455,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
     batches = report["setting"]["batches"]
     width = 0.8 / len(systems)
     broken_down = [r for r in report["results"] if r.get("breakdown")]
+    prefill = [r for r in broken_down if r["breakdown"].get("prefill_step_ms_median")]
+    panels = [
+        (rows, stage) for rows, stage in ((broken_down, "decode"), (prefill, "prefill")) if rows
+    ]
     fig, axes = plt.subplots(
-        1 + bool(broken_down), 1, figsize=(7, 4 + 0.5 * len(broken_down) + 1.5 * bool(broken_down))
+        1 + len(panels),
+        1,
+        figsize=(7, 4 + sum(0.5 * len(rows) + 1.5 for rows, _ in panels)),
+        squeeze=False,
     )
-    ax = axes[0] if broken_down else axes
+    ax = axes[0][0]
     for i, system in enumerate(systems):
         values = [
             next(
@@ -482,17 +489,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"{s['model']}, {s['input_len']} in / {s['output_len']} out, {report['environment']['device']}"
     )
     ax.legend(fontsize="small")
-    if broken_down:
-        _plot_breakdown(axes[1], broken_down)
+    for (rows, stage), row_axes in zip(panels, axes[1:], strict=True):
+        _plot_breakdown(row_axes[0], rows, stage)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_breakdown(ax: Any, rows: list[dict[str, Any]]) -> None:
-    """One stacked bar per broken-down row: device ms per decode step by category, then the time
-    the device waited for the host, adding up to the median decode step."""
-    names = list(dict.fromkeys(c for r in rows for c in r["breakdown"]["categories_ms"]))
+def _plot_breakdown(ax: Any, rows: list[dict[str, Any]], stage: str) -> None:
+    """One stacked bar per broken-down row: device ms per `stage` ("decode" or "prefill") step
+    by category, then the time the device waited for the host, adding up to the median step."""
+    keys = {  # (categories, device ms, median step) of the stage in `Breakdown`
+        "decode": ("categories_ms", "device_ms_per_step", "decode_step_ms_median"),
+        "prefill": (
+            "prefill_categories_ms",
+            "prefill_device_ms_per_step",
+            "prefill_step_ms_median",
+        ),
+    }[stage]
+    parts, device, step = keys
+    names = list(dict.fromkeys(c for r in rows for c in r["breakdown"][parts]))
     names.append("waiting for the host")
     labels = [f"{label(r)} b{r['batch']}" for r in rows]
     left = [0.0] * len(rows)
@@ -500,9 +516,9 @@ def _plot_breakdown(ax: Any, rows: list[dict[str, Any]]) -> None:
         widths = []
         for r in rows:
             b = r["breakdown"]
-            host = max(b["decode_step_ms_median"] - b["device_ms_per_step"], 0.0)
-            widths.append(host if name == names[-1] else b["categories_ms"].get(name, 0.0))
+            host = max(b[step] - b[device], 0.0)
+            widths.append(host if name == names[-1] else b[parts].get(name, 0.0))
         ax.barh(labels, widths, left=left, label=name)
         left = [a + w for a, w in zip(left, widths)]
-    ax.set_xlabel("ms per decode step (median)")
+    ax.set_xlabel(f"ms per {stage} step (median)")
     ax.legend(fontsize="x-small", ncol=3, loc="lower right")
