@@ -35,6 +35,12 @@ decltype(auto) with_format(Format fmt, Fn&& fn) {
   throw std::invalid_argument("omniserve gemm: unknown format");
 }
 
+// Whether (tokens, split) is one of the tensor-core kernel's tiles (gemm/params.h `Tile`).
+bool is_tile(int64_t tokens, int64_t split) {
+  return (tokens == 64 || tokens == 128 || tokens == 256) && split >= 1 &&
+         split <= omniserve::gemm::kMaxSplit;
+}
+
 at::ScalarType out_dtype(int64_t out_kind) {
   switch (out_kind) {
     case omniserve::gemm::kOutInt32: return at::kInt;
@@ -55,8 +61,7 @@ at::Tensor gemm(int64_t format, const at::Tensor& x, const at::Tensor& a_scale,
   OMNI_CHECK(path >= 0 && path <= 2, "omniserve gemm: unknown kernel path ", path);
   const bool auto_tile = tile_tokens == 0 && tile_split == 0;
   OMNI_CHECK(auto_tile || (static_cast<Path>(path) == Path::kTensorCore &&
-                           (tile_tokens == 64 || tile_tokens == 128 || tile_tokens == 256) &&
-                           tile_split >= 1 && tile_split <= omniserve::gemm::kMaxSplit),
+                           is_tile(tile_tokens, tile_split)),
              "omniserve gemm: a tile is 64, 128 or 256 tokens with a K split of 1 to ",
              omniserve::gemm::kMaxSplit, ", for the tensor-core path; got ", tile_tokens, " x ",
              tile_split, " for path ", path);
@@ -127,8 +132,7 @@ std::tuple<int64_t, int64_t> auto_tile(int64_t format, int64_t m, int64_t n, int
 int64_t resident_clusters(int64_t format, int64_t tile_tokens, int64_t tile_split,
                           int64_t out_kind) {
   const Format fmt = omniserve::gemm::checked_format(format);
-  OMNI_CHECK((tile_tokens == 64 || tile_tokens == 128 || tile_tokens == 256) && tile_split >= 1 &&
-                 tile_split <= omniserve::gemm::kMaxSplit,
+  OMNI_CHECK(is_tile(tile_tokens, tile_split),
              "omniserve gemm: a tile is 64, 128 or 256 tokens with a K split of 1 to ",
              omniserve::gemm::kMaxSplit, "; got ", tile_tokens, " x ", tile_split);
   out_dtype(out_kind);  // checks the kind

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from omniserve.formats.rtn import fp16_ceil, quantize_symmetric, symmetric_codes
+from omniserve.formats.rtn import quantize_symmetric
 
 ACT_QMAX = 127
 """Symmetric int8 range [−127, 127]: −128 is never produced, so negation cannot overflow."""
@@ -64,10 +64,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
     """Per-token symmetric int8 quantization of x [T, K] (any float dtype), with code row sums."""
-    if x.dim() != 2:
-        raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
-    q, scales = quantize_symmetric(x, ACT_QMAX)
-    return QuantizedActivation(q, scales, q.sum(dim=-1, dtype=torch.int32))
+    return _per_token(x, None)
 
 
 def quantize_per_token_across(
@@ -77,11 +74,15 @@ def quantize_per_token_across(
     of a row-parallel linear under tensor parallelism): each row's scale comes from its absmax
     over every rank (`all_reduce_max` of the local one), so each rank's codes are exactly those
     columns of the whole row's codes, and its code sums are its part of the whole row's."""
+    return _per_token(x, all_reduce_max)
+
+
+def _per_token(
+    x: torch.Tensor, reduce_absmax: Callable[[torch.Tensor], torch.Tensor] | None
+) -> QuantizedActivation:
     if x.dim() != 2:
         raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
-    absmax = all_reduce_max(x.float().abs().amax(dim=-1))
-    scales = fp16_ceil(absmax / ACT_QMAX)
-    q = symmetric_codes(x, scales, ACT_QMAX)
+    q, scales = quantize_symmetric(x, ACT_QMAX, reduce_absmax=reduce_absmax)
     return QuantizedActivation(q, scales, q.sum(dim=-1, dtype=torch.int32))
 
 

@@ -35,16 +35,19 @@ _MIN_ABSMAX = 1e-12
 """Floor of a row's absmax, so an all-zero row has a finite, non-zero scale."""
 
 
-def fp8_scales(x: torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_scales(
+    x: torch.Tensor,
+    clip: torch.Tensor | None = None,
+    reduce_absmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """fp32 scales [rows] of x [rows, cols]: each row's absmax / 448, the absmax first shrunk by
-    `clip` [rows] in (0, 1] where given (weight clipping; codes beyond it saturate at ±448)."""
+    `clip` [rows] in (0, 1] where given (weight clipping; codes beyond it saturate at ±448), or
+    mapped by `reduce_absmax` (rows split over ranks: the maximum over every rank's part)."""
     absmax = x.float().abs().amax(-1)
     if clip is not None:
         absmax = absmax * clip.float()
-    return _scales_of(absmax)
-
-
-def _scales_of(absmax: torch.Tensor) -> torch.Tensor:
+    if reduce_absmax is not None:
+        absmax = reduce_absmax(absmax)
     return absmax.clamp_min(_MIN_ABSMAX) / FP8_MAX
 
 
@@ -67,10 +70,7 @@ class Fp8Activation(NamedTuple):
 
 def quantize_per_token_fp8(x: torch.Tensor) -> Fp8Activation:
     """Per-token dynamic e4m3 quantization of x [T, K] (any float dtype)."""
-    if x.dim() != 2:
-        raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
-    scales = fp8_scales(x)
-    return Fp8Activation(to_fp8(x, scales), scales)
+    return _per_token_fp8(x, None)
 
 
 def quantize_per_token_fp8_across(
@@ -80,9 +80,15 @@ def quantize_per_token_fp8_across(
     input of a row-parallel linear under tensor parallelism): each row's scale comes from its
     absmax over every rank (`all_reduce_max` of the local one), so each rank's codes are exactly
     those columns of the whole row's codes."""
+    return _per_token_fp8(x, all_reduce_max)
+
+
+def _per_token_fp8(
+    x: torch.Tensor, reduce_absmax: Callable[[torch.Tensor], torch.Tensor] | None
+) -> Fp8Activation:
     if x.dim() != 2:
         raise ValueError(f"expected activations of shape [tokens, features], got {tuple(x.shape)}")
-    scales = _scales_of(all_reduce_max(x.float().abs().amax(-1)))
+    scales = fp8_scales(x, reduce_absmax=reduce_absmax)
     return Fp8Activation(to_fp8(x, scales), scales)
 
 

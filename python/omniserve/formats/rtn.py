@@ -27,6 +27,8 @@ floor 2^-14 (fp16's smallest normal) keeps 1/s finite for an all-zero row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 MIN_SCALE = 2.0**-14
@@ -41,15 +43,22 @@ def fp16_ceil(ratio: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_symmetric(
-    x: torch.Tensor, qmax: int, clip: torch.Tensor | None = None
+    x: torch.Tensor,
+    qmax: int,
+    clip: torch.Tensor | None = None,
+    reduce_absmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed RTN along the last dim: returns (q int8 [..., n], scale fp16 [...]); see module doc.
 
     `clip` [...] in (0, 1] shrinks each row's range to clip · absmax (weight clipping): values
     beyond it saturate at ±qmax, trading their error for a finer step everywhere else.
+    `reduce_absmax` maps the rows' absmax before the scale is taken (rows split over ranks: the
+    maximum over every rank's part).
     """
     xf = x.float()
     absmax = xf.abs().amax(dim=-1)
+    if reduce_absmax is not None:
+        absmax = reduce_absmax(absmax)
     scale = fp16_ceil((absmax if clip is None else absmax * clip) / qmax)
     return symmetric_codes(xf, scale, qmax), scale
 

@@ -128,9 +128,8 @@ class Fp8Linear(nn.Module):
                 f"expected Fp8Weight of shape {list(expected)}, got "
                 f"{type(weight).__name__} of shape {list(weight.shape)}"
             )
-        part = None if self.split is None else self.split.part(index)
-        if part is not None:
-            weight = weight.narrow(part.dim, part.start, part.size)
+        if self.split is not None:
+            weight = self.split.narrow(index, weight)
         if self.weight is None or self.weight_scale is None:
             n = sum(self.out_sizes)
             self.weight = torch.empty(n, self.in_features, dtype=FP8_DTYPE, device=device)

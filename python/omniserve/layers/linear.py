@@ -13,12 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omniserve.distributed import ParallelGroup
+
+_W = TypeVar("_W", bound="_Narrowable")
+
+
+class _Narrowable(Protocol):
+    """A stored weight format (formats/weight.py), which takes a channel range whole."""
+
+    def narrow(self: _W, dim: int, start: int, size: int) -> _W: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +93,12 @@ class ParallelSplit:
         if part is None:
             return n, k
         return (part.full, k) if part.dim == 0 else (n, part.full)
+
+    def narrow(self, slice_index: int, weight: _W) -> _W:
+        """This rank's part of output slice `slice_index`'s stored weight (the format's
+        `narrow`; the weight itself where this rank holds all of it)."""
+        part = self.part(slice_index)
+        return weight if part is None else weight.narrow(part.dim, part.start, part.size)
 
     def part(self, slice_index: int, ndim: int = 2) -> Part | None:
         """The part of a checkpoint tensor that a parameter of output slice `slice_index` with

@@ -145,9 +145,8 @@ class QuantizedLinear(nn.Module):
                 f"expected {self.fmt.__name__} of shape {list(expected)}, got "
                 f"{type(weight).__name__} of shape {list(weight.shape)}"
             )
-        part = None if self.split is None else self.split.part(index)
-        if part is not None:
-            weight = weight.narrow(part.dim, part.start, part.size)
+        if self.split is not None:
+            weight = self.split.narrow(index, weight)
         moved = type(weight)(**{name: t.to(device) for name, t in weight.tensors().items()})
         if not self.uses_kernels:
             self.weights[index] = moved

@@ -130,6 +130,11 @@ class RankShare:
     def parallel(self) -> bool:
         return self.group.world_size > 1
 
+    @property
+    def kv_heads(self) -> range:
+        """The model's KV heads this rank holds."""
+        return range(self.first_kv_head, self.first_kv_head + self.num_kv_heads)
+
     def split(self, name: str, config: PretrainedConfig) -> ParallelSplit | None:
         """How projection `name` is split over the ranks; None for one rank."""
         if not self.parallel:

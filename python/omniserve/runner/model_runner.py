@@ -125,10 +125,7 @@ class ModelRunner:
         shape = kernel_shape(self.hf_config, self.precision, share)
         windows = layer_windows(self.hf_config, self.max_model_len)
         self.streaming = StreamingSetup.from_config(
-            config,
-            head_dims(self.hf_config)[1],
-            windows,
-            range(share.first_kv_head, share.first_kv_head + share.num_kv_heads),
+            config, head_dims(self.hf_config)[1], windows, share.kv_heads
         )
         self.selection = selection_from_config(config, windows, self.max_model_len)
         kv_fp8 = config.kv_cache_dtype == "fp8"
@@ -429,19 +426,14 @@ class ModelRunner:
             num_stream = config.num_stream_kv_pages or self._default_stream_pages(
                 available, table_pages
             )
-            # One streaming page id names a page on every rank, as for dense pages below.
-            fits = torch.tensor([-num_stream], device=self.device)
-            num_stream = int(-self.group.all_reduce_max(fits))
+            num_stream = self._fewest_over_ranks(num_stream)
             self._check_stream_pages(num_stream, table_pages, source)
             available -= num_stream * spec.bytes_per_stream_page
         if config.num_kv_pages is not None:
             return config.num_kv_pages, num_stream
         if spec.bytes_per_page == 0:  # every head streams: dense pages only count positions
             return config.max_num_seqs * self._max_pages_per_seq + 1, num_stream
-        # Each rank's pages hold its own heads; the scheduler's one page id names a page on every
-        # rank, so all ranks take the smallest count.
-        pages = torch.tensor([max(available, 0) // spec.bytes_per_page], device=self.device)
-        num_pages = int(-self.group.all_reduce_max(-pages))
+        num_pages = self._fewest_over_ranks(max(available, 0) // spec.bytes_per_page)
         if num_pages - 1 < self._max_pages_per_seq:  # page 0 holds no tokens
             raise ConfigError(
                 f"the KV cache fits {max(num_pages - 1, 0)} pages of {config.page_size} tokens "
@@ -450,6 +442,12 @@ class ModelRunner:
                 "max_num_batched_tokens or max_num_seqs, or set num_kv_pages"
             )
         return num_pages, num_stream
+
+    def _fewest_over_ranks(self, pages: int) -> int:
+        """The smallest of every rank's page count: each rank's pages hold its own heads, and the
+        scheduler's one page id (dense or streaming) names a page on every rank."""
+        fits = torch.tensor([-pages], device=self.device)
+        return int(-self.group.all_reduce_max(fits))
 
     def _check_stream_pages(self, num_stream: int, table_pages: int, source: str) -> None:
         if self.streaming is not None and num_stream - 1 < table_pages:

@@ -37,44 +37,61 @@ constexpr std::array<double, 3> kKBlockUs =
 
 constexpr std::array<int, 3> kTileTokens = {64, 128, 256};
 
-// Clusters of `split` blocks of the WGS-warpgroup kernel the current device holds at once, by
-// split (1..kMaxSplit), from the occupancy API: a cluster's blocks must share a GPC, so what fits
-// is less than the SMs / split. Blocks that fit two to an SM (64-token W4 tiles) pair up on the
-// same SMs, so their clusters count twice the one-per-SM kernel's: the sweep shows a 64-token grid
-// needing a second wave exactly there, where an SM-count bound would still promise one. Should
-// the cluster query fail, the SM-count bound stands in (a worse guess, not a wrong result).
+// Index of a tile height in kTileTokens (and kKBlockUs).
+constexpr int height_index(int tokens) { return tokens == 64 ? 0 : tokens == 128 ? 1 : 2; }
+
+// Clusters of `split` blocks the current device holds at once, by tile height (kTileTokens) and
+// split (1..kMaxSplit).
+using Residency = std::array<std::array<int, kMaxSplit + 1>, kTileTokens.size()>;
+
+// The WGS-warpgroup kernel's row of `Residency`, from the occupancy API: a cluster's blocks must
+// share a GPC, so what fits is less than the SMs / split. Blocks that fit two to an SM (64-token
+// W4 tiles) pair up on the same SMs, so their clusters count twice the one-per-SM kernel's: the
+// sweep shows a 64-token grid needing a second wave exactly there, where an SM-count bound would
+// still promise one. Should the cluster query fail, the SM-count bound stands in (a worse guess,
+// not a wrong result).
 template <Format F, typename OutT, int WGS>
-int device_clusters(int split) {
+std::array<int, kMaxSplit + 1> query_clusters(int device) {
+  constexpr auto kernel = tensor_core_kernel<F, OutT, WGS>;
+  constexpr auto one_per_sm = tensor_core_kernel<F, OutT, 4>;  // 4 warpgroups fill an SM
+  reserve_shared_memory<kernel>(TcSmem<F, WGS>::kTotal);
+  reserve_shared_memory<one_per_sm>(TcSmem<F, 4>::kTotal);
+  int per_sm = 0, sms = 0;
+  check_cuda("the occupancy query",
+             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WGS * 128,
+                                                           TcSmem<F, WGS>::kTotal));
+  check_cuda("cudaDeviceGetAttribute",
+             cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  per_sm = std::max(1, per_sm);
+  std::array<int, kMaxSplit + 1> clusters{};
+  clusters[1] = per_sm * sms;
+  for (int split = 2; split <= kMaxSplit; ++split) {
+    TensorCoreLaunch<F, 4> launch(split, split, nullptr);
+    int fit = 0;
+    if (cudaOccupancyMaxActiveClusters(&fit, one_per_sm, &launch.config) != cudaSuccess) {
+      (void)cudaGetLastError();  // clears the query's error
+      fit = sms / split;
+    }
+    clusters[split] = per_sm * std::max(1, fit);
+  }
+  return clusters;
+}
+
+// The current device's `Residency`, queried on its first use and kept (per device: the kernels'
+// occupancy differs between GPU models).
+template <Format F, typename OutT>
+const Residency& residency() {
   static std::mutex mutex;
-  static std::array<std::array<int, kMaxSplit + 1>, 64> by_device{};  // 0: not queried yet
+  static std::array<Residency, 64> by_device{};  // [*][1] == 0: not queried yet
   int device = 0;
   check_cuda("cudaGetDevice", cudaGetDevice(&device));
   const std::lock_guard<std::mutex> lock(mutex);
-  std::array<int, kMaxSplit + 1>& clusters = by_device.at(device);
-  if (clusters[1] == 0) {
-    constexpr auto kernel = tensor_core_kernel<F, OutT, WGS>;
-    constexpr auto one_per_sm = tensor_core_kernel<F, OutT, 4>;  // 4 warpgroups fill an SM
-    reserve_shared_memory<kernel>(TcSmem<F, WGS>::kTotal);
-    reserve_shared_memory<one_per_sm>(TcSmem<F, 4>::kTotal);
-    int per_sm = 0, sms = 0;
-    check_cuda("the occupancy query",
-               cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WGS * 128,
-                                                             TcSmem<F, WGS>::kTotal));
-    check_cuda("cudaDeviceGetAttribute",
-               cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    per_sm = std::max(1, per_sm);
-    clusters[1] = per_sm * sms;
-    for (int split = 2; split <= kMaxSplit; ++split) {
-      TensorCoreLaunch<F, 4> launch(split, split, nullptr);
-      int fit = 0;
-      if (cudaOccupancyMaxActiveClusters(&fit, one_per_sm, &launch.config) != cudaSuccess) {
-        (void)cudaGetLastError();  // clears the query's error
-        fit = sms / split;
-      }
-      clusters[split] = per_sm * std::max(1, fit);
-    }
+  Residency& r = by_device.at(device);
+  if (r[0][1] == 0) {
+    r = {query_clusters<F, OutT, 1>(device), query_clusters<F, OutT, 2>(device),
+         query_clusters<F, OutT, 4>(device)};
   }
-  return clusters[split];
+  return r;
 }
 
 template <Format F>
@@ -82,27 +99,19 @@ double tile_cost(const GemmParams& p, int tokens, int split, int resident) {
   const int tiles = (p.m + tokens - 1) / tokens * (p.n / kBlockN);
   const int waves = (tiles + resident - 1) / resident;
   const int k_blocks = (p.k / kBlockK + split - 1) / split;
-  const int height = tokens == 64 ? 0 : tokens == 128 ? 1 : 2;
-  return waves * (kFillUs + k_blocks * kKBlockUs<F>[height]) + (split > 1 ? kReduceUs : 0.0);
-}
-
-template <Format F, typename OutT>
-int tile_clusters(int tokens, int split) {
-  switch (tokens) {
-    case 64: return device_clusters<F, OutT, 1>(split);
-    case 128: return device_clusters<F, OutT, 2>(split);
-    default: return device_clusters<F, OutT, 4>(split);
-  }
+  return waves * (kFillUs + k_blocks * kKBlockUs<F>[height_index(tokens)]) +
+         (split > 1 ? kReduceUs : 0.0);
 }
 
 // The cheapest tile under the cost model (ties keep the shorter tile, then the smaller split).
 template <Format F, typename OutT>
 Tile choose_tile(const GemmParams& p) {
+  const Residency& resident = residency<F, OutT>();
   Tile best{128, 1};
   double best_cost = std::numeric_limits<double>::infinity();
   for (const int tokens : kTileTokens) {
     for (int split = 1; split <= std::min(kMaxSplit, p.k / kBlockK); ++split) {
-      const double cost = tile_cost<F>(p, tokens, split, tile_clusters<F, OutT>(tokens, split));
+      const double cost = tile_cost<F>(p, tokens, split, resident[height_index(tokens)][split]);
       if (cost < best_cost) {
         best = {tokens, split};
         best_cost = cost;
@@ -126,8 +135,9 @@ decltype(auto) with_out_type(int out_kind, Fn&& fn) {
 
 template <Format F>
 int resident_clusters(int tokens, int split, int out_kind) {
-  return with_out_type(out_kind,
-                       [&](auto out) { return tile_clusters<F, decltype(out)>(tokens, split); });
+  return with_out_type(out_kind, [&](auto out) {
+    return residency<F, decltype(out)>()[height_index(tokens)][split];
+  });
 }
 
 template <Format F>
